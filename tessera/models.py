@@ -1,0 +1,188 @@
+"""Wire models shared by management, the node-agent and their clients.
+
+One definition per JSON document. Request models validate input (and so
+produce the 4xx messages users see); response models describe what
+servers send back.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+GiB = 1024**3
+MAX_VOLUME_NAME = 128
+
+
+class AccessMode(StrEnum):
+    """CSI access modes, by their CSI enum names."""
+
+    SINGLE_NODE_WRITER = "SINGLE_NODE_WRITER"
+    SINGLE_NODE_READER_ONLY = "SINGLE_NODE_READER_ONLY"
+    MULTI_NODE_READER_ONLY = "MULTI_NODE_READER_ONLY"
+    MULTI_NODE_SINGLE_WRITER = "MULTI_NODE_SINGLE_WRITER"
+    MULTI_NODE_MULTI_WRITER = "MULTI_NODE_MULTI_WRITER"
+    SINGLE_NODE_SINGLE_WRITER = "SINGLE_NODE_SINGLE_WRITER"
+    SINGLE_NODE_MULTI_WRITER = "SINGLE_NODE_MULTI_WRITER"
+
+
+class AccessType(StrEnum):
+    BLOCK = "block"
+    MOUNT = "mount"
+
+
+class Locality(StrEnum):
+    ANY = "any"
+    PREFERRED = "preferred"
+    REQUIRED = "required"
+
+
+class VolumeState(StrEnum):
+    CREATING = "creating"
+    AVAILABLE = "available"
+    DELETING = "deleting"
+    ERROR = "error"
+
+
+class Strict(BaseModel):
+    """Unknown fields are refused: a typo must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---- nodes and pools -------------------------------------------------------
+
+
+class NodeRegistration(Strict):
+    agent_url: str = Field(description="where management reaches the agent: unix:///path or http://host:port")
+    topology: dict[str, str] = Field(default_factory=dict)
+    max_volumes: int = Field(default=0, ge=0, description="0 means no limit")
+
+
+class Node(BaseModel):
+    id: str
+    agent_url: str
+    topology: dict[str, str]
+    max_volumes: int
+    last_heartbeat: float
+    online: bool
+
+
+class PoolRegistration(Strict):
+    capacity_bytes: int = Field(gt=0)
+
+
+class Pool(BaseModel):
+    node_id: str
+    name: str
+    capacity_bytes: int
+    allocated_bytes: int
+    free_bytes: int
+
+
+# ---- volume provisioning groups ---------------------------------------------
+
+
+class VpgCreate(Strict):
+    name: str = Field(min_length=1, max_length=63)
+    layout: str = "concat"
+
+
+class Vpg(BaseModel):
+    name: str
+    layout: str
+
+
+# ---- volumes -----------------------------------------------------------------
+
+
+class VolumeCreate(Strict):
+    name: str = Field(min_length=1, max_length=MAX_VOLUME_NAME)
+    size_bytes: int = Field(gt=0)
+    limit_bytes: int = Field(default=0, ge=0, description="0 means no upper limit")
+    vpg: str = "default"
+    locality: Locality = Locality.ANY
+    #: nodes the volume must be placed on (any of them); empty = anywhere
+    requisite_nodes: list[str] = Field(default_factory=list)
+    #: nodes to try first, in order
+    preferred_nodes: list[str] = Field(default_factory=list)
+    parameters: dict[str, str] = Field(default_factory=dict)
+
+
+class Volume(BaseModel):
+    id: str
+    name: str
+    size_bytes: int
+    vpg: str
+    node_id: str
+    pool: str
+    state: VolumeState
+    parameters: dict[str, str]
+    created_at: float
+    published_nodes: list[str] = Field(default_factory=list)
+
+
+class VolumeExpand(Strict):
+    size_bytes: int = Field(gt=0)
+    limit_bytes: int = Field(default=0, ge=0)
+
+
+class AttachmentCreate(Strict):
+    access_mode: AccessMode
+    readonly: bool = False
+
+
+class Attachment(BaseModel):
+    volume_id: str
+    node_id: str
+    access_mode: AccessMode
+    readonly: bool
+    created_at: float
+
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    next_token: str = ""
+
+
+class Capacity(BaseModel):
+    available_bytes: int
+    maximum_volume_bytes: int
+    minimum_volume_bytes: int = 0
+
+
+# ---- node-agent local API -----------------------------------------------------
+
+
+class AgentVolumeCreate(Strict):
+    pool: str
+    size_bytes: int = Field(gt=0)
+
+
+class AgentVolumeResize(Strict):
+    size_bytes: int = Field(gt=0)
+
+
+class AgentVolume(BaseModel):
+    id: str
+    pool: str
+    size_bytes: int
+    path: str
+
+
+class AgentAttach(Strict):
+    readonly: bool = False
+
+
+class AgentAttachment(BaseModel):
+    volume_id: str
+    device: str = Field(description="the stable symlink, /dev/tessera/<volume-id>")
+    backing_device: str = Field(description="the real block device, e.g. /dev/loop3")
+    transport: str = "loop"
+    readonly: bool
+    size_bytes: int
