@@ -1,0 +1,1 @@
+"""`tessera dev up`: the whole stack on one machine, for trying and testing."""

@@ -1,0 +1,208 @@
+"""Start, watch and stop the three Tessera processes of a development stack.
+
+Layout of the state directory:
+
+    token              bearer token shared by the processes (0600)
+    pool.img, pool/    the file-backed pool and its mountpoint
+    management.db      SQLite state
+    management.sock    REST API
+    agent.sock         node-agent local API
+    csi.sock           CSI endpoint (controller + node)
+    logs/*.log         one log per process
+    stack.json         written once everything answers; removed on stop
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tessera.clients import AgentClient, ManagementClient
+from tessera.dev import pool as dev_pool
+from tessera.dev.release import release_volumes
+from tessera.errors import TesseraError
+
+READY_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class StackInfo:
+    state_dir: str
+    node_id: str
+    csi_endpoint: str
+    management_url: str
+    agent_socket: str
+    token_file: str
+    pool_dir: str
+
+
+class DevStack:
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        pool_size: int,
+        node_id: str = "node-1",
+        max_volumes_per_node: int = 0,
+    ) -> None:
+        self.dir = state_dir.resolve()
+        self.pool_size = pool_size
+        self.node_id = node_id
+        self.max_volumes = max_volumes_per_node
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.info = StackInfo(
+            state_dir=str(self.dir),
+            node_id=node_id,
+            csi_endpoint=f"unix://{self.dir / 'csi.sock'}",
+            management_url=f"unix://{self.dir / 'management.sock'}",
+            agent_socket=str(self.dir / "agent.sock"),
+            token_file=str(self.dir / "token"),
+            pool_dir=str(self.dir / "pool"),
+        )
+
+    # ---- start -------------------------------------------------------------
+
+    def start(self) -> StackInfo:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "logs").mkdir(exist_ok=True)
+        self._stack_file.unlink(missing_ok=True)
+        token = self._ensure_token()
+        dev_pool.ensure_pool(self.dir / "pool.img", Path(self.info.pool_dir), self.pool_size)
+        self._spawn("management", self._management_args())
+        self._spawn("node-agent", self._agent_args())
+        self._spawn("csi", self._csi_args())
+        self._wait_ready(token)
+        tmp = self._stack_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self.info), indent=2) + "\n")
+        tmp.replace(self._stack_file)
+        return self.info
+
+    @property
+    def _stack_file(self) -> Path:
+        return self.dir / "stack.json"
+
+    def _ensure_token(self) -> str:
+        path = Path(self.info.token_file)
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32) + "\n")
+        return path.read_text().strip()
+
+    def _management_args(self) -> list[str]:
+        return [
+            "management",
+            "--listen", self.info.management_url,
+            "--db", f"sqlite:///{self.dir / 'management.db'}",
+            "--token-file", self.info.token_file,
+        ]  # fmt: skip
+
+    def _agent_args(self) -> list[str]:
+        return [
+            "node_agent",
+            "--node-id", self.node_id,
+            "--management", self.info.management_url,
+            "--token-file", self.info.token_file,
+            "--pool", f"default={self.info.pool_dir}",
+            "--socket", self.info.agent_socket,
+            "--max-volumes", str(self.max_volumes),
+        ]  # fmt: skip
+
+    def _csi_args(self) -> list[str]:
+        return [
+            "csi_driver",
+            "--mode", "all",
+            "--endpoint", self.info.csi_endpoint,
+            "--node-id", self.node_id,
+            "--management", self.info.management_url,
+            "--token-file", self.info.token_file,
+            "--agent-socket", self.info.agent_socket,
+            "--max-volumes-per-node", str(self.max_volumes),
+        ]  # fmt: skip
+
+    def _spawn(self, name: str, module_args: list[str]) -> None:
+        log = open(self.dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        # A new session: Ctrl-C in the terminal reaches `dev up`, which then
+        # stops the children in order instead of all at once.
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", *module_args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+
+    def _wait_ready(self, token: str) -> None:
+        mgmt = ManagementClient(self.info.management_url, token)
+        agent = AgentClient(f"unix://{self.info.agent_socket}", token)
+        deadline = time.monotonic() + READY_TIMEOUT
+        try:
+            while time.monotonic() < deadline:
+                self._check_alive()
+                if (
+                    mgmt.healthy()
+                    and agent.healthy()
+                    and self._node_registered(mgmt)
+                    and Path(self.info.csi_endpoint.removeprefix("unix://")).exists()
+                ):
+                    return
+                time.sleep(0.1)
+        finally:
+            mgmt.close()
+            agent.close()
+        raise RuntimeError(f"the stack did not become ready in {READY_TIMEOUT:.0f}s; see {self.dir}/logs")
+
+    def _node_registered(self, mgmt: ManagementClient) -> bool:
+        try:
+            mgmt.get_node(self.node_id)
+        except TesseraError:
+            return False
+        return True
+
+    def _check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"{name} exited with code {proc.returncode}; see {self.dir}/logs/{name}.log"
+                )
+
+    def failed_process(self) -> str | None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                return name
+        return None
+
+    # ---- stop --------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop processes (CSI first, management last), then release the data path."""
+        self._stack_file.unlink(missing_ok=True)
+        for name in ("csi", "node-agent", "management"):
+            proc = self.procs.get(name)
+            if proc is None or proc.poll() is not None:
+                continue
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        release_volumes(Path(self.info.pool_dir), self.dir)
+        dev_pool.release_pool(self.dir / "pool.img", Path(self.info.pool_dir))
+        for sock in ("csi.sock", "agent.sock", "management.sock"):
+            path = self.dir / sock
+            if path.is_socket():
+                path.unlink()
+
+
+def load_stack_info(state_dir: Path) -> StackInfo:
+    data = json.loads((state_dir / "stack.json").read_text())
+    return StackInfo(**data)
