@@ -46,10 +46,22 @@ class Stack:
     def __init__(self, pool_size: str) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="tessera-bench-"))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tessera.cli", "dev", "up", "--state-dir", str(self.dir),
-             "--pool-size", pool_size, "--node-id", "bench-node"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "tessera.cli",
+                "dev",
+                "up",
+                "--state-dir",
+                str(self.dir),
+                "--pool-size",
+                pool_size,
+                "--node-id",
+                "bench-node",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.monotonic() + 90
         while not (self.dir / "stack.json").exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -78,7 +90,9 @@ def create(stack: Stack, name: str, size: int) -> tuple[str, float]:
     return reply.volume.volume_id, time.perf_counter() - started
 
 
-def create_many(stack: Stack, prefix: str, count: int, concurrency: int) -> tuple[list[float], float, list[str]]:
+def create_many(
+    stack: Stack, prefix: str, count: int, concurrency: int
+) -> tuple[list[float], float, list[str]]:
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(lambda i: create(stack, f"{prefix}-{i}", 16 * MiB), range(count)))
@@ -88,7 +102,12 @@ def create_many(stack: Stack, prefix: str, count: int, concurrency: int) -> tupl
 
 def delete_all(stack: Stack, ids: list[str]) -> None:
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda v: stack.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=v)), ids))
+        list(
+            pool.map(
+                lambda v: stack.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=v)),
+                ids,
+            )
+        )
 
 
 def pct(values: list[float], p: float) -> float:
@@ -100,20 +119,39 @@ def stage_publish(stack: Stack, work: Path, i: int) -> float:
     vid, _ = create(stack, f"stage-{i}", GiB)
     cap = mount_cap()
     ctx = stack.controller.ControllerPublishVolume(
-        csi_pb2.ControllerPublishVolumeRequest(volume_id=vid, node_id="bench-node", volume_capability=cap)
+        csi_pb2.ControllerPublishVolumeRequest(
+            volume_id=vid, node_id="bench-node", volume_capability=cap
+        )
     ).publish_context
     staging, target = work / f"s{i}", work / f"t{i}"
     started = time.perf_counter()
-    stack.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
-        volume_id=vid, publish_context=ctx, staging_target_path=str(staging), volume_capability=cap))
-    stack.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
-        volume_id=vid, publish_context=ctx, staging_target_path=str(staging),
-        target_path=str(target), volume_capability=cap))  # fmt: skip
+    stack.node.NodeStageVolume(
+        csi_pb2.NodeStageVolumeRequest(
+            volume_id=vid,
+            publish_context=ctx,
+            staging_target_path=str(staging),
+            volume_capability=cap,
+        )
+    )
+    stack.node.NodePublishVolume(
+        csi_pb2.NodePublishVolumeRequest(
+            volume_id=vid,
+            publish_context=ctx,
+            staging_target_path=str(staging),
+            target_path=str(target),
+            volume_capability=cap,
+        )
+    )
     elapsed = time.perf_counter() - started
-    stack.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id=vid, target_path=str(target)))
-    stack.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=str(staging)))
+    stack.node.NodeUnpublishVolume(
+        csi_pb2.NodeUnpublishVolumeRequest(volume_id=vid, target_path=str(target))
+    )
+    stack.node.NodeUnstageVolume(
+        csi_pb2.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=str(staging))
+    )
     stack.controller.ControllerUnpublishVolume(
-        csi_pb2.ControllerUnpublishVolumeRequest(volume_id=vid, node_id="bench-node"))
+        csi_pb2.ControllerUnpublishVolumeRequest(volume_id=vid, node_id="bench-node")
+    )
     stack.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vid))
     return elapsed
 
@@ -127,8 +165,12 @@ def bare_stage_publish(work: Path, pool_dir: Path, i: int) -> float:
     staging.mkdir()
     target.mkdir()
     started = time.perf_counter()
-    dev = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", str(image)],
-                         check=True, capture_output=True, text=True).stdout.strip()  # fmt: skip
+    dev = subprocess.run(
+        ["losetup", "--find", "--show", "--direct-io=on", str(image)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     run(["mkfs.ext4", "-q", "-F", dev])
     run(["mount", "-t", "ext4", dev, str(staging)])
     run(["mount", "--bind", str(staging), str(target)])
@@ -141,7 +183,9 @@ def bare_stage_publish(work: Path, pool_dir: Path, i: int) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--volumes", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=5)
     opts = parser.parse_args()
@@ -154,15 +198,21 @@ def main() -> int:
         print(f"CreateVolume, {opts.volumes} volumes of 16 MiB each")
         for concurrency in (1, 16):
             lat, wall, ids = create_many(stack, f"c{concurrency}", opts.volumes, concurrency)
-            print(f"  concurrency {concurrency:2d}: p50 {pct(lat, 50) * 1000:6.2f} ms  "
-                  f"p99 {pct(lat, 99) * 1000:6.2f} ms  {len(lat) / wall:7.1f} creates/s")  # fmt: skip
+            print(
+                f"  concurrency {concurrency:2d}: p50 {pct(lat, 50) * 1000:6.2f} ms  "
+                f"p99 {pct(lat, 99) * 1000:6.2f} ms  {len(lat) / wall:7.1f} creates/s"
+            )
             delete_all(stack, ids)
         ours = [stage_publish(stack, work, i) for i in range(opts.rounds)]
-        bare = [bare_stage_publish(work, Path(stack.info["pool_dir"]), i) for i in range(opts.rounds)]
+        bare = [
+            bare_stage_publish(work, Path(stack.info["pool_dir"]), i) for i in range(opts.rounds)
+        ]
         ours_ms, bare_ms = statistics.median(ours) * 1000, statistics.median(bare) * 1000
         print(f"NodeStage+NodePublish, fresh 1 GiB ext4 (median of {opts.rounds})")
-        print(f"  tessera {ours_ms:7.1f} ms   bare losetup+mkfs+mount+bind {bare_ms:7.1f} ms   "
-              f"ratio {ours_ms / bare_ms:.2f}")  # fmt: skip
+        print(
+            f"  tessera {ours_ms:7.1f} ms   bare losetup+mkfs+mount+bind {bare_ms:7.1f} ms   "
+            f"ratio {ours_ms / bare_ms:.2f}"
+        )
     finally:
         stack.close()
     return 0

@@ -78,7 +78,9 @@ def dev_up(
         while not stop.wait(1.0):
             failed = stack.failed_process()
             if failed:
-                err_console.print(f"[red]{failed} exited[/]; see {info.state_dir}/logs/{failed}.log")
+                err_console.print(
+                    f"[red]{failed} exited[/]; see {info.state_dir}/logs/{failed}.log"
+                )
                 raise typer.Exit(1)
     except RuntimeError as exc:
         err_console.print(f"[red]{exc}[/]")
@@ -115,7 +117,9 @@ def _client(state_dir: Path, management: str | None, token_file: Path | None) ->
 
 
 Management = Annotated[str | None, typer.Option(envvar="TESSERA_MANAGEMENT", help="management URL")]
-TokenFile = Annotated[Path | None, typer.Option(envvar="TESSERA_TOKEN_FILE", help="bearer token file")]
+TokenFile = Annotated[
+    Path | None, typer.Option(envvar="TESSERA_TOKEN_FILE", help="bearer token file")
+]
 
 
 def _when(ts: float) -> str:
@@ -134,7 +138,9 @@ def _all_pages(fetch):  # type: ignore[no-untyped-def]
 
 @volume_app.command("list")
 def volume_list(
-    state_dir: StateDir = Path(".state"), management: Management = None, token_file: TokenFile = None
+    state_dir: StateDir = Path(".state"),
+    management: Management = None,
+    token_file: TokenFile = None,
 ) -> None:
     """List volumes."""
     with _errors():
@@ -142,9 +148,15 @@ def volume_list(
         table = Table("ID", "NAME", "SIZE", "STATE", "NODE", "POOL", "PUBLISHED ON", "CREATED")
         for v in _all_pages(lambda t: client.list_volumes(page_token=t)):
             table.add_row(
-                v.id, v.name, format_size(v.size_bytes), v.state.value, v.node_id, v.pool,
-                ", ".join(v.published_nodes) or "-", _when(v.created_at),
-            )  # fmt: skip
+                v.id,
+                v.name,
+                format_size(v.size_bytes),
+                v.state.value,
+                v.node_id,
+                v.pool,
+                ", ".join(v.published_nodes) or "-",
+                _when(v.created_at),
+            )
         console.print(table)
 
 
@@ -199,7 +211,9 @@ def volume_delete(
 
 @node_app.command("list")
 def node_list(
-    state_dir: StateDir = Path(".state"), management: Management = None, token_file: TokenFile = None
+    state_dir: StateDir = Path(".state"),
+    management: Management = None,
+    token_file: TokenFile = None,
 ) -> None:
     """List nodes."""
     with _errors():
@@ -207,13 +221,17 @@ def node_list(
         table = Table("ID", "ONLINE", "AGENT", "MAX VOLUMES", "LAST HEARTBEAT")
         for n in _all_pages(lambda t: client.list_nodes(page_token=t)):
             age = f"{time.time() - n.last_heartbeat:.0f}s ago"
-            table.add_row(n.id, "yes" if n.online else "NO", n.agent_url, str(n.max_volumes or "-"), age)
+            table.add_row(
+                n.id, "yes" if n.online else "NO", n.agent_url, str(n.max_volumes or "-"), age
+            )
         console.print(table)
 
 
 @pool_app.command("list")
 def pool_list(
-    state_dir: StateDir = Path(".state"), management: Management = None, token_file: TokenFile = None
+    state_dir: StateDir = Path(".state"),
+    management: Management = None,
+    token_file: TokenFile = None,
 ) -> None:
     """List pools with their capacity."""
     with _errors():
@@ -221,9 +239,12 @@ def pool_list(
         table = Table("NODE", "POOL", "CAPACITY", "ALLOCATED", "FREE")
         for p in _all_pages(lambda t: client.list_pools(page_token=t)):
             table.add_row(
-                p.node_id, p.name, format_size(p.capacity_bytes),
-                format_size(p.allocated_bytes), format_size(p.free_bytes),
-            )  # fmt: skip
+                p.node_id,
+                p.name,
+                format_size(p.capacity_bytes),
+                format_size(p.allocated_bytes),
+                format_size(p.free_bytes),
+            )
         console.print(table)
 
 

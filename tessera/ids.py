@@ -28,7 +28,9 @@ def is_volume_id(value: str) -> bool:
     return bool(value) and value.startswith(VOLUME_PREFIX) and bool(_ID.match(value))
 
 
-def check_volume_id(value: str, field: str = "volume_id", *, missing_is_not_found: bool = True) -> str:
+def check_volume_id(
+    value: str, field: str = "volume_id", *, missing_is_not_found: bool = True
+) -> str:
     """Validate a volume ID.
 
     An ID that is well-formed but not ours is NOT_FOUND by the CSI spec; an

@@ -56,7 +56,9 @@ class Strict(BaseModel):
 
 
 class NodeRegistration(Strict):
-    agent_url: str = Field(description="where management reaches the agent: unix:///path or http://host:port")
+    agent_url: str = Field(
+        description="where management reaches the agent: unix:///path or http://host:port"
+    )
     topology: dict[str, str] = Field(default_factory=dict)
     max_volumes: int = Field(default=0, ge=0, description="0 means no limit")
 

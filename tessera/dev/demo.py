@@ -64,8 +64,11 @@ class Demo:
             )
             self.create()
             self.publish()
-            self.step("write 4 MiB in the pod", lambda: data.write_bytes(payload),
-                      lambda _: f"sha256 {digest[:16]}…")  # fmt: skip
+            self.step(
+                "write 4 MiB in the pod",
+                lambda: data.write_bytes(payload),
+                lambda _: f"sha256 {digest[:16]}…",
+            )
             self.unpublish()
             self.publish()
             readback = self.step(
@@ -85,14 +88,16 @@ class Demo:
     def create(self) -> None:
         self.volume = self.step(
             "CreateVolume demo-volume (1 GiB, ext4)",
-            lambda: self.controller.CreateVolume(
-                csi_pb2.CreateVolumeRequest(
-                    name="demo-volume",
-                    capacity_range=csi_pb2.CapacityRange(required_bytes=GiB),
-                    volume_capabilities=[self.cap],
-                    parameters={"csi.storage.k8s.io/fstype": "ext4"},
-                )
-            ).volume,
+            lambda: (
+                self.controller.CreateVolume(
+                    csi_pb2.CreateVolumeRequest(
+                        name="demo-volume",
+                        capacity_range=csi_pb2.CapacityRange(required_bytes=GiB),
+                        volume_capabilities=[self.cap],
+                        parameters={"csi.storage.k8s.io/fstype": "ext4"},
+                    )
+                ).volume
+            ),
             lambda v: f"{v.volume_id} ({v.capacity_bytes // GiB} GiB)",
         )
 
@@ -135,7 +140,9 @@ class Demo:
         self.step(
             "NodeUnpublishVolume",
             lambda: self.node.NodeUnpublishVolume(
-                csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=str(self.target))
+                csi_pb2.NodeUnpublishVolumeRequest(
+                    volume_id=volume_id, target_path=str(self.target)
+                )
             ),
             lambda _: "unmounted",
         )
@@ -151,7 +158,9 @@ class Demo:
         self.step(
             "ControllerUnpublishVolume",
             lambda: self.controller.ControllerUnpublishVolume(
-                csi_pb2.ControllerUnpublishVolumeRequest(volume_id=volume_id, node_id=self.info.node_id)
+                csi_pb2.ControllerUnpublishVolumeRequest(
+                    volume_id=volume_id, node_id=self.info.node_id
+                )
             ),
             lambda _: "attachment removed",
         )

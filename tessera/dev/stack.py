@@ -24,6 +24,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import grpc
+
 from tessera.clients import AgentClient, ManagementClient
 from tessera.dev import pool as dev_pool
 from tessera.dev.release import release_volumes
@@ -99,33 +101,49 @@ class DevStack:
     def _management_args(self) -> list[str]:
         return [
             "management",
-            "--listen", self.info.management_url,
-            "--db", f"sqlite:///{self.dir / 'management.db'}",
-            "--token-file", self.info.token_file,
-        ]  # fmt: skip
+            "--listen",
+            self.info.management_url,
+            "--db",
+            f"sqlite:///{self.dir / 'management.db'}",
+            "--token-file",
+            self.info.token_file,
+        ]
 
     def _agent_args(self) -> list[str]:
         return [
             "node_agent",
-            "--node-id", self.node_id,
-            "--management", self.info.management_url,
-            "--token-file", self.info.token_file,
-            "--pool", f"default={self.info.pool_dir}",
-            "--socket", self.info.agent_socket,
-            "--max-volumes", str(self.max_volumes),
-        ]  # fmt: skip
+            "--node-id",
+            self.node_id,
+            "--management",
+            self.info.management_url,
+            "--token-file",
+            self.info.token_file,
+            "--pool",
+            f"default={self.info.pool_dir}",
+            "--socket",
+            self.info.agent_socket,
+            "--max-volumes",
+            str(self.max_volumes),
+        ]
 
     def _csi_args(self) -> list[str]:
         return [
             "csi_driver",
-            "--mode", "all",
-            "--endpoint", self.info.csi_endpoint,
-            "--node-id", self.node_id,
-            "--management", self.info.management_url,
-            "--token-file", self.info.token_file,
-            "--agent-socket", self.info.agent_socket,
-            "--max-volumes-per-node", str(self.max_volumes),
-        ]  # fmt: skip
+            "--mode",
+            "all",
+            "--endpoint",
+            self.info.csi_endpoint,
+            "--node-id",
+            self.node_id,
+            "--management",
+            self.info.management_url,
+            "--token-file",
+            self.info.token_file,
+            "--agent-socket",
+            self.info.agent_socket,
+            "--max-volumes-per-node",
+            str(self.max_volumes),
+        ]
 
     def _spawn(self, name: str, module_args: list[str]) -> None:
         log = open(self.dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
@@ -151,14 +169,28 @@ class DevStack:
                     mgmt.healthy()
                     and agent.healthy()
                     and self._node_registered(mgmt)
-                    and Path(self.info.csi_endpoint.removeprefix("unix://")).exists()
+                    and self._csi_ready()
                 ):
                     return
                 time.sleep(0.1)
         finally:
             mgmt.close()
             agent.close()
-        raise RuntimeError(f"the stack did not become ready in {READY_TIMEOUT:.0f}s; see {self.dir}/logs")
+        raise RuntimeError(
+            f"the stack did not become ready in {READY_TIMEOUT:.0f}s; see {self.dir}/logs"
+        )
+
+    def _csi_ready(self) -> bool:
+        from csi_driver._gen import csi_pb2, csi_pb2_grpc
+
+        if not Path(self.info.csi_endpoint.removeprefix("unix://")).is_socket():
+            return False
+        with grpc.insecure_channel(self.info.csi_endpoint) as channel:
+            try:
+                reply = csi_pb2_grpc.IdentityStub(channel).Probe(csi_pb2.ProbeRequest(), timeout=2)
+            except grpc.RpcError:
+                return False
+        return not reply.HasField("ready") or reply.ready.value
 
     def _node_registered(self, mgmt: ManagementClient) -> bool:
         try:
@@ -173,6 +205,23 @@ class DevStack:
                 raise RuntimeError(
                     f"{name} exited with code {proc.returncode}; see {self.dir}/logs/{name}.log"
                 )
+
+    def kill(self, name: str, sig: signal.Signals = signal.SIGKILL) -> None:
+        """Kill one process without any cleanup (crash testing)."""
+        proc = self.procs[name]
+        proc.send_signal(sig)
+        proc.wait(timeout=15)
+
+    def respawn(self, name: str) -> None:
+        """Start one process again, as a supervisor would after a crash."""
+        args = {
+            "management": self._management_args,
+            "node-agent": self._agent_args,
+            "csi": self._csi_args,
+        }[name]()
+        self._spawn(name, args)
+        token = Path(self.info.token_file).read_text().strip()
+        self._wait_ready(token)
 
     def failed_process(self) -> str | None:
         for name, proc in self.procs.items():
