@@ -20,20 +20,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import grpc
-
-from csi_driver._gen import csi_pb2, csi_pb2_grpc
+from csi_driver._gen import csi_pb2
+from tessera.dev.csi_client import CsiClient, mount_capability
 
 GiB = 1024**3
 MiB = 1024**2
-_Mode = csi_pb2.VolumeCapability.AccessMode
 
 
 def mount_cap() -> csi_pb2.VolumeCapability:
-    return csi_pb2.VolumeCapability(
-        mount=csi_pb2.VolumeCapability.MountVolume(fs_type="ext4"),
-        access_mode=_Mode(mode=_Mode.SINGLE_NODE_WRITER),
-    )
+    return mount_capability("ext4")
 
 
 def run(args: list[str]) -> None:
@@ -68,12 +63,11 @@ class Stack:
                 raise RuntimeError(f"dev up failed: {self.proc.stderr.read().decode()[-2000:]}")
             time.sleep(0.1)
         self.info = json.loads((self.dir / "stack.json").read_text())
-        self.channel = grpc.insecure_channel(self.info["csi_endpoint"])
-        self.controller = csi_pb2_grpc.ControllerStub(self.channel)
-        self.node = csi_pb2_grpc.NodeStub(self.channel)
+        self.csi = CsiClient(self.info["csi_endpoint"])
+        self.controller, self.node = self.csi.controller, self.csi.node
 
     def close(self) -> None:
-        self.channel.close()
+        self.csi.close()
         self.proc.terminate()
         self.proc.wait(timeout=60)
 

@@ -11,11 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import grpc
 from rich.console import Console
 from rich.table import Table
 
-from csi_driver._gen import csi_pb2, csi_pb2_grpc
+from csi_driver._gen import csi_pb2
+from tessera.dev.csi_client import CsiClient, mount_capability
 from tessera.dev.stack import StackInfo
 
 GiB = 1024**3
@@ -31,16 +31,13 @@ class Demo:
         self.work = Path(tempfile.mkdtemp(prefix="tessera-demo-"))
         self.staging = self.work / "staging"
         self.target = self.work / "pod" / "data"
-        self.channel = grpc.insecure_channel(info.csi_endpoint)
-        self.identity = csi_pb2_grpc.IdentityStub(self.channel)
-        self.controller = csi_pb2_grpc.ControllerStub(self.channel)
-        self.node = csi_pb2_grpc.NodeStub(self.channel)
-        self.cap = csi_pb2.VolumeCapability(
-            mount=csi_pb2.VolumeCapability.MountVolume(fs_type="ext4"),
-            access_mode=csi_pb2.VolumeCapability.AccessMode(
-                mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
-            ),
+        self.csi = CsiClient(info.csi_endpoint)
+        self.identity, self.controller, self.node = (
+            self.csi.identity,
+            self.csi.controller,
+            self.csi.node,
         )
+        self.cap = mount_capability("ext4")
         self.table = Table("step", "result", "ms", title="CSI demo")
         self.volume: csi_pb2.Volume | None = None
         self.publish_context: dict[str, str] = {}
@@ -81,7 +78,7 @@ class Demo:
             return readback == digest
         finally:
             self.console.print(self.table)
-            self.channel.close()
+            self.csi.close()
             if not os.path.ismount(self.target) and not os.path.ismount(self.staging):
                 shutil.rmtree(self.work, ignore_errors=True)
 
