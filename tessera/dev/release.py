@@ -53,6 +53,12 @@ def mounts_of_devices(devices: list[str]) -> list[str]:
     ]
 
 
+def mounts_under(prefix: Path) -> list[str]:
+    """Mountpoints at or below prefix (what a test or `dev up` must not leak)."""
+    root = str(prefix.resolve())
+    return [mp for _, _, mp, _ in _mountinfo() if mp == root or mp.startswith(root + os.sep)]
+
+
 def release_volumes(pool_dir: Path, state_dir: Path) -> None:
     volumes_dir = pool_dir / "volumes"
     loops = loop_devices_backed_by(volumes_dir) if volumes_dir.exists() else []
