@@ -40,7 +40,7 @@ def stack(tmp_path: Path) -> Iterator[DevStack]:
     assert mounts_under(tmp_path) == []
 
 
-def call_until_ok(call: Callable[[], object], attempts: int = 50) -> object:
+def call_until_ok(call: Callable[[], object], what: str = "", attempts: int = 50) -> object:
     """What kubelet does: retry a failed call until it succeeds."""
     for _ in range(attempts):
         try:
@@ -49,7 +49,7 @@ def call_until_ok(call: Callable[[], object], attempts: int = 50) -> object:
             if err.code() not in RETRYABLE:
                 raise
             time.sleep(0.2)
-    raise AssertionError("the call never converged")
+    raise AssertionError(f"{what or 'the call'} never converged")
 
 
 class Sequence:
@@ -156,8 +156,8 @@ def test_sequence_converges_after_sigkill_between_any_two_steps(
             if i > 0:  # kill between every two steps
                 stack.kill(victim)
                 stack.respawn(victim)
-            call_until_ok(step)
-        call_until_ok(seq.delete)
+            call_until_ok(step, f"{name} after killing {victim}")
+        call_until_ok(seq.delete, "delete")
 
 
 def test_every_step_is_idempotent_three_times(stack: DevStack, tmp_path: Path) -> None:
