@@ -1,0 +1,124 @@
+"""The node-agent's operations, as the API calls them.
+
+`Agent` ties pools, volume files, transports and attachments together and
+serializes work per volume. Every operation is idempotent: kubelet,
+the sidecars and management retry after any failure or crash.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from node_agent import volumes
+from node_agent.attachments import DEFAULT_DEV_DIR, AttachmentManager
+from node_agent.locks import VolumeLocks
+from node_agent.pools import Pool
+from node_agent.transports import Transport, create_transport
+from tessera.errors import AlreadyExists, FailedPrecondition, NotFound
+from tessera.ids import check_node_id, check_volume_id
+from tessera.models import AgentAttachment, AgentVolume
+
+log = logging.getLogger(__name__)
+
+
+class Agent:
+    def __init__(
+        self,
+        node_id: str,
+        pools: dict[str, Pool],
+        dev_dir: Path = DEFAULT_DEV_DIR,
+        transports: dict[str, Transport] | None = None,
+    ) -> None:
+        self.node_id = check_node_id(node_id)
+        self.pools = pools
+        self.dev_dir = dev_dir
+        self.transports = (
+            transports if transports is not None else {"loop": create_transport("loop")}
+        )
+        self.locks = VolumeLocks()
+        self.attachments = AttachmentManager(pools, dev_dir, self.transports)
+
+    # ---- volumes -------------------------------------------------------------
+
+    def create_volume(self, volume_id: str, pool: str, size_bytes: int) -> AgentVolume:
+        check_volume_id(volume_id, missing_is_not_found=False)
+        target = self._pool(pool)
+        with self.locks.hold(volume_id):
+            holder = self._holder(volume_id)
+            if holder is not None and holder.name != target.name:
+                raise AlreadyExists(
+                    f"volume {volume_id} already exists in pool {holder.name}", field="pool"
+                )
+            return volumes.create(target, volume_id, size_bytes)
+
+    def resize_volume(self, volume_id: str, size_bytes: int) -> AgentVolume:
+        check_volume_id(volume_id)
+        with self.locks.hold(volume_id):
+            volume = volumes.resize(self._require_holder(volume_id), volume_id, size_bytes)
+            self.attachments.refresh(volume_id)
+            return volume
+
+    def delete_volume(self, volume_id: str) -> None:
+        check_volume_id(volume_id)
+        with self.locks.hold(volume_id):
+            device = self.attachments.find(volume_id)
+            if device is not None:
+                raise FailedPrecondition(
+                    f"volume {volume_id} is attached on this node as {device.path}; detach first"
+                )
+            for pool in self.pools.values():
+                volumes.delete(pool, volume_id)
+
+    def _pool(self, name: str) -> Pool:
+        try:
+            return self.pools[name]
+        except KeyError:
+            raise NotFound(f"pool {name!r} is not on node {self.node_id}", field="pool") from None
+
+    def _holder(self, volume_id: str) -> Pool | None:
+        for pool in self.pools.values():
+            if volumes.exists(pool, volume_id):
+                return pool
+        return None
+
+    def _require_holder(self, volume_id: str) -> Pool:
+        pool = self._holder(volume_id)
+        if pool is None:
+            raise NotFound(f"volume {volume_id} is not on node {self.node_id}")
+        return pool
+
+    # ---- attachments -----------------------------------------------------------
+
+    def attach(self, volume_id: str, readonly: bool) -> AgentAttachment:
+        check_volume_id(volume_id)
+        with self.locks.hold(volume_id):
+            return self.attachments.attach(volume_id, readonly)
+
+    def detach(self, volume_id: str) -> None:
+        check_volume_id(volume_id)
+        with self.locks.hold(volume_id):
+            self.attachments.detach(volume_id)
+
+    def get_attachment(self, volume_id: str) -> AgentAttachment:
+        check_volume_id(volume_id)
+        with self.locks.hold(volume_id):
+            return self.attachments.get(volume_id)
+
+    def list_attachments(self) -> list[AgentAttachment]:
+        return self.attachments.list()
+
+    # ---- lifecycle -------------------------------------------------------------
+
+    def recover(self) -> list[AgentAttachment]:
+        """At start: drop half-made volume files, re-adopt live devices, fix symlinks."""
+        for pool in self.pools.values():
+            for path in volumes.sweep_temporaries(pool):
+                log.info("removed half-created %s", path)
+        adopted = self.attachments.recover()
+        for att in adopted:
+            log.info("re-adopted %s on %s", att.volume_id, att.backing_device)
+        return adopted
+
+    def pool_capacities(self) -> dict[str, int]:
+        return {name: pool.capacity_bytes() for name, pool in self.pools.items()}

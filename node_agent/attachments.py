@@ -1,0 +1,214 @@
+"""Attach and detach volumes on this node, behind stable symlinks.
+
+A volume attached here is a transport device (a loop device today) plus a
+symlink `<dev_dir>/<volume-id>` pointing at it; consumers (the CSI driver)
+only ever use the symlink. The kernel is the record of what is attached:
+nothing is kept in memory, so after a restart the agent sees the same
+devices and `recover()` only repairs symlinks. Live devices are never
+detached on restart: the data path outlives the agent.
+
+Callers hold the volume's lock (see `node_agent.locks`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from pathlib import Path
+
+from node_agent import blockdev
+from node_agent.pools import Pool
+from node_agent.transports import BlockDevice, Transport
+from tessera.errors import AlreadyExists, FailedPrecondition, NotFound
+from tessera.ids import check_volume_id, is_volume_id
+from tessera.models import AgentAttachment
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DEV_DIR = Path("/dev/tessera")
+LOCAL_TRANSPORT = "loop"
+TMP_PREFIX = ".tmp-"
+
+
+class AttachmentManager:
+    def __init__(
+        self, pools: dict[str, Pool], dev_dir: Path, transports: dict[str, Transport]
+    ) -> None:
+        self.pools = pools
+        self.dev_dir = dev_dir
+        self.transports = transports
+        dev_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+
+    # ---- queries -----------------------------------------------------------
+
+    def find(self, volume_id: str) -> BlockDevice | None:
+        """The device of this volume on this node, whichever transport made it."""
+        devices = self._devices_of(volume_id)
+        return devices[0] if devices else None
+
+    def _devices_of(self, volume_id: str) -> list[BlockDevice]:
+        files = {str(p) for p in self._candidate_files(volume_id)}
+        return [
+            device
+            for transport in self.transports.values()
+            for device in transport.list_devices()
+            if device.backing in files
+        ]
+
+    def get(self, volume_id: str) -> AgentAttachment:
+        device = self.find(volume_id)
+        if device is None:
+            raise NotFound(f"volume {volume_id} is not attached on this node")
+        return self._describe(volume_id, device)
+
+    def list(self) -> list[AgentAttachment]:
+        return [self._describe(vid, dev) for vid, dev in self._ours()]
+
+    def _ours(self) -> list[tuple[str, BlockDevice]]:
+        """(volume id, device) for every device backed by a volume in our pools."""
+        found = []
+        for transport in self.transports.values():
+            for device in transport.list_devices():
+                vid = self._volume_of(device.backing)
+                if vid is not None:
+                    found.append((vid, device))
+        return found
+
+    def _volume_of(self, backing: str) -> str | None:
+        for pool in self.pools.values():
+            vid = pool.volume_id_of(backing)
+            if vid is not None:
+                return vid
+        return None
+
+    def _candidate_files(self, volume_id: str) -> list[Path]:
+        """Where the volume's file is or was: derived, so it works after a delete too."""
+        return [pool.volume_path(volume_id) for pool in self.pools.values()]
+
+    def _existing_file(self, volume_id: str) -> Path:
+        for path in self._candidate_files(volume_id):
+            if path.is_file():
+                return path
+        raise NotFound(f"volume {volume_id} is not in any pool on this node")
+
+    def _describe(self, volume_id: str, device: BlockDevice) -> AgentAttachment:
+        return AgentAttachment(
+            volume_id=volume_id,
+            device=str(self._link(volume_id)),
+            backing_device=device.path,
+            transport=device.transport,
+            readonly=device.readonly,
+            size_bytes=self.transports[device.transport].size_bytes(device.path),
+        )
+
+    # ---- attach / detach ---------------------------------------------------
+
+    def attach(self, volume_id: str, readonly: bool) -> AgentAttachment:
+        """Attach (or re-adopt) the volume; again with the same flags is a no-op."""
+        volume_file = self._existing_file(volume_id)
+        device = self.find(volume_id)
+        if device is None:
+            device = self.transports[LOCAL_TRANSPORT].attach(str(volume_file), readonly)
+        elif device.readonly != readonly:
+            mode = "read-only" if device.readonly else "read-write"
+            raise AlreadyExists(
+                f"volume {volume_id} is already attached {mode} as {device.path}",
+                field="readonly",
+            )
+        self._refresh_if_grown(device, volume_file)
+        self._ensure_link(volume_id, device.path)
+        return self._describe(volume_id, device)
+
+    def refresh(self, volume_id: str) -> None:
+        """After a resize: let an attached device see the new size."""
+        device = self.find(volume_id)
+        if device is not None:
+            self._refresh_if_grown(device, Path(device.backing))
+
+    def _refresh_if_grown(self, device: BlockDevice, volume_file: Path) -> None:
+        transport = self.transports[device.transport]
+        if transport.size_bytes(device.path) < volume_file.stat().st_size:
+            transport.refresh_size(device.path)
+
+    def detach(self, volume_id: str) -> None:
+        """Remove the symlink (only ours) and release the device; absent is fine.
+
+        A device still in use (mounted) is refused: the kernel would only
+        defer the detach, and the filesystem would lose its stable name.
+        """
+        check_volume_id(volume_id)
+        devices = self._devices_of(volume_id)  # normally one; a crash could leave two
+        for device in devices:
+            if blockdev.in_use(device.path):
+                raise FailedPrecondition(
+                    f"volume {volume_id} ({device.path}) is in use; unmount it first"
+                )
+        for device in devices:
+            self._unlink_if_points_to(volume_id, device.path)
+            self.transports[device.transport].detach(device.path)
+        self._remove_link(volume_id)
+
+    def _unlink_if_points_to(self, volume_id: str, device: str) -> None:
+        link = self._link(volume_id)
+        if link.is_symlink() and os.readlink(link) == device:
+            link.unlink(missing_ok=True)
+
+    # ---- symlinks ----------------------------------------------------------
+
+    def _link(self, volume_id: str) -> Path:
+        return self.dev_dir / check_volume_id(volume_id)
+
+    def _ensure_link(self, volume_id: str, device: str) -> None:
+        """Point `<dev_dir>/<id>` at the device, atomically (temp symlink + rename)."""
+        link = self._link(volume_id)
+        if link.is_symlink() and os.readlink(link) == device:
+            return
+        if link.exists() and not link.is_symlink():
+            raise FailedPrecondition(f"{link} exists and is not a symlink; not replacing it")
+        tmp = self.dev_dir / f"{TMP_PREFIX}{volume_id}-{uuid.uuid4().hex[:8]}"
+        os.symlink(device, tmp)
+        try:
+            os.replace(tmp, link)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+        log.info("linked %s -> %s", link, device)
+
+    def _remove_link(self, volume_id: str) -> None:
+        """Remove the link if it is a symlink not pointing at a live device of this volume."""
+        link = self._link(volume_id)
+        if not link.is_symlink():
+            return
+        live = self.find(volume_id)
+        if live is not None and os.readlink(link) == live.path:
+            return
+        link.unlink(missing_ok=True)
+        log.info("removed %s", link)
+
+    # ---- restart -----------------------------------------------------------
+
+    def recover(self) -> list[AgentAttachment]:
+        """Re-adopt every device backed by our volumes; repair or drop symlinks.
+
+        Never detaches anything: a pod may be doing I/O on these devices.
+        """
+        adopted = []
+        live: dict[str, str] = {}
+        for vid, device in self._ours():
+            live.setdefault(vid, device.path)
+            self._ensure_link(vid, live[vid])
+            adopted.append(self._describe(vid, device))
+        self._drop_stale_links(live)
+        return adopted
+
+    def _drop_stale_links(self, live: dict[str, str]) -> None:
+        """A link to a device no longer ours could lead a consumer to someone else's data."""
+        for entry in self.dev_dir.iterdir():
+            if not entry.is_symlink():
+                continue
+            if entry.name.startswith(TMP_PREFIX):
+                entry.unlink(missing_ok=True)
+            elif is_volume_id(entry.name) and os.readlink(entry) != live.get(entry.name):
+                log.warning("removing stale link %s -> %s", entry, os.readlink(entry))
+                entry.unlink(missing_ok=True)

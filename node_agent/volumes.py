@@ -1,0 +1,142 @@
+"""Volume files: sparse files in a pool, created atomically, grown only.
+
+A crash at any point must leave either no volume or a complete one: the
+file is built under a hidden temporary name and hard-linked into place
+(which, unlike rename, never replaces an existing volume), so a half-made
+file never carries a volume's name. Stale temporaries are swept at start.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import uuid
+from pathlib import Path
+
+from node_agent.pools import Pool
+from tessera.errors import AlreadyExists, NotFound, OutOfRange, ResourceExhausted
+from tessera.models import AgentVolume
+
+log = logging.getLogger(__name__)
+
+TMP_PREFIX = ".tmp-"
+
+
+def describe(pool: Pool, volume_id: str) -> AgentVolume:
+    """The volume as the API reports it; NotFound when the file is absent."""
+    path = pool.volume_path(volume_id)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise NotFound(f"volume {volume_id} not found in pool {pool.name}") from None
+    return AgentVolume(id=volume_id, pool=pool.name, size_bytes=size, path=str(path))
+
+
+def exists(pool: Pool, volume_id: str) -> bool:
+    return pool.volume_path(volume_id).exists()
+
+
+def create(pool: Pool, volume_id: str, size_bytes: int) -> AgentVolume:
+    """Create a sparse volume file; the same id and size again is a no-op."""
+    path = pool.volume_path(volume_id, missing_is_not_found=False)
+    if path.exists():
+        return _same_size_or_conflict(pool, volume_id, size_bytes)
+    tmp = path.with_name(f"{TMP_PREFIX}{volume_id}-{uuid.uuid4().hex[:8]}")
+    try:
+        _make_sparse(tmp, size_bytes)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            # Lost a race with another creator (another agent instance, a retry).
+            return _same_size_or_conflict(pool, volume_id, size_bytes)
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("created volume %s (%d bytes) in pool %s", volume_id, size_bytes, pool.name)
+    return describe(pool, volume_id)
+
+
+def _same_size_or_conflict(pool: Pool, volume_id: str, size_bytes: int) -> AgentVolume:
+    current = describe(pool, volume_id)
+    if current.size_bytes != size_bytes:
+        raise AlreadyExists(
+            f"volume {volume_id} exists with size {current.size_bytes}, not {size_bytes}",
+            field="size_bytes",
+        )
+    return current
+
+
+def _make_sparse(path: Path, size_bytes: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        _truncate(fd, size_bytes)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _truncate(fd: int, size_bytes: int) -> None:
+    """ftruncate, with the filesystem's refusals turned into explainable errors."""
+    try:
+        os.ftruncate(fd, size_bytes)
+    except OSError as exc:
+        if exc.errno in (errno.EFBIG, errno.EINVAL):
+            raise OutOfRange(
+                f"{size_bytes} bytes is larger than the pool filesystem allows",
+                field="size_bytes",
+            ) from exc
+        if exc.errno == errno.ENOSPC:
+            raise ResourceExhausted("pool filesystem is full") from exc
+        raise
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the new directory entry durable, so a crash cannot lose a created volume."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def resize(pool: Pool, volume_id: str, size_bytes: int) -> AgentVolume:
+    """Grow a volume file; equal size is a no-op, shrinking is refused (data loss)."""
+    current = describe(pool, volume_id)
+    if size_bytes < current.size_bytes:
+        raise OutOfRange(
+            f"volume {volume_id} is {current.size_bytes} bytes; shrinking to {size_bytes}"
+            " is not supported",
+            field="size_bytes",
+        )
+    if size_bytes == current.size_bytes:
+        return current
+    fd = os.open(current.path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        _truncate(fd, size_bytes)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    log.info("grew volume %s to %d bytes", volume_id, size_bytes)
+    return describe(pool, volume_id)
+
+
+def delete(pool: Pool, volume_id: str) -> None:
+    """Remove a volume file; absent is fine (delete is retried after crashes)."""
+    path = pool.volume_path(volume_id)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
+    _fsync_dir(path.parent)
+    log.info("deleted volume %s from pool %s", volume_id, pool.name)
+
+
+def sweep_temporaries(pool: Pool) -> list[Path]:
+    """Remove half-made files left by a crash during create; return what was removed."""
+    removed = []
+    for entry in pool.volumes_dir.glob(f"{TMP_PREFIX}*"):
+        if entry.is_file() and not entry.is_symlink():
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed

@@ -1,0 +1,174 @@
+"""The node-agent API over a fake transport: contract, auth, problems (no root)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from node_agent.agent import Agent
+from node_agent.api import create_app
+from node_agent.pools import Pool
+from node_agent.transports import BlockDevice, Transport, available_transports
+from tessera.ids import new_volume_id
+
+MiB = 1024**2
+TOKEN = "s3cret"
+
+
+class FakeTransport:
+    """A kernel stand-in: devices live in a dict, sizes are frozen until refreshed."""
+
+    name = "loop"
+
+    def __init__(self) -> None:
+        self.devices: dict[str, BlockDevice] = {}
+        self.sizes: dict[str, int] = {}
+        self.attach_calls = 0
+
+    def attach(self, volume_file: str, readonly: bool) -> BlockDevice:
+        self.attach_calls += 1
+        dev = BlockDevice(f"/dev/fake{len(self.devices)}", volume_file, readonly, self.name)
+        self.devices[dev.path] = dev
+        self.sizes[dev.path] = os.path.getsize(volume_file)
+        return dev
+
+    def find(self, volume_file: str) -> BlockDevice | None:
+        return next((d for d in self.devices.values() if d.backing == volume_file), None)
+
+    def list_devices(self) -> list[BlockDevice]:
+        return list(self.devices.values())
+
+    def detach(self, device: str) -> None:
+        self.devices.pop(device, None)
+
+    def refresh_size(self, device: str) -> None:
+        self.sizes[device] = os.path.getsize(self.devices[device].backing)
+
+    def size_bytes(self, device: str) -> int:
+        return self.sizes[device]
+
+
+@pytest.fixture
+def fake() -> FakeTransport:
+    return FakeTransport()
+
+
+@pytest.fixture
+def agent(tmp_path: Path, fake: FakeTransport) -> Agent:
+    pools = {}
+    for name in ("default", "fast"):
+        (tmp_path / name).mkdir()
+        pools[name] = Pool.open(name, tmp_path / name)
+    return Agent("node-1", pools, tmp_path / "dev", {"loop": fake})
+
+
+@pytest.fixture
+def client(agent: Agent) -> TestClient:
+    return TestClient(create_app(agent, TOKEN), headers={"Authorization": f"Bearer {TOKEN}"})
+
+
+def test_transport_protocol_and_registry() -> None:
+    assert isinstance(FakeTransport(), Transport)
+    assert "loop" in available_transports()
+
+
+def test_healthz_is_open_and_v1_needs_the_token(agent: Agent) -> None:
+    anon = TestClient(create_app(agent, TOKEN))
+    assert anon.get("/healthz").json() == {"status": "ok"}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        resp = anon.get("/v1/attachments", headers=headers)
+        assert resp.status_code == 401
+        assert resp.headers["content-type"] == "application/problem+json"
+        assert resp.json()["type"].endswith("/unauthenticated")
+
+
+def test_volume_lifecycle(client: TestClient) -> None:
+    vid = new_volume_id()
+    body = {"pool": "default", "size_bytes": 8 * MiB}
+    first = client.put(f"/v1/volumes/{vid}", json=body)
+    assert first.status_code == 200, first.text
+    assert first.json()["path"].endswith(f"/volumes/{vid}.img")
+    assert client.put(f"/v1/volumes/{vid}", json=body).json() == first.json()
+    clash = client.put(f"/v1/volumes/{vid}", json={"pool": "default", "size_bytes": MiB})
+    assert clash.status_code == 409 and clash.json()["type"].endswith("/already-exists")
+    other_pool = client.put(f"/v1/volumes/{vid}", json={"pool": "fast", "size_bytes": 8 * MiB})
+    assert other_pool.status_code == 409
+    grown = client.post(f"/v1/volumes/{vid}/resize", json={"size_bytes": 16 * MiB})
+    assert grown.json()["size_bytes"] == 16 * MiB
+    shrink = client.post(f"/v1/volumes/{vid}/resize", json={"size_bytes": MiB})
+    assert shrink.status_code == 422 and shrink.json()["field"] == "size_bytes"
+    assert client.delete(f"/v1/volumes/{vid}").status_code == 204
+    assert client.delete(f"/v1/volumes/{vid}").status_code == 204
+
+
+def test_validation_errors_are_problems_naming_the_field(client: TestClient) -> None:
+    vid = new_volume_id()
+    resp = client.put(f"/v1/volumes/{vid}", json={"pool": "default", "size_bytes": 0})
+    assert resp.status_code == 422
+    assert resp.headers["content-type"] == "application/problem+json"
+    assert resp.json()["field"] == "size_bytes"
+    resp = client.put(f"/v1/volumes/{vid}", json={"pool": "default", "size_bytes": 1, "x": 1})
+    assert resp.status_code == 422 and resp.json()["field"] == "x"
+    resp = client.put(f"/v1/volumes/{vid}", json={"pool": "nope", "size_bytes": MiB})
+    assert resp.status_code == 404 and resp.json()["field"] == "pool"
+    resp = client.put("/v1/volumes/not-a-volume", json={"pool": "default", "size_bytes": MiB})
+    assert resp.status_code == 422 and resp.json()["field"] == "volume_id"
+    assert client.put("/v1/attachments/vol-..", json={}).status_code == 404
+
+
+def test_attach_is_idempotent_refreshes_and_blocks_delete(
+    client: TestClient, agent: Agent, fake: FakeTransport
+) -> None:
+    vid = new_volume_id()
+    client.put(f"/v1/volumes/{vid}", json={"pool": "fast", "size_bytes": 8 * MiB})
+    att = client.put(f"/v1/attachments/{vid}", json={})
+    assert att.status_code == 200, att.text
+    data = att.json()
+    link = agent.dev_dir / vid
+    assert data["device"] == str(link) and os.readlink(link) == data["backing_device"]
+    assert data["readonly"] is False and data["transport"] == "loop"
+    # grow behind the device's back: re-attach must refresh, not attach again
+    Path(agent.pools["fast"].volume_path(vid)).open("r+b").truncate(12 * MiB)
+    again = client.put(f"/v1/attachments/{vid}", json={"readonly": False}).json()
+    assert again["backing_device"] == data["backing_device"] and again["size_bytes"] == 12 * MiB
+    assert fake.attach_calls == 1
+    ro = client.put(f"/v1/attachments/{vid}", json={"readonly": True})
+    assert ro.status_code == 409 and ro.json()["field"] == "readonly"
+    grown = client.post(f"/v1/volumes/{vid}/resize", json={"size_bytes": 32 * MiB})
+    assert grown.status_code == 200
+    assert client.get(f"/v1/attachments/{vid}").json()["size_bytes"] == 32 * MiB
+    assert [a["volume_id"] for a in client.get("/v1/attachments").json()["items"]] == [vid]
+    busy = client.delete(f"/v1/volumes/{vid}")
+    assert busy.status_code == 409 and busy.json()["type"].endswith("/failed-precondition")
+    assert client.delete(f"/v1/attachments/{vid}").status_code == 204
+    assert client.delete(f"/v1/attachments/{vid}").status_code == 204
+    assert not link.is_symlink()
+    assert client.get(f"/v1/attachments/{vid}").status_code == 404
+    assert client.delete(f"/v1/volumes/{vid}").status_code == 204
+
+
+def test_attach_unknown_volume_is_not_found(client: TestClient) -> None:
+    resp = client.put(f"/v1/attachments/{new_volume_id()}", json={})
+    assert resp.status_code == 404 and resp.json()["type"].endswith("/not-found")
+
+
+def test_recover_repairs_links_and_drops_stale_ones(
+    client: TestClient, agent: Agent, fake: FakeTransport
+) -> None:
+    vid, gone = new_volume_id(), new_volume_id()
+    client.put(f"/v1/volumes/{vid}", json={"pool": "default", "size_bytes": MiB})
+    backing = client.put(f"/v1/attachments/{vid}", json={}).json()["backing_device"]
+    (agent.dev_dir / vid).unlink()
+    (agent.dev_dir / gone).symlink_to("/dev/fake99")  # device of a volume no longer here
+    (agent.dev_dir / "unrelated").write_text("left alone")
+    fresh = Agent("node-1", agent.pools, agent.dev_dir, {"loop": fake})
+    adopted = fresh.recover()
+    assert [a.backing_device for a in adopted] == [backing]
+    assert os.readlink(agent.dev_dir / vid) == backing
+    assert not (agent.dev_dir / gone).is_symlink()
+    assert (agent.dev_dir / "unrelated").read_text() == "left alone"
+    assert fake.attach_calls == 1
+    fresh.detach(vid)
