@@ -1,0 +1,55 @@
+"""Application factory: one engine, one agent-client cache, tables and the default vpg.
+
+Everything expensive happens once here, never per request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from management import problems
+from management.agents import AgentClients
+from management.auth import bearer_dependency
+from management.context import DEFAULT_HEARTBEAT_TIMEOUT, Context
+from management.db import Database
+from management.inventory import ensure_default_vpg
+from management.routes import health, v1_router
+
+
+def create_app(
+    db_url: str,
+    token: str,
+    *,
+    agent_token: str | None = None,
+    heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
+) -> FastAPI:
+    """Build the management API. `agent_token` (default: `token`) authenticates us to agents."""
+    if not token:
+        raise ValueError("an API token is required")
+    db = Database(db_url)
+    db.create_tables()
+    ctx = Context(
+        db=db, agents=AgentClients(agent_token or token), heartbeat_timeout=heartbeat_timeout
+    )
+    ensure_default_vpg(ctx)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        ctx.agents.close()
+        db.dispose()
+
+    app = FastAPI(
+        title="Tessera management",
+        version="1",
+        description="Storage control plane: nodes, pools, vpgs, volumes, attachments.",
+        lifespan=lifespan,
+    )
+    app.state.ctx = ctx
+    problems.install(app)
+    app.include_router(health)
+    app.include_router(v1_router(bearer_dependency(token)))
+    return app

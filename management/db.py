@@ -1,0 +1,90 @@
+"""Engine, connection tuning and transactions.
+
+Two kinds of session: `read()` for lookups and `write()` for anything that
+changes state. On SQLite a write session starts with `BEGIN IMMEDIATE`, so
+the check-then-insert steps of placement and attach run under the database
+write lock and two concurrent requests cannot both pass the same check; a
+deferred transaction would instead fail with "database is locked" when it
+tried to upgrade. On PostgreSQL the same code locks the rows it reads
+`FOR UPDATE` (a no-op on SQLite, which the SQLite dialect omits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+from management.schema import Base
+
+_WRITE = "tessera_write"
+BUSY_TIMEOUT_MS = 30_000
+
+
+def make_engine(url: str) -> Engine:
+    """One engine per process; SQLite gets WAL and explicit transaction control."""
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    kwargs: dict[str, Any] = {
+        # Sessions are short and never shared, but FastAPI runs sync handlers
+        # in a threadpool, so a pooled connection may move between threads.
+        "connect_args": {"check_same_thread": False, "timeout": BUSY_TIMEOUT_MS / 1000},
+    }
+    if url in ("sqlite://", "sqlite:///:memory:"):
+        kwargs["poolclass"] = StaticPool
+    else:
+        kwargs.update(pool_size=20, max_overflow=20)
+    engine = create_engine(url, **kwargs)
+    _install_sqlite_hooks(engine)
+    return engine
+
+
+def _install_sqlite_hooks(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Take transaction control away from the sqlite3 module so that our
+        # "begin" hook decides between BEGIN and BEGIN IMMEDIATE.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        immediate = conn.get_execution_options().get(_WRITE, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+class Database:
+    """The engine plus the two session factories the rest of the code uses."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url)
+        self._read = sessionmaker(bind=self.engine, expire_on_commit=False)
+        self._write = sessionmaker(
+            bind=self.engine.execution_options(**{_WRITE: True}), expire_on_commit=False
+        )
+
+    def create_tables(self) -> None:
+        Base.metadata.create_all(self.engine)
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        with self._read() as session:
+            yield session
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """A transaction that holds the write lock from its first statement; commits on exit."""
+        with self._write() as session, session.begin():
+            yield session
+
+    def dispose(self) -> None:
+        self.engine.dispose()

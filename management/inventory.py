@@ -1,0 +1,241 @@
+"""Nodes, pools, volume provisioning groups and capacity.
+
+Node-agents register themselves and their pools (upserts, so an agent can
+simply re-register after every restart) and heartbeat; a node counts as
+online while its heartbeat is fresh, and only online nodes get new volumes.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import select, tuple_
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from management.context import Context
+from management.limits import check_bytes, check_count, check_text
+from management.pagination import decode_token, encode_token, page_size
+from management.placement import PoolSpace, allocated_by_pool, pool_space
+from management.schema import NodeRow, PoolRow, VpgRow
+from tessera import ids
+from tessera.errors import AlreadyExists, InvalidArgument, NotFound
+from tessera.models import (
+    Capacity,
+    Node,
+    NodeRegistration,
+    Page,
+    Pool,
+    PoolRegistration,
+    Vpg,
+    VpgCreate,
+)
+
+#: layouts that exist today; striping/mirroring need dm/md on the nodes and come later
+SUPPORTED_LAYOUTS = ("concat",)
+DEFAULT_VPG = "default"
+
+
+# ---- nodes ---------------------------------------------------------------------------
+
+
+def node_model(ctx: Context, row: NodeRow) -> Node:
+    return Node(
+        id=row.id,
+        agent_url=row.agent_url,
+        topology=dict(row.topology or {}),
+        max_volumes=row.max_volumes,
+        last_heartbeat=row.last_heartbeat,
+        online=row.last_heartbeat >= ctx.online_since(),
+    )
+
+
+def register_node(ctx: Context, node_id: str, reg: NodeRegistration) -> Node:
+    ids.check_node_id(node_id)
+    _check_agent_url(reg.agent_url)
+    check_count(reg.max_volumes, "max_volumes")
+    for key, value in reg.topology.items():
+        check_text(key, "topology")
+        check_text(value, "topology")
+    with ctx.db.write() as s:
+        row = s.get(NodeRow, node_id)
+        if row is None:
+            row = NodeRow(id=node_id)
+            s.add(row)
+        row.agent_url = reg.agent_url
+        row.topology = dict(reg.topology)
+        row.max_volumes = reg.max_volumes
+        row.last_heartbeat = ctx.clock()
+        s.flush()
+        return node_model(ctx, row)
+
+
+def _check_agent_url(url: str) -> None:
+    check_text(url, "agent_url")
+    if not url.startswith(("unix:///", "http://", "https://")):
+        raise InvalidArgument(
+            f"agent_url {url[:80]!r} must start with unix:///, http:// or https://",
+            field="agent_url",
+        )
+
+
+def heartbeat(ctx: Context, node_id: str) -> None:
+    ids.check_node_id(node_id)
+    with ctx.db.write() as s:
+        row = s.get(NodeRow, node_id)
+        if row is None:
+            raise NotFound(f"node {node_id!r} is not registered", field="node_id")
+        row.last_heartbeat = ctx.clock()
+
+
+def get_node_row(s: Session, node_id: str) -> NodeRow:
+    ids.check_node_id(node_id)
+    row = s.get(NodeRow, node_id)
+    if row is None:
+        raise NotFound(f"node {node_id!r} is not registered", field="node_id")
+    return row
+
+
+def get_node(ctx: Context, node_id: str) -> Node:
+    with ctx.db.read() as s:
+        return node_model(ctx, get_node_row(s, node_id))
+
+
+def list_nodes(ctx: Context, page_token: str, max_entries: int) -> Page[Node]:
+    limit = page_size(max_entries)
+    after = decode_token(page_token, 1)
+    stmt = select(NodeRow).order_by(NodeRow.id).limit(limit + 1)
+    if after:
+        stmt = stmt.where(NodeRow.id > after[0])
+    with ctx.db.read() as s:
+        rows = list(s.scalars(stmt))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page[Node](
+        items=[node_model(ctx, r) for r in rows],
+        next_token=encode_token([rows[-1].id]) if more else "",
+    )
+
+
+# ---- pools ---------------------------------------------------------------------------
+
+
+def pool_model(space: PoolSpace) -> Pool:
+    return Pool(
+        node_id=space.node_id,
+        name=space.name,
+        capacity_bytes=space.capacity_bytes,
+        allocated_bytes=space.allocated_bytes,
+        free_bytes=space.free_bytes,
+    )
+
+
+def register_pool(ctx: Context, node_id: str, pool: str, reg: PoolRegistration) -> Pool:
+    ids.check_node_id(node_id)
+    ids.check_name(pool, "pool")
+    check_bytes(reg.capacity_bytes, "capacity_bytes")
+    with ctx.db.write() as s:
+        get_node_row(s, node_id)
+        row = s.get(PoolRow, (node_id, pool))
+        if row is None:
+            row = PoolRow(node_id=node_id, name=pool)
+            s.add(row)
+        row.capacity_bytes = reg.capacity_bytes
+        s.flush()
+        used = allocated_by_pool(s, node_id).get((node_id, pool), 0)
+        return pool_model(PoolSpace(node_id, pool, reg.capacity_bytes, used))
+
+
+def list_pools(ctx: Context, page_token: str, max_entries: int) -> Page[Pool]:
+    limit = page_size(max_entries)
+    after = decode_token(page_token, 2)
+    stmt = select(PoolRow).order_by(PoolRow.node_id, PoolRow.name).limit(limit + 1)
+    if after:
+        stmt = stmt.where(tuple_(PoolRow.node_id, PoolRow.name) > tuple_(*after))
+    with ctx.db.read() as s:
+        rows = list(s.scalars(stmt))
+        used = allocated_by_pool(s)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    items = [
+        pool_model(PoolSpace(r.node_id, r.name, r.capacity_bytes, used.get((r.node_id, r.name), 0)))
+        for r in rows
+    ]
+    token = encode_token([rows[-1].node_id, rows[-1].name]) if more else ""
+    return Page[Pool](items=items, next_token=token)
+
+
+# ---- volume provisioning groups ------------------------------------------------------
+
+
+def ensure_default_vpg(ctx: Context) -> None:
+    """Every installation has a `default` concat vpg, so a bare StorageClass works."""
+    try:
+        with ctx.db.write() as s:
+            if s.get(VpgRow, DEFAULT_VPG) is None:
+                s.add(VpgRow(name=DEFAULT_VPG, layout="concat"))
+    except IntegrityError:
+        pass  # another replica created it first
+
+
+def check_layout(layout: str) -> None:
+    if layout not in SUPPORTED_LAYOUTS:
+        raise InvalidArgument(
+            f"layout {layout[:40]!r} is not available yet: only 'concat' is supported "
+            "(striping and mirroring need device-mapper/md on the nodes and are planned)",
+            field="layout",
+        )
+
+
+def create_vpg(ctx: Context, req: VpgCreate) -> tuple[Vpg, bool]:
+    """Create a vpg; idempotent by name. Returns (vpg, created)."""
+    ids.check_name(req.name, "name")
+    check_layout(req.layout)
+    with ctx.db.write() as s:
+        row = s.get(VpgRow, req.name)
+        if row is not None:
+            if row.layout != req.layout:
+                raise AlreadyExists(
+                    f"vpg {req.name!r} exists with layout {row.layout!r}", field="layout"
+                )
+            return Vpg(name=row.name, layout=row.layout), False
+        s.add(VpgRow(name=req.name, layout=req.layout))
+        return Vpg(name=req.name, layout=req.layout), True
+
+
+def get_vpg_row(s: Session, name: str) -> VpgRow:
+    row = s.get(VpgRow, name) if name else None
+    if row is None:
+        raise NotFound(f"volume provisioning group {name[:80]!r} does not exist", field="vpg")
+    return row
+
+
+def list_vpgs(ctx: Context, page_token: str, max_entries: int) -> Page[Vpg]:
+    limit = page_size(max_entries)
+    after = decode_token(page_token, 1)
+    stmt = select(VpgRow).order_by(VpgRow.name).limit(limit + 1)
+    if after:
+        stmt = stmt.where(VpgRow.name > after[0])
+    with ctx.db.read() as s:
+        rows = list(s.scalars(stmt))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page[Vpg](
+        items=[Vpg(name=r.name, layout=r.layout) for r in rows],
+        next_token=encode_token([rows[-1].name]) if more else "",
+    )
+
+
+# ---- capacity ------------------------------------------------------------------------
+
+
+def capacity(ctx: Context, vpg: str, node_id: str) -> Capacity:
+    """What a new volume could get right now: the most free space in one eligible pool.
+
+    A concat volume lives in a single pool, so the sum over pools would
+    promise space no single volume can have.
+    """
+    with ctx.db.read() as s:
+        get_vpg_row(s, vpg)
+        node_ids = [ids.check_node_id(node_id)] if node_id else None
+        pools = pool_space(s, online_since=ctx.online_since(), node_ids=node_ids)
+    best = max((p.free_bytes for p in pools), default=0)
+    return Capacity(available_bytes=best, maximum_volume_bytes=best)

@@ -1,0 +1,102 @@
+"""Where a volume goes, and how much room pools have.
+
+Free space is derived, never stored: capacity minus the sizes of the
+volumes in the pool. Callers that place or grow run inside `Database.write()`
+(BEGIN IMMEDIATE on SQLite) and these queries lock pool rows FOR UPDATE on
+PostgreSQL, so the space they see stays theirs until commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from management.schema import NodeRow, PoolRow, VolumeRow
+from tessera.errors import OutOfRange, ResourceExhausted
+from tessera.units import format_size
+
+
+@dataclass(frozen=True)
+class PoolSpace:
+    node_id: str
+    name: str
+    capacity_bytes: int
+    allocated_bytes: int
+
+    @property
+    def free_bytes(self) -> int:
+        return max(self.capacity_bytes - self.allocated_bytes, 0)
+
+
+def allocated_by_pool(session: Session, node_id: str | None = None) -> dict[tuple[str, str], int]:
+    stmt = select(VolumeRow.node_id, VolumeRow.pool, func.sum(VolumeRow.size_bytes)).group_by(
+        VolumeRow.node_id, VolumeRow.pool
+    )
+    if node_id is not None:
+        stmt = stmt.where(VolumeRow.node_id == node_id)
+    return {(n, p): int(total or 0) for n, p, total in session.execute(stmt)}
+
+
+def pool_space(
+    session: Session,
+    *,
+    online_since: float | None = None,
+    node_ids: Sequence[str] | None = None,
+    lock: bool = False,
+) -> list[PoolSpace]:
+    """Pools (optionally only of online nodes / given nodes) with their allocation."""
+    stmt = select(PoolRow).order_by(PoolRow.node_id, PoolRow.name)
+    if online_since is not None:
+        stmt = stmt.join(NodeRow, NodeRow.id == PoolRow.node_id).where(
+            NodeRow.last_heartbeat >= online_since
+        )
+    if node_ids is not None:
+        stmt = stmt.where(PoolRow.node_id.in_(list(node_ids)))
+    if lock:
+        stmt = stmt.with_for_update(of=PoolRow)
+    pools = session.scalars(stmt).all()
+    single = node_ids[0] if node_ids is not None and len(node_ids) == 1 else None
+    used = allocated_by_pool(session, single)
+    return [
+        PoolSpace(p.node_id, p.name, p.capacity_bytes, used.get((p.node_id, p.name), 0))
+        for p in pools
+    ]
+
+
+def choose_pool(
+    candidates: list[PoolSpace], size_bytes: int, preferred_nodes: Sequence[str]
+) -> PoolSpace:
+    """Preferred nodes first (in their order), then the pool with most free space.
+
+    Too big for any pool even when empty is OutOfRange (retrying cannot help);
+    fits in principle but nothing has room now is ResourceExhausted.
+    """
+    if not candidates:
+        raise ResourceExhausted(
+            "no online node with a pool matches the placement request "
+            "(check node heartbeats and requisite_nodes)",
+            field="requisite_nodes",
+        )
+    largest = max(c.capacity_bytes for c in candidates)
+    if size_bytes > largest:
+        raise OutOfRange(
+            f"size_bytes {format_size(size_bytes)} is larger than the largest eligible pool; "
+            f"the maximum volume size is {format_size(largest)} ({largest} bytes)",
+            field="size_bytes",
+        )
+    fitting = [c for c in candidates if c.free_bytes >= size_bytes]
+    if not fitting:
+        best = max(c.free_bytes for c in candidates)
+        raise ResourceExhausted(
+            f"no pool has {format_size(size_bytes)} free right now "
+            f"(most free: {format_size(best)}); free space or add capacity",
+            field="size_bytes",
+        )
+    rank = {node: i for i, node in reversed(list(enumerate(preferred_nodes)))}
+    return min(
+        fitting,
+        key=lambda c: (rank.get(c.node_id, len(rank)), -c.free_bytes, c.node_id, c.name),
+    )

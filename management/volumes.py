@@ -1,0 +1,266 @@
+"""Volume lifecycle: create (idempotent by name), get, list, expand, delete.
+
+Database state changes commit BEFORE the node-agent is called and the
+agent call happens outside any transaction: a slow or dead agent must not
+hold the database write lock. The row records what is still owed to the
+agent (`state`, `agent_size_bytes`), so a retry of the same request - which
+kubelet and the CSI sidecars do forever - re-drives the idempotent agent
+call and converges.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from management.context import Context
+from management.inventory import get_vpg_row
+from management.limits import check_text, sized_within_limit
+from management.pagination import decode_token, encode_token, page_size
+from management.placement import choose_pool, pool_space
+from management.schema import AttachmentRow, NodeRow, VolumeRow
+from tessera import ids
+from tessera.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    NotFound,
+    ResourceExhausted,
+)
+from tessera.models import Locality, Page, Volume, VolumeCreate, VolumeExpand, VolumeState
+from tessera.units import format_size
+
+
+def volume_model(row: VolumeRow, published: list[str]) -> Volume:
+    return Volume(
+        id=row.id,
+        name=row.name,
+        size_bytes=row.size_bytes,
+        vpg=row.vpg,
+        node_id=row.node_id,
+        pool=row.pool,
+        state=VolumeState(row.state),
+        parameters=dict(row.parameters or {}),
+        created_at=row.created_at,
+        published_nodes=published,
+    )
+
+
+def _published(s: Session, volume_ids: list[str]) -> dict[str, list[str]]:
+    if not volume_ids:
+        return {}
+    stmt = (
+        select(AttachmentRow.volume_id, AttachmentRow.node_id)
+        .where(AttachmentRow.volume_id.in_(volume_ids))
+        .order_by(AttachmentRow.volume_id, AttachmentRow.node_id)
+    )
+    out: dict[str, list[str]] = {}
+    for vid, nid in s.execute(stmt):
+        out.setdefault(vid, []).append(nid)
+    return out
+
+
+def _load(s: Session, volume_id: str) -> VolumeRow:
+    ids.check_volume_id(volume_id)
+    row = s.get(VolumeRow, volume_id)
+    if row is None:
+        raise NotFound(f"volume {volume_id} does not exist", field="volume_id")
+    return row
+
+
+def _snapshot(s: Session, row: VolumeRow) -> Volume:
+    return volume_model(row, _published(s, [row.id]).get(row.id, []))
+
+
+def get_volume(ctx: Context, volume_id: str) -> Volume:
+    with ctx.db.read() as s:
+        return _snapshot(s, _load(s, volume_id))
+
+
+def list_volumes(ctx: Context, page_token: str, max_entries: int) -> Page[Volume]:
+    limit = page_size(max_entries)
+    after = decode_token(page_token, 1)
+    stmt = select(VolumeRow).order_by(VolumeRow.id).limit(limit + 1)
+    if after:
+        stmt = stmt.where(VolumeRow.id > after[0])
+    with ctx.db.read() as s:
+        rows = list(s.scalars(stmt))
+        more = len(rows) > limit
+        rows = rows[:limit]
+        published = _published(s, [r.id for r in rows])
+    return Page[Volume](
+        items=[volume_model(r, published.get(r.id, [])) for r in rows],
+        next_token=encode_token([rows[-1].id]) if more else "",
+    )
+
+
+# ---- create --------------------------------------------------------------------------
+
+
+def _check_create(req: VolumeCreate) -> int:
+    check_text(req.name, "name")
+    for key, value in req.parameters.items():
+        check_text(key, "parameters")
+        check_text(value, "parameters")
+    for field in ("requisite_nodes", "preferred_nodes"):
+        for node in getattr(req, field):
+            ids.check_node_id(node, field)
+    return sized_within_limit(req.size_bytes, req.limit_bytes)
+
+
+def _check_compatible(row: VolumeRow, req: VolumeCreate) -> None:
+    """Same name is the same volume only if it satisfies this request too."""
+    if row.vpg != req.vpg:
+        raise AlreadyExists(
+            f"volume {req.name!r} already exists in vpg {row.vpg!r}, not {req.vpg!r}", field="vpg"
+        )
+    if row.size_bytes < req.size_bytes or (req.limit_bytes and row.size_bytes > req.limit_bytes):
+        wanted = f"[{req.size_bytes}, {req.limit_bytes or 'unlimited'}]"
+        raise AlreadyExists(
+            f"volume {req.name!r} already exists with size {row.size_bytes}, "
+            f"outside the requested range {wanted}",
+            field="size_bytes",
+        )
+    if row.state == VolumeState.DELETING:
+        raise Aborted(f"volume {req.name!r} is being deleted; retry later", field="name")
+
+
+def _candidate_nodes(req: VolumeCreate) -> list[str] | None:
+    """Nodes the volume may go on: the requisite ones; for locality=required, the consumer's."""
+    nodes = list(dict.fromkeys(req.requisite_nodes)) or None
+    if req.locality == Locality.REQUIRED and req.preferred_nodes:
+        consumer = req.preferred_nodes[0]
+        if nodes is None or consumer in nodes:
+            nodes = [consumer]
+    return nodes
+
+
+def _place(ctx: Context, s: Session, req: VolumeCreate, size: int) -> VolumeRow:
+    pools = pool_space(
+        s, online_since=ctx.online_since(), node_ids=_candidate_nodes(req), lock=True
+    )
+    chosen = choose_pool(pools, size, req.preferred_nodes)
+    row = VolumeRow(
+        id=ids.new_volume_id(),
+        name=req.name,
+        size_bytes=size,
+        agent_size_bytes=0,
+        vpg=req.vpg,
+        node_id=chosen.node_id,
+        pool=chosen.name,
+        state=VolumeState.CREATING.value,
+        parameters=dict(req.parameters),
+        created_at=ctx.clock(),
+    )
+    s.add(row)
+    return row
+
+
+def create_volume(ctx: Context, req: VolumeCreate) -> tuple[Volume, bool]:
+    """Create or return the volume named `req.name`. Returns (volume, created).
+
+    One write transaction decides (existing / placed), the agent call runs
+    after it commits, and one more short transaction records success: few
+    round trips, because this is the latency users wait on for every PVC.
+    """
+    size = _check_create(req)
+    try:
+        with ctx.db.write() as s:
+            row = s.scalar(select(VolumeRow).where(VolumeRow.name == req.name))
+            created = row is None
+            if row is None:
+                get_vpg_row(s, req.vpg)
+                row = _place(ctx, s, req, size)
+                s.flush()
+                volume = volume_model(row, [])
+            else:
+                _check_compatible(row, req)
+                volume = _snapshot(s, row)
+            agent_url = _agent_url(s, row.node_id)
+    except IntegrityError:
+        # A concurrent create of the same name won the race (PostgreSQL; on
+        # SQLite BEGIN IMMEDIATE serialises us): answer as for an existing name.
+        return create_volume(ctx, req)[0], False
+    if volume.state == VolumeState.CREATING:
+        volume = _drive_create(ctx, agent_url, volume)
+    return volume, created
+
+
+def _agent_url(s: Session, node_id: str) -> str:
+    node = s.get(NodeRow, node_id)
+    if node is None:  # nodes are never deleted while they own volumes
+        raise FailedPrecondition(f"node {node_id!r} is not registered", field="node_id")
+    return node.agent_url
+
+
+def _drive_create(ctx: Context, agent_url: str, volume: Volume) -> Volume:
+    ctx.agents.get(agent_url).create_volume(volume.id, volume.pool, volume.size_bytes)
+    with ctx.db.write() as s:
+        row = _load(s, volume.id)
+        if row.state == VolumeState.CREATING:
+            row.state = VolumeState.AVAILABLE.value
+            row.agent_size_bytes = max(row.agent_size_bytes, volume.size_bytes)
+        return _snapshot(s, row)
+
+
+# ---- delete --------------------------------------------------------------------------
+
+
+def delete_volume(ctx: Context, volume_id: str) -> None:
+    """Refused while attached; otherwise mark, drive the agent, then forget the row."""
+    with ctx.db.write() as s:
+        row = _load(s, volume_id)
+        attached = _published(s, [row.id]).get(row.id, [])
+        if attached:
+            raise FailedPrecondition(
+                f"volume {volume_id} is still attached to node(s) {', '.join(attached)}; "
+                "unpublish it first",
+                field="volume_id",
+            )
+        row.state = VolumeState.DELETING.value
+        agent_url = _agent_url(s, row.node_id)
+    ctx.agents.get(agent_url).delete_volume(volume_id)
+    with ctx.db.write() as s:
+        row = s.get(VolumeRow, volume_id)
+        if row is not None and row.state == VolumeState.DELETING:
+            s.delete(row)
+
+
+# ---- expand --------------------------------------------------------------------------
+
+
+def expand_volume(ctx: Context, volume_id: str, req: VolumeExpand) -> Volume:
+    """Grow only. The new size is reserved in the pool before the agent grows the file."""
+    ids.check_volume_id(volume_id)
+    new_size = sized_within_limit(req.size_bytes, req.limit_bytes)
+    with ctx.db.write() as s:
+        row = _load(s, volume_id)
+        if row.state != VolumeState.AVAILABLE:
+            raise FailedPrecondition(
+                f"volume {volume_id} is {row.state}, not available", field="volume_id"
+            )
+        if req.size_bytes > row.size_bytes:
+            _reserve_growth(ctx, s, row, new_size)
+        if row.agent_size_bytes >= row.size_bytes:
+            return _snapshot(s, row)
+        target = row.size_bytes
+        agent_url = _agent_url(s, row.node_id)
+    ctx.agents.get(agent_url).resize_volume(volume_id, target)
+    with ctx.db.write() as s:
+        row = _load(s, volume_id)
+        row.agent_size_bytes = max(row.agent_size_bytes, target)
+        return _snapshot(s, row)
+
+
+def _reserve_growth(ctx: Context, s: Session, row: VolumeRow, new_size: int) -> None:
+    pools = pool_space(s, node_ids=[row.node_id], lock=True)
+    pool = next(p for p in pools if p.name == row.pool)
+    growth = new_size - row.size_bytes
+    if growth > pool.free_bytes:
+        raise ResourceExhausted(
+            f"pool {row.pool!r} on node {row.node_id!r} has {format_size(pool.free_bytes)} free; "
+            f"growing to {format_size(new_size)} needs {format_size(growth)} more",
+            field="size_bytes",
+        )
+    row.size_bytes = new_size

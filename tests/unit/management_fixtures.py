@@ -1,0 +1,182 @@
+"""Fixtures for the management tests: a real app on a SQLite file and a real agent.
+
+The node-agent is built in parallel, so `FakeAgent` is a small but real
+agent-compatible HTTP server (uvicorn on a unix socket, in a thread) that
+implements the volume part of the agent API with real sparse files. It can
+be told to fail, to exercise management's retry convergence.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from fastapi.testclient import TestClient
+
+from management.app import create_app
+from tessera.errors import (
+    AlreadyExists,
+    NotFound,
+    TesseraError,
+    Unauthenticated,
+    Unavailable,
+    to_problem,
+)
+from tessera.models import AgentVolume, AgentVolumeCreate, AgentVolumeResize
+
+TOKEN = "test-token-0123456789"
+GiB = 1024**3
+MiB = 1024**2
+
+
+@dataclass
+class FakeAgent:
+    """Agent volume API over real sparse files; `fail` holds operations to answer 503."""
+
+    root: Path
+    socket: Path
+    token: str = TOKEN
+    fail: set[str] = field(default_factory=set)
+    calls: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    def path(self, pool: str, volume_id: str) -> Path:
+        return self.root / pool / "volumes" / f"{volume_id}.img"
+
+    def find(self, volume_id: str) -> Path | None:
+        hits = list(self.root.glob(f"*/volumes/{volume_id}.img"))
+        return hits[0] if hits else None
+
+    def app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.exception_handler(TesseraError)
+        def _problem(_r: Request, exc: TesseraError) -> JSONResponse:
+            return JSONResponse(
+                to_problem(exc), status_code=exc.http_status, media_type="application/problem+json"
+            )
+
+        def guard(request: Request, op: str, volume_id: str) -> None:
+            if request.headers.get("authorization") != f"Bearer {self.token}":
+                raise Unauthenticated("bad token")
+            self.calls.append((op, volume_id))
+            if op in self.fail:
+                raise Unavailable(f"injected failure of {op}")
+
+        @app.put("/v1/volumes/{volume_id}")
+        def create(request: Request, volume_id: str, body: AgentVolumeCreate) -> AgentVolume:
+            guard(request, "create", volume_id)
+            path = self.path(body.pool, volume_id)
+            if path.exists() and path.stat().st_size != body.size_bytes:
+                raise AlreadyExists("same id, other size", field="size_bytes")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "ab") as f:
+                f.truncate(body.size_bytes)
+            return AgentVolume(
+                id=volume_id, pool=body.pool, size_bytes=body.size_bytes, path=str(path)
+            )
+
+        @app.post("/v1/volumes/{volume_id}/resize")
+        def resize(request: Request, volume_id: str, body: AgentVolumeResize) -> AgentVolume:
+            guard(request, "resize", volume_id)
+            path = self.find(volume_id)
+            if path is None:
+                raise NotFound("no such volume")
+            if body.size_bytes > path.stat().st_size:
+                os.truncate(path, body.size_bytes)
+            pool = path.parent.parent.name
+            return AgentVolume(
+                id=volume_id, pool=pool, size_bytes=path.stat().st_size, path=str(path)
+            )
+
+        @app.delete("/v1/volumes/{volume_id}")
+        def delete(request: Request, volume_id: str) -> Response:
+            guard(request, "delete", volume_id)
+            path = self.find(volume_id)
+            if path is not None:
+                path.unlink()
+            return Response(status_code=204)
+
+        return app
+
+
+def serve_agent(agent: FakeAgent) -> Iterator[FakeAgent]:
+    """Run the agent's uvicorn server in a thread for as long as the generator lives."""
+    config = uvicorn.Config(agent.app(), uds=str(agent.socket), log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("fake agent did not start")
+        time.sleep(0.01)
+    try:
+        yield agent
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[FakeAgent]:
+    # unix socket paths are limited to ~107 bytes; tmp_path can be long
+    sock_dir = Path(tempfile.mkdtemp(prefix="tsa-"))
+    try:
+        yield from serve_agent(FakeAgent(root=tmp_path / "pools", socket=sock_dir / "agent.sock"))
+    finally:
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'management.db'}"
+
+
+@pytest.fixture
+def api(db_url: str) -> Iterator[TestClient]:
+    """An authenticated client of a fresh management app (no nodes yet)."""
+    app = create_app(db_url, TOKEN)
+    with TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        yield client
+
+
+@pytest.fixture
+def cluster(api: TestClient, agent: FakeAgent) -> TestClient:
+    """Two online nodes served by the agent: n1 with a 10 GiB pool, n2 with a 4 GiB pool."""
+    add_node(api, "n1", agent.url, {"p1": 10 * GiB})
+    add_node(api, "n2", agent.url, {"p2": 4 * GiB})
+    return api
+
+
+def add_node(
+    api: TestClient, node_id: str, agent_url: str, pools: dict[str, int], max_volumes: int = 0
+) -> None:
+    body = {"agent_url": agent_url, "topology": {"zone": "a"}, "max_volumes": max_volumes}
+    assert api.put(f"/v1/nodes/{node_id}", json=body).status_code == 200
+    for name, capacity in pools.items():
+        resp = api.put(f"/v1/nodes/{node_id}/pools/{name}", json={"capacity_bytes": capacity})
+        assert resp.status_code == 200, resp.text
+
+
+def create(api: TestClient, name: str, size: int, **extra: object) -> dict:
+    resp = api.post("/v1/volumes", json={"name": name, "size_bytes": size, **extra})
+    assert resp.status_code in (200, 201), resp.text
+    return resp.json()
+
+
+def is_problem(resp: object) -> bool:
+    return resp.headers["content-type"].startswith("application/problem+json")  # type: ignore[attr-defined]
