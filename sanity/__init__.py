@@ -1,0 +1,1 @@
+"""Tessera's own CSI conformance suite (see sanity/conftest.py)."""

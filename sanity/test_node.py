@@ -1,0 +1,297 @@
+"""Node service: staging, publishing into pods, stats, growth, and their errors."""
+
+from __future__ import annotations
+
+import os
+
+import grpc
+import pytest
+
+from sanity.support import (
+    MAX_VOLUMES_PER_NODE,
+    NODE_ID,
+    TOPOLOGY_KEY,
+    Code,
+    Csi,
+    Kind,
+    NodeCap,
+    Published,
+    assert_code,
+    block_cap,
+    capacity,
+    csi_pb2,
+    mount_cap,
+    mounts_at,
+    payload,
+    write_data,
+)
+from sanity.test_controller import PATH_LIKE_IDS, UNKNOWN_VOLUME
+
+T = 60
+
+
+def node_caps(csi: Csi) -> set[int]:
+    reply = csi.node.NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest(), timeout=T)
+    return {c.rpc.type for c in reply.capabilities}
+
+
+def ok_or_not_found(call: object, request: object) -> None:
+    try:
+        call(request, timeout=T)  # type: ignore[operator]
+    except grpc.RpcError as err:
+        assert_code(err, Code.NOT_FOUND)
+
+
+# ---- NodeGetInfo / NodeGetCapabilities ---------------------------------------------------
+
+
+def test_node_reports_its_id_volume_limit_and_topology(csi: Csi) -> None:
+    answers = [csi.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=T) for _ in range(3)]
+    info = answers[0]
+    assert info.node_id == NODE_ID
+    assert info.max_volumes_per_node == MAX_VOLUMES_PER_NODE
+    assert dict(info.accessible_topology.segments).get(TOPOLOGY_KEY) == NODE_ID
+    assert answers[0] == answers[1] == answers[2]
+
+
+def test_node_offers_staging_stats_and_expansion(csi: Csi) -> None:
+    caps = node_caps(csi)
+    wanted = {
+        NodeCap.STAGE_UNSTAGE_VOLUME: "NodeStage/NodeUnstage",
+        NodeCap.GET_VOLUME_STATS: "NodeGetVolumeStats",
+        NodeCap.EXPAND_VOLUME: "NodeExpandVolume",
+        NodeCap.SINGLE_NODE_MULTI_WRITER: "SINGLE_NODE_SINGLE/MULTI_WRITER modes",
+    }
+    missing = [what for cap, what in wanted.items() if cap not in caps]
+    assert not missing, f"NodeGetCapabilities lacks: {missing}"
+
+
+# ---- NodeStageVolume / NodeUnstageVolume -------------------------------------------------
+
+
+def stage_request(csi: Csi, **fields: object) -> csi_pb2.NodeStageVolumeRequest:
+    defaults: dict[str, object] = {
+        "volume_id": UNKNOWN_VOLUME,
+        "staging_target_path": str(csi.staging_dir()),
+        "volume_capability": mount_cap(),
+    }
+    defaults.update(fields)
+    return csi_pb2.NodeStageVolumeRequest(**defaults)
+
+
+@pytest.mark.parametrize("missing", ["volume_id", "staging_target_path", "volume_capability"])
+def test_staging_without_a_required_field_is_refused(csi: Csi, missing: str) -> None:
+    volume = csi.create_volume()
+    ctx = csi.controller_publish(volume.volume_id, mount_cap())
+    req = stage_request(csi, volume_id=volume.volume_id, publish_context=ctx)
+    req.ClearField(missing)
+    csi.expect(csi.node.NodeStageVolume, req, Code.INVALID_ARGUMENT, missing)
+
+
+@pytest.mark.parametrize("volume_id", [UNKNOWN_VOLUME, *PATH_LIKE_IDS])
+def test_staging_an_unknown_volume_is_not_found(csi: Csi, volume_id: str) -> None:
+    req = stage_request(csi, volume_id=volume_id)
+    csi.expect(csi.node.NodeStageVolume, req, Code.NOT_FOUND)
+    assert not mounts_at(req.staging_target_path)
+
+
+def test_staging_at_the_same_path_with_another_access_type_is_already_exists(csi: Csi) -> None:
+    volume = csi.create_volume(Kind("ext4"))
+    ctx = csi.controller_publish(volume.volume_id, mount_cap())
+    staging = csi.stage(volume, mount_cap(), ctx)
+    req = stage_request(
+        csi,
+        volume_id=volume.volume_id,
+        staging_target_path=str(staging),
+        volume_capability=block_cap(),
+        publish_context=ctx,
+    )
+    csi.expect(csi.node.NodeStageVolume, req, Code.ALREADY_EXISTS)
+
+
+@pytest.mark.parametrize("missing", ["volume_id", "staging_target_path"])
+def test_unstaging_without_a_required_field_is_refused(csi: Csi, missing: str) -> None:
+    req = csi_pb2.NodeUnstageVolumeRequest(
+        volume_id=UNKNOWN_VOLUME, staging_target_path=str(csi.staging_dir())
+    )
+    req.ClearField(missing)
+    csi.expect(csi.node.NodeUnstageVolume, req, Code.INVALID_ARGUMENT, missing)
+
+
+def test_unstaging_a_volume_that_is_not_staged_succeeds(csi: Csi) -> None:
+    volume = csi.create_volume()
+    staging = csi.staging_dir()
+    for _ in range(3):
+        csi.unstage(volume.volume_id, staging)
+
+
+@pytest.mark.parametrize("volume_id", PATH_LIKE_IDS)
+def test_unstaging_a_path_like_volume_id_touches_nothing(csi: Csi, volume_id: str) -> None:
+    staging = csi.staging_dir()
+    req = csi_pb2.NodeUnstageVolumeRequest(volume_id=volume_id, staging_target_path=str(staging))
+    ok_or_not_found(csi.node.NodeUnstageVolume, req)
+
+
+# ---- NodePublishVolume / NodeUnpublishVolume ---------------------------------------------
+
+
+def publish_request(csi: Csi, pub: Published | None = None, **fields: object
+                    ) -> csi_pb2.NodePublishVolumeRequest:  # fmt: skip
+    defaults: dict[str, object] = {
+        "volume_id": pub.volume_id if pub else UNKNOWN_VOLUME,
+        "staging_target_path": str(pub.staging if pub else csi.staging_dir()),
+        "target_path": str(csi.path("target")),
+        "volume_capability": pub.cap if pub else mount_cap(),
+        "publish_context": pub.publish_context if pub else {},
+    }
+    defaults.update(fields)
+    return csi_pb2.NodePublishVolumeRequest(**defaults)
+
+
+@pytest.mark.parametrize("missing", ["volume_id", "target_path", "volume_capability"])
+def test_publishing_without_a_required_field_is_refused(csi: Csi, missing: str) -> None:
+    _, pub = csi.provision(Kind("ext4"))
+    req = publish_request(csi, pub)
+    req.ClearField(missing)
+    csi.expect(csi.node.NodePublishVolume, req, Code.INVALID_ARGUMENT, missing)
+
+
+def test_publishing_without_a_staging_path_is_failed_precondition(csi: Csi) -> None:
+    # spec: STAGE_UNSTAGE_VOLUME is offered, so a missing staging_target_path
+    # is FAILED_PRECONDITION ("Staging target path not set")
+    _, pub = csi.provision(Kind("ext4"))
+    req = publish_request(csi, pub)
+    req.ClearField("staging_target_path")
+    csi.expect(csi.node.NodePublishVolume, req, Code.FAILED_PRECONDITION, "staging_target_path")
+    assert not mounts_at(req.target_path)
+
+
+@pytest.mark.parametrize("volume_id", [UNKNOWN_VOLUME, *PATH_LIKE_IDS])
+def test_publishing_an_unknown_volume_is_not_found(csi: Csi, volume_id: str) -> None:
+    req = publish_request(csi, volume_id=volume_id)
+    csi.expect(csi.node.NodePublishVolume, req, Code.NOT_FOUND)
+    assert not os.path.lexists(req.target_path), "a refused publish must not create the target"
+
+
+@pytest.mark.parametrize("missing", ["volume_id", "target_path"])
+def test_unpublishing_without_a_required_field_is_refused(csi: Csi, missing: str) -> None:
+    req = csi_pb2.NodeUnpublishVolumeRequest(
+        volume_id=UNKNOWN_VOLUME, target_path=str(csi.path("target"))
+    )
+    req.ClearField(missing)
+    csi.expect(csi.node.NodeUnpublishVolume, req, Code.INVALID_ARGUMENT, missing)
+
+
+def test_unpublishing_a_target_that_does_not_exist_succeeds(csi: Csi) -> None:
+    volume = csi.create_volume()
+    target = csi.path("target")
+    for _ in range(3):
+        csi.unpublish(volume.volume_id, target)
+
+
+@pytest.mark.parametrize("volume_id", PATH_LIKE_IDS)
+def test_unpublishing_a_path_like_volume_id_touches_nothing(csi: Csi, volume_id: str) -> None:
+    target = csi.path("target")
+    target.mkdir()
+    (target / "keep").write_text("mine")
+    req = csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=str(target))
+    ok_or_not_found(csi.node.NodeUnpublishVolume, req)
+
+
+def test_unpublishing_removes_the_target(csi: Csi, kind: Kind) -> None:
+    _, pub = csi.provision(kind)
+    assert os.path.lexists(pub.target)
+    csi.unpublish(pub.volume_id, pub.target)
+    assert not mounts_at(pub.target)
+    assert not os.path.lexists(pub.target), "the SP MUST delete what it created at target_path"
+
+
+# ---- NodeGetVolumeStats ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("missing", ["volume_id", "volume_path"])
+def test_stats_without_a_required_field_are_refused(csi: Csi, missing: str) -> None:
+    _, pub = csi.provision(Kind("ext4"))
+    req = csi_pb2.NodeGetVolumeStatsRequest(volume_id=pub.volume_id, volume_path=str(pub.target))
+    req.ClearField(missing)
+    csi.expect(csi.node.NodeGetVolumeStats, req, Code.INVALID_ARGUMENT, missing)
+
+
+@pytest.mark.parametrize("volume_id", [UNKNOWN_VOLUME, *PATH_LIKE_IDS])
+def test_stats_of_an_unknown_volume_are_not_found(csi: Csi, volume_id: str) -> None:
+    req = csi_pb2.NodeGetVolumeStatsRequest(volume_id=volume_id, volume_path=str(csi.workdir))
+    csi.expect(csi.node.NodeGetVolumeStats, req, Code.NOT_FOUND)
+
+
+def test_stats_of_a_path_where_the_volume_is_not_are_not_found(csi: Csi) -> None:
+    _, pub = csi.provision(Kind("ext4"))
+    req = csi_pb2.NodeGetVolumeStatsRequest(
+        volume_id=pub.volume_id, volume_path=str(csi.path("nowhere"))
+    )
+    csi.expect(csi.node.NodeGetVolumeStats, req, Code.NOT_FOUND)
+
+
+def usage(csi: Csi, pub: Published) -> dict[int, csi_pb2.VolumeUsage]:
+    reply = csi.node.NodeGetVolumeStats(
+        csi_pb2.NodeGetVolumeStatsRequest(volume_id=pub.volume_id, volume_path=str(pub.target)),
+        timeout=T,
+    )
+    if NodeCap.VOLUME_CONDITION in node_caps(csi):
+        assert not reply.volume_condition.abnormal, reply.volume_condition.message
+    return {u.unit: u for u in reply.usage}
+
+
+def test_stats_show_the_space_a_pod_uses(csi: Csi, fs_kind: Kind) -> None:
+    volume, pub = csi.provision(fs_kind)
+    Unit = csi_pb2.VolumeUsage.Unit
+    before = usage(csi, pub)
+    assert Unit.BYTES in before, before
+    if fs_kind.is_block:
+        assert before[Unit.BYTES].total == volume.capacity_bytes
+        return
+    assert Unit.INODES in before, "a filesystem volume should report inodes too"
+    b = before[Unit.BYTES]
+    assert 0 < b.total <= volume.capacity_bytes
+    assert b.available > 0 and b.used >= 0
+    data, _ = payload(16 * 1024 * 1024)
+    write_data(fs_kind, pub.target, data)
+    after = usage(csi, pub)[Unit.BYTES]
+    assert after.used >= b.used + len(data) // 2, (b, after)
+    assert after.available < b.available
+
+
+# ---- NodeExpandVolume --------------------------------------------------------------------
+
+
+def node_expand_request(pub: Published | None = None, **fields: object
+                        ) -> csi_pb2.NodeExpandVolumeRequest:  # fmt: skip
+    defaults: dict[str, object] = {
+        "volume_id": pub.volume_id if pub else UNKNOWN_VOLUME,
+        "volume_path": str(pub.target) if pub else "/nonexistent",
+        "capacity_range": capacity(pub.volume.capacity_bytes if pub else 1 << 30),
+    }
+    if pub:
+        defaults["staging_target_path"] = str(pub.staging)
+        defaults["volume_capability"] = pub.cap
+    defaults.update(fields)
+    return csi_pb2.NodeExpandVolumeRequest(**defaults)
+
+
+@pytest.mark.parametrize("missing", ["volume_id", "volume_path"])
+def test_node_expansion_without_a_required_field_is_refused(csi: Csi, missing: str) -> None:
+    _, pub = csi.provision(Kind("ext4"))
+    req = node_expand_request(pub)
+    req.ClearField(missing)
+    csi.expect(csi.node.NodeExpandVolume, req, Code.INVALID_ARGUMENT, missing)
+
+
+@pytest.mark.parametrize("volume_id", [UNKNOWN_VOLUME, *PATH_LIKE_IDS])
+def test_node_expansion_of_an_unknown_volume_is_not_found(csi: Csi, volume_id: str) -> None:
+    req = node_expand_request(volume_id=volume_id, volume_path=str(csi.workdir))
+    csi.expect(csi.node.NodeExpandVolume, req, Code.NOT_FOUND)
+
+
+def test_node_expansion_where_the_volume_is_not_published_is_not_found(csi: Csi) -> None:
+    _, pub = csi.provision(Kind("ext4"))
+    req = node_expand_request(pub, volume_path=str(csi.path("nowhere")))
+    csi.expect(csi.node.NodeExpandVolume, req, Code.NOT_FOUND)
