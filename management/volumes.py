@@ -26,6 +26,7 @@ from tessera.errors import (
     AlreadyExists,
     FailedPrecondition,
     NotFound,
+    OutOfRange,
     ResourceExhausted,
 )
 from tessera.models import Locality, Page, Volume, VolumeCreate, VolumeExpand, VolumeState
@@ -257,6 +258,14 @@ def _reserve_growth(ctx: Context, s: Session, row: VolumeRow, new_size: int) -> 
     pools = pool_space(s, node_ids=[row.node_id], lock=True)
     pool = next(p for p in pools if p.name == row.pool)
     growth = new_size - row.size_bytes
+    if new_size > pool.capacity_bytes:
+        # Retrying cannot help: the pool could never hold it, even empty.
+        raise OutOfRange(
+            f"size_bytes {format_size(new_size)} is larger than pool {row.pool!r} on node "
+            f"{row.node_id!r} ({format_size(pool.capacity_bytes)}); "
+            "a volume cannot outgrow its pool",
+            field="size_bytes",
+        )
     if growth > pool.free_bytes:
         raise ResourceExhausted(
             f"pool {row.pool!r} on node {row.node_id!r} has {format_size(pool.free_bytes)} free; "

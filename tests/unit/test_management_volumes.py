@@ -254,8 +254,16 @@ def test_expand_never_shrinks(cluster, agent):
 
 def test_expand_beyond_pool_free_space_is_resource_exhausted(cluster):
     vol = create(cluster, "pvc", GiB, requisite_nodes=["n2"])
-    resp = cluster.post(f"/v1/volumes/{vol['id']}/expand", json={"size_bytes": 5 * GiB})
+    create(cluster, "neighbour", 2 * GiB, requisite_nodes=["n2"])
+    resp = cluster.post(f"/v1/volumes/{vol['id']}/expand", json={"size_bytes": 3 * GiB})
     assert resp.status_code == 507
+    assert cluster.get(f"/v1/volumes/{vol['id']}").json()["size_bytes"] == GiB
+
+
+def test_expand_beyond_what_the_pool_could_ever_hold_is_out_of_range(cluster):
+    vol = create(cluster, "pvc", GiB, requisite_nodes=["n2"])
+    resp = cluster.post(f"/v1/volumes/{vol['id']}/expand", json={"size_bytes": 5 * GiB})
+    assert resp.status_code == 422 and resp.json()["type"].endswith("/out-of-range")
     assert cluster.get(f"/v1/volumes/{vol['id']}").json()["size_bytes"] == GiB
 
 
