@@ -46,10 +46,6 @@ class StorageParameters:
     #: the sidecars' own keys (PVC/PV names), kept as volume metadata
     sidecar: tuple[tuple[str, str], ...] = ()
 
-    @property
-    def mkfs_args(self) -> list[str]:
-        return shlex.split(self.mkfs_options)
-
     def volume_context(self) -> dict[str, str]:
         """What the node needs to format the volume; immutable for the volume's life."""
         return {CONTEXT_FS_TYPE: self.fs_type, CONTEXT_MKFS_OPTIONS: self.mkfs_options}
@@ -84,7 +80,7 @@ def parse_parameters(params: Mapping[str, str], field: str = "parameters") -> St
         )
 
     mkfs_options = params.get(MKFS_OPTIONS, "").strip()
-    _check_mkfs_options(mkfs_options, f"{field}.{MKFS_OPTIONS}")
+    split_mkfs_options(mkfs_options, f"{field}.{MKFS_OPTIONS}")
 
     raw_locality = params.get(LOCALITY, "") or Locality.ANY.value
     try:
@@ -109,7 +105,7 @@ def parse_parameters(params: Mapping[str, str], field: str = "parameters") -> St
     )
 
 
-def _check_mkfs_options(text: str, field: str) -> None:
+def split_mkfs_options(text: str, field: str = MKFS_OPTIONS) -> list[str]:
     """mkfs gets these as separate argv entries (never a shell); device paths are refused."""
     if len(text) > MAX_MKFS_OPTIONS:
         raise InvalidArgument(f"{field} is longer than {MAX_MKFS_OPTIONS} characters", field=field)
@@ -124,3 +120,4 @@ def _check_mkfs_options(text: str, field: str) -> None:
                 "are refused; the plugin passes the device itself)",
                 field=field,
             )
+    return args

@@ -1,0 +1,380 @@
+"""CSI Node service: attach through the local node-agent, format, mount.
+
+Every RPC validates its request, then acts under the volume's lock. What
+is mounted where is read from the kernel each time, so a restarted plugin
+picks up exactly where the last one stopped. Data is never put at risk: a
+device is formatted only when `blkid` says it is blank, and a target is
+removed only once it is no longer a mount, never recursively.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+import grpc
+
+from csi_driver import TOPOLOGY_KEY, mounts
+from csi_driver._gen import csi_pb2, csi_pb2_grpc
+from csi_driver.capabilities import Capability, parse_capability
+from csi_driver.config import PluginConfig
+from csi_driver.locks import VolumeLocks
+from csi_driver.parameters import CONTEXT_FS_TYPE, CONTEXT_MKFS_OPTIONS, split_mkfs_options
+from tessera import ids
+from tessera.clients import AgentClient
+from tessera.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from tessera.models import AccessMode, AccessType, AgentAttachment
+
+log = logging.getLogger("tessera.csi.node")
+
+ZONE_KEY = "topology.kubernetes.io/zone"
+_Rpc = csi_pb2.NodeServiceCapability.RPC
+NODE_CAPABILITIES = (
+    _Rpc.STAGE_UNSTAGE_VOLUME,
+    _Rpc.GET_VOLUME_STATS,
+    _Rpc.EXPAND_VOLUME,
+    _Rpc.VOLUME_CONDITION,
+    _Rpc.SINGLE_NODE_MULTI_WRITER,
+)
+
+
+def _path(value: str, field: str) -> str:
+    """A kubelet-given path: required, absolute, already normal, no '..'."""
+    if not value:
+        raise InvalidArgument(f"{field} is required", field=field)
+    if not os.path.isabs(value) or ".." in value.split("/"):
+        raise InvalidArgument(
+            f"{field} {value!r} must be an absolute path without '..'", field=field
+        )
+    return os.path.normpath(value)
+
+
+def _capability(request: object, field: str = "volume_capability") -> Capability:
+    if not request.HasField(field):  # type: ignore[attr-defined]
+        raise InvalidArgument(f"{field} is required", field=field)
+    return parse_capability(getattr(request, field), field)
+
+
+class NodeServicer(csi_pb2_grpc.NodeServicer):
+    def __init__(self, config: PluginConfig, agent: AgentClient) -> None:
+        self.config = config
+        self.agent = agent
+        self.locks = VolumeLocks()
+
+    # ---- stage ------------------------------------------------------------------
+
+    def NodeStageVolume(
+        self, request: csi_pb2.NodeStageVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeStageVolumeResponse:
+        volume_id = ids.check_volume_id(request.volume_id)
+        staging = _path(request.staging_target_path, "staging_target_path")
+        cap = _capability(request)
+        ctx = request.publish_context
+        with self.locks.hold(volume_id):
+            if ctx.get("transport", "loop") != "loop":
+                raise FailedPrecondition(
+                    f"volume {volume_id} lives on node {ctx.get('ownerNode', '?')}; attaching it "
+                    f"on {self.config.node_id} needs the {ctx['transport']} transport, which "
+                    "this node-agent does not offer yet",
+                    field="publish_context",
+                )
+            readonly = cap.read_only_mode or ctx.get("readonly") == "true"
+            attachment = self.agent.attach(volume_id, readonly)
+            if cap.access_type == AccessType.MOUNT:
+                fs_type = request.volume_capability.mount.fs_type or request.volume_context.get(
+                    CONTEXT_FS_TYPE, cap.fs_type
+                )
+                mkfs_options = request.volume_context.get(CONTEXT_MKFS_OPTIONS, "")
+                self._stage_filesystem(attachment, staging, cap, fs_type, mkfs_options, readonly)
+        return csi_pb2.NodeStageVolumeResponse()
+
+    def _stage_filesystem(
+        self,
+        attachment: AgentAttachment,
+        staging: str,
+        cap: Capability,
+        fs_type: str,
+        mkfs_options: str,
+        readonly: bool,
+    ) -> None:
+        device = attachment.backing_device
+        existing = mounts.mounts_at(staging)
+        if existing:
+            top = existing[-1]
+            if mounts.uses_device(top, device) and top.fs_type == fs_type:
+                return  # staged already: the retry converges
+            raise AlreadyExists(
+                f"staging_target_path {staging} already has a {top.fs_type} mount of "
+                f"{top.source}, not this volume's {fs_type}",
+                field="staging_target_path",
+            )
+        found = mounts.probe_filesystem(device)
+        if found is None:
+            if readonly:
+                raise FailedPrecondition(
+                    f"volume {attachment.volume_id} is blank and published read-only; "
+                    "a read-only volume cannot be formatted",
+                    field="volume_capability",
+                )
+            mounts.make_filesystem(device, fs_type, split_mkfs_options(mkfs_options))
+        elif found != fs_type:
+            raise FailedPrecondition(
+                f"volume {attachment.volume_id} holds {found}, asked for {fs_type}; "
+                "refusing to format over data",
+                field="volume_capability.mount.fs_type",
+            )
+        os.makedirs(staging, exist_ok=True)
+        options = list(cap.mount_flags) + (["ro"] if readonly else [])
+        mounts.mount(device, staging, fs_type, options)
+
+    def NodeUnstageVolume(
+        self, request: csi_pb2.NodeUnstageVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeUnstageVolumeResponse:
+        volume_id = ids.check_volume_id(request.volume_id)
+        staging = _path(request.staging_target_path, "staging_target_path")
+        with self.locks.hold(volume_id):
+            attachment = self._attachment_or_none(volume_id)
+            if attachment is not None:
+                device = attachment.backing_device
+                published = [
+                    m.mountpoint for m in mounts.mounts_of_device(device) if m.mountpoint != staging
+                ]
+                if published:
+                    raise FailedPrecondition(
+                        f"volume {volume_id} is still published at {', '.join(published)}; "
+                        "NodeUnpublishVolume first",
+                        field="volume_id",
+                    )
+            mounts.unmount(staging)
+            if attachment is not None:
+                self.agent.detach(volume_id)
+        return csi_pb2.NodeUnstageVolumeResponse()
+
+    # ---- publish ----------------------------------------------------------------
+
+    def NodePublishVolume(
+        self, request: csi_pb2.NodePublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodePublishVolumeResponse:
+        volume_id = ids.check_volume_id(request.volume_id)
+        target = _path(request.target_path, "target_path")
+        if not request.staging_target_path:
+            raise FailedPrecondition(
+                "staging_target_path is required: this plugin stages volumes "
+                "(STAGE_UNSTAGE_VOLUME)",
+                field="staging_target_path",
+            )
+        staging = _path(request.staging_target_path, "staging_target_path")
+        cap = _capability(request)
+        readonly = request.readonly or cap.read_only_mode
+        with self.locks.hold(volume_id):
+            attachment = self._attachment_or_none(volume_id)
+            if attachment is None:
+                raise FailedPrecondition(
+                    f"volume {volume_id} is not staged on this node; call NodeStageVolume first",
+                    field="staging_target_path",
+                )
+            device = attachment.backing_device
+            if self._already_published(device, target, readonly):
+                return csi_pb2.NodePublishVolumeResponse()
+            self._check_single_writer(cap, device, staging, target)
+            if cap.access_type == AccessType.MOUNT:
+                self._publish_filesystem(device, staging, target, readonly)
+            else:
+                self._publish_block(device, target, readonly)
+        return csi_pb2.NodePublishVolumeResponse()
+
+    def _already_published(self, device: str, target: str, readonly: bool) -> bool:
+        existing = mounts.mounts_at(target)
+        if not existing:
+            return False
+        top = existing[-1]
+        if mounts.uses_device(top, device) and top.readonly == readonly:
+            return True
+        raise AlreadyExists(
+            f"target_path {target} is already a mount ({top.source}, "
+            f"{'read-only' if top.readonly else 'read-write'}) that does not match this request",
+            field="target_path",
+        )
+
+    def _check_single_writer(self, cap: Capability, device: str, staging: str, target: str) -> None:
+        if cap.access_mode != AccessMode.SINGLE_NODE_SINGLE_WRITER:
+            return
+        others = [
+            m.mountpoint
+            for m in mounts.mounts_of_device(device)
+            if m.mountpoint not in (staging, target)
+        ]
+        if others:
+            raise FailedPrecondition(
+                f"SINGLE_NODE_SINGLE_WRITER volume is already published at {others[0]}",
+                field="target_path",
+            )
+
+    def _publish_filesystem(self, device: str, staging: str, target: str, readonly: bool) -> None:
+        staged = mounts.mounts_at(staging)
+        if not staged or not mounts.uses_device(staged[-1], device):
+            # After a reboot the staging mount is gone: binding the empty
+            # directory would hand the pod a volume without its data.
+            raise FailedPrecondition(
+                f"the volume is not mounted at staging_target_path {staging}; "
+                "call NodeStageVolume first",
+                field="staging_target_path",
+            )
+        os.makedirs(target, exist_ok=True)
+        mounts.bind_mount(staging, target, readonly)
+
+    def _publish_block(self, device: str, target: str, readonly: bool) -> None:
+        if not os.path.exists(device):
+            raise FailedPrecondition(
+                f"device {device} is gone; call NodeStageVolume again", field="volume_id"
+            )
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if os.path.isdir(target):
+            os.rmdir(target)  # an empty directory only; rmdir never removes contents
+        if not os.path.exists(target):
+            with open(target, "x"):
+                pass
+        mounts.bind_mount(device, target, readonly)
+
+    def NodeUnpublishVolume(
+        self, request: csi_pb2.NodeUnpublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeUnpublishVolumeResponse:
+        volume_id = ids.check_volume_id(request.volume_id)
+        target = _path(request.target_path, "target_path")
+        with self.locks.hold(volume_id):
+            mounts.unmount(target)
+            _remove_target(target)
+        return csi_pb2.NodeUnpublishVolumeResponse()
+
+    # ---- information -------------------------------------------------------------
+
+    def NodeGetCapabilities(
+        self, request: csi_pb2.NodeGetCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeGetCapabilitiesResponse:
+        return csi_pb2.NodeGetCapabilitiesResponse(
+            capabilities=[
+                csi_pb2.NodeServiceCapability(rpc=csi_pb2.NodeServiceCapability.RPC(type=rpc))
+                for rpc in NODE_CAPABILITIES
+            ]
+        )
+
+    def NodeGetInfo(
+        self, request: csi_pb2.NodeGetInfoRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeGetInfoResponse:
+        segments = {TOPOLOGY_KEY: self.config.node_id}
+        if self.config.zone:
+            segments[ZONE_KEY] = self.config.zone
+        return csi_pb2.NodeGetInfoResponse(
+            node_id=self.config.node_id,
+            max_volumes_per_node=self.config.max_volumes_per_node,
+            accessible_topology=csi_pb2.Topology(segments=segments),
+        )
+
+    def NodeGetVolumeStats(
+        self, request: csi_pb2.NodeGetVolumeStatsRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeGetVolumeStatsResponse:
+        volume_id = ids.check_volume_id(request.volume_id)
+        path = _path(request.volume_path, "volume_path")
+        if not os.path.exists(path):
+            raise NotFound(f"volume_path {path} does not exist", field="volume_path")
+        attachment = self._attachment_or_none(volume_id)
+        self._check_path_belongs(volume_id, path, attachment)
+        condition = self._condition(path, attachment)
+        if os.path.isdir(path):
+            usage = _filesystem_usage(path)
+        else:
+            total = mounts.device_size(attachment.backing_device) if attachment else 0
+            usage = [csi_pb2.VolumeUsage(total=total, unit=csi_pb2.VolumeUsage.BYTES)]
+        return csi_pb2.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition)
+
+    def _check_path_belongs(
+        self, volume_id: str, path: str, attachment: AgentAttachment | None
+    ) -> None:
+        """A path that is a mount of some other device is not this volume's."""
+        here = mounts.mounts_at(path)
+        if here and (
+            attachment is None or not mounts.uses_device(here[-1], attachment.backing_device)
+        ):
+            raise NotFound(f"volume {volume_id} is not published at {path}", field="volume_path")
+
+    def _condition(self, path: str, attachment: AgentAttachment | None) -> csi_pb2.VolumeCondition:
+        if attachment is None or not os.path.exists(attachment.backing_device):
+            return csi_pb2.VolumeCondition(
+                abnormal=True, message="the volume's block device is gone from this node"
+            )
+        if not mounts.is_mount(path):
+            return csi_pb2.VolumeCondition(
+                abnormal=True, message=f"{path} is no longer mounted; the volume needs restaging"
+            )
+        return csi_pb2.VolumeCondition(abnormal=False, message="ok")
+
+    # ---- expand ---------------------------------------------------------------------
+
+    def NodeExpandVolume(
+        self, request: csi_pb2.NodeExpandVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeExpandVolumeResponse:
+        volume_id = ids.check_volume_id(request.volume_id)
+        path = _path(request.volume_path, "volume_path")
+        if not os.path.exists(path):
+            raise NotFound(f"volume_path {path} does not exist", field="volume_path")
+        with self.locks.hold(volume_id):
+            attachment = self._attachment_or_none(volume_id)
+            if attachment is None:
+                raise NotFound(
+                    f"volume {volume_id} is not attached on this node", field="volume_id"
+                )
+            self._check_path_belongs(volume_id, path, attachment)
+            # Attaching again is how the agent lets the loop device see the new size.
+            attachment = self.agent.attach(volume_id, attachment.readonly)
+            device = attachment.backing_device
+            is_block = request.HasField("volume_capability") and request.volume_capability.HasField(
+                "block"
+            )
+            here = mounts.mounts_at(path)
+            if not is_block and os.path.isdir(path):
+                if not here:
+                    raise FailedPrecondition(
+                        f"volume_path {path} is not mounted; cannot grow its filesystem",
+                        field="volume_path",
+                    )
+                mounts.resize_filesystem(device, path, here[-1].fs_type)
+            return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=mounts.device_size(device))
+
+    # ---- helpers --------------------------------------------------------------------
+
+    def _attachment_or_none(self, volume_id: str) -> AgentAttachment | None:
+        try:
+            return self.agent.get_attachment(volume_id)
+        except NotFound:
+            return None
+
+
+def _filesystem_usage(path: str) -> list[csi_pb2.VolumeUsage]:
+    st = os.statvfs(path)
+    total, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+    used = (st.f_blocks - st.f_bfree) * st.f_frsize
+    return [
+        csi_pb2.VolumeUsage(available=free, total=total, used=used, unit=csi_pb2.VolumeUsage.BYTES),
+        csi_pb2.VolumeUsage(
+            available=st.f_favail,
+            total=st.f_files,
+            used=st.f_files - st.f_ffree,
+            unit=csi_pb2.VolumeUsage.INODES,
+        ),
+    ]
+
+
+def _remove_target(target: str) -> None:
+    """Remove what kubelet asked us to publish at, only once nothing is mounted there."""
+    if mounts.is_mount(target) or not os.path.lexists(target):
+        return
+    try:
+        if os.path.isdir(target) and not os.path.islink(target):
+            os.rmdir(target)  # empty only: never recursive
+        else:
+            os.unlink(target)
+    except OSError as exc:
+        if exc.errno != errno.ENOTEMPTY:
+            raise
+        log.warning("left %s in place: it is not empty and not a mount", target)
