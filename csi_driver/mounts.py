@@ -152,7 +152,12 @@ def resize_filesystem(device: str, mountpoint: str, fs_type: str) -> None:
     if fs_type == "xfs":
         _check(["xfs_growfs", mountpoint], f"xfs_growfs {mountpoint}")
     elif fs_type in ("ext4", "ext3", "ext2"):
-        _check(["resize2fs", device], f"resize2fs {device}")
+        res = _run(["resize2fs", device])
+        if res.returncode != 0:
+            hint = ""
+            if "Permission denied" in res.stderr:
+                hint = " (online ext4 growth needs CAP_SYS_RESOURCE; give it to the plugin)"
+            raise Internal(f"resize2fs {device} failed: {res.stderr.strip()}{hint}")
     else:
         raise FailedPrecondition(f"cannot grow a {fs_type} filesystem online")
 

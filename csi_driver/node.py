@@ -81,6 +81,12 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                 )
             readonly = cap.read_only_mode or ctx.get("readonly") == "true"
             attachment = self.agent.attach(volume_id, readonly)
+            if cap.access_type == AccessType.BLOCK and mounts.is_mount(staging):
+                raise AlreadyExists(
+                    f"staging_target_path {staging} holds a filesystem mount; the volume was "
+                    "staged with another access type",
+                    field="volume_capability",
+                )
             if cap.access_type == AccessType.MOUNT:
                 fs_type = request.volume_capability.mount.fs_type or request.volume_context.get(
                     CONTEXT_FS_TYPE, cap.fs_type
@@ -170,6 +176,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         with self.locks.hold(volume_id):
             attachment = self._attachment_or_none(volume_id)
             if attachment is None:
+                self.agent.get_volume(volume_id)  # NotFound for a volume that does not exist
                 raise FailedPrecondition(
                     f"volume {volume_id} is not staged on this node; call NodeStageVolume first",
                     field="staging_target_path",
@@ -181,7 +188,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             if cap.access_type == AccessType.MOUNT:
                 self._publish_filesystem(device, staging, target, readonly)
             else:
-                self._publish_block(device, target, readonly)
+                self._publish_block(attachment, target, readonly)
         return csi_pb2.NodePublishVolumeResponse()
 
     def _already_published(self, device: str, target: str, readonly: bool) -> bool:
@@ -224,7 +231,17 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         os.makedirs(target, exist_ok=True)
         mounts.bind_mount(staging, target, readonly)
 
-    def _publish_block(self, device: str, target: str, readonly: bool) -> None:
+    def _publish_block(self, attachment: AgentAttachment, target: str, readonly: bool) -> None:
+        device = attachment.backing_device
+        if readonly and not attachment.readonly:
+            # A read-only bind of a device node does not stop writes to the
+            # device; only a read-only device does, and this one is writable.
+            raise FailedPrecondition(
+                f"volume {attachment.volume_id} is attached read-write on this node; a "
+                "read-only block publish needs a read-only attachment (publish it with a "
+                "reader access mode)",
+                field="readonly",
+            )
         if not os.path.exists(device):
             raise FailedPrecondition(
                 f"device {device} is gone; call NodeStageVolume again", field="volume_id"
@@ -279,6 +296,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         if not os.path.exists(path):
             raise NotFound(f"volume_path {path} does not exist", field="volume_path")
         attachment = self._attachment_or_none(volume_id)
+        if attachment is None:
+            self.agent.get_volume(volume_id)  # NotFound for a volume that does not exist
         self._check_path_belongs(volume_id, path, attachment)
         condition = self._condition(path, attachment)
         if os.path.isdir(path):

@@ -76,6 +76,10 @@ class Agent:
         except KeyError:
             raise NotFound(f"pool {name!r} is not on node {self.node_id}", field="pool") from None
 
+    def get_volume(self, volume_id: str) -> AgentVolume:
+        check_volume_id(volume_id)
+        return volumes.describe(self._require_holder(volume_id), volume_id)
+
     def _holder(self, volume_id: str) -> Pool | None:
         for pool in self.pools.values():
             if volumes.exists(pool, volume_id):

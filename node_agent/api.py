@@ -101,6 +101,10 @@ def create_app(agent: Agent, token: str) -> FastAPI:
     def create_volume(volume_id: str, body: AgentVolumeCreate) -> AgentVolume:
         return agent.create_volume(volume_id, body.pool, body.size_bytes)
 
+    @app.get("/v1/volumes/{volume_id}", dependencies=auth)
+    def get_volume(volume_id: str) -> AgentVolume:
+        return agent.get_volume(volume_id)
+
     @app.post("/v1/volumes/{volume_id}/resize", dependencies=auth)
     def resize_volume(volume_id: str, body: AgentVolumeResize) -> AgentVolume:
         return agent.resize_volume(volume_id, body.size_bytes)

@@ -244,6 +244,21 @@ def blkid_type(device: Path | str) -> str:
 # ---- data ---------------------------------------------------------------------------
 
 
+CAP_SYS_RESOURCE = 24
+
+
+def can_grow_ext4_online() -> bool:
+    """Online ext4 growth (EXT4_IOC_RESIZE_FS) needs CAP_SYS_RESOURCE.
+
+    Some sandboxes drop it even for root; the plugin answers a clear error
+    there, and the growth test has nothing to check.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> CAP_SYS_RESOURCE & 1)
+    return False
+
+
 def payload(size: int = PAYLOAD) -> tuple[bytes, str]:
     data = os.urandom(size)
     return data, hashlib.sha256(data).hexdigest()

@@ -124,6 +124,9 @@ class AgentClient:
         data = self._c.request("PUT", f"/v1/volumes/{volume_id}", json=body)
         return AgentVolume.model_validate(data)
 
+    def get_volume(self, volume_id: str) -> AgentVolume:
+        return AgentVolume.model_validate(self._c.request("GET", f"/v1/volumes/{volume_id}"))
+
     def resize_volume(self, volume_id: str, size_bytes: int) -> AgentVolume:
         body = {"size_bytes": size_bytes}
         data = self._c.request("POST", f"/v1/volumes/{volume_id}/resize", json=body)
