@@ -26,11 +26,7 @@ class ManagementClient:
         self._c.close()
 
     def healthy(self) -> bool:
-        try:
-            self._c.request("GET", "/healthz")
-        except Exception:
-            return False
-        return True
+        return self._c.healthy()
 
     # nodes and pools
     def register_node(
@@ -113,11 +109,7 @@ class AgentClient:
         self._c.close()
 
     def healthy(self) -> bool:
-        try:
-            self._c.request("GET", "/healthz")
-        except Exception:
-            return False
-        return True
+        return self._c.healthy()
 
     def create_volume(self, volume_id: str, pool: str, size_bytes: int) -> AgentVolume:
         body = {"pool": pool, "size_bytes": size_bytes}

@@ -46,6 +46,14 @@ class JsonClient:
     def close(self) -> None:
         self._http.close()
 
+    def healthy(self) -> bool:
+        """Whether the peer answers its open /healthz route."""
+        try:
+            self.request("GET", "/healthz")
+        except (TesseraError, ValueError):
+            return False
+        return True
+
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             resp = self._http.request(method, path, **kwargs)

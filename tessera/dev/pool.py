@@ -13,6 +13,9 @@ import os
 import subprocess
 from pathlib import Path
 
+from csi_driver.mounts import probe_filesystem
+from tessera.errors import TesseraError
+
 TIMEOUT = 60
 
 
@@ -38,16 +41,6 @@ def loop_devices_backed_by(prefix: Path) -> list[tuple[str, str]]:
     return found
 
 
-def _probe(device: str) -> str | None:
-    res = _run(["blkid", "-p", "-o", "export", device])
-    if res.returncode == 2:
-        return None
-    if res.returncode != 0:
-        raise PoolError(f"blkid could not probe {device}: {res.stderr.strip()}")
-    fields = dict(line.split("=", 1) for line in res.stdout.splitlines() if "=" in line)
-    return fields.get("TYPE") or fields.get("PTTYPE") or "unknown"
-
-
 def is_mounted(path: Path) -> bool:
     return os.path.ismount(path)
 
@@ -65,7 +58,10 @@ def ensure_pool(image: Path, mountpoint: Path, size_bytes: int) -> str:
         if res.returncode != 0:
             raise PoolError(f"losetup failed for {image}: {res.stderr.strip()}")
         device = res.stdout.strip()
-    fs = _probe(device)
+    try:
+        fs = probe_filesystem(device)
+    except TesseraError as exc:
+        raise PoolError(str(exc)) from exc
     if fs is None:
         res = _run(["mkfs.xfs", "-q", "-K", "-m", "reflink=1", device], timeout=120)
         if res.returncode != 0:

@@ -244,7 +244,7 @@ class DevStack:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
-        release_volumes(Path(self.info.pool_dir), self.dir)
+        release_volumes(Path(self.info.pool_dir))
         dev_pool.release_pool(self.dir / "pool.img", Path(self.info.pool_dir))
         for sock in ("csi.sock", "agent.sock", "management.sock"):
             path = self.dir / sock
