@@ -11,8 +11,9 @@ tried to upgrade. On PostgreSQL the same code locks the rows it reads
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
@@ -67,6 +68,11 @@ class Database:
 
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
+        # SQLite has one writer at a time. Queueing writers on a lock here is
+        # fair and immediate; leaving it to SQLite's busy handler makes them
+        # sleep in growing steps (up to 100 ms each), which under 16 parallel
+        # creates gave a 2 s p99. PostgreSQL locks rows instead.
+        self._writer = threading.Lock() if url.startswith("sqlite") else nullcontext()
         self._read = sessionmaker(bind=self.engine, expire_on_commit=False)
         self._write = sessionmaker(
             bind=self.engine.execution_options(**{_WRITE: True}), expire_on_commit=False
@@ -83,7 +89,7 @@ class Database:
     @contextmanager
     def write(self) -> Iterator[Session]:
         """A transaction that holds the write lock from its first statement; commits on exit."""
-        with self._write() as session, session.begin():
+        with self._writer, self._write() as session, session.begin():
             yield session
 
     def dispose(self) -> None:

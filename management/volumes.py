@@ -10,7 +10,7 @@ call and converges.
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import case, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -197,12 +197,23 @@ def _agent_url(s: Session, node_id: str) -> str:
 
 def _drive_create(ctx: Context, agent_url: str, volume: Volume) -> Volume:
     ctx.agents.get(agent_url).create_volume(volume.id, volume.pool, volume.size_bytes)
+    # One conditional UPDATE: this runs for every PVC, and a row that moved
+    # on meanwhile (deleting) must keep its newer state.
     with ctx.db.write() as s:
-        row = _load(s, volume.id)
-        if row.state == VolumeState.CREATING:
-            row.state = VolumeState.AVAILABLE.value
-            row.agent_size_bytes = max(row.agent_size_bytes, volume.size_bytes)
-        return _snapshot(s, row)
+        done = s.execute(
+            update(VolumeRow)
+            .where(VolumeRow.id == volume.id, VolumeRow.state == VolumeState.CREATING.value)
+            .values(
+                state=VolumeState.AVAILABLE.value,
+                agent_size_bytes=case(
+                    (VolumeRow.agent_size_bytes > volume.size_bytes, VolumeRow.agent_size_bytes),
+                    else_=volume.size_bytes,
+                ),
+            )
+        ).rowcount
+        if not done:
+            return _snapshot(s, _load(s, volume.id))
+    return volume.model_copy(update={"state": VolumeState.AVAILABLE})
 
 
 # ---- delete --------------------------------------------------------------------------
