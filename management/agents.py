@@ -1,6 +1,6 @@
 """Cached clients for node-agents.
 
-One `AgentClient` (and so one pooled, thread-safe httpx.Client) per agent
+One `AgentClient` (and so one thread-safe pool of keep-alive connections) per agent
 URL for the life of the process: opening a connection per request would
 dominate the latency of volume create.
 """

@@ -110,7 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per heartbeat is noise
     try:
         agent = Agent(args.node_id, open_pools(args.pool), Path(args.dev_dir))
         token = read_token(args.token_file)

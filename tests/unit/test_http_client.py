@@ -1,0 +1,122 @@
+"""JsonClient against a real HTTP/1.1 server on a unix socket (no root)."""
+
+from __future__ import annotations
+
+import json
+import socketserver
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+import pytest
+
+from tessera.errors import NotFound, Unavailable, to_problem
+from tessera.http import JsonClient
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    seen: list[tuple[str, str, str, bytes]] = []
+
+    def _reply(self, status: int, body: object | None, content_type: str) -> None:
+        data = b"" if body is None else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _handle(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        self.seen.append((self.command, self.path, self.headers["Authorization"], body))
+        if self.path.startswith("/missing"):
+            err = NotFound("volume vol-x does not exist", field="volume_id")
+            self._reply(404, to_problem(err), "application/problem+json")
+        elif self.command == "DELETE":
+            self._reply(204, None, "application/json")
+        else:
+            self._reply(200, {"path": self.path, "echo": body.decode()}, "application/json")
+        if self.path.startswith("/then-hang-up"):
+            # Close without saying so, as a peer restarting or timing out idle does.
+            self.close_connection = True
+
+    do_GET = do_PUT = do_DELETE = _handle
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+    def get_request(self):  # noqa: ANN201 - socketserver's signature
+        sock, _ = super().get_request()
+        return sock, ("local", 0)  # BaseHTTPRequestHandler wants a (host, port) peer
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[_Server, str]]:
+    sock = tmp_path / "peer.sock"
+    srv = _Server(str(sock), _Handler)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    _Handler.seen = []
+    try:
+        yield srv, f"unix://{sock}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_json_body_query_and_token_reach_the_peer(server: tuple[_Server, str]) -> None:
+    client = JsonClient(server[1], "s3cret", peer="agent")
+    reply = client.request("PUT", "/v1/volumes/v1", json={"size": 1}, params={"a": "b c"})
+    assert reply["path"] == "/v1/volumes/v1?a=b+c"
+    assert json.loads(reply["echo"]) == {"size": 1}
+    assert _Handler.seen[0][2] == "Bearer s3cret"
+    assert client.request("DELETE", "/v1/volumes/v1") is None
+    client.close()
+
+
+def test_a_problem_from_the_peer_comes_back_as_the_same_error_type(
+    server: tuple[_Server, str],
+) -> None:
+    client = JsonClient(server[1], "t", peer="management")
+    with pytest.raises(NotFound) as err:
+        client.request("GET", "/missing")
+    assert "vol-x does not exist" in err.value.message
+    assert err.value.field == "volume_id"
+
+
+def test_a_connection_the_peer_closed_while_idle_is_replaced_transparently(
+    server: tuple[_Server, str],
+) -> None:
+    client = JsonClient(server[1], "t", peer="agent")
+    client.request("GET", "/then-hang-up")
+    assert len(client._pool._idle) == 1  # the client still believes it is alive
+    assert client.request("GET", "/two")["path"] == "/two"
+    assert [s[1] for s in _Handler.seen] == ["/then-hang-up", "/two"]
+
+
+def test_connections_are_kept_alive_between_requests(server: tuple[_Server, str]) -> None:
+    client = JsonClient(server[1], "t", peer="agent")
+    client.request("GET", "/a")
+    first = client._pool._idle[0]
+    client.request("GET", "/b")
+    assert client._pool._idle == [first]
+
+
+def test_a_peer_that_is_not_listening_is_unavailable_and_says_where(tmp_path: Path) -> None:
+    url = f"unix://{tmp_path / 'nobody.sock'}"
+    client = JsonClient(url, "t", peer="node-agent")
+    with pytest.raises(Unavailable) as err:
+        client.request("GET", "/healthz")
+    assert "node-agent" in err.value.message and url in err.value.message
+    assert client.healthy() is False
+
+
+def test_urls_other_than_unix_and_http_are_refused() -> None:
+    with pytest.raises(ValueError, match="unix:///path"):
+        JsonClient("ftp://host", "t", peer="management")
