@@ -7,7 +7,7 @@ online while its heartbeat is fresh, and only online nodes get new volumes.
 
 from __future__ import annotations
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import Connection, bindparam, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -201,11 +201,13 @@ def create_vpg(ctx: Context, req: VpgCreate) -> tuple[Vpg, bool]:
         return Vpg(name=req.name, layout=req.layout), True
 
 
-def get_vpg_row(s: Session, name: str) -> VpgRow:
-    row = s.get(VpgRow, name) if name else None
-    if row is None:
+_VPG_EXISTS = select(VpgRow.name).where(VpgRow.name == bindparam("name"))
+
+
+def check_vpg_exists(conn: Session | Connection, name: str) -> None:
+    """NotFound unless the vpg exists (a Core statement: volume create runs it every time)."""
+    if not name or conn.execute(_VPG_EXISTS, {"name": name}).first() is None:
         raise NotFound(f"volume provisioning group {name[:80]!r} does not exist", field="vpg")
-    return row
 
 
 def list_vpgs(ctx: Context, page_token: str, max_entries: int) -> Page[Vpg]:
@@ -234,7 +236,7 @@ def capacity(ctx: Context, vpg: str, node_id: str) -> Capacity:
     promise space no single volume can have.
     """
     with ctx.db.read() as s:
-        get_vpg_row(s, vpg)
+        check_vpg_exists(s, vpg)
         node_ids = [ids.check_node_id(node_id)] if node_id else None
         pools = pool_space(s, online_since=ctx.online_since(), node_ids=node_ids)
     best = max((p.free_bytes for p in pools), default=0)

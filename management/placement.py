@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import Connection, func, select
 from sqlalchemy.orm import Session
 
 from management.schema import NodeRow, PoolRow, VolumeRow
@@ -25,6 +25,7 @@ class PoolSpace:
     name: str
     capacity_bytes: int
     allocated_bytes: int
+    agent_url: str = ""
 
     @property
     def free_bytes(self) -> int:
@@ -40,29 +41,41 @@ def allocated_by_pool(session: Session, node_id: str | None = None) -> dict[tupl
     return {(n, p): int(total or 0) for n, p, total in session.execute(stmt)}
 
 
+_ALLOCATED = (
+    select(func.coalesce(func.sum(VolumeRow.size_bytes), 0))
+    .where(VolumeRow.node_id == PoolRow.node_id, VolumeRow.pool == PoolRow.name)
+    .correlate(PoolRow)
+    .scalar_subquery()
+)
+
+
 def pool_space(
-    session: Session,
+    conn: Session | Connection,
     *,
     online_since: float | None = None,
     node_ids: Sequence[str] | None = None,
     lock: bool = False,
 ) -> list[PoolSpace]:
-    """Pools (optionally only of online nodes / given nodes) with their allocation."""
-    stmt = select(PoolRow).order_by(PoolRow.node_id, PoolRow.name)
+    """Pools (optionally only of online nodes / given nodes) with their allocation.
+
+    One Core statement: placement runs it for every volume create. The
+    allocation is a correlated subquery rather than a GROUP BY so that
+    PostgreSQL accepts FOR UPDATE on the pool rows.
+    """
+    stmt = (
+        select(PoolRow.node_id, PoolRow.name, PoolRow.capacity_bytes, _ALLOCATED, NodeRow.agent_url)
+        .join(NodeRow, NodeRow.id == PoolRow.node_id)
+        .order_by(PoolRow.node_id, PoolRow.name)
+    )
     if online_since is not None:
-        stmt = stmt.join(NodeRow, NodeRow.id == PoolRow.node_id).where(
-            NodeRow.last_heartbeat >= online_since
-        )
+        stmt = stmt.where(NodeRow.last_heartbeat >= online_since)
     if node_ids is not None:
         stmt = stmt.where(PoolRow.node_id.in_(list(node_ids)))
     if lock:
         stmt = stmt.with_for_update(of=PoolRow)
-    pools = session.scalars(stmt).all()
-    single = node_ids[0] if node_ids is not None and len(node_ids) == 1 else None
-    used = allocated_by_pool(session, single)
     return [
-        PoolSpace(p.node_id, p.name, p.capacity_bytes, used.get((p.node_id, p.name), 0))
-        for p in pools
+        PoolSpace(node_id, name, capacity, int(allocated), agent_url)
+        for node_id, name, capacity, allocated, agent_url in conn.execute(stmt)
     ]
 
 

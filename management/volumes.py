@@ -10,12 +10,14 @@ call and converges.
 
 from __future__ import annotations
 
-from sqlalchemy import case, select, update
+from typing import Any
+
+from sqlalchemy import Connection, Row, bindparam, case, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from management.context import Context
-from management.inventory import get_vpg_row
+from management.inventory import check_vpg_exists
 from management.limits import check_text, sized_within_limit
 from management.pagination import decode_token, encode_token, page_size
 from management.placement import choose_pool, pool_space
@@ -33,7 +35,8 @@ from tessera.models import Locality, Page, Volume, VolumeCreate, VolumeExpand, V
 from tessera.units import format_size
 
 
-def volume_model(row: VolumeRow, published: list[str]) -> Volume:
+def volume_model(row: VolumeRow | Row[Any], published: list[str]) -> Volume:
+    """The wire model of an ORM row or a Core row (they share attribute names)."""
     return Volume(
         id=row.id,
         name=row.name,
@@ -48,7 +51,7 @@ def volume_model(row: VolumeRow, published: list[str]) -> Volume:
     )
 
 
-def _published(s: Session, volume_ids: list[str]) -> dict[str, list[str]]:
+def _published(s: Session | Connection, volume_ids: list[str]) -> dict[str, list[str]]:
     if not volume_ids:
         return {}
     stmt = (
@@ -110,7 +113,7 @@ def _check_create(req: VolumeCreate) -> int:
     return sized_within_limit(req.size_bytes, req.limit_bytes)
 
 
-def _check_compatible(row: VolumeRow, req: VolumeCreate) -> None:
+def _check_compatible(row: VolumeRow | Row[Any], req: VolumeCreate) -> None:
     """Same name is the same volume only if it satisfies this request too."""
     if row.vpg != req.vpg:
         raise AlreadyExists(
@@ -137,25 +140,45 @@ def _candidate_nodes(req: VolumeCreate) -> list[str] | None:
     return nodes
 
 
-def _place(ctx: Context, s: Session, req: VolumeCreate, size: int) -> VolumeRow:
+def _place(ctx: Context, conn: Connection, req: VolumeCreate, size: int) -> tuple[Volume, str]:
+    """Choose a pool and record the volume there; returns it and its agent's URL."""
+    check_vpg_exists(conn, req.vpg)
     pools = pool_space(
-        s, online_since=ctx.online_since(), node_ids=_candidate_nodes(req), lock=True
+        conn, online_since=ctx.online_since(), node_ids=_candidate_nodes(req), lock=True
     )
     chosen = choose_pool(pools, size, req.preferred_nodes)
-    row = VolumeRow(
+    volume = Volume(
         id=ids.new_volume_id(),
         name=req.name,
         size_bytes=size,
-        agent_size_bytes=0,
         vpg=req.vpg,
         node_id=chosen.node_id,
         pool=chosen.name,
-        state=VolumeState.CREATING.value,
+        state=VolumeState.CREATING,
         parameters=dict(req.parameters),
         created_at=ctx.clock(),
     )
-    s.add(row)
-    return row
+    row = volume.model_dump(include=_INSERTED, mode="json")
+    conn.execute(insert(VolumeRow), [{**row, "agent_size_bytes": 0}])
+    return volume, chosen.agent_url
+
+
+# The statements every create runs, built once; Core, not ORM (see Database.write_connection).
+_BY_NAME = select(VolumeRow.__table__).where(VolumeRow.name == bindparam("name"))
+_AGENT_URL = select(NodeRow.agent_url).where(NodeRow.id == bindparam("node_id"))
+_INSERTED = {column.key for column in VolumeRow.__table__.columns} - {"agent_size_bytes"}
+_CREATED = (
+    update(VolumeRow)
+    .where(VolumeRow.id == bindparam("volume_id"), VolumeRow.state == VolumeState.CREATING.value)
+    .values(
+        state=VolumeState.AVAILABLE.value,
+        # Never lower what an expand (or a racing retry) already recorded.
+        agent_size_bytes=case(
+            (VolumeRow.agent_size_bytes > bindparam("size"), VolumeRow.agent_size_bytes),
+            else_=bindparam("size"),
+        ),
+    )
+)
 
 
 def create_volume(ctx: Context, req: VolumeCreate) -> tuple[Volume, bool]:
@@ -167,18 +190,15 @@ def create_volume(ctx: Context, req: VolumeCreate) -> tuple[Volume, bool]:
     """
     size = _check_create(req)
     try:
-        with ctx.db.write() as s:
-            row = s.scalar(select(VolumeRow).where(VolumeRow.name == req.name))
+        with ctx.db.write_connection() as conn:
+            row = conn.execute(_BY_NAME, {"name": req.name}).first()
             created = row is None
             if row is None:
-                get_vpg_row(s, req.vpg)
-                row = _place(ctx, s, req, size)
-                s.flush()
-                volume = volume_model(row, [])
+                volume, agent_url = _place(ctx, conn, req, size)
             else:
                 _check_compatible(row, req)
-                volume = _snapshot(s, row)
-            agent_url = _agent_url(s, row.node_id)
+                volume = volume_model(row, _published(conn, [row.id]).get(row.id, []))
+                agent_url = _agent_url(conn, row.node_id)
     except IntegrityError:
         # A concurrent create of the same name won the race (PostgreSQL; on
         # SQLite BEGIN IMMEDIATE serialises us): answer as for an existing name.
@@ -188,31 +208,23 @@ def create_volume(ctx: Context, req: VolumeCreate) -> tuple[Volume, bool]:
     return volume, created
 
 
-def _agent_url(s: Session, node_id: str) -> str:
-    node = s.get(NodeRow, node_id)
-    if node is None:  # nodes are never deleted while they own volumes
+def _agent_url(conn: Session | Connection, node_id: str) -> str:
+    url = conn.execute(_AGENT_URL, {"node_id": node_id}).scalar()
+    if url is None:  # nodes are never deleted while they own volumes
         raise FailedPrecondition(f"node {node_id!r} is not registered", field="node_id")
-    return node.agent_url
+    return url
 
 
 def _drive_create(ctx: Context, agent_url: str, volume: Volume) -> Volume:
     ctx.agents.get(agent_url).create_volume(volume.id, volume.pool, volume.size_bytes)
-    # One conditional UPDATE: this runs for every PVC, and a row that moved
-    # on meanwhile (deleting) must keep its newer state.
-    with ctx.db.write() as s:
-        done = s.execute(
-            update(VolumeRow)
-            .where(VolumeRow.id == volume.id, VolumeRow.state == VolumeState.CREATING.value)
-            .values(
-                state=VolumeState.AVAILABLE.value,
-                agent_size_bytes=case(
-                    (VolumeRow.agent_size_bytes > volume.size_bytes, VolumeRow.agent_size_bytes),
-                    else_=volume.size_bytes,
-                ),
-            )
-        ).rowcount
-        if not done:
-            return _snapshot(s, _load(s, volume.id))
+    with ctx.db.write_connection() as conn:
+        done = conn.execute(_CREATED, {"volume_id": volume.id, "size": volume.size_bytes})
+        if not done.rowcount:  # the row moved on meanwhile (deleting): report what it is now
+            row = conn.execute(select(VolumeRow.__table__).where(VolumeRow.id == volume.id))
+            current = row.first()
+            if current is None:
+                raise NotFound(f"volume {volume.id} does not exist", field="volume_id")
+            return volume_model(current, _published(conn, [volume.id]).get(volume.id, []))
     return volume.model_copy(update={"state": VolumeState.AVAILABLE})
 
 
