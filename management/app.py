@@ -12,11 +12,11 @@ from fastapi import FastAPI
 
 from management import problems
 from management.agents import AgentClients
-from management.auth import bearer_dependency
 from management.context import DEFAULT_HEARTBEAT_TIMEOUT, Context
 from management.db import Database
 from management.inventory import ensure_default_vpg
 from management.routes import health, v1_router
+from tessera.rest import BearerAuth
 
 
 def create_app(
@@ -51,5 +51,6 @@ def create_app(
     app.state.ctx = ctx
     problems.install(app)
     app.include_router(health)
-    app.include_router(v1_router(bearer_dependency(token)))
+    app.add_middleware(BearerAuth, token=token)
+    app.include_router(v1_router(ctx))
     return app

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Query, Response
 
 from management import attachments, inventory, volumes
 from management.context import Context
@@ -28,13 +28,8 @@ from tessera.models import (
     Vpg,
     VpgCreate,
 )
+from tessera.rest import json_response
 
-
-def get_ctx(request: Request) -> Context:
-    return request.app.state.ctx
-
-
-Ctx = Annotated[Context, Depends(get_ctx)]
 PageToken = Annotated[str, Query(description="next_token of the previous page")]
 MaxEntries = Annotated[
     int, Query(ge=0, description="page size; 0 = default (100), clamped to 1000")
@@ -48,40 +43,44 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-def v1_router(auth: object) -> APIRouter:
-    """Every /v1 route, behind the bearer-token dependency."""
-    r = APIRouter(prefix="/v1", dependencies=[Depends(auth)])
+def v1_router(ctx: Context) -> APIRouter:
+    """Every /v1 route (the app's BearerAuth middleware guards the prefix).
+
+    Handlers return `json_response(model)`: the declared response_model is
+    for the OpenAPI document, the model is ours and needs no re-validation.
+    """
+    r = APIRouter(prefix="/v1")
 
     # ---- nodes and pools ----
     @r.put("/nodes/{node_id}", response_model=Node, tags=["nodes"])
-    def register_node(ctx: Ctx, node_id: str, body: NodeRegistration) -> Node:
-        return inventory.register_node(ctx, node_id, body)
+    def register_node(node_id: str, body: NodeRegistration) -> Response:
+        return json_response(inventory.register_node(ctx, node_id, body))
 
     @r.post("/nodes/{node_id}/heartbeat", status_code=204, tags=["nodes"])
-    def heartbeat(ctx: Ctx, node_id: str) -> Response:
+    def heartbeat(node_id: str) -> Response:
         inventory.heartbeat(ctx, node_id)
         return Response(status_code=204)
 
     @r.get("/nodes", response_model=Page[Node], tags=["nodes"])
-    def list_nodes(ctx: Ctx, page_token: PageToken = "", max_entries: MaxEntries = 0) -> Page[Node]:
-        return inventory.list_nodes(ctx, page_token, max_entries)
+    def list_nodes(page_token: PageToken = "", max_entries: MaxEntries = 0) -> Response:
+        return json_response(inventory.list_nodes(ctx, page_token, max_entries))
 
     @r.get("/nodes/{node_id}", response_model=Node, tags=["nodes"])
-    def get_node(ctx: Ctx, node_id: str) -> Node:
-        return inventory.get_node(ctx, node_id)
+    def get_node(node_id: str) -> Response:
+        return json_response(inventory.get_node(ctx, node_id))
 
     @r.put("/nodes/{node_id}/pools/{pool}", response_model=Pool, tags=["pools"])
-    def register_pool(ctx: Ctx, node_id: str, pool: str, body: PoolRegistration) -> Pool:
-        return inventory.register_pool(ctx, node_id, pool, body)
+    def register_pool(node_id: str, pool: str, body: PoolRegistration) -> Response:
+        return json_response(inventory.register_pool(ctx, node_id, pool, body))
 
     @r.get("/pools", response_model=Page[Pool], tags=["pools"])
-    def list_pools(ctx: Ctx, page_token: PageToken = "", max_entries: MaxEntries = 0) -> Page[Pool]:
-        return inventory.list_pools(ctx, page_token, max_entries)
+    def list_pools(page_token: PageToken = "", max_entries: MaxEntries = 0) -> Response:
+        return json_response(inventory.list_pools(ctx, page_token, max_entries))
 
     # ---- vpgs and capacity ----
     @r.get("/vpgs", response_model=Page[Vpg], tags=["vpgs"])
-    def list_vpgs(ctx: Ctx, page_token: PageToken = "", max_entries: MaxEntries = 0) -> Page[Vpg]:
-        return inventory.list_vpgs(ctx, page_token, max_entries)
+    def list_vpgs(page_token: PageToken = "", max_entries: MaxEntries = 0) -> Response:
+        return json_response(inventory.list_vpgs(ctx, page_token, max_entries))
 
     @r.post(
         "/vpgs",
@@ -90,14 +89,13 @@ def v1_router(auth: object) -> APIRouter:
         tags=["vpgs"],
         responses={200: {"model": Vpg, "description": "already exists with the same layout"}},
     )
-    def create_vpg(ctx: Ctx, body: VpgCreate, response: Response) -> Vpg:
+    def create_vpg(body: VpgCreate) -> Response:
         vpg, created = inventory.create_vpg(ctx, body)
-        response.status_code = 201 if created else 200
-        return vpg
+        return json_response(vpg, 201 if created else 200)
 
     @r.get("/capacity", response_model=Capacity, tags=["capacity"])
-    def capacity(ctx: Ctx, vpg: str = "default", node_id: str = "") -> Capacity:
-        return inventory.capacity(ctx, vpg, node_id)
+    def capacity(vpg: str = "default", node_id: str = "") -> Response:
+        return json_response(inventory.capacity(ctx, vpg, node_id))
 
     # ---- volumes ----
     @r.post(
@@ -107,42 +105,39 @@ def v1_router(auth: object) -> APIRouter:
         tags=["volumes"],
         responses={200: {"model": Volume, "description": "same name, compatible request"}},
     )
-    def create_volume(ctx: Ctx, body: VolumeCreate, response: Response) -> Volume:
+    def create_volume(body: VolumeCreate) -> Response:
         volume, created = volumes.create_volume(ctx, body)
-        response.status_code = 201 if created else 200
-        return volume
+        return json_response(volume, 201 if created else 200)
 
     @r.get("/volumes", response_model=Page[Volume], tags=["volumes"])
-    def list_volumes(
-        ctx: Ctx, page_token: PageToken = "", max_entries: MaxEntries = 0
-    ) -> Page[Volume]:
-        return volumes.list_volumes(ctx, page_token, max_entries)
+    def list_volumes(page_token: PageToken = "", max_entries: MaxEntries = 0) -> Response:
+        return json_response(volumes.list_volumes(ctx, page_token, max_entries))
 
     @r.get("/volumes/{volume_id}", response_model=Volume, tags=["volumes"])
-    def get_volume(ctx: Ctx, volume_id: str) -> Volume:
-        return volumes.get_volume(ctx, volume_id)
+    def get_volume(volume_id: str) -> Response:
+        return json_response(volumes.get_volume(ctx, volume_id))
 
     @r.delete("/volumes/{volume_id}", status_code=204, tags=["volumes"])
-    def delete_volume(ctx: Ctx, volume_id: str) -> Response:
+    def delete_volume(volume_id: str) -> Response:
         volumes.delete_volume(ctx, volume_id)
         return Response(status_code=204)
 
     @r.post("/volumes/{volume_id}/expand", response_model=Volume, tags=["volumes"])
-    def expand_volume(ctx: Ctx, volume_id: str, body: VolumeExpand) -> Volume:
-        return volumes.expand_volume(ctx, volume_id, body)
+    def expand_volume(volume_id: str, body: VolumeExpand) -> Response:
+        return json_response(volumes.expand_volume(ctx, volume_id, body))
 
     # ---- attachments ----
     @r.put("/volumes/{volume_id}/attachments/{node_id}", response_model=Attachment, tags=["attach"])
-    def attach(ctx: Ctx, volume_id: str, node_id: str, body: AttachmentCreate) -> Attachment:
-        return attachments.attach(ctx, volume_id, node_id, body)
+    def attach(volume_id: str, node_id: str, body: AttachmentCreate) -> Response:
+        return json_response(attachments.attach(ctx, volume_id, node_id, body))
 
     @r.delete("/volumes/{volume_id}/attachments/{node_id}", status_code=204, tags=["attach"])
-    def detach(ctx: Ctx, volume_id: str, node_id: str) -> Response:
+    def detach(volume_id: str, node_id: str) -> Response:
         attachments.detach(ctx, volume_id, node_id)
         return Response(status_code=204)
 
     @r.get("/volumes/{volume_id}/attachments", tags=["attach"])
-    def list_attachments(ctx: Ctx, volume_id: str) -> dict[str, list[Attachment]]:
+    def list_attachments(volume_id: str) -> dict[str, list[Attachment]]:
         return {"items": attachments.list_attachments(ctx, volume_id)}
 
     return r
