@@ -8,10 +8,12 @@ PostgreSQL, so the space they see stays theirs until commit.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, Select, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from management.schema import NodeRow, PoolRow, VolumeRow
@@ -49,6 +51,29 @@ _ALLOCATED = (
 )
 
 
+def _pool_space_statement(by_node: bool, lock: bool) -> Select[Any]:
+    stmt = (
+        select(PoolRow.node_id, PoolRow.name, PoolRow.capacity_bytes, _ALLOCATED, NodeRow.agent_url)
+        .join(NodeRow, NodeRow.id == PoolRow.node_id)
+        .where(NodeRow.last_heartbeat >= bindparam("online_since"))
+        .order_by(PoolRow.node_id, PoolRow.name)
+    )
+    if by_node:
+        stmt = stmt.where(PoolRow.node_id.in_(bindparam("node_ids", expanding=True)))
+    if lock:
+        stmt = stmt.with_for_update(of=PoolRow)
+    return stmt
+
+
+# Built once: placement runs one of these for every volume create, and
+# building and cache-keying a statement costs more than SQLite running it.
+_POOL_SPACE = {
+    (by_node, lock): _pool_space_statement(by_node, lock)
+    for by_node in (False, True)
+    for lock in (False, True)
+}
+
+
 def pool_space(
     conn: Session | Connection,
     *,
@@ -58,24 +83,16 @@ def pool_space(
 ) -> list[PoolSpace]:
     """Pools (optionally only of online nodes / given nodes) with their allocation.
 
-    One Core statement: placement runs it for every volume create. The
-    allocation is a correlated subquery rather than a GROUP BY so that
-    PostgreSQL accepts FOR UPDATE on the pool rows.
+    One statement. The allocation is a correlated subquery rather than a
+    GROUP BY so that PostgreSQL accepts FOR UPDATE on the pool rows.
     """
-    stmt = (
-        select(PoolRow.node_id, PoolRow.name, PoolRow.capacity_bytes, _ALLOCATED, NodeRow.agent_url)
-        .join(NodeRow, NodeRow.id == PoolRow.node_id)
-        .order_by(PoolRow.node_id, PoolRow.name)
-    )
-    if online_since is not None:
-        stmt = stmt.where(NodeRow.last_heartbeat >= online_since)
+    stmt = _POOL_SPACE[node_ids is not None, lock]
+    params: dict[str, Any] = {"online_since": -math.inf if online_since is None else online_since}
     if node_ids is not None:
-        stmt = stmt.where(PoolRow.node_id.in_(list(node_ids)))
-    if lock:
-        stmt = stmt.with_for_update(of=PoolRow)
+        params["node_ids"] = list(node_ids)
     return [
         PoolSpace(node_id, name, capacity, int(allocated), agent_url)
-        for node_id, name, capacity, allocated, agent_url in conn.execute(stmt)
+        for node_id, name, capacity, allocated, agent_url in conn.execute(stmt, params)
     ]
 
 

@@ -159,13 +159,14 @@ def _place(ctx: Context, conn: Connection, req: VolumeCreate, size: int) -> tupl
         created_at=ctx.clock(),
     )
     row = volume.model_dump(include=_INSERTED, mode="json")
-    conn.execute(insert(VolumeRow), [{**row, "agent_size_bytes": 0}])
+    conn.execute(_INSERT, [{**row, "agent_size_bytes": 0}])
     return volume, chosen.agent_url
 
 
 # The statements every create runs, built once; Core, not ORM (see Database.write_connection).
 _BY_NAME = select(VolumeRow.__table__).where(VolumeRow.name == bindparam("name"))
 _AGENT_URL = select(NodeRow.agent_url).where(NodeRow.id == bindparam("node_id"))
+_INSERT = insert(VolumeRow)
 _INSERTED = {column.key for column in VolumeRow.__table__.columns} - {"agent_size_bytes"}
 _CREATED = (
     update(VolumeRow)
