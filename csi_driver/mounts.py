@@ -1,17 +1,21 @@
-"""Filesystems and mounts, over util-linux and the kernel's mount table.
+"""Filesystems and mounts, over the kernel's mount table.
 
-Every command is an argument list with a timeout. The mount table
+Probing (libblkid), sizing (BLKGETSIZE64), mounting and unmounting are
+in-process calls (tessera.linux); only mkfs and the resize tools still run
+as commands, each an argument list with a timeout. The mount table
 (/proc/self/mountinfo) is the only record of what is mounted where: the
 plugin keeps no state of its own, so a restart loses nothing.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from tessera import linux
 from tessera.errors import FailedPrecondition, Internal, InvalidArgument, Unavailable
 
 TIMEOUT = 120
@@ -120,18 +124,23 @@ def probe_filesystem(device: str) -> str | None:
     """The signature on a device, or None when it is blank.
 
     A probe that fails is an error, never "blank": formatting on a wrong
-    guess would destroy data.
+    guess would destroy data. Two signatures that contradict each other are
+    not blank either.
     """
-    res = _run(["blkid", "-p", "-o", "export", device])
-    if res.returncode == 2:
+    try:
+        found = linux.probe_signatures(device)
+    except OSError as exc:
+        raise Unavailable(
+            f"could not probe {device} for a filesystem: {exc.strerror or exc}"
+        ) from exc
+    if found.status is linux.ProbeStatus.BLANK:
         return None
-    if res.returncode != 0:
-        raise Unavailable(f"could not probe {device} for a filesystem: {res.stderr.strip()}")
-    fields = dict(line.split("=", 1) for line in res.stdout.splitlines() if "=" in line)
-    if "TYPE" in fields:
-        return fields["TYPE"]
-    if "PTTYPE" in fields:
-        return f"partition table ({fields['PTTYPE']})"
+    if found.status is linux.ProbeStatus.AMBIVALENT:
+        return "ambivalent signatures (more than one filesystem or partition table)"
+    if found.type:
+        return found.type
+    if found.pttype:
+        return f"partition table ({found.pttype})"
     return "an unknown signature"
 
 
@@ -163,35 +172,69 @@ def resize_filesystem(device: str, mountpoint: str, fs_type: str) -> None:
 
 
 def device_size(device: str) -> int:
-    res = _run(["blockdev", "--getsize64", device])
-    if res.returncode != 0:
-        raise Unavailable(f"could not read the size of {device}: {res.stderr.strip()}")
-    return int(res.stdout.strip())
+    try:
+        return linux.block_device_size(device)
+    except OSError as exc:
+        raise Unavailable(f"could not read the size of {device}: {exc.strerror or exc}") from exc
 
 
 # ---- mounting ------------------------------------------------------------------------
 
 
 def mount(source: str, target: str, fs_type: str, options: list[str]) -> None:
-    args = ["mount", "-t", fs_type]
-    if options:
-        args += ["-o", ",".join(options)]
-    _check([*args, source, target], f"mounting {source} on {target}")
+    """Mount a filesystem; options are mount(8)-style ("ro", "noatime", "discard", ...)."""
+    what = f"mounting {source} on {target} ({fs_type}, {','.join(options) or 'defaults'})"
+    try:
+        flags, data = linux.parse_mount_options(options)
+    except ValueError as exc:
+        raise InvalidArgument(
+            f"{what}: {exc}", field="volume_capability.mount.mount_flags"
+        ) from exc
+    # The device's own name, as mount(8) would record it in the mount table.
+    device = os.path.realpath(source) if os.path.isabs(source) else source
+    try:
+        linux.mount(device, target, fs_type, flags, data)
+    except OSError as exc:
+        hint = ""
+        if exc.errno == errno.EINVAL:
+            hint = f" (an option is not valid for {fs_type}, or {source} holds no {fs_type})"
+        elif exc.errno in (errno.EACCES, errno.EROFS) and not flags & linux.MS_RDONLY:
+            hint = " (the device is read-only; it can only be mounted with 'ro')"
+        raise Internal(f"{what} failed: {exc.strerror}{hint}") from exc
 
 
 def bind_mount(source: str, target: str, readonly: bool) -> None:
-    _check(["mount", "--bind", source, target], f"bind-mounting {source} on {target}")
+    """Bind source (a directory, or a device node onto a file) on target."""
+    try:
+        linux.mount(source, target, None, linux.MS_BIND, "")
+    except OSError as exc:
+        raise Internal(f"bind-mounting {source} on {target} failed: {exc.strerror}") from exc
     if readonly:
-        # A bind mount ignores "ro" on the first call; it takes a remount.
-        res = _run(["mount", "-o", "remount,bind,ro", target])
-        if res.returncode != 0:
-            _run(["umount", target])
-            raise Internal(f"making {target} read-only failed: {res.stderr.strip()}")
+        # A bind mount ignores "ro" on the first call; it takes a remount,
+        # which must repeat the nosuid/nodev/noexec the bind inherited.
+        try:
+            keep = linux.per_mount_flags(target)
+            linux.mount(
+                None, target, None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY | keep, ""
+            )
+        except OSError as exc:
+            try:
+                linux.umount(target)
+            except OSError:
+                pass  # the error worth reporting is the one below
+            raise Internal(f"making {target} read-only failed: {exc.strerror}") from exc
 
 
 def unmount(target: str) -> None:
-    """Unmount every mount stacked on target; not mounted is fine."""
+    """Unmount every mount stacked on target; not mounted is fine.
+
+    Never lazily (MNT_DETACH): a busy mount is reported, not hidden.
+    """
     while is_mount(target):
-        res = _run(["umount", target])
-        if res.returncode != 0:
-            raise FailedPrecondition(f"cannot unmount {target}: {res.stderr.strip()}")
+        try:
+            linux.umount(target)
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.ENOENT) and not is_mount(target):
+                return  # someone else unmounted it meanwhile
+            reason = "target is busy" if exc.errno == errno.EBUSY else exc.strerror
+            raise FailedPrecondition(f"cannot unmount {target}: {reason}") from exc
