@@ -418,9 +418,7 @@ def test_publishing_on_another_node_is_recorded_and_uses_the_nbd_transport(
     stack: Stack,
 ) -> None:
     volume = create(stack, "pvc-remote", accessibility_requirements=_on("n1"))
-    resp = stack.csi.controller.ControllerPublishVolume(
-        publish_req(volume.volume_id, node_id="n2")
-    )
+    resp = stack.csi.controller.ControllerPublishVolume(publish_req(volume.volume_id, node_id="n2"))
     assert resp.publish_context["transport"] == "nbd"
     assert resp.publish_context["ownerNode"] == "n1"
     assert stack.mgmt.get_volume(volume.volume_id).published_nodes == ["n2"]
