@@ -3,8 +3,8 @@
 Every RPC validates its request, then acts under the volume's lock. What
 is mounted where is read from the kernel each time, so a restarted plugin
 picks up exactly where the last one stopped. Data is never put at risk: a
-device is formatted only when `blkid` says it is blank, and a target is
-removed only once it is no longer a mount, never recursively.
+device is formatted only when libblkid's probe says it is blank, and a
+target is removed only once it is no longer a mount, never recursively.
 """
 
 from __future__ import annotations
