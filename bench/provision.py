@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from csi_driver._gen import csi_pb2
 from tessera.dev.csi_client import CsiClient, mount_capability
+from tessera.dev.release import mounts_under
 
 GiB = 1024**3
 MiB = 1024**2
@@ -70,6 +72,16 @@ class Stack:
         self.csi.close()
         self.proc.terminate()
         self.proc.wait(timeout=60)
+        remove_unmounted(self.dir)
+
+
+def remove_unmounted(directory: Path) -> None:
+    """Remove a scratch directory, unless something is still mounted below it."""
+    leftover = mounts_under(directory)
+    if leftover:
+        print(f"left {directory} in place: still mounted: {leftover}", file=sys.stderr)
+        return
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def create(stack: Stack, name: str, size: int) -> tuple[str, float]:
@@ -209,6 +221,7 @@ def main() -> int:
         )
     finally:
         stack.close()
+        remove_unmounted(work)
     return 0
 
 
