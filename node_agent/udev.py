@@ -1,7 +1,7 @@
 """Waiting for a block device node to be usable.
 
-After `losetup` the kernel announces the device with a uevent and udev
-(or devtmpfs) makes the node. We listen for that event with pyudev
+After a loop device is bound the kernel announces it with a uevent and
+udev (or devtmpfs) makes the node. We listen for that event with pyudev
 instead of guessing a sleep. Hosts without udevd (containers, this dev
 box) still get kernel uevents; where netlink is unavailable at all, a
 short, bounded existence check is the fallback.
