@@ -115,7 +115,9 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                 f"{top.source}, not this volume's {fs_type}",
                 field="staging_target_path",
             )
-        found = mounts.probe_filesystem(device)
+        # `blank` is the agent's proof that nothing was ever written (no
+        # allocated blocks behind a flushed device): stronger than a probe.
+        found = None if attachment.blank else mounts.probe_filesystem(device)
         if found is None:
             if readonly:
                 raise FailedPrecondition(

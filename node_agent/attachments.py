@@ -100,6 +100,7 @@ class AttachmentManager:
             transport=device.transport,
             readonly=device.readonly,
             size_bytes=self.transports[device.transport].size_bytes(device.path),
+            blank=_never_written(device.path, Path(device.backing)),
         )
 
     # ---- attach / detach ---------------------------------------------------
@@ -212,3 +213,27 @@ class AttachmentManager:
             elif is_volume_id(entry.name) and os.readlink(entry) != live.get(entry.name):
                 log.warning("removing stale link %s -> %s", entry, os.readlink(entry))
                 entry.unlink(missing_ok=True)
+
+
+
+def _never_written(device: str, backing_file: Path) -> bool:
+    """True when nothing was ever written to the volume: every byte reads as zero.
+
+    The backing file has no allocated blocks (delayed allocations count in
+    st_blocks on ext4, xfs and btrfs; volume files are far too large for
+    inline data), checked again after flushing the device, so no write can
+    be waiting in its page cache. A freshly provisioned volume is the common
+    case, and this spares staging a signature probe of it. A file with data
+    is answered from one stat, without touching its (maybe mounted) device.
+    """
+    try:
+        if backing_file.stat().st_blocks:
+            return False
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return backing_file.stat().st_blocks == 0
+    except OSError:
+        return False  # cannot tell: the caller probes

@@ -188,3 +188,11 @@ class AgentAttachment(BaseModel):
     transport: str = "loop"
     readonly: bool
     size_bytes: int
+    blank: bool = Field(
+        default=False,
+        description=(
+            "true only when nothing was ever written to the volume (its backing file has no "
+            "allocated blocks, checked after flushing the device): it reads as zeros, so "
+            "staging may format it without probing for signatures"
+        ),
+    )

@@ -83,6 +83,24 @@ def test_reattach_is_idempotent(agent: Agent) -> None:
         agent.attach(vid, readonly=True)
 
 
+def test_only_a_never_written_volume_is_reported_blank(agent: Agent) -> None:
+    vid = new_volume(agent)
+    assert agent.attach(vid, readonly=False).blank
+    with open(agent.dev_dir / vid, "r+b") as device:
+        device.write(b"\x01" * 4096)
+        device.flush()  # in the device's page cache only: the file has no blocks yet
+        assert not agent.attach(vid, readonly=False).blank
+        assert not agent.get_attachment(vid).blank
+
+
+def test_a_volume_with_a_filesystem_is_not_blank(agent: Agent) -> None:
+    vid = new_volume(agent)
+    att = agent.attach(vid, readonly=False)
+    subprocess.run(["mkfs.ext4", "-q", att.device], check=True, capture_output=True, timeout=120)
+    agent.detach(vid)
+    assert not agent.attach(vid, readonly=False).blank
+
+
 def test_new_agent_recovers_the_same_device_without_attaching_again(agent: Agent) -> None:
     vid = new_volume(agent)
     first = agent.attach(vid, readonly=False)
