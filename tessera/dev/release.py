@@ -7,14 +7,15 @@ whole dev stack down releases them.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import subprocess
 from pathlib import Path
 
-from csi_driver.mounts import mount_table, uses_device
+from csi_driver.mounts import mount_table, unmount, uses_device
+from node_agent import loopdev
 from tessera.dev.pool import loop_devices_backed_by
+from tessera.errors import TesseraError
 
-TIMEOUT = 30
 DEV_DIR = Path("/dev/tessera")
 
 
@@ -34,13 +35,16 @@ def mounts_under(prefix: Path) -> list[str]:
 
 
 def release_volumes(pool_dir: Path) -> None:
+    """Best effort: what cannot be released (a busy mount) is left for the caller to report."""
     volumes_dir = pool_dir / "volumes"
     loops = loop_devices_backed_by(volumes_dir) if volumes_dir.exists() else []
     devices = [dev for dev, _ in loops]
     for mountpoint in reversed(mounts_of_devices(devices)):
-        subprocess.run(["umount", mountpoint], capture_output=True, timeout=TIMEOUT, check=False)
+        with contextlib.suppress(TesseraError):
+            unmount(mountpoint)
     for dev, backing in loops:
         link = DEV_DIR / Path(backing).stem
         if link.is_symlink() and os.path.realpath(link) == dev:
             link.unlink()
-        subprocess.run(["losetup", "-d", dev], capture_output=True, timeout=TIMEOUT, check=False)
+        with contextlib.suppress(OSError):
+            loopdev.detach(dev)
