@@ -17,6 +17,7 @@ from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
@@ -72,7 +73,11 @@ class Database:
         # fair and immediate; leaving it to SQLite's busy handler makes them
         # sleep in growing steps (up to 100 ms each), which under 16 parallel
         # creates gave a 2 s p99. PostgreSQL locks rows instead.
-        self._writer = threading.Lock() if url.startswith("sqlite") else nullcontext()
+        self._sqlite = url.startswith("sqlite")
+        self._writer = threading.Lock() if self._sqlite else nullcontext()
+        #: SQLite: the one writer's connection, kept open (checked out and
+        #: returned per transaction it cost as much as the statements).
+        self._writer_conn: Connection | None = None
         self._write_engine = self.engine.execution_options(**{_WRITE: True})
         self._read = sessionmaker(bind=self.engine, expire_on_commit=False)
         self._write = sessionmaker(bind=self._write_engine, expire_on_commit=False)
@@ -98,8 +103,26 @@ class Database:
         For the few statements every volume create runs: the ORM's unit of
         work costs more than the SQL itself there.
         """
-        with self._writer, self._write_engine.begin() as conn:
-            yield conn
+        if not self._sqlite:
+            with self._write_engine.begin() as conn:
+                yield conn
+            return
+        with self._writer:
+            if self._writer_conn is None or self._writer_conn.closed:
+                self._writer_conn = self._write_engine.connect()
+            try:
+                with self._writer_conn.begin():
+                    yield self._writer_conn
+            except DBAPIError:
+                # Whatever the driver said (locked by another process, I/O
+                # error), the next transaction starts on a fresh connection.
+                self._writer_conn.close()
+                self._writer_conn = None
+                raise
 
     def dispose(self) -> None:
+        with self._writer:
+            if self._writer_conn is not None:
+                self._writer_conn.close()
+                self._writer_conn = None
         self.engine.dispose()

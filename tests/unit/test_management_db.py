@@ -1,0 +1,43 @@
+"""The SQLite store's write path against a real database file."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from sqlalchemy.exc import OperationalError
+
+import management.db
+from management.db import Database
+
+
+def test_writes_resume_after_another_process_held_the_database_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(management.db, "BUSY_TIMEOUT_MS", 200)
+    db = Database(f"sqlite:///{tmp_path / 'm.db'}")
+    with db.write_connection() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+    intruder = sqlite3.connect(tmp_path / "m.db", isolation_level=None)
+    intruder.execute("BEGIN IMMEDIATE")  # e.g. an admin's sqlite3 shell mid-transaction
+    with pytest.raises(OperationalError), db.write_connection() as conn:
+        conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+    intruder.execute("ROLLBACK")
+    with db.write_connection() as conn:
+        conn.exec_driver_sql("INSERT INTO t VALUES (2)")
+    with db.write_connection() as conn:
+        assert conn.exec_driver_sql("SELECT x FROM t").fetchall() == [(2,)]
+    db.dispose()
+
+
+def test_a_failed_transaction_leaves_nothing_behind(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'm.db'}")
+    with db.write_connection() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+    with pytest.raises(RuntimeError), db.write_connection() as conn:
+        conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+        raise RuntimeError("placement refused")
+    with db.write_connection() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM t").scalar() == 0
+    db.dispose()
