@@ -10,6 +10,7 @@ import uvicorn
 from management.app import create_app
 from management.context import DEFAULT_HEARTBEAT_TIMEOUT
 from tessera.http import read_token
+from tessera.rest import server_options
 
 
 def parse_listen(listen: str) -> dict[str, object]:
@@ -55,8 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     app = create_app(
         args.db, token, agent_token=agent_token, heartbeat_timeout=args.heartbeat_timeout
     )
-    # Request lines carry no tokens, but one per call is noise at info level.
-    uvicorn.run(app, log_level="info", access_log=args.access_log, **bind)  # type: ignore[arg-type]
+    uvicorn.run(app, log_level="info", **server_options(args.access_log), **bind)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

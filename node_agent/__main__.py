@@ -28,6 +28,7 @@ from node_agent.registration import Registrar
 from tessera.clients import ManagementClient
 from tessera.errors import TesseraError
 from tessera.http import read_token
+from tessera.rest import server_options
 
 log = logging.getLogger("node_agent")
 
@@ -44,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--advertise-url", default="", help="default: unix://<socket>")
     p.add_argument("--no-register", action="store_true", help="serve locally only")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--access-log", action="store_true", help="log every request line")
     return p.parse_args(argv)
 
 
@@ -93,9 +95,12 @@ def _remove_stale_socket(path: Path) -> None:
     raise SystemExit(f"another process is serving on {path}")
 
 
-def serve(agent: Agent, token: str, sock: socket.socket, log_level: str) -> None:
+def serve(agent: Agent, token: str, sock: socket.socket, log_level: str, access_log: bool) -> None:
     config = uvicorn.Config(
-        create_app(agent, token), log_level=log_level, timeout_graceful_shutdown=5
+        create_app(agent, token),
+        log_level=log_level,
+        timeout_graceful_shutdown=5,
+        **server_options(access_log),
     )
     uvicorn.Server(config).run(sockets=[sock])
 
@@ -132,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _ignore_replayed_signal)
     signal.signal(signal.SIGINT, _ignore_replayed_signal)
     try:
-        serve(agent, token, sock, args.log_level)
+        serve(agent, token, sock, args.log_level, args.access_log)
     finally:
         if registrar is not None:
             registrar.stop()

@@ -215,7 +215,6 @@ class AttachmentManager:
                 entry.unlink(missing_ok=True)
 
 
-
 def _never_written(device: str, backing_file: Path) -> bool:
     """True when nothing was ever written to the volume: every byte reads as zero.
 

@@ -41,6 +41,21 @@ _MESSAGES = {
 }
 
 
+def server_options(access_log: bool) -> dict[str, Any]:
+    """uvicorn settings both REST services share.
+
+    No per-request lines unless asked for (the services log what they did,
+    with the volume it concerned); no proxy-header rewriting, Server or Date
+    headers: peers are Tessera's own clients, and each is work on every call.
+    """
+    return {
+        "access_log": access_log,
+        "proxy_headers": False,
+        "server_header": False,
+        "date_header": False,
+    }
+
+
 def json_response(model: BaseModel, status_code: int = 200) -> Response:
     """A model as JSON, serialized by pydantic in one pass.
 
