@@ -44,12 +44,20 @@ def create(pool: Pool, volume_id: str, size_bytes: int) -> AgentVolume:
         return _same_size_or_conflict(pool, volume_id, size_bytes)
     tmp = path.with_name(f"{TMP_PREFIX}{volume_id}-{uuid.uuid4().hex[:8]}")
     try:
-        _make_sparse(tmp, size_bytes)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            os.link(tmp, path)
-        except FileExistsError:
-            # Lost a race with another creator (another agent instance, a retry).
-            return _same_size_or_conflict(pool, volume_id, size_bytes)
+            _truncate(fd, size_bytes)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                # Lost a race with another creator (another agent instance, a retry).
+                return _same_size_or_conflict(pool, volume_id, size_bytes)
+            # The file, then its directory entry, made durable. Linking first
+            # lets a journaling filesystem commit both in one log force (the
+            # link changes the file's inode too), so the second fsync is cheap.
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
@@ -59,21 +67,16 @@ def create(pool: Pool, volume_id: str, size_bytes: int) -> AgentVolume:
 
 def _same_size_or_conflict(pool: Pool, volume_id: str, size_bytes: int) -> AgentVolume:
     current = describe(pool, volume_id)
+    if current.size_bytes == 0:
+        # Named but never sized: only a crash on a filesystem that did not keep
+        # the size with the name leaves this. Empty holds no data; finish it.
+        return resize(pool, volume_id, size_bytes)
     if current.size_bytes != size_bytes:
         raise AlreadyExists(
             f"volume {volume_id} exists with size {current.size_bytes}, not {size_bytes}",
             field="size_bytes",
         )
     return current
-
-
-def _make_sparse(path: Path, size_bytes: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        _truncate(fd, size_bytes)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _truncate(fd: int, size_bytes: int) -> None:

@@ -166,3 +166,9 @@ def test_volume_locks_serialize_one_volume() -> None:
         t.join()
     assert peak == 1
     assert locks._locks == {}, "lock table must not grow"
+
+
+def test_a_named_but_empty_volume_file_left_by_a_crash_is_finished(pool: Pool) -> None:
+    vid = new_volume_id()
+    pool.volume_path(vid, missing_is_not_found=False).touch(mode=0o600)
+    assert volumes.create(pool, vid, 10 * MiB).size_bytes == 10 * MiB
