@@ -262,8 +262,13 @@ def _configure(loop_fd: int, file_fd: int, volume_file: str, readonly: bool, dio
 
 def _loop_configure(loop_fd: int, file_fd: int, volume_file: str, flags: int) -> None:
     config = LoopConfig(fd=file_fd, block_size=0, info=_info(volume_file, flags))
+    _bind(loop_fd, LOOP_CONFIGURE, config)
+
+
+def _bind(loop_fd: int, request: int, arg: object) -> None:
+    """A binding ioctl; EBUSY (someone bound the device first) becomes LoopBusy."""
     try:
-        _ioctl(loop_fd, LOOP_CONFIGURE, config)
+        _ioctl(loop_fd, request, arg)
     except OSError as exc:
         if exc.errno == errno.EBUSY:
             raise LoopBusy(str(exc)) from exc
@@ -276,12 +281,7 @@ def _configure_legacy(loop_fd: int, file_fd: int, volume_file: str, dio: bool) -
     Read-only follows from the backing file being opened O_RDONLY. A failure
     after LOOP_SET_FD unbinds the device again, so nothing half-made is left.
     """
-    try:
-        _ioctl(loop_fd, LOOP_SET_FD, file_fd)
-    except OSError as exc:
-        if exc.errno == errno.EBUSY:
-            raise LoopBusy(str(exc)) from exc
-        raise
+    _bind(loop_fd, LOOP_SET_FD, file_fd)
     try:
         _ioctl(loop_fd, LOOP_SET_STATUS64, _info(volume_file, 0))
         if dio:
