@@ -17,9 +17,10 @@ import os
 import uuid
 from pathlib import Path
 
-from node_agent import blockdev
+from node_agent import blockdev, loopdev
 from node_agent.pools import Pool
 from node_agent.transports import BlockDevice, Transport
+from tessera import linux
 from tessera.errors import AlreadyExists, FailedPrecondition, NotFound
 from tessera.ids import check_volume_id, is_volume_id
 from tessera.models import AgentAttachment
@@ -100,7 +101,7 @@ class AttachmentManager:
             transport=device.transport,
             readonly=device.readonly,
             size_bytes=self.transports[device.transport].size_bytes(device.path),
-            blank=_never_written(device.path, Path(device.backing)),
+            blank=_never_written(device),
         )
 
     # ---- attach / detach ---------------------------------------------------
@@ -215,24 +216,39 @@ class AttachmentManager:
                 entry.unlink(missing_ok=True)
 
 
-def _never_written(device: str, backing_file: Path) -> bool:
+def _never_written(device: BlockDevice) -> bool:
     """True when nothing was ever written to the volume: every byte reads as zero.
 
-    The backing file has no allocated blocks (delayed allocations count in
-    st_blocks on ext4, xfs and btrfs; volume files are far too large for
-    inline data), checked again after flushing the device, so no write can
-    be waiting in its page cache. A freshly provisioned volume is the common
-    case, and this spares staging a signature probe of it. A file with data
-    is answered from one stat, without touching its (maybe mounted) device.
+    The file the loop device is really bound to (same device and inode) has
+    no allocated blocks, checked again after flushing the device, so no
+    write can be waiting in its page cache; and it lives on a filesystem
+    whose st_blocks counts delayed allocations the moment fsync returns
+    (ext4, xfs, btrfs, tmpfs; volume files are far too large for inline
+    data). Anything else answers False and staging probes the device. A
+    freshly provisioned volume is the common case, and this spares its
+    first stage a signature probe. A file with data is answered from one
+    stat, without touching its (maybe mounted) device.
     """
+    if device.transport != LOCAL_TRANSPORT:
+        return False
     try:
-        if backing_file.stat().st_blocks:
+        if _allocated(device) != 0:
             return False
-        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(device.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-        return backing_file.stat().st_blocks == 0
+        return _allocated(device) == 0
     except OSError:
         return False  # cannot tell: the caller probes
+
+
+def _allocated(device: BlockDevice) -> int | None:
+    """Blocks of the device's backing file; None unless it is provably that file."""
+    st = os.stat(device.backing)
+    if linux.filesystem_magic(device.backing) not in linux.BLOCK_COUNTING_FILESYSTEMS:
+        return None
+    if loopdev.backing_identity(device.path) != (st.st_dev, st.st_ino):
+        return None
+    return st.st_blocks

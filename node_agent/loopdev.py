@@ -304,6 +304,21 @@ def _clear_quietly(loop_fd: int) -> None:
         log.warning("could not unbind a half-configured loop device: %s", exc)
 
 
+def backing_identity(device: str) -> tuple[int, int]:
+    """(st_dev, st_ino) of the file the device is bound to, as the kernel holds it.
+
+    A path can be renamed or deleted and replaced while a device stays bound
+    to the old file; this is what the device really reads.
+    """
+    info = LoopInfo64()
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _ioctl(fd, LOOP_GET_STATUS64, info)
+    finally:
+        os.close(fd)
+    return info.lo_device, info.lo_inode
+
+
 def _direct_io_on(loop_fd: int) -> bool:
     """What the kernel made of the request (it may drop direct I/O silently).
 

@@ -205,6 +205,9 @@ def _setup_libc(lib: ctypes.CDLL) -> None:
     # int umount2(const char *target, int flags)
     lib.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
     lib.umount2.restype = ctypes.c_int
+    # int statfs(const char *path, struct statfs *buf)
+    lib.statfs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
+    lib.statfs.restype = ctypes.c_int
 
 
 def _libc() -> ctypes.CDLL:
@@ -218,6 +221,25 @@ def _oserror(filename: str) -> OSError:
 
 def _path(value: str | None) -> bytes | None:
     return None if value is None else os.fsencode(value)
+
+
+#: statfs(2) f_type of the filesystems whose st_blocks counts every block a
+#: file holds, delayed allocations included, the moment fsync returns.
+EXT4_SUPER_MAGIC = 0xEF53
+XFS_SUPER_MAGIC = 0x58465342
+BTRFS_SUPER_MAGIC = 0x9123683E
+TMPFS_MAGIC = 0x01021994
+BLOCK_COUNTING_FILESYSTEMS = frozenset(
+    {EXT4_SUPER_MAGIC, XFS_SUPER_MAGIC, BTRFS_SUPER_MAGIC, TMPFS_MAGIC}
+)
+
+
+def filesystem_magic(path: str) -> int:
+    """statfs(2)'s f_type for the filesystem holding path (its first field, a long)."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
+    if _libc().statfs(_path(path), buf) != 0:
+        raise _oserror(path)
+    return ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF
 
 
 def mount(source: str | None, target: str, fs_type: str | None, flags: int, data: str) -> None:

@@ -93,6 +93,18 @@ def test_only_a_never_written_volume_is_reported_blank(agent: Agent) -> None:
         assert not agent.get_attachment(vid).blank
 
 
+def test_a_device_bound_to_a_replaced_file_is_not_blank(agent: Agent) -> None:
+    vid = new_volume(agent)
+    att = agent.attach(vid, readonly=False)
+    with open(att.device, "r+b") as device:
+        device.write(b"\x01" * 4096)
+    path = agent.pools["default"].volume_path(vid)
+    path.unlink()  # the device still reads the old (written) inode
+    with open(path, "xb") as f:
+        f.truncate(64 * MiB)  # an empty file now carries the name
+    assert not agent.get_attachment(vid).blank
+
+
 def test_a_volume_with_a_filesystem_is_not_blank(agent: Agent) -> None:
     vid = new_volume(agent)
     att = agent.attach(vid, readonly=False)
