@@ -67,10 +67,10 @@ def _pool_space_statement(by_node: bool, lock: bool) -> Select[Any]:
 
 # Built once: placement runs one of these for every volume create, and
 # building and cache-keying a statement costs more than SQLite running it.
-_POOL_SPACE = {
-    (by_node, lock): _pool_space_statement(by_node, lock)
+_POOL_SPACE = {by_node: _pool_space_statement(by_node, False) for by_node in (False, True)}
+_LOCK_POOLS = {
+    by_node: _pool_space_statement(by_node, True).with_only_columns(PoolRow.node_id)
     for by_node in (False, True)
-    for lock in (False, True)
 }
 
 
@@ -83,13 +83,18 @@ def pool_space(
 ) -> list[PoolSpace]:
     """Pools (optionally only of online nodes / given nodes) with their allocation.
 
-    One statement. The allocation is a correlated subquery rather than a
-    GROUP BY so that PostgreSQL accepts FOR UPDATE on the pool rows.
+    With `lock`, PostgreSQL first locks the pool rows FOR UPDATE and only
+    then sums their volumes, in a second statement: under READ COMMITTED
+    that statement's snapshot sees what a transaction we waited for
+    committed, so two creates can never both count the same free space.
+    SQLite needs no lock: BEGIN IMMEDIATE already serialises writers.
     """
-    stmt = _POOL_SPACE[node_ids is not None, lock]
     params: dict[str, Any] = {"online_since": -math.inf if online_since is None else online_since}
     if node_ids is not None:
         params["node_ids"] = list(node_ids)
+    if lock and conn.dialect.name != "sqlite":
+        conn.execute(_LOCK_POOLS[node_ids is not None], params)
+    stmt = _POOL_SPACE[node_ids is not None]
     return [
         PoolSpace(node_id, name, capacity, int(allocated), agent_url)
         for node_id, name, capacity, allocated, agent_url in conn.execute(stmt, params)

@@ -55,10 +55,14 @@ def create(pool: Pool, volume_id: str, size_bytes: int) -> AgentVolume:
             # The file, then its directory entry, made durable. Linking first
             # lets a journaling filesystem commit both in one log force (the
             # link changes the file's inode too), so the second fsync is cheap.
-            os.fsync(fd)
+            try:
+                os.fsync(fd)
+                _fsync_dir(path.parent)
+            except OSError:
+                path.unlink(missing_ok=True)  # our link: no name without a durable file
+                raise
         finally:
             os.close(fd)
-        _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
     log.info("created volume %s (%d bytes) in pool %s", volume_id, size_bytes, pool.name)
@@ -76,6 +80,10 @@ def _same_size_or_conflict(pool: Pool, volume_id: str, size_bytes: int) -> Agent
             f"volume {volume_id} exists with size {current.size_bytes}, not {size_bytes}",
             field="size_bytes",
         )
+    # A retry after a crash between naming the file and fsyncing it must not
+    # report success for a file that is not yet durable.
+    _fsync_file(Path(current.path))
+    _fsync_dir(Path(current.path).parent)
     return current
 
 
@@ -92,6 +100,14 @@ def _truncate(fd: int, size_bytes: int) -> None:
         if exc.errno == errno.ENOSPC:
             raise ResourceExhausted("pool filesystem is full") from exc
         raise
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(directory: Path) -> None:
