@@ -92,7 +92,8 @@ def pool_space(
     params: dict[str, Any] = {"online_since": -math.inf if online_since is None else online_since}
     if node_ids is not None:
         params["node_ids"] = list(node_ids)
-    if lock and conn.dialect.name != "sqlite":
+    bind = conn if isinstance(conn, Connection) else conn.get_bind()
+    if lock and bind.dialect.name != "sqlite":
         conn.execute(_LOCK_POOLS[node_ids is not None], params)
     stmt = _POOL_SPACE[node_ids is not None]
     return [

@@ -41,3 +41,17 @@ def test_a_failed_transaction_leaves_nothing_behind(tmp_path: Path) -> None:
     with db.write_connection() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM t").scalar() == 0
     db.dispose()
+
+
+def test_placement_on_postgresql_locks_pools_before_summing_their_volumes() -> None:
+    from sqlalchemy.dialects import postgresql
+
+    from management import placement
+
+    for by_node in (False, True):
+        lock = str(placement._LOCK_POOLS[by_node].compile(dialect=postgresql.dialect()))
+        space = str(placement._POOL_SPACE[by_node].compile(dialect=postgresql.dialect()))
+        # FOR UPDATE cannot share a statement with the aggregate: the sum must be
+        # read by a later statement, whose snapshot sees what the lock waited for.
+        assert "FOR UPDATE OF pools" in lock and "sum(" not in lock
+        assert "sum(" in space and "FOR UPDATE" not in space
