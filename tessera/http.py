@@ -21,7 +21,7 @@ import socket
 import ssl
 import threading
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 from tessera.errors import TesseraError, Unavailable, from_problem
 
@@ -31,7 +31,13 @@ MAX_IDLE = 32
 
 # A kept-alive connection the peer has meanwhile closed (idle timeout, restart)
 # fails like this on its next use; the request never reached the peer's handler.
-_STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+_STALE = (
+    http.client.RemoteDisconnected,
+    ConnectionResetError,
+    BrokenPipeError,
+    ssl.SSLEOFError,  # a TLS peer that hung up without close-notify
+    ssl.SSLZeroReturnError,
+)
 
 
 def read_token(path: str | os.PathLike[str]) -> str:
@@ -65,17 +71,28 @@ class _TcpConnection(http.client.HTTPConnection):
     """Connect with the short connect timeout, then wait for replies with the long one."""
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((self.host, self.port), CONNECT_TIMEOUT)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.settimeout(self.timeout)
+        self.sock = _tcp_socket(self.host, self.port, self.timeout)
 
 
 class _TlsConnection(http.client.HTTPSConnection):
     def connect(self) -> None:
-        sock = socket.create_connection((self.host, self.port), CONNECT_TIMEOUT)
+        sock = _tcp_socket(self.host, self.port, self.timeout)
+        try:
+            self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
+        except BaseException:
+            sock.close()  # a refused certificate must not leak the socket
+            raise
+
+
+def _tcp_socket(host: str, port: int | None, timeout: float | None) -> socket.socket:
+    sock = socket.create_connection((host, port), CONNECT_TIMEOUT)
+    try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(self.timeout)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
+        sock.settimeout(timeout)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class ConnectionPool:
@@ -91,6 +108,7 @@ class ConnectionPool:
         self._timeout = timeout
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
+        self._closed = False
         parts = urlsplit(url)
         if parts.scheme == "unix":
             self._base = ""
@@ -126,13 +144,15 @@ class ConnectionPool:
 
     def give_back(self, conn: http.client.HTTPConnection) -> None:
         with self._lock:
-            if len(self._idle) < MAX_IDLE:
+            if not self._closed and len(self._idle) < MAX_IDLE:
                 self._idle.append(conn)
                 return
         conn.close()
 
     def close(self) -> None:
+        """Close idle connections now; busy ones are closed when given back."""
         with self._lock:
+            self._closed = True
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
@@ -167,7 +187,7 @@ class JsonClient:
         params: dict[str, Any] | None = None,
     ) -> Any:
         """Send one request; the decoded JSON body, None for 204, or the peer's error."""
-        target = self._pool.path(path) + (f"?{urlencode(params)}" if params else "")
+        target = self._pool.path(quote(path)) + (f"?{urlencode(params)}" if params else "")
         headers = dict(self._headers)
         body = None
         if json is not None:
@@ -198,9 +218,15 @@ class JsonClient:
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
                 raise self._unreachable(exc) from exc
+            except BaseException:
+                conn.close()
+                raise
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
             raise self._unreachable(exc) from exc
+        except BaseException:
+            conn.close()  # in an unknown state: never back into the pool
+            raise
 
     def _once(
         self,
