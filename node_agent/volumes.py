@@ -57,7 +57,7 @@ def create(pool: Pool, volume_id: str, size_bytes: int) -> AgentVolume:
             # link changes the file's inode too), so the second fsync is cheap.
             try:
                 os.fsync(fd)
-                _fsync_dir(path.parent)
+                _fsync(path.parent)
             except OSError:
                 path.unlink(missing_ok=True)  # our link: no name without a durable file
                 raise
@@ -82,8 +82,8 @@ def _same_size_or_conflict(pool: Pool, volume_id: str, size_bytes: int) -> Agent
         )
     # A retry after a crash between naming the file and fsyncing it must not
     # report success for a file that is not yet durable.
-    _fsync_file(Path(current.path))
-    _fsync_dir(Path(current.path).parent)
+    _fsync(Path(current.path))
+    _fsync(Path(current.path).parent)
     return current
 
 
@@ -102,17 +102,9 @@ def _truncate(fd: int, size_bytes: int) -> None:
         raise
 
 
-def _fsync_file(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Make a file, or a directory's entries, durable (a crash cannot lose them)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the new directory entry durable, so a crash cannot lose a created volume."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
@@ -147,7 +139,7 @@ def delete(pool: Pool, volume_id: str) -> None:
         path.unlink()
     except FileNotFoundError:
         return
-    _fsync_dir(path.parent)
+    _fsync(path.parent)
     log.info("deleted volume %s from pool %s", volume_id, pool.name)
 
 
