@@ -7,13 +7,13 @@ online while its heartbeat is fresh, and only online nodes get new volumes.
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, bindparam, select, tuple_
+from sqlalchemy import Connection, bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from management.context import Context
 from management.limits import check_bytes, check_count, check_text
-from management.pagination import decode_token, encode_token, page_size
+from management.pagination import fetch_page
 from management.placement import PoolSpace, allocated_by_pool, pool_space
 from management.schema import NodeRow, PoolRow, VpgRow
 from tessera import ids
@@ -100,19 +100,9 @@ def get_node(ctx: Context, node_id: str) -> Node:
 
 
 def list_nodes(ctx: Context, page_token: str, max_entries: int) -> Page[Node]:
-    limit = page_size(max_entries)
-    after = decode_token(page_token, 1)
-    stmt = select(NodeRow).order_by(NodeRow.id).limit(limit + 1)
-    if after:
-        stmt = stmt.where(NodeRow.id > after[0])
     with ctx.db.read() as s:
-        rows = list(s.scalars(stmt))
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return Page[Node](
-        items=[node_model(ctx, r) for r in rows],
-        next_token=encode_token([rows[-1].id]) if more else "",
-    )
+        rows, token = fetch_page(s, NodeRow, [NodeRow.id], page_token, max_entries)
+    return Page[Node](items=[node_model(ctx, r) for r in rows], next_token=token)
 
 
 # ---- pools ---------------------------------------------------------------------------
@@ -145,21 +135,14 @@ def register_pool(ctx: Context, node_id: str, pool: str, reg: PoolRegistration) 
 
 
 def list_pools(ctx: Context, page_token: str, max_entries: int) -> Page[Pool]:
-    limit = page_size(max_entries)
-    after = decode_token(page_token, 2)
-    stmt = select(PoolRow).order_by(PoolRow.node_id, PoolRow.name).limit(limit + 1)
-    if after:
-        stmt = stmt.where(tuple_(PoolRow.node_id, PoolRow.name) > tuple_(*after))
+    keys = [PoolRow.node_id, PoolRow.name]
     with ctx.db.read() as s:
-        rows = list(s.scalars(stmt))
+        rows, token = fetch_page(s, PoolRow, keys, page_token, max_entries)
         used = allocated_by_pool(s)
-    more = len(rows) > limit
-    rows = rows[:limit]
     items = [
         pool_model(PoolSpace(r.node_id, r.name, r.capacity_bytes, used.get((r.node_id, r.name), 0)))
         for r in rows
     ]
-    token = encode_token([rows[-1].node_id, rows[-1].name]) if more else ""
     return Page[Pool](items=items, next_token=token)
 
 
@@ -211,19 +194,9 @@ def check_vpg_exists(conn: Session | Connection, name: str) -> None:
 
 
 def list_vpgs(ctx: Context, page_token: str, max_entries: int) -> Page[Vpg]:
-    limit = page_size(max_entries)
-    after = decode_token(page_token, 1)
-    stmt = select(VpgRow).order_by(VpgRow.name).limit(limit + 1)
-    if after:
-        stmt = stmt.where(VpgRow.name > after[0])
     with ctx.db.read() as s:
-        rows = list(s.scalars(stmt))
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return Page[Vpg](
-        items=[Vpg(name=r.name, layout=r.layout) for r in rows],
-        next_token=encode_token([rows[-1].name]) if more else "",
-    )
+        rows, token = fetch_page(s, VpgRow, [VpgRow.name], page_token, max_entries)
+    return Page[Vpg](items=[Vpg(name=r.name, layout=r.layout) for r in rows], next_token=token)
 
 
 # ---- capacity ------------------------------------------------------------------------

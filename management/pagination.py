@@ -10,6 +10,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from typing import Any
+
+from sqlalchemy import select, tuple_
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from tessera.errors import InvalidArgument
 
@@ -47,3 +51,23 @@ def decode_token(token: str, parts: int) -> list[str] | None:
     if not isinstance(key, list) or len(key) != parts or not all(isinstance(k, str) for k in key):
         raise bad
     return key
+
+
+def fetch_page(
+    session: Session,
+    entity: type[Any],
+    keys: list[InstrumentedAttribute[str]],
+    page_token: str,
+    max_entries: int,
+) -> tuple[list[Any], str]:
+    """One page of `entity` rows in key order, and the token of the next page ("" at the end)."""
+    limit = page_size(max_entries)
+    after = decode_token(page_token, len(keys))
+    stmt = select(entity).order_by(*keys).limit(limit + 1)
+    if after:
+        stmt = stmt.where(tuple_(*keys) > tuple_(*after) if len(keys) > 1 else keys[0] > after[0])
+    rows = list(session.scalars(stmt))
+    if len(rows) <= limit:
+        return rows, ""
+    rows = rows[:limit]
+    return rows, encode_token([getattr(rows[-1], key.key) for key in keys])

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from management.context import Context
 from management.inventory import check_vpg_exists
 from management.limits import check_text, sized_within_limit
-from management.pagination import decode_token, encode_token, page_size
+from management.pagination import fetch_page
 from management.placement import choose_pool, pool_space
 from management.schema import AttachmentRow, NodeRow, VolumeRow
 from tessera import ids
@@ -83,19 +83,11 @@ def get_volume(ctx: Context, volume_id: str) -> Volume:
 
 
 def list_volumes(ctx: Context, page_token: str, max_entries: int) -> Page[Volume]:
-    limit = page_size(max_entries)
-    after = decode_token(page_token, 1)
-    stmt = select(VolumeRow).order_by(VolumeRow.id).limit(limit + 1)
-    if after:
-        stmt = stmt.where(VolumeRow.id > after[0])
     with ctx.db.read() as s:
-        rows = list(s.scalars(stmt))
-        more = len(rows) > limit
-        rows = rows[:limit]
+        rows, token = fetch_page(s, VolumeRow, [VolumeRow.id], page_token, max_entries)
         published = _published(s, [r.id for r in rows])
     return Page[Volume](
-        items=[volume_model(r, published.get(r.id, [])) for r in rows],
-        next_token=encode_token([rows[-1].id]) if more else "",
+        items=[volume_model(r, published.get(r.id, [])) for r in rows], next_token=token
     )
 
 
