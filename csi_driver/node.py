@@ -50,6 +50,14 @@ def _path(value: str, field: str) -> str:
     return os.path.normpath(value)
 
 
+def _existing_volume_path(value: str) -> str:
+    """`volume_path` of the stats and expand calls: a valid path that exists (else NOT_FOUND)."""
+    path = _path(value, "volume_path")
+    if not os.path.exists(path):
+        raise NotFound(f"volume_path {path} does not exist", field="volume_path")
+    return path
+
+
 def _capability(request: object, field: str = "volume_capability") -> Capability:
     if not request.HasField(field):  # type: ignore[attr-defined]
         raise InvalidArgument(f"{field} is required", field=field)
@@ -294,9 +302,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         self, request: csi_pb2.NodeGetVolumeStatsRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeGetVolumeStatsResponse:
         volume_id = ids.check_volume_id(request.volume_id)
-        path = _path(request.volume_path, "volume_path")
-        if not os.path.exists(path):
-            raise NotFound(f"volume_path {path} does not exist", field="volume_path")
+        path = _existing_volume_path(request.volume_path)
         attachment = self._attachment_or_none(volume_id)
         if attachment is None:
             self.agent.get_volume(volume_id)  # NotFound for a volume that does not exist
@@ -336,9 +342,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         self, request: csi_pb2.NodeExpandVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeExpandVolumeResponse:
         volume_id = ids.check_volume_id(request.volume_id)
-        path = _path(request.volume_path, "volume_path")
-        if not os.path.exists(path):
-            raise NotFound(f"volume_path {path} does not exist", field="volume_path")
+        path = _existing_volume_path(request.volume_path)
         with self.locks.hold(volume_id):
             attachment = self._attachment_or_none(volume_id)
             if attachment is None:
