@@ -23,7 +23,7 @@ from pathlib import Path
 
 from csi_driver._gen import csi_pb2
 from tessera.dev.csi_client import CsiClient, mount_capability
-from tessera.dev.release import mounts_under
+from tessera.system.mounts import mounts_under
 
 GiB = 1024**3
 MiB = 1024**2

@@ -15,7 +15,7 @@ import os
 
 import grpc
 
-from csi_driver import TOPOLOGY_KEY, mounts
+from csi_driver import TOPOLOGY_KEY
 from csi_driver._gen import csi_pb2, csi_pb2_grpc
 from csi_driver.capabilities import Capability, parse_capability
 from csi_driver.config import PluginConfig
@@ -25,6 +25,7 @@ from tessera import ids
 from tessera.clients import AgentClient
 from tessera.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from tessera.models import AccessMode, AccessType, AgentAttachment
+from tessera.system import filesystems, mounts
 
 log = logging.getLogger("tessera.csi.node")
 
@@ -125,7 +126,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             )
         # `blank` is the agent's proof that nothing was ever written (no
         # allocated blocks behind a flushed device): stronger than a probe.
-        found = None if attachment.blank else mounts.probe_filesystem(device)
+        found = None if attachment.blank else filesystems.probe_filesystem(device)
         if found is None:
             if readonly:
                 raise FailedPrecondition(
@@ -133,7 +134,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                     "a read-only volume cannot be formatted",
                     field="volume_capability",
                 )
-            mounts.make_filesystem(device, fs_type, split_mkfs_options(mkfs_options))
+            filesystems.make_filesystem(device, fs_type, split_mkfs_options(mkfs_options))
         elif found != fs_type:
             raise FailedPrecondition(
                 f"volume {attachment.volume_id} holds {found}, asked for {fs_type}; "
@@ -311,7 +312,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         if os.path.isdir(path):
             usage = _filesystem_usage(path)
         else:
-            total = mounts.device_size(attachment.backing_device) if attachment else 0
+            total = filesystems.device_size(attachment.backing_device) if attachment else 0
             usage = [csi_pb2.VolumeUsage(total=total, unit=csi_pb2.VolumeUsage.BYTES)]
         return csi_pb2.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition)
 
@@ -363,8 +364,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                         f"volume_path {path} is not mounted; cannot grow its filesystem",
                         field="volume_path",
                     )
-                mounts.resize_filesystem(device, path, here[-1].fs_type)
-            return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=mounts.device_size(device))
+                filesystems.resize_filesystem(device, path, here[-1].fs_type)
+            return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=filesystems.device_size(device))
 
     # ---- helpers --------------------------------------------------------------------
 

@@ -17,13 +17,13 @@ import os
 import uuid
 from pathlib import Path
 
-from node_agent import blockdev, loopdev
 from node_agent.pools import Pool
 from node_agent.transports import BlockDevice, Transport
-from tessera import linux
 from tessera.errors import AlreadyExists, FailedPrecondition, NotFound
 from tessera.ids import check_volume_id, is_volume_id
 from tessera.models import AgentAttachment
+from tessera.system import blockdev, loopdev
+from tessera.system import syscalls as linux
 
 log = logging.getLogger(__name__)
 

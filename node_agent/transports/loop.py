@@ -5,7 +5,7 @@ filesystems that cannot do it get a buffered device instead. Existing
 devices are found by backing file, so a restarted agent never attaches a
 volume a second time.
 
-Everything goes through the kernel directly (`node_agent.loopdev`: ioctls on
+Everything goes through the kernel directly (`tessera.system.loopdev`: ioctls on
 /dev/loop-control and /dev/loopN, sysfs for what is bound): attaching is on
 the NodeStageVolume path, and each losetup process cost 5-10 ms.
 """
@@ -16,10 +16,10 @@ import logging
 import re
 import threading
 
-from node_agent import blockdev, loopdev
 from node_agent.transports import BlockDevice
-from node_agent.udev import wait_for_device
 from tessera.errors import Internal, InvalidArgument, Unavailable
+from tessera.system import blockdev, loopdev
+from tessera.system.udev import wait_for_device
 
 log = logging.getLogger(__name__)
 

@@ -12,23 +12,12 @@ import os
 import subprocess
 from pathlib import Path
 
-from csi_driver import mounts
-from node_agent import loopdev
 from tessera.errors import TesseraError
+from tessera.system import filesystems, loopdev, mounts
 
 
 class PoolError(RuntimeError):
     pass
-
-
-def loop_devices_backed_by(prefix: Path) -> list[tuple[str, str]]:
-    """(device, backing file) of every loop device whose backing file is under prefix."""
-    root = str(prefix.resolve())
-    return [
-        (bound.path, bound.backing)
-        for bound in loopdev.bound_devices()
-        if bound.backing == root or bound.backing.startswith(root + os.sep)
-    ]
 
 
 def is_mounted(path: Path) -> bool:
@@ -45,13 +34,13 @@ def ensure_pool(image: Path, mountpoint: Path, size_bytes: int) -> str:
     if not image.exists():
         with open(image, "xb") as f:
             f.truncate(size_bytes)
-    attached = [dev for dev, back in loop_devices_backed_by(image) if back == str(image.resolve())]
+    attached = [b.path for b in loopdev.bound_under(image) if b.backing == str(image.resolve())]
     try:
         if attached:
             device = attached[0]
         else:
             device, _ = loopdev.attach(str(image), readonly=False, direct_io=True)
-        fs = mounts.probe_filesystem(device)
+        fs = filesystems.probe_filesystem(device)
     except (OSError, TesseraError) as exc:
         raise PoolError(f"cannot attach and probe {image}: {exc}") from exc
     if fs is None:
@@ -81,5 +70,5 @@ def release_pool(image: Path, mountpoint: Path) -> None:
         mounts.unmount(str(mountpoint))
     except TesseraError as exc:
         raise PoolError(f"could not unmount {mountpoint}: {exc}") from exc
-    for dev, _ in loop_devices_backed_by(image):
-        loopdev.detach(dev)
+    for bound in loopdev.bound_under(image):
+        loopdev.detach(bound.path)

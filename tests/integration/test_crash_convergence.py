@@ -18,9 +18,9 @@ import pytest
 
 from csi_driver._gen import csi_pb2
 from tessera.dev.csi_client import CsiClient, block_capability, mount_capability
-from tessera.dev.pool import loop_devices_backed_by
-from tessera.dev.release import mounts_under
 from tessera.dev.stack import DevStack
+from tessera.system.loopdev import bound_under
+from tessera.system.mounts import mounts_under
 from tests.conftest import needs_root
 
 pytestmark = needs_root
@@ -36,7 +36,7 @@ def stack(tmp_path: Path) -> Iterator[DevStack]:
         yield dev
     finally:
         dev.stop()
-    assert loop_devices_backed_by(tmp_path / "state") == []
+    assert bound_under(tmp_path / "state") == []
     assert mounts_under(tmp_path) == []
 
 

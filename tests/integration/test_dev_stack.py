@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from tessera.dev.pool import loop_devices_backed_by
-from tessera.dev.release import mounts_under
+from tessera.system.loopdev import bound_under
+from tessera.system.mounts import mounts_under
 from tests.conftest import needs_root
 
 pytestmark = needs_root
@@ -41,7 +41,7 @@ def test_sigterm_stops_everything_and_leaves_nothing_behind(tmp_path: Path) -> N
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
-    assert loop_devices_backed_by(state) == []
+    assert bound_under(state) == []
     assert mounts_under(state) == []
     assert not (state / "stack.json").exists()
 
@@ -52,7 +52,7 @@ def test_demo_writes_and_reads_back_intact_data(tmp_path: Path) -> None:
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, out
     assert "intact" in out
-    assert loop_devices_backed_by(state) == []
+    assert bound_under(state) == []
     assert mounts_under(state) == []
 
 

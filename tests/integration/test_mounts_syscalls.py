@@ -1,4 +1,4 @@
-"""csi_driver.mounts on real loop devices: libblkid probes, BLKGETSIZE64, mount(2), umount2(2).
+"""tessera.system (mounts, filesystems) on real loop devices: libblkid probes, BLKGETSIZE64, mount(2), umount2(2).
 
 Every loop device and mount a test makes is released by the `scratch`
 fixture, also when the test fails.
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from csi_driver import mounts
-from tessera.dev.pool import loop_devices_backed_by
-from tessera.dev.release import mounts_under
 from tessera.errors import FailedPrecondition, Internal, Unavailable
+from tessera.system import filesystems, mounts
+from tessera.system.loopdev import bound_under
+from tessera.system.mounts import mounts_under
 from tests.conftest import needs_root
 
 pytestmark = [needs_root, pytest.mark.root]
@@ -59,7 +59,7 @@ class Scratch:
     def release(self) -> None:
         for mountpoint in reversed(mounts_under(self.root)):
             subprocess.run(["umount", mountpoint], capture_output=True, timeout=60, check=False)
-        for dev, _ in loop_devices_backed_by(self.root):
+        for dev in [b.path for b in bound_under(self.root)]:
             subprocess.run(["losetup", "-d", dev], capture_output=True, timeout=60, check=False)
 
 
@@ -70,7 +70,7 @@ def scratch(tmp_path: Path) -> Iterator[Scratch]:
         yield s
     finally:
         s.release()
-    assert mounts_under(s.root) == [] and loop_devices_backed_by(s.root) == []
+    assert mounts_under(s.root) == [] and bound_under(s.root) == []
 
 
 def mountinfo_line(mountpoint: str) -> tuple[set[str], set[str]]:
@@ -94,17 +94,17 @@ def ext4(scratch: Scratch, name: str = "vol") -> str:
 
 
 def test_a_blank_device_probes_blank_so_it_gets_formatted(scratch: Scratch) -> None:
-    assert mounts.probe_filesystem(scratch.loop()) is None
+    assert filesystems.probe_filesystem(scratch.loop()) is None
 
 
 def test_an_ext4_device_is_recognised_and_never_reformatted(scratch: Scratch) -> None:
-    assert mounts.probe_filesystem(ext4(scratch)) == "ext4"
+    assert filesystems.probe_filesystem(ext4(scratch)) == "ext4"
 
 
 def test_an_xfs_device_is_recognised_and_never_reformatted(scratch: Scratch) -> None:
     dev = scratch.loop(size=512 * MiB)  # mkfs.xfs wants 300 MiB at least
     run("mkfs.xfs", "-q", "-K", dev)
-    assert mounts.probe_filesystem(dev) == "xfs"
+    assert filesystems.probe_filesystem(dev) == "xfs"
 
 
 def test_a_partitioned_device_is_reported_as_a_partition_table(scratch: Scratch) -> None:
@@ -117,7 +117,7 @@ def test_a_partitioned_device_is_reported_as_a_partition_table(scratch: Scratch)
     with open(dev, "r+b") as f:
         f.write(mbr)
         os.fsync(f.fileno())
-    assert mounts.probe_filesystem(dev) == "partition table (dos)"
+    assert filesystems.probe_filesystem(dev) == "partition table (dos)"
 
 
 def test_two_contradicting_signatures_are_not_blank(scratch: Scratch) -> None:
@@ -132,23 +132,23 @@ def test_two_contradicting_signatures_are_not_blank(scratch: Scratch) -> None:
         f.seek(1024)
         f.write(superblock)
         os.fsync(f.fileno())
-    found = mounts.probe_filesystem(dev)
+    found = filesystems.probe_filesystem(dev)
     assert found is not None and "ambivalent" in found
 
 
 def test_probing_a_missing_device_is_a_retryable_error_not_blank(scratch: Scratch) -> None:
     with pytest.raises(Unavailable, match="No such file or directory"):
-        mounts.probe_filesystem(str(scratch.root / "gone"))
+        filesystems.probe_filesystem(str(scratch.root / "gone"))
 
 
 def test_reported_device_size_is_the_backing_file_size(scratch: Scratch) -> None:
     dev = scratch.loop(size=96 * MiB)
-    assert mounts.device_size(dev) == 96 * MiB
+    assert filesystems.device_size(dev) == 96 * MiB
 
 
 def test_size_of_something_that_is_not_a_block_device_is_an_error(scratch: Scratch) -> None:
     with pytest.raises(Unavailable, match="could not read the size"):
-        mounts.device_size(str(scratch.image("plain", MiB)))
+        filesystems.device_size(str(scratch.image("plain", MiB)))
 
 
 # ---- mounting ------------------------------------------------------------------------

@@ -11,9 +11,9 @@ import pytest
 
 from node_agent.agent import Agent
 from node_agent.pools import Pool
-from tessera.dev.pool import loop_devices_backed_by
 from tessera.errors import AlreadyExists, FailedPrecondition
 from tessera.ids import new_volume_id
+from tessera.system.loopdev import bound_under
 from tests.conftest import needs_root
 
 pytestmark = [needs_root, pytest.mark.root]
@@ -22,7 +22,7 @@ MiB = 1024**2
 
 def release_loops(prefix: Path) -> None:
     """Detach every loop device backed by a file under prefix (test finalizer)."""
-    for dev, _ in loop_devices_backed_by(prefix):
+    for dev in [b.path for b in bound_under(prefix)]:
         subprocess.run(["losetup", "-d", dev], capture_output=True, timeout=30, check=False)
 
 
@@ -34,7 +34,7 @@ def agent(tmp_path: Path) -> Iterator[Agent]:
         yield Agent("it-node", {"default": pool}, tmp_path / "dev")
     finally:
         release_loops(tmp_path)
-    assert loop_devices_backed_by(tmp_path) == []
+    assert bound_under(tmp_path) == []
 
 
 def getsize64(device: str) -> int:

@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-from node_agent import loopdev
 from node_agent.transports import BlockDevice
 from node_agent.transports.loop import LoopTransport
-from tessera.dev.pool import loop_devices_backed_by
+from tessera.system import loopdev
+from tessera.system.loopdev import bound_under
 from tests.conftest import needs_root
 from tests.integration.test_node_agent_loop import release_loops
 
@@ -77,7 +77,7 @@ def loop(tmp_path: Path) -> Iterator[Tracked]:
                 transport.detach(device)
         finally:
             release_loops(tmp_path)  # whatever a failure left, by independent means
-    assert loop_devices_backed_by(tmp_path) == []
+    assert bound_under(tmp_path) == []
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from tessera.clients import AgentClient
-from tessera.dev.pool import loop_devices_backed_by
 from tessera.ids import new_volume_id
+from tessera.system.loopdev import bound_under
 from tests.conftest import needs_root
 from tests.integration.test_node_agent_loop import release_loops
 
@@ -65,7 +65,7 @@ def agent_proc(tmp_path: Path) -> Iterator[AgentProcess]:
             ap.proc.kill()
             ap.proc.wait(timeout=30)
         release_loops(tmp_path)
-    assert loop_devices_backed_by(tmp_path) == []
+    assert bound_under(tmp_path) == []
 
 
 def test_serves_without_management_and_readopts_after_sigkill(agent_proc: AgentProcess) -> None:
@@ -84,13 +84,13 @@ def test_serves_without_management_and_readopts_after_sigkill(agent_proc: AgentP
         assert client.get_attachment(vid) == first
         assert client.attach(vid) == first
         assert [a.volume_id for a in client.list_attachments()] == [vid]
-        assert len(loop_devices_backed_by(agent_proc.tmp)) == 1
+        assert len(bound_under(agent_proc.tmp)) == 1
     finally:
         client.close()
 
     assert agent_proc.stop(signal.SIGTERM) == 0, agent_proc.log.read_text()
     assert not agent_proc.socket.exists()
-    assert [d for d, _ in loop_devices_backed_by(agent_proc.tmp)] == [first.backing_device], (
+    assert [b.path for b in bound_under(agent_proc.tmp)] == [first.backing_device], (
         "SIGTERM must not detach volumes"
     )
 
@@ -101,7 +101,7 @@ def test_serves_without_management_and_readopts_after_sigkill(agent_proc: AgentP
         assert client.list_attachments() == []
     finally:
         client.close()
-    assert loop_devices_backed_by(agent_proc.tmp) == []
+    assert bound_under(agent_proc.tmp) == []
     assert agent_proc.stop(signal.SIGTERM) == 0
 
 

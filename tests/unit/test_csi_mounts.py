@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from csi_driver.mounts import parse_mountinfo
 from csi_driver.node import _path
-from tessera import linux
 from tessera.errors import Internal, InvalidArgument
-from tessera.linux import (
+from tessera.system import syscalls as linux
+from tessera.system.mounts import parse_mountinfo
+from tessera.system.syscalls import (
     MS_DIRSYNC,
     MS_LAZYTIME,
     MS_MANDLOCK,

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from node_agent import blockdev, loopdev
 from node_agent.transports.loop import LoopTransport, check_loop_device
 from tessera.errors import InvalidArgument, Unavailable
+from tessera.system import blockdev, loopdev
 
 
 def test_struct_layouts_match_linux_loop_h() -> None:

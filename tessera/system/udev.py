@@ -68,11 +68,3 @@ def _wait_bounded(device: str, deadline: float) -> None:
     while not os.path.exists(device) and time.monotonic() < deadline:
         time.sleep(FALLBACK_STEP)
 
-
-def settle(device: str, timeout: float = DEFAULT_TIMEOUT) -> None:
-    """Wait for the device node, then for udevd's queue when udevd runs."""
-    wait_for_device(device, timeout)
-    if Path("/run/udev/control").exists():
-        from node_agent.commands import run
-
-        run(["udevadm", "settle", f"--timeout={int(timeout)}"], timeout=timeout + 5, check=False)

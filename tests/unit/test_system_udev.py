@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from node_agent import udev
 from tessera.errors import Unavailable
+from tessera.system import udev
 
 
 def test_existing_device_returns_at_once(tmp_path: Path) -> None:

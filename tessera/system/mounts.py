@@ -1,25 +1,19 @@
-"""Filesystems and mounts, over the kernel's mount table.
+"""Mounts, over the kernel's mount table.
 
-Probing (libblkid), sizing (BLKGETSIZE64), mounting and unmounting are
-in-process calls (tessera.linux); only mkfs and the resize tools still run
-as commands, each an argument list with a timeout. The mount table
-(/proc/self/mountinfo) is the only record of what is mounted where: the
-plugin keeps no state of its own, so a restart loses nothing.
+Mounting and unmounting are in-process calls (`tessera.system.syscalls`).
+The mount table (/proc/self/mountinfo) is the only record of what is
+mounted where: nobody keeps state of their own, so a restart loses nothing.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from tessera import linux
-from tessera.errors import FailedPrecondition, Internal, InvalidArgument, Unavailable
-
-TIMEOUT = 120
-MKFS_TIMEOUT = 600
+from tessera.errors import FailedPrecondition, Internal, InvalidArgument
+from tessera.system import syscalls as linux
 
 
 @dataclass(frozen=True)
@@ -34,19 +28,6 @@ class Mount:
     @property
     def readonly(self) -> bool:
         return "ro" in self.options
-
-
-def _run(args: list[str], timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired as exc:
-        raise Unavailable(f"{args[0]} timed out after {timeout:.0f}s") from exc
-
-
-def _check(args: list[str], what: str, timeout: float = TIMEOUT) -> None:
-    res = _run(args, timeout)
-    if res.returncode != 0:
-        raise Internal(f"{what} failed: {res.stderr.strip() or res.stdout.strip()}")
 
 
 def _unescape(field: str) -> str:
@@ -117,67 +98,6 @@ def mounts_of_device(device: str) -> list[Mount]:
     return [m for m in mount_table() if uses_device(m, device)]
 
 
-# ---- filesystems ---------------------------------------------------------------
-
-
-def probe_filesystem(device: str) -> str | None:
-    """The signature on a device, or None when it is blank.
-
-    A probe that fails is an error, never "blank": formatting on a wrong
-    guess would destroy data. Two signatures that contradict each other are
-    not blank either.
-    """
-    try:
-        found = linux.probe_signatures(device)
-    except OSError as exc:
-        raise Unavailable(
-            f"could not probe {device} for a filesystem: {exc.strerror or exc}"
-        ) from exc
-    if found.status is linux.ProbeStatus.BLANK:
-        return None
-    if found.status is linux.ProbeStatus.AMBIVALENT:
-        return "ambivalent signatures (more than one filesystem or partition table)"
-    if found.type:
-        return found.type
-    if found.pttype:
-        return f"partition table ({found.pttype})"
-    return "an unknown signature"
-
-
-def make_filesystem(device: str, fs_type: str, options: list[str]) -> None:
-    """mkfs a device the caller has just probed blank."""
-    if fs_type == "ext4":
-        # -F: it is a whole device, not a partition; we probed it blank first.
-        args = ["mkfs.ext4", "-q", "-F", *options, device]
-    elif fs_type == "xfs":
-        # -K: do not discard a sparse file's blocks one by one.
-        args = ["mkfs.xfs", "-q", "-K", *options, device]
-    else:
-        raise InvalidArgument(f"fs_type {fs_type!r} is not supported", field="fs_type")
-    _check(args, f"mkfs.{fs_type} on {device}", MKFS_TIMEOUT)
-
-
-def resize_filesystem(device: str, mountpoint: str, fs_type: str) -> None:
-    if fs_type == "xfs":
-        _check(["xfs_growfs", mountpoint], f"xfs_growfs {mountpoint}")
-    elif fs_type in ("ext4", "ext3", "ext2"):
-        res = _run(["resize2fs", device])
-        if res.returncode != 0:
-            hint = ""
-            if "Permission denied" in res.stderr:
-                hint = " (online ext4 growth needs CAP_SYS_RESOURCE; give it to the plugin)"
-            raise Internal(f"resize2fs {device} failed: {res.stderr.strip()}{hint}")
-    else:
-        raise FailedPrecondition(f"cannot grow a {fs_type} filesystem online")
-
-
-def device_size(device: str) -> int:
-    try:
-        return linux.block_device_size(device)
-    except OSError as exc:
-        raise Unavailable(f"could not read the size of {device}: {exc.strerror or exc}") from exc
-
-
 # ---- mounting ------------------------------------------------------------------------
 
 
@@ -238,3 +158,18 @@ def unmount(target: str) -> None:
                 return  # someone else unmounted it meanwhile
             reason = "target is busy" if exc.errno == errno.EBUSY else exc.strerror
             raise FailedPrecondition(f"cannot unmount {target}: {reason}") from exc
+
+
+def mounts_of_devices(devices: list[str]) -> list[str]:
+    """Mountpoints using any of these block devices, in mount order."""
+    return [m.mountpoint for m in mount_table() if any(uses_device(m, d) for d in devices)]
+
+
+def mounts_under(prefix: Path) -> list[str]:
+    """Mountpoints at or below prefix (what a test or `dev up` must not leak)."""
+    root = str(prefix.resolve())
+    return [
+        m.mountpoint
+        for m in mount_table()
+        if m.mountpoint == root or m.mountpoint.startswith(root + os.sep)
+    ]

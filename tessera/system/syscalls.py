@@ -8,7 +8,7 @@ These wrappers do the same work without a fork.
 This module only translates: C calls become Python calls, a failing call
 becomes an OSError carrying errno (a missing path is FileNotFoundError, a busy
 target OSError(EBUSY), and so on). Which error a caller reports, and with what
-message, is the caller's policy (see csi_driver/mounts.py).
+message, is the caller's policy (see tessera/system/mounts.py and filesystems.py).
 
 The shared libraries are loaded on first use and kept for the life of the
 process; both are part of a base Debian system (libc6, and util-linux's

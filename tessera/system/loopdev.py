@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from node_agent import blockdev
+from tessera.system import blockdev
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,11 @@ def bound_devices() -> list[Bound]:
 # ---- attach --------------------------------------------------------------------
 
 
+def bound_under(prefix: str | os.PathLike[str]) -> list[Bound]:
+    """Every loop device whose backing file is prefix or below it."""
+    root = os.path.realpath(prefix)
+    return [b for b in bound_devices() if b.backing == root or b.backing.startswith(root + os.sep)]
+
 def attach(volume_file: str, *, readonly: bool, direct_io: bool) -> tuple[str, bool]:
     """Bind the file to a free loop device; (device, whether direct I/O is on).
 
@@ -212,7 +217,7 @@ def _open_node(device: str) -> Iterator[int]:
     only for hosts where udev alone makes nodes.
     """
     if not os.path.exists(device):
-        from node_agent.udev import wait_for_device
+        from tessera.system.udev import wait_for_device
 
         wait_for_device(device)
     with _opened(device, os.O_RDWR) as fd:

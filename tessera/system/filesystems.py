@@ -1,0 +1,89 @@
+"""Filesystems on block devices: probe, make, grow, size.
+
+Probing (libblkid) and sizing (BLKGETSIZE64) are in-process calls
+(`tessera.system.syscalls`); mkfs and the resize tools run as commands,
+each an argument list with a timeout. Data is never put at risk here: a
+probe that fails is an error, never "blank", and mkfs is only for a device
+the caller has just probed blank.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+from tessera.errors import FailedPrecondition, Internal, InvalidArgument, Unavailable
+from tessera.system import syscalls as linux
+
+TIMEOUT = 120
+MKFS_TIMEOUT = 600
+
+
+def _run(args: list[str], timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise Unavailable(f"{args[0]} timed out after {timeout:.0f}s") from exc
+
+
+def _check(args: list[str], what: str, timeout: float = TIMEOUT) -> None:
+    res = _run(args, timeout)
+    if res.returncode != 0:
+        raise Internal(f"{what} failed: {res.stderr.strip() or res.stdout.strip()}")
+
+
+def probe_filesystem(device: str) -> str | None:
+    """The signature on a device, or None when it is blank.
+
+    A probe that fails is an error, never "blank": formatting on a wrong
+    guess would destroy data. Two signatures that contradict each other are
+    not blank either.
+    """
+    try:
+        found = linux.probe_signatures(device)
+    except OSError as exc:
+        raise Unavailable(
+            f"could not probe {device} for a filesystem: {exc.strerror or exc}"
+        ) from exc
+    if found.status is linux.ProbeStatus.BLANK:
+        return None
+    if found.status is linux.ProbeStatus.AMBIVALENT:
+        return "ambivalent signatures (more than one filesystem or partition table)"
+    if found.type:
+        return found.type
+    if found.pttype:
+        return f"partition table ({found.pttype})"
+    return "an unknown signature"
+
+
+def make_filesystem(device: str, fs_type: str, options: list[str]) -> None:
+    """mkfs a device the caller has just probed blank."""
+    if fs_type == "ext4":
+        # -F: it is a whole device, not a partition; we probed it blank first.
+        args = ["mkfs.ext4", "-q", "-F", *options, device]
+    elif fs_type == "xfs":
+        # -K: do not discard a sparse file's blocks one by one.
+        args = ["mkfs.xfs", "-q", "-K", *options, device]
+    else:
+        raise InvalidArgument(f"fs_type {fs_type!r} is not supported", field="fs_type")
+    _check(args, f"mkfs.{fs_type} on {device}", MKFS_TIMEOUT)
+
+
+def resize_filesystem(device: str, mountpoint: str, fs_type: str) -> None:
+    if fs_type == "xfs":
+        _check(["xfs_growfs", mountpoint], f"xfs_growfs {mountpoint}")
+    elif fs_type in ("ext4", "ext3", "ext2"):
+        res = _run(["resize2fs", device])
+        if res.returncode != 0:
+            hint = ""
+            if "Permission denied" in res.stderr:
+                hint = " (online ext4 growth needs CAP_SYS_RESOURCE; give it to the plugin)"
+            raise Internal(f"resize2fs {device} failed: {res.stderr.strip()}{hint}")
+    else:
+        raise FailedPrecondition(f"cannot grow a {fs_type} filesystem online")
+
+
+def device_size(device: str) -> int:
+    try:
+        return linux.block_device_size(device)
+    except OSError as exc:
+        raise Unavailable(f"could not read the size of {device}: {exc.strerror or exc}") from exc
