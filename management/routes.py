@@ -14,6 +14,7 @@ from fastapi import APIRouter, Query, Response
 from management import attachments, inventory, volumes
 from management.context import Context
 from tessera.models import (
+    MAX_VOLUME_NAME,
     Attachment,
     AttachmentCreate,
     Capacity,
@@ -33,6 +34,13 @@ from tessera.rest import json_response
 PageToken = Annotated[str, Query(description="next_token of the previous page")]
 MaxEntries = Annotated[
     int, Query(ge=0, description="page size; 0 = default (100), clamped to 1000")
+]
+VolumeName = Annotated[
+    str,
+    Query(
+        max_length=MAX_VOLUME_NAME,
+        description="only the volume with exactly this name (names are unique: 0 or 1 item)",
+    ),
 ]
 
 health = APIRouter()
@@ -110,8 +118,10 @@ def v1_router(ctx: Context) -> APIRouter:
         return json_response(volume, 201 if created else 200)
 
     @r.get("/volumes", response_model=Page[Volume], tags=["volumes"])
-    def list_volumes(page_token: PageToken = "", max_entries: MaxEntries = 0) -> Response:
-        return json_response(volumes.list_volumes(ctx, page_token, max_entries))
+    def list_volumes(
+        page_token: PageToken = "", max_entries: MaxEntries = 0, name: VolumeName = ""
+    ) -> Response:
+        return json_response(volumes.list_volumes(ctx, page_token, max_entries, name))
 
     @r.get("/volumes/{volume_id}", response_model=Volume, tags=["volumes"])
     def get_volume(volume_id: str) -> Response:

@@ -82,9 +82,16 @@ def get_volume(ctx: Context, volume_id: str) -> Volume:
         return _snapshot(s, _load(s, volume_id))
 
 
-def list_volumes(ctx: Context, page_token: str, max_entries: int) -> Page[Volume]:
+def list_volumes(ctx: Context, page_token: str, max_entries: int, name: str = "") -> Page[Volume]:
+    """One page of volumes in ID order; with `name`, just the volume of that name, if any."""
     with ctx.db.read() as s:
-        rows, token = fetch_page(s, VolumeRow, [VolumeRow.id], page_token, max_entries)
+        if name:
+            # Names are unique, so the answer is one short page (no next_token):
+            # this is how clients turn a user's name into an ID.
+            check_text(name, "name")
+            rows, token = list(s.scalars(select(VolumeRow).where(VolumeRow.name == name))), ""
+        else:
+            rows, token = fetch_page(s, VolumeRow, [VolumeRow.id], page_token, max_entries)
         published = _published(s, [r.id for r in rows])
     return Page[Volume](
         items=[volume_model(r, published.get(r.id, [])) for r in rows], next_token=token

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from tessera.errors import NotFound
 from tessera.http import JsonClient
+from tessera.ids import is_volume_id
 from tessera.models import (
     AccessMode,
     AgentAttachment,
@@ -68,6 +70,23 @@ class ManagementClient:
     def list_volumes(self, page_token: str = "", max_entries: int = 0) -> Page[Volume]:
         params = _page_params(page_token, max_entries)
         return Page[Volume].model_validate(self._c.request("GET", "/v1/volumes", params=params))
+
+    def find_volume(self, name_or_id: str) -> Volume:
+        """The volume a person means: by ID when it looks like one, else (or then) by name.
+
+        A name may itself look like an ID (names are free text), so an ID
+        that names no volume is tried as a name before giving up.
+        """
+        if is_volume_id(name_or_id):
+            try:
+                return self.get_volume(name_or_id)
+            except NotFound:
+                pass
+        params = {"name": name_or_id}
+        page = Page[Volume].model_validate(self._c.request("GET", "/v1/volumes", params=params))
+        if not page.items:
+            raise NotFound(f"no volume has the name or ID {name_or_id!r}", field="volume")
+        return page.items[0]
 
     def delete_volume(self, volume_id: str) -> None:
         self._c.request("DELETE", f"/v1/volumes/{volume_id}")
