@@ -17,7 +17,8 @@ from sqlalchemy import Connection, Select, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from management.schema import NodeRow, PoolRow, VolumeRow
-from tessera.errors import OutOfRange, ResourceExhausted
+from tessera.errors import InvalidArgument, OutOfRange, ResourceExhausted
+from tessera.models import Locality
 from tessera.units import format_size
 
 
@@ -102,10 +103,43 @@ def pool_space(
     ]
 
 
+def candidate_nodes(
+    locality: Locality, requisite: Sequence[str], preferred: Sequence[str]
+) -> list[str] | None:
+    """The nodes a volume may go on; None means any node.
+
+    Always within `requisite` when it is given (the CO computed it from the
+    PVC's and the StorageClass's topology; leaving it would give a pod a
+    volume it cannot reach). `required` with a consumer (the first preferred
+    node, which is the scheduled pod's node under WaitForFirstConsumer)
+    narrows that to exactly the consumer; a consumer outside `requisite` is
+    a contradiction the caller must fix, not something to guess around.
+    """
+    nodes = list(dict.fromkeys(requisite))
+    if locality == Locality.REQUIRED and preferred:
+        consumer = preferred[0]
+        if nodes and consumer not in nodes:
+            raise InvalidArgument(
+                f"locality=required: the consumer node {consumer!r} (first of preferred_nodes) "
+                "is not one of requisite_nodes",
+                field="preferred_nodes",
+            )
+        return [consumer]
+    return nodes or None
+
+
 def choose_pool(
-    candidates: list[PoolSpace], size_bytes: int, preferred_nodes: Sequence[str]
+    candidates: list[PoolSpace],
+    size_bytes: int,
+    locality: Locality,
+    preferred_nodes: Sequence[str],
 ) -> PoolSpace:
-    """Preferred nodes first (in their order), then the pool with most free space.
+    """The pool for a new volume among `candidates` (already narrowed by `candidate_nodes`).
+
+    `any` spreads by free space: the pool with most free space wins and the
+    preferred order is ignored. `preferred` tries the preferred nodes in
+    their order, then the other candidates by free space. `required` has
+    at most one node left, so order does not matter there.
 
     Too big for any pool even when empty is OutOfRange (retrying cannot help);
     fits in principle but nothing has room now is ResourceExhausted.
@@ -131,7 +165,8 @@ def choose_pool(
             f"(most free: {format_size(best)}); free space or add capacity",
             field="size_bytes",
         )
-    rank = {node: i for i, node in reversed(list(enumerate(preferred_nodes)))}
+    order = preferred_nodes if locality == Locality.PREFERRED else ()
+    rank = {node: i for i, node in reversed(list(enumerate(order)))}
     return min(
         fitting,
         key=lambda c: (rank.get(c.node_id, len(rank)), -c.free_bytes, c.node_id, c.name),
