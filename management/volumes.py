@@ -20,7 +20,7 @@ from management.context import Context
 from management.inventory import check_vpg_exists
 from management.limits import check_text, sized_within_limit
 from management.pagination import fetch_page
-from management.placement import choose_pool, pool_space
+from management.placement import candidate_nodes, choose_pool, pool_space
 from management.schema import AttachmentRow, NodeRow, VolumeRow
 from tessera import ids
 from tessera.errors import (
@@ -31,7 +31,7 @@ from tessera.errors import (
     OutOfRange,
     ResourceExhausted,
 )
-from tessera.models import Locality, Page, Volume, VolumeCreate, VolumeExpand, VolumeState
+from tessera.models import Page, Volume, VolumeCreate, VolumeExpand, VolumeState
 from tessera.units import format_size
 
 
@@ -129,23 +129,12 @@ def _check_compatible(row: VolumeRow | Row[Any], req: VolumeCreate) -> None:
         raise Aborted(f"volume {req.name!r} is being deleted; retry later", field="name")
 
 
-def _candidate_nodes(req: VolumeCreate) -> list[str] | None:
-    """Nodes the volume may go on: the requisite ones; for locality=required, the consumer's."""
-    nodes = list(dict.fromkeys(req.requisite_nodes)) or None
-    if req.locality == Locality.REQUIRED and req.preferred_nodes:
-        consumer = req.preferred_nodes[0]
-        if nodes is None or consumer in nodes:
-            nodes = [consumer]
-    return nodes
-
-
 def _place(ctx: Context, conn: Connection, req: VolumeCreate, size: int) -> tuple[Volume, str]:
     """Choose a pool and record the volume there; returns it and its agent's URL."""
     check_vpg_exists(conn, req.vpg)
-    pools = pool_space(
-        conn, online_since=ctx.online_since(), node_ids=_candidate_nodes(req), lock=True
-    )
-    chosen = choose_pool(pools, size, req.preferred_nodes)
+    nodes = candidate_nodes(req.locality, req.requisite_nodes, req.preferred_nodes)
+    pools = pool_space(conn, online_since=ctx.online_since(), node_ids=nodes, lock=True)
+    chosen = choose_pool(pools, size, req.locality, req.preferred_nodes)
     volume = Volume(
         id=ids.new_volume_id(),
         name=req.name,

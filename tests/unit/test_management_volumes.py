@@ -91,7 +91,8 @@ def test_full_pools_are_resource_exhausted(cluster):
 
 def test_placement_prefers_most_free_then_honours_preferred_and_requisite(cluster):
     assert create(cluster, "a", GiB)["node_id"] == "n1"  # most free
-    assert create(cluster, "b", GiB, preferred_nodes=["n2", "n1"])["node_id"] == "n2"
+    vol = create(cluster, "b", GiB, locality="preferred", preferred_nodes=["n2", "n1"])
+    assert vol["node_id"] == "n2"
     assert create(cluster, "c", GiB, requisite_nodes=["n2"])["node_id"] == "n2"
     resp = cluster.post(
         "/v1/volumes", json={"name": "d", "size_bytes": 3 * GiB, "requisite_nodes": ["n2"]}
