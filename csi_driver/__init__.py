@@ -6,4 +6,3 @@ server that wires them to a unix socket.
 """
 
 DRIVER_NAME = "csi.tessera.io"
-TOPOLOGY_KEY = "topology.tessera.io/node"

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from csi_driver._gen import csi_pb2
+from tessera.access_modes import READ_ONLY_MODES, filesystem_refusal
 from tessera.errors import InvalidArgument
 from tessera.models import AccessMode, AccessType
 
@@ -18,16 +19,6 @@ SUPPORTED_FS_TYPES = ("ext4", "xfs")
 DEFAULT_FS_TYPE = "ext4"
 
 _Mode = csi_pb2.VolumeCapability.AccessMode.Mode
-
-READ_ONLY_MODES = frozenset({AccessMode.SINGLE_NODE_READER_ONLY, AccessMode.MULTI_NODE_READER_ONLY})
-SINGLE_NODE_MODES = frozenset(
-    {
-        AccessMode.SINGLE_NODE_WRITER,
-        AccessMode.SINGLE_NODE_READER_ONLY,
-        AccessMode.SINGLE_NODE_SINGLE_WRITER,
-        AccessMode.SINGLE_NODE_MULTI_WRITER,
-    }
-)
 
 
 @dataclass(frozen=True)
@@ -49,21 +40,26 @@ def parse_capability(cap: csi_pb2.VolumeCapability, fld: str = "volume_capabilit
         raise InvalidArgument(f"{fld}.access_type: set either block or mount", field=fld)
     if not cap.HasField("access_mode") or cap.access_mode.mode == _Mode.UNKNOWN:
         raise InvalidArgument(f"{fld}.access_mode: an access mode is required", field=fld)
+    if cap.access_mode.mode not in _Mode.values():
+        # proto3 enums are open: a newer CO may send a mode this plugin never heard of
+        raise InvalidArgument(
+            f"{fld}.access_mode {cap.access_mode.mode} is not a CSI access mode this plugin knows",
+            field=fld,
+        )
     mode = AccessMode(_Mode.Name(cap.access_mode.mode))
     if kind == "block":
         return Capability(AccessType.BLOCK, mode)
     fs_type = cap.mount.fs_type or DEFAULT_FS_TYPE
     if fs_type not in SUPPORTED_FS_TYPES:
         raise InvalidArgument(
-            f"{fld}.mount.fs_type {fs_type!r} is not supported (use one of "
+            f"{fld}.mount.fs_type {fs_type[:40]!r} is not supported (use one of "
             f"{', '.join(SUPPORTED_FS_TYPES)})",
             field=fld,
         )
-    if mode == AccessMode.MULTI_NODE_MULTI_WRITER:
+    refusal = filesystem_refusal(mode)
+    if refusal is not None:
         raise InvalidArgument(
-            f"{fld}: MULTI_NODE_MULTI_WRITER is only offered for block volumes; "
-            f"{fs_type} is not a cluster filesystem and would be corrupted by writers on "
-            "several nodes",
+            f"{fld}: {mode.value} is only offered for block volumes: {refusal}",
             field=fld,
         )
     return Capability(AccessType.MOUNT, mode, fs_type, tuple(cap.mount.mount_flags))

@@ -15,7 +15,6 @@ import os
 
 import grpc
 
-from csi_driver import TOPOLOGY_KEY
 from csi_driver._gen import csi_pb2, csi_pb2_grpc
 from csi_driver.capabilities import Capability, parse_capability
 from csi_driver.config import PluginConfig
@@ -26,10 +25,10 @@ from tessera.clients import AgentClient
 from tessera.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from tessera.models import AccessMode, AccessType, AgentAttachment
 from tessera.system import filesystems, mounts
+from tessera.topology import TOPOLOGY_KEY, ZONE_KEY
 
 log = logging.getLogger("tessera.csi.node")
 
-ZONE_KEY = "topology.kubernetes.io/zone"
 _Rpc = csi_pb2.NodeServiceCapability.RPC
 NODE_CAPABILITIES = (
     _Rpc.STAGE_UNSTAGE_VOLUME,

@@ -14,6 +14,7 @@ from management.context import Context
 from management.inventory import get_node_row
 from management.schema import AttachmentRow, VolumeRow
 from tessera import ids
+from tessera.access_modes import READ_ONLY_MODES, SINGLE_NODE_MODES
 from tessera.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -22,16 +23,6 @@ from tessera.errors import (
     ResourceExhausted,
 )
 from tessera.models import AccessMode, Attachment, AttachmentCreate, VolumeState
-
-SINGLE_NODE = frozenset(
-    {
-        AccessMode.SINGLE_NODE_WRITER,
-        AccessMode.SINGLE_NODE_READER_ONLY,
-        AccessMode.SINGLE_NODE_SINGLE_WRITER,
-        AccessMode.SINGLE_NODE_MULTI_WRITER,
-    }
-)
-READ_ONLY = frozenset({AccessMode.SINGLE_NODE_READER_ONLY, AccessMode.MULTI_NODE_READER_ONLY})
 
 
 def attachment_model(row: AttachmentRow) -> Attachment:
@@ -48,7 +39,7 @@ def check_mode_rules(
     mode: AccessMode, readonly: bool, node_id: str, others: list[AttachmentRow]
 ) -> None:
     """Whether a new attachment on `node_id` may join the volume's attachments elsewhere."""
-    if mode in READ_ONLY and not readonly:
+    if mode in READ_ONLY_MODES and not readonly:
         raise InvalidArgument(f"access mode {mode.value} requires readonly=true", field="readonly")
     if not others:
         return
@@ -60,7 +51,7 @@ def check_mode_rules(
             field="access_mode",
         )
     holders = ", ".join(o.node_id for o in others)
-    if mode in SINGLE_NODE:
+    if mode in SINGLE_NODE_MODES:
         raise FailedPrecondition(
             f"access mode {mode.value} allows one node and the volume is attached to {holders}; "
             f"unpublish it there before attaching to {node_id}",

@@ -15,10 +15,10 @@ from collections.abc import Callable
 
 from tessera.clients import ManagementClient
 from tessera.errors import NotFound, TesseraError
+from tessera.topology import TOPOLOGY_KEY
 
 log = logging.getLogger(__name__)
 
-TOPOLOGY_KEY = "topology.tessera.io/node"
 HEARTBEAT_SECONDS = 10.0
 BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0

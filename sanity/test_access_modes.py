@@ -5,7 +5,7 @@
 | SINGLE_NODE_WRITER / _MULTI_WRITER    | yes                   | yes                  |
 | SINGLE_NODE_SINGLE_WRITER (RWOP)      | one publish only      | one publish only     |
 | SINGLE_NODE_READER_ONLY, MULTI_NODE_READER_ONLY | read-only   | mounted read-only    |
-| MULTI_NODE_SINGLE_WRITER              | one writer node, others read-only            |
+| MULTI_NODE_SINGLE_WRITER              | one writer node, others read-only | refused |
 | MULTI_NODE_MULTI_WRITER               | yes                   | refused, clearly     |
 
 The second node is registered with management over REST and has no agent:
@@ -195,15 +195,31 @@ def test_a_single_node_single_writer_volume_is_published_once(csi: Csi, kind: Ki
 
 
 def test_multi_node_single_writer_has_one_writer_node_and_read_only_readers(
-    csi: Csi, kind: Kind, second_node: SecondNode
+    csi: Csi, second_node: SecondNode
 ) -> None:
     mode = "MULTI_NODE_SINGLE_WRITER"
+    kind = Kind("block")
     volume = csi.create_volume(kind, mode=mode)
     csi.controller_publish(volume.volume_id, kind.cap(mode))
     second_node.heartbeat()
     writer = publish_request(volume.volume_id, kind.cap(mode), second_node.id)
     csi.expect(csi.controller.ControllerPublishVolume, writer, Code.FAILED_PRECONDITION)
     csi.controller_publish(volume.volume_id, kind.cap(mode), node_id=second_node.id, readonly=True)
+
+
+@pytest.mark.parametrize("fs_type", ["ext4", "xfs"])
+def test_multi_node_single_writer_filesystems_are_refused_because_readers_see_torn_metadata(
+    csi: Csi, fs_type: str
+) -> None:
+    req = csi_pb2.CreateVolumeRequest(
+        name=unique_name("mnsw"),
+        capacity_range=capacity(512 * MiB),
+        volume_capabilities=[mount_cap(fs_type, "MULTI_NODE_SINGLE_WRITER")],
+    )
+    message = csi.expect(
+        csi.controller.CreateVolume, req, Code.INVALID_ARGUMENT, "MULTI_NODE_SINGLE_WRITER"
+    )
+    assert "block" in message.lower(), f"tell the user block volumes can do it: {message!r}"
 
 
 # ---- the node's volume limit -------------------------------------------------------------
