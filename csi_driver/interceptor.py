@@ -29,6 +29,16 @@ GRPC_CODES: dict[type[errors.TesseraError], grpc.StatusCode] = {
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    # A wrong URL prefix, an unknown route, a peer of another version: nothing
+    # ran, and retrying cannot help until an operator fixes the configuration,
+    # which is gRPC's own definition of FAILED_PRECONDITION (UNAVAILABLE would
+    # promise that a retry alone can succeed). Never NOT_FOUND: that lets
+    # DeleteVolume / ControllerUnpublish answer OK and leak the volume.
+    errors.Misconfigured: grpc.StatusCode.FAILED_PRECONDITION,
+    # Sent, never answered: gRPC defines DEADLINE_EXCEEDED as "may have
+    # completed", and the CO (external-provisioner, kubelet) treats it as
+    # non-final: it retries and never assumes nothing was done.
+    errors.OutcomeUnknown: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.Aborted: grpc.StatusCode.ABORTED,
     errors.Internal: grpc.StatusCode.INTERNAL,
 }

@@ -20,10 +20,16 @@ import os
 import socket
 import ssl
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote, urlencode, urlsplit
 
-from tessera.errors import TesseraError, Unavailable, from_problem
+from tessera.errors import (
+    Misconfigured,
+    OutcomeUnknown,
+    TesseraError,
+    Unavailable,
+    from_problem,
+)
 
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 30.0
@@ -193,40 +199,44 @@ class JsonClient:
         if json is not None:
             body = _dumps(json)
             headers["Content-Type"] = "application/json"
-        status, data = self._exchange(method, target, body, headers)
-        if status == 204:
+        reply = self._exchange(method, target, body, headers)
+        if reply.status == 204:
             return None
-        if 200 <= status < 300:
-            return _loads(data) if data else None
-        raise self._error(status, data)
+        if 200 <= reply.status < 300:
+            return self._decoded(reply, method, target)
+        raise self._error(reply)
 
     def _exchange(
         self, method: str, target: str, body: bytes | None, headers: dict[str, str]
-    ) -> tuple[int, bytes]:
+    ) -> _Reply:
+        """One request, sent again once if it went out and no answer came back.
+
+        Failing to connect means nothing reached the peer: unreachable. Once
+        connected, a failure (a read timeout, a connection dropped before
+        the answer) leaves the outcome unknown: the call may have run. Every
+        Tessera call is idempotent by design (creates by name, PUT upserts,
+        grow-to sizes, deletes that accept "already gone"), so sending it once
+        more is safe and settles most cases; the usual one is a kept-alive
+        connection the peer closed while idle.
+        """
         conn, reused = self._pool.take()
         try:
             return self._once(conn, method, target, body, headers)
-        except _STALE:
-            conn.close()
-            if not reused:
-                raise self._unreachable("closed the connection") from None
-            # Only a reused keep-alive connection is retried, and only once: the
-            # peer closed it while idle. Every Tessera call is idempotent anyway.
-            conn = self._pool.new_connection()
-            try:
-                return self._once(conn, method, target, body, headers)
-            except (OSError, http.client.HTTPException) as exc:
-                conn.close()
-                raise self._unreachable(exc) from exc
-            except BaseException:
-                conn.close()
-                raise
+        except _ConnectFailed as exc:
+            raise self._unreachable(exc.reason) from exc.reason
         except (OSError, http.client.HTTPException) as exc:
-            conn.close()
-            raise self._unreachable(exc) from exc
-        except BaseException:
-            conn.close()  # in an unknown state: never back into the pool
-            raise
+            first = exc
+        # A reused connection that failed this way had gone stale while idle:
+        # the request never reached a handler.
+        stale = reused and isinstance(first, _STALE)
+        try:
+            return self._once(self._pool.new_connection(), method, target, body, headers)
+        except _ConnectFailed as exc:
+            if stale:
+                raise self._unreachable(exc.reason) from exc.reason
+            raise self._outcome_unknown(method, target, first) from exc.reason
+        except (OSError, http.client.HTTPException) as exc:
+            raise self._outcome_unknown(method, target, exc) from exc
 
     def _once(
         self,
@@ -235,28 +245,75 @@ class JsonClient:
         target: str,
         body: bytes | None,
         headers: dict[str, str],
-    ) -> tuple[int, bytes]:
-        conn.request(method, target, body=body, headers=headers)
-        resp = conn.getresponse()
-        data = resp.read()
+    ) -> _Reply:
+        """Connect if needed, send, read the whole answer; the connection closes on any failure."""
+        try:
+            if conn.sock is None:
+                try:
+                    conn.connect()
+                except (OSError, http.client.HTTPException) as exc:
+                    raise _ConnectFailed(exc) from exc
+            conn.request(method, target, body=body, headers=headers)
+            resp = conn.getresponse()
+            reply = _Reply(resp.status, resp.getheader("Content-Type", ""), resp.read())
+        except BaseException:
+            conn.close()  # in an unknown state: never back into the pool
+            raise
         if resp.will_close:
             conn.close()
         else:
             self._pool.give_back(conn)
-        return resp.status, data
+        return reply
 
     def _unreachable(self, reason: object) -> Unavailable:
         return Unavailable(f"{self.peer} at {self.url} is unreachable: {reason}")
 
-    def _error(self, status: int, data: bytes) -> TesseraError:
+    def _outcome_unknown(self, method: str, target: str, reason: object) -> OutcomeUnknown:
+        why = "timed out waiting for the answer" if isinstance(reason, TimeoutError) else reason
+        return OutcomeUnknown(
+            f"{self.peer} at {self.url} did not answer {method} {target}, sent and sent again "
+            f"({why}): the call may have run; retrying it is safe"
+        )
+
+    def _decoded(self, reply: _Reply, method: str, target: str) -> Any:
+        if not reply.data:
+            return None
         try:
-            body = _loads(data)
+            return _loads(reply.data)
+        except ValueError:
+            raise Misconfigured(
+                f"{self.peer} at {self.url} answered {method} {target} with HTTP "
+                f"{reply.status} ({reply.content_type or 'no content type'}) that is not JSON: "
+                "it does not serve the Tessera API there (check the URL and its path prefix)"
+            ) from None
+
+    def _error(self, reply: _Reply) -> TesseraError:
+        try:
+            body = _loads(reply.data)
         except ValueError:
             body = None
-        err = from_problem(status, body)
-        if status >= 500 and not isinstance(err, Unavailable):
+        err = from_problem(reply.status, body, content_type=reply.content_type)
+        if isinstance(err, Misconfigured):
+            # A plain Misconfigured, not the peer's NoSuchRoute: relayed by a
+            # server, it is about that server's upstream, not its own routes.
+            err = Misconfigured(f"{self.peer} at {self.url}: {err.message}", field=err.field)
+        elif reply.status >= 500 and not isinstance(err, Unavailable | OutcomeUnknown):
             err.message = f"{self.peer}: {err.message}"
         return err
+
+
+class _ConnectFailed(Exception):
+    """Internal: the connection could not be opened, so nothing was sent."""
+
+    def __init__(self, reason: BaseException) -> None:
+        super().__init__(str(reason))
+        self.reason = reason
+
+
+class _Reply(NamedTuple):
+    status: int
+    content_type: str
+    data: bytes
 
 
 def _dumps(value: Any) -> bytes:

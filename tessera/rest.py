@@ -21,15 +21,14 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tessera.errors import (
-    PROBLEM_TYPE_PREFIX,
+    PROBLEM_JSON,
     Internal,
     InvalidArgument,
+    NoSuchRoute,
     TesseraError,
     Unauthenticated,
     to_problem,
 )
-
-PROBLEM_JSON = "application/problem+json"
 
 #: pydantic error types rewritten into something a user can act on
 _MESSAGES = {
@@ -122,22 +121,26 @@ def _malformed_json(errors: list[dict[str, Any]]) -> JSONResponse:
     return JSONResponse(body, status_code=400, media_type=PROBLEM_JSON)
 
 
-def http_problem(exc: StarletteHTTPException) -> JSONResponse:
-    """Framework errors (unknown route, wrong method) in the same format as ours."""
-    title = {404: "not found", 405: "method not allowed"}.get(exc.status_code, "http error")
-    kind = title.replace(" ", "-")
-    body = {
-        "type": PROBLEM_TYPE_PREFIX + kind,
-        "title": title,
-        "status": exc.status_code,
-        "detail": str(exc.detail),
-    }
-    return JSONResponse(
-        body,
-        status_code=exc.status_code,
-        media_type=PROBLEM_JSON,
-        headers=getattr(exc, "headers", None),
-    )
+def http_problem(request: Request, exc: StarletteHTTPException, service: str) -> JSONResponse:
+    """Framework errors in our format; an unknown route or method is `no-such-route`.
+
+    Routing's 404 and 405 say nothing about any resource: they mean the
+    caller's URL (prefix, version) or method is wrong. Their own problem
+    type keeps clients from reading them as `not-found`, which would let a
+    delete answer "already gone" while the volume stays.
+    """
+    if exc.status_code in (404, 405):
+        err: TesseraError = NoSuchRoute(
+            f"{service} has no route {request.method} {request.url.path}: check the URL, "
+            "its path prefix and that client and server versions match"
+        )
+        err.http_status = exc.status_code
+    elif exc.status_code >= 500:
+        err = Internal(str(exc.detail))
+    else:
+        err = InvalidArgument(str(exc.detail))
+        err.http_status = exc.status_code
+    return problem_response(err, headers=getattr(exc, "headers", None))
 
 
 def install_problem_handlers(app: FastAPI, log: logging.Logger, service: str) -> None:
@@ -158,8 +161,8 @@ def install_problem_handlers(app: FastAPI, log: logging.Logger, service: str) ->
         return validation_problem(exc)
 
     @app.exception_handler(StarletteHTTPException)
-    def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return http_problem(exc)
+    def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return http_problem(request, exc, service)
 
     @app.exception_handler(Exception)
     def _unexpected(request: Request, exc: Exception) -> JSONResponse:

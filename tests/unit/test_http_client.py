@@ -5,14 +5,25 @@ from __future__ import annotations
 import json
 import socketserver
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
-from tessera.errors import NotFound, Unavailable, to_problem
+from tessera.errors import (
+    Misconfigured,
+    NoSuchRoute,
+    NotFound,
+    OutcomeUnknown,
+    Unavailable,
+    to_problem,
+)
 from tessera.http import JsonClient
+
+CLIENT_TIMEOUT = 0.3
+SLOW_REPLY = 1.0  # well past CLIENT_TIMEOUT: the client has given up by then
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -34,6 +45,10 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path.startswith("/missing"):
             err = NotFound("volume vol-x does not exist", field="volume_id")
             self._reply(404, to_problem(err), "application/problem+json")
+        elif self.path.startswith("/canned/"):
+            self._canned()
+        elif self.path.startswith("/slow"):
+            self._slow()
         elif self.command == "DELETE":
             self._reply(204, None, "application/json")
         else:
@@ -42,7 +57,41 @@ class _Handler(BaseHTTPRequestHandler):
             # Close without saying so, as a peer restarting or timing out idle does.
             self.close_connection = True
 
-    do_GET = do_PUT = do_DELETE = _handle
+    def _canned(self) -> None:
+        """/canned/<status>/<what>: answers as other servers (or a confused peer) would."""
+        _, _, status, what = self.path.split("/", 3)
+        code = int(status)
+        if what == "html":
+            data = b"<html><body>404 Not Found</body></html>"
+            self.send_response(code)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        elif what == "fastapi-default":
+            self._reply(code, {"detail": "Not Found"}, "application/json")
+        elif what == "foreign-problem":
+            body = {"type": "about:blank", "title": "Not Found", "status": code}
+            self._reply(code, body, "application/problem+json")
+        elif what == "not-found-as-plain-json":
+            self._reply(
+                code, to_problem(NotFound("volume vol-x does not exist")), "application/json"
+            )
+        elif what == "no-such-route":
+            err = NoSuchRoute("management has no route DELETE /x: check the URL")
+            self._reply(code, to_problem(err), "application/problem+json")
+
+    def _slow(self) -> None:
+        """/slow/<n>: the first n requests are answered only after the client gave up."""
+        _, _, n = self.path.split("/")
+        if sum(1 for s in self.seen if s[1] == self.path) <= int(n):
+            time.sleep(SLOW_REPLY)
+        try:
+            self._reply(200, {"path": self.path}, "application/json")
+        except OSError:
+            self.close_connection = True  # the client had hung up
+
+    do_GET = do_PUT = do_POST = do_DELETE = _handle
 
     def log_message(self, *args: object) -> None:
         pass
@@ -120,3 +169,65 @@ def test_a_peer_that_is_not_listening_is_unavailable_and_says_where(tmp_path: Pa
 def test_urls_other_than_unix_and_http_are_refused() -> None:
     with pytest.raises(ValueError, match="unix:///path"):
         JsonClient("ftp://host", "t", peer="management")
+
+
+@pytest.mark.parametrize(
+    "what", ["html", "fastapi-default", "foreign-problem", "not-found-as-plain-json"]
+)
+def test_a_404_that_is_not_a_tessera_not_found_problem_is_a_configuration_error(
+    server: tuple[_Server, str], what: str
+) -> None:
+    """A wrong path prefix reaches some other 404: DeleteVolume must not read it as "gone"."""
+    client = JsonClient(server[1], "t", peer="management")
+    with pytest.raises(Misconfigured) as err:
+        client.request("DELETE", f"/canned/404/{what}")
+    assert not isinstance(err.value, NotFound)
+    assert "check the URL" in err.value.message and server[1] in err.value.message
+
+
+def test_a_peers_no_such_route_names_the_peer_and_its_url(server: tuple[_Server, str]) -> None:
+    client = JsonClient(server[1], "t", peer="management")
+    with pytest.raises(Misconfigured) as err:
+        client.request("DELETE", "/canned/404/no-such-route")
+    # relayed by whoever called us, it must not claim *their* route is missing
+    assert type(err.value) is Misconfigured
+    assert err.value.message.startswith(f"management at {server[1]}: management has no route")
+
+
+def test_a_405_is_a_configuration_error(server: tuple[_Server, str]) -> None:
+    client = JsonClient(server[1], "t", peer="node-agent")
+    with pytest.raises(Misconfigured):
+        client.request("PUT", "/canned/405/html")
+
+
+def test_an_html_page_with_status_200_is_a_configuration_error_not_a_crash(
+    server: tuple[_Server, str],
+) -> None:
+    client = JsonClient(server[1], "t", peer="management")
+    with pytest.raises(Misconfigured, match="not JSON"):
+        client.request("GET", "/canned/200/html")
+
+
+def test_a_gateway_error_page_is_unavailable(server: tuple[_Server, str]) -> None:
+    client = JsonClient(server[1], "t", peer="management")
+    with pytest.raises(Unavailable):
+        client.request("GET", "/canned/503/html")
+
+
+def test_a_call_answered_too_late_is_sent_once_more_and_then_succeeds(
+    server: tuple[_Server, str],
+) -> None:
+    client = JsonClient(server[1], "t", peer="node-agent", timeout=CLIENT_TIMEOUT)
+    assert client.request("POST", "/slow/1")["path"] == "/slow/1"
+    assert [s[1] for s in _Handler.seen] == ["/slow/1", "/slow/1"]
+
+
+def test_a_call_never_answered_is_outcome_unknown_not_unreachable(
+    server: tuple[_Server, str],
+) -> None:
+    client = JsonClient(server[1], "t", peer="node-agent", timeout=CLIENT_TIMEOUT)
+    with pytest.raises(OutcomeUnknown) as err:
+        client.request("DELETE", "/slow/2")
+    assert not isinstance(err.value, Unavailable)
+    assert "may have run" in err.value.message and "timed out" in err.value.message
+    assert [s[1] for s in _Handler.seen] == ["/slow/2", "/slow/2"], "retried exactly once"
