@@ -53,7 +53,11 @@ def _install_sqlite_hooks(engine: Engine) -> None:
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
+        # FULL: every commit fsyncs the WAL before it returns. NORMAL would
+        # only fsync at checkpoints, so a create that the API already
+        # answered (and whose file the agent fsynced) could vanish on power
+        # loss, leaving a volume file no row knows about.
+        cur.execute("PRAGMA synchronous=FULL")
         cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()

@@ -55,3 +55,17 @@ def test_placement_on_postgresql_locks_pools_before_summing_their_volumes() -> N
         # read by a later statement, whose snapshot sees what the lock waited for.
         assert "FOR UPDATE OF pools" in lock and "sum(" not in lock
         assert "sum(" in space and "FOR UPDATE" not in space
+
+
+def test_every_connection_fsyncs_each_commit_so_an_answered_create_survives_power_loss(
+    tmp_path: Path,
+) -> None:
+    # synchronous=FULL (2) on WAL fsyncs the log at every commit; NORMAL (1)
+    # only at checkpoints, which loses answered commits on power failure.
+    db = Database(f"sqlite:///{tmp_path / 'm.db'}")
+    with db.write_connection() as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    with db.read() as s:
+        assert s.connection().exec_driver_sql("PRAGMA synchronous").scalar() == 2
+    db.dispose()
