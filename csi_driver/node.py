@@ -15,12 +15,12 @@ import os
 
 import grpc
 
+from csi_driver import validation
 from csi_driver._gen import csi_pb2, csi_pb2_grpc
-from csi_driver.capabilities import Capability, parse_capability
+from csi_driver.capabilities import Capability
 from csi_driver.config import PluginConfig
 from csi_driver.locks import VolumeLocks
 from csi_driver.parameters import CONTEXT_FS_TYPE, CONTEXT_MKFS_OPTIONS, split_mkfs_options
-from tessera import ids
 from tessera.clients import AgentClient
 from tessera.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from tessera.models import AccessMode, AccessType, AgentAttachment
@@ -39,29 +39,22 @@ NODE_CAPABILITIES = (
 )
 
 
+# Requests are checked by csi_driver/validation.py (presence, then form, then IDs
+# that cannot exist); these helpers are its path rules for code in this module.
+
+
 def _path(value: str, field: str) -> str:
-    """A kubelet-given path: required, absolute, already normal, no '..'."""
+    """A kubelet-given path: required, absolute, no '..', not '/'; normalized, not resolved."""
     if not value:
         raise InvalidArgument(f"{field} is required", field=field)
-    if not os.path.isabs(value) or ".." in value.split("/"):
-        raise InvalidArgument(
-            f"{field} {value!r} must be an absolute path without '..'", field=field
-        )
-    return os.path.normpath(value)
+    return validation.path_form(value, field)
 
 
 def _existing_volume_path(value: str) -> str:
-    """`volume_path` of the stats and expand calls: a valid path that exists (else NOT_FOUND)."""
-    path = _path(value, "volume_path")
-    if not os.path.exists(path):
-        raise NotFound(f"volume_path {path} does not exist", field="volume_path")
-    return path
-
-
-def _capability(request: object, field: str = "volume_capability") -> Capability:
-    if not request.HasField(field):  # type: ignore[attr-defined]
-        raise InvalidArgument(f"{field} is required", field=field)
-    return parse_capability(getattr(request, field), field)
+    """`volume_path` of stats/expand: empty is INVALID_ARGUMENT; relative or missing NOT_FOUND."""
+    if not value:
+        raise InvalidArgument("volume_path is required", field="volume_path")
+    return validation.existing_volume_path(value)
 
 
 class NodeServicer(csi_pb2_grpc.NodeServicer):
@@ -75,9 +68,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     def NodeStageVolume(
         self, request: csi_pb2.NodeStageVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeStageVolumeResponse:
-        volume_id = ids.check_volume_id(request.volume_id)
-        staging = _path(request.staging_target_path, "staging_target_path")
-        cap = _capability(request)
+        args = validation.node_stage_volume(request)
+        volume_id, staging, cap = args.volume_id, args.staging_target_path, args.capability
         ctx = request.publish_context
         with self.locks.hold(volume_id):
             if ctx.get("transport", "loop") != "loop":
@@ -147,8 +139,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     def NodeUnstageVolume(
         self, request: csi_pb2.NodeUnstageVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeUnstageVolumeResponse:
-        volume_id = ids.check_volume_id(request.volume_id)
-        staging = _path(request.staging_target_path, "staging_target_path")
+        args = validation.node_unstage_volume(request)
+        volume_id, staging = args.volume_id, args.staging_target_path
         with self.locks.hold(volume_id):
             attachment = self._attachment_or_none(volume_id)
             if attachment is not None:
@@ -172,17 +164,9 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     def NodePublishVolume(
         self, request: csi_pb2.NodePublishVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodePublishVolumeResponse:
-        volume_id = ids.check_volume_id(request.volume_id)
-        target = _path(request.target_path, "target_path")
-        if not request.staging_target_path:
-            raise FailedPrecondition(
-                "staging_target_path is required: this plugin stages volumes "
-                "(STAGE_UNSTAGE_VOLUME)",
-                field="staging_target_path",
-            )
-        staging = _path(request.staging_target_path, "staging_target_path")
-        cap = _capability(request)
-        readonly = request.readonly or cap.read_only_mode
+        args = validation.node_publish_volume(request)
+        volume_id, target, staging = args.volume_id, args.target_path, args.staging_target_path
+        cap, readonly = args.capability, args.readonly
         with self.locks.hold(volume_id):
             attachment = self._attachment_or_none(volume_id)
             if attachment is None:
@@ -267,8 +251,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     def NodeUnpublishVolume(
         self, request: csi_pb2.NodeUnpublishVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeUnpublishVolumeResponse:
-        volume_id = ids.check_volume_id(request.volume_id)
-        target = _path(request.target_path, "target_path")
+        args = validation.node_unpublish_volume(request)
+        volume_id, target = args.volume_id, args.target_path
         with self.locks.hold(volume_id):
             mounts.unmount(target)
             _remove_target(target)
@@ -301,8 +285,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     def NodeGetVolumeStats(
         self, request: csi_pb2.NodeGetVolumeStatsRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeGetVolumeStatsResponse:
-        volume_id = ids.check_volume_id(request.volume_id)
-        path = _existing_volume_path(request.volume_path)
+        args = validation.node_get_volume_stats(request)
+        volume_id, path = args.volume_id, args.volume_path
         attachment = self._attachment_or_none(volume_id)
         if attachment is None:
             self.agent.get_volume(volume_id)  # NotFound for a volume that does not exist
@@ -341,8 +325,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     def NodeExpandVolume(
         self, request: csi_pb2.NodeExpandVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeExpandVolumeResponse:
-        volume_id = ids.check_volume_id(request.volume_id)
-        path = _existing_volume_path(request.volume_path)
+        args = validation.node_expand_volume(request)
+        volume_id, path = args.volume_id, args.volume_path
         with self.locks.hold(volume_id):
             attachment = self._attachment_or_none(volume_id)
             if attachment is None:
