@@ -1,0 +1,95 @@
+"""The `tessera` command: the root, `--debug`, and the one place failures are printed.
+
+Typer runs in non-standalone mode so that every failure - click's usage
+errors, management's problem documents, our own checks, a bug - comes back
+here and is printed as one line with a meaningful exit code (see
+`tessera.cli.failures`) instead of click's multi-line panels or a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Annotated
+
+import typer
+from typer._click.exceptions import NoArgsIsHelpError
+
+from tessera.cli import dev, inventory, reconcile, volumes
+from tessera.cli.failures import EXIT_FAILED, EXIT_OK, describe, report
+
+HELP = """Tessera: NVMe-backed block volumes for Kubernetes.
+
+Volumes are named by their name or their ID wherever a command takes one.
+Exit codes: 0 done; 1 the request failed (not found, refused by management,
+management unreachable); 2 the command line is invalid (nothing was changed).
+"""
+
+app = typer.Typer(
+    help=HELP,
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    epilog=(
+        "[bold]Examples[/]\n\n  tessera dev up --state-dir .state\n\n"
+        "  tessera volume create db-data --size 10G\n\n  tessera volume show db-data -o yaml"
+    ),
+)
+app.add_typer(dev.app, name="dev")
+app.add_typer(volumes.app, name="volume")
+app.add_typer(inventory.node_app, name="node")
+app.add_typer(inventory.pool_app, name="pool")
+app.command("reconcile", epilog=reconcile.EPILOG)(reconcile.reconcile)
+
+
+@app.callback()
+def root(
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug",
+            envvar="TESSERA_DEBUG",
+            help="on failure, also print the Python traceback (for bug reports); "
+            "accepted anywhere on the command line",
+        ),
+    ] = False,
+) -> None:
+    """Tessera: NVMe-backed block volumes for Kubernetes."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = _take_debug(args)
+    sys.exit(run(args, debug=debug))
+
+
+def run(args: list[str], *, debug: bool = False) -> int:
+    """Run one command line; the exit code. Nothing escapes as a traceback unless `debug`."""
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=args, prog_name="tessera", standalone_mode=False)
+    except NoArgsIsHelpError as exc:
+        # `tessera` or `tessera volume` alone asks what there is: help, not an error.
+        sys.stdout.write(exc.format_message())
+        return EXIT_OK
+    except BrokenPipeError:
+        # `tessera volume list | head -1`: the reader left; nothing to report.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the one place that reports
+        if debug:
+            traceback.print_exception(exc)
+        message, code = describe(exc)
+        report(message)
+        return code
+    return result if isinstance(result, int) else EXIT_OK
+
+
+def _take_debug(args: list[str]) -> bool:
+    """Remove `--debug` from wherever it is (before `--`), as kubectl's global flags work."""
+    end = args.index("--") if "--" in args else len(args)
+    found = "--debug" in args[:end]
+    if found:
+        args[:] = [a for a in args[:end] if a != "--debug"] + args[end:]
+    return found or os.environ.get("TESSERA_DEBUG", "") not in ("", "0", "false")

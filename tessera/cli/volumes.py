@@ -1,0 +1,195 @@
+"""`tessera volume ...`: list, show, create and delete volumes.
+
+Every command that takes a volume takes its name or its ID, like kubectl
+takes a name: the ID when the argument looks like one (and names a
+volume), otherwise the name, resolved by management's exact-name filter.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tessera.cli.connect import Management, StateDir, TokenFile, all_items, connect
+from tessera.cli.failures import usage
+from tessera.cli.output import (
+    Column,
+    Output,
+    OutputOpt,
+    console,
+    examples,
+    print_list,
+    print_object,
+    when,
+)
+from tessera.errors import NotFound
+from tessera.models import MAX_VOLUME_NAME, Volume, VolumeCreate
+from tessera.units import format_size, parse_size
+
+app = typer.Typer(help="Volumes: list, show, create, delete.", no_args_is_help=True)
+
+VolumeRef = Annotated[str, typer.Argument(metavar="NAME|ID", help="the volume's name or ID")]
+
+COLUMNS = [
+    Column("ID", lambda v: v.id),
+    Column("NAME", lambda v: v.name, fold=True),
+    Column("SIZE", lambda v: format_size(v.size_bytes)),
+    Column("STATE", lambda v: v.state.value),
+    Column("NODE", lambda v: v.node_id, drop=2, fold=True),
+    Column("POOL", lambda v: v.pool, drop=4),
+    Column("PUBLISHED ON", lambda v: ", ".join(v.published_nodes) or "-", drop=3),
+    Column("CREATED", lambda v: when(v.created_at), drop=5),
+    Column("VPG", lambda v: v.vpg, wide_only=True),
+    Column("PARAMETERS", lambda v: _parameters(v), wide_only=True),
+]
+
+
+@app.command(
+    "list",
+    epilog=examples(
+        "tessera volume list",
+        "tessera volume list -o wide",
+        "tessera volume list -o json | jq -r '.items[].id'",
+    ),
+)
+def volume_list(
+    output: OutputOpt = Output.TABLE,
+    state_dir: StateDir = Path(".state"),
+    management: Management = None,
+    token_file: TokenFile = None,
+) -> None:
+    """List volumes. Narrow terminals drop CREATED, POOL, ... before an ID is ever cut."""
+    with connect(state_dir, management, token_file) as client:
+        volumes = all_items(client.list_volumes)
+    print_list(volumes, COLUMNS, output, noun="volumes")
+
+
+@app.command(
+    "show",
+    epilog=examples(
+        "tessera volume show db-data",
+        "tessera volume show vol-0123456789abcdef0123456789abcdef -o yaml",
+    ),
+)
+def volume_show(
+    volume: VolumeRef,
+    output: OutputOpt = Output.TABLE,
+    state_dir: StateDir = Path(".state"),
+    management: Management = None,
+    token_file: TokenFile = None,
+) -> None:
+    """Show one volume, by name or ID, and its attachments. -o json/yaml: the Volume model."""
+    check_ref(volume)
+    with connect(state_dir, management, token_file) as client:
+        v = client.find_volume(volume)
+        attachments = client.list_attachments(v.id) if output in (Output.TABLE, Output.WIDE) else []
+    fields = [(key, str(value)) for key, value in _display(v).items()]
+    for a in attachments:
+        ro = ", read-only" if a.readonly else ""
+        fields.append(("attachment", f"{a.node_id} ({a.access_mode.value}{ro})"))
+    print_object(v, fields, output)
+
+
+@app.command(
+    "create",
+    epilog=examples(
+        "tessera volume create db-data --size 10G",
+        "tessera volume create scratch --size 512MiB --vpg default -o json",
+    ),
+)
+def volume_create(
+    name: Annotated[str, typer.Argument(help="unique name; creating it again is a no-op")],
+    size: Annotated[str, typer.Option(help="e.g. 10G, 512MiB or bytes")] = "1G",
+    vpg: Annotated[str, typer.Option(help="volume provisioning group")] = "default",
+    output: OutputOpt = Output.TABLE,
+    state_dir: StateDir = Path(".state"),
+    management: Management = None,
+    token_file: TokenFile = None,
+) -> None:
+    """Create a volume (idempotent by name: the same name and size answer the same volume)."""
+    check_ref(name, what="NAME")
+    request = VolumeCreate(name=name, size_bytes=_size(size), vpg=vpg)
+    with connect(state_dir, management, token_file) as client:
+        v = client.create_volume(request)
+    if output in (Output.JSON, Output.YAML):
+        print_object(v, [], output)
+        return
+    console.print(
+        f"{v.id}  {v.name}  {format_size(v.size_bytes)}  on {v.node_id}/{v.pool}",
+        markup=False,
+        soft_wrap=True,
+    )
+
+
+@app.command(
+    "delete",
+    epilog=examples(
+        "tessera volume delete db-data",
+        "tessera volume delete vol-0123456789abcdef0123456789abcdef --ignore-not-found",
+    ),
+)
+def volume_delete(
+    volume: VolumeRef,
+    ignore_not_found: Annotated[
+        bool, typer.Option(help="exit 0 when there is no such volume (for scripts)")
+    ] = False,
+    state_dir: StateDir = Path(".state"),
+    management: Management = None,
+    token_file: TokenFile = None,
+) -> None:
+    """Delete a volume by name or ID (refused while it is attached to a node)."""
+    check_ref(volume)
+    with connect(state_dir, management, token_file) as client:
+        try:
+            v = client.find_volume(volume)
+        except NotFound:
+            if not ignore_not_found:
+                raise
+            console.print(f"no volume {volume!r}; nothing to delete", markup=False, soft_wrap=True)
+            return
+        client.delete_volume(v.id)
+    console.print(f"deleted {v.id} ({v.name})", markup=False, soft_wrap=True)
+
+
+def check_ref(value: str, what: str = "NAME|ID") -> str:
+    """What only the command line can get wrong; management judges the rest."""
+    if not value.strip():
+        raise usage(f"{what} must not be empty")
+    if len(value) > MAX_VOLUME_NAME:
+        raise usage(f"{what} is {len(value)} characters long; names have at most {MAX_VOLUME_NAME}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise usage(f"{what} is not valid UTF-8") from None
+    return value
+
+
+def _size(text: str) -> int:
+    try:
+        size = parse_size(text)
+    except ValueError as exc:
+        raise usage(f"--size: {exc}") from None
+    if size <= 0:
+        raise usage(f"--size must be more than 0, e.g. 1G (got {text!r})")
+    return size
+
+
+def _display(v: Volume) -> dict[str, str]:
+    return {
+        "id": v.id,
+        "name": v.name,
+        "size": f"{format_size(v.size_bytes)} ({v.size_bytes} bytes)",
+        "state": v.state.value,
+        "vpg": v.vpg,
+        "node": v.node_id,
+        "pool": v.pool,
+        "published on": ", ".join(v.published_nodes) or "-",
+        "parameters": _parameters(v),
+        "created": when(v.created_at),
+    }
+
+
+def _parameters(v: Volume) -> str:
+    return ", ".join(f"{k}={val}" for k, val in sorted(v.parameters.items())) or "-"
