@@ -1,0 +1,131 @@
+"""Real management and node-agent processes for the REST fuzzers and error-meaning tests.
+
+Management listens on TCP (so a URL can carry a path prefix, right or
+wrong); the agent serves its unix socket, registers with management and
+keeps its pool on a small loop-mounted XFS image, so nothing a fuzzer asks
+for can grow past the image's size. `stop()` leaves the machine as found:
+no processes, loop devices, mounts or files outside the temporary directory.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tessera.clients import AgentClient, ManagementClient
+from tessera.dev import pool as dev_pool
+from tessera.dev.release import release_volumes
+from tessera.errors import TesseraError
+
+TOKEN = "rest-fuzz-token"
+NODE_ID = "fuzz-node"
+READY_TIMEOUT = 60.0
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the kernel's pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RestStack:
+    """management (TCP, SQLite) + one node-agent whose pool is a loop-mounted image."""
+
+    def __init__(self, tmp: Path, *, pool_size: int) -> None:
+        self.dir = tmp.resolve()
+        self.pool_size = pool_size
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.agent_socket = self.dir / "agent.sock"
+        self.agent_url = f"unix://{self.agent_socket}"
+        self.pool_dir = self.dir / "pool"
+        self.image = self.dir / "pool.img"
+        self.token_file = self.dir / "token"
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    # ---- start -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.token_file.write_text(TOKEN + "\n")
+        self.token_file.chmod(0o600)
+        dev_pool.ensure_pool(self.image, self.pool_dir, self.pool_size)
+        self.spawn(
+            "management",
+            ["management", "--listen", f"127.0.0.1:{self.port}",
+             "--db", f"sqlite:///{self.dir / 'management.db'}",
+             "--token-file", str(self.token_file)],
+        )  # fmt: skip
+        self.spawn(
+            "node-agent",
+            ["node_agent", "--node-id", NODE_ID, "--management", self.url,
+             "--token-file", str(self.token_file), "--pool", f"default={self.pool_dir}",
+             "--socket", str(self.agent_socket), "--dev-dir", str(self.dir / "dev")],
+        )  # fmt: skip
+        self.wait_ready()
+
+    def spawn(self, name: str, module_args: list[str]) -> subprocess.Popen[bytes]:
+        with open(self.dir / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", *module_args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        path = self.dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def wait_ready(self) -> None:
+        """Until both answer and the agent's node and pool are registered."""
+        mgmt, agent = self.management(), self.agent()
+        deadline = time.monotonic() + READY_TIMEOUT
+        try:
+            while time.monotonic() < deadline:
+                for name, proc in self.procs.items():
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"{name} exited:\n{self.log(name)}")
+                if agent.healthy() and self._pool_registered(mgmt):
+                    return
+                time.sleep(0.1)
+        finally:
+            mgmt.close()
+            agent.close()
+        raise RuntimeError("the REST stack did not become ready:\n" + self.log("node-agent"))
+
+    @staticmethod
+    def _pool_registered(mgmt: ManagementClient) -> bool:
+        try:
+            return any(p.node_id == NODE_ID for p in mgmt.list_pools().items)
+        except TesseraError:
+            return False
+
+    def management(self, url: str | None = None) -> ManagementClient:
+        return ManagementClient(url or self.url, TOKEN)
+
+    def agent(self) -> AgentClient:
+        return AgentClient(self.agent_url, TOKEN)
+
+    # ---- stop ------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop the processes, then release what the agent left attached, then the pool."""
+        for name in reversed(list(self.procs)):
+            proc = self.procs[name]
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=5)
+        if dev_pool.is_mounted(self.pool_dir):
+            release_volumes(self.pool_dir)
+        dev_pool.release_pool(self.image, self.pool_dir)  # not mounted / attached is fine
