@@ -35,7 +35,7 @@ from google.protobuf import wrappers_pb2
 from csi_driver import validation
 from csi_driver._gen import csi_pb2, csi_pb2_grpc
 from csi_driver.capabilities import parse_capabilities
-from csi_driver.locks import VolumeLocks
+from tessera.locks import VolumeLocks
 from csi_driver.parameters import (
     CONTEXT_FS_TYPE,
     CONTEXT_MKFS_OPTIONS,

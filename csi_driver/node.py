@@ -19,7 +19,7 @@ from csi_driver import validation
 from csi_driver._gen import csi_pb2, csi_pb2_grpc
 from csi_driver.capabilities import Capability
 from csi_driver.config import PluginConfig
-from csi_driver.locks import VolumeLocks
+from tessera.locks import VolumeLocks
 from csi_driver.parameters import CONTEXT_FS_TYPE, CONTEXT_MKFS_OPTIONS, split_mkfs_options
 from tessera.clients import AgentClient
 from tessera.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from node_agent import volumes
 from node_agent.attachments import DEFAULT_DEV_DIR, AttachmentManager
-from node_agent.locks import VolumeLocks
+from tessera.locks import VolumeLocks
 from node_agent.pools import Pool
 from node_agent.transports import Transport, create_transport
 from tessera.errors import AlreadyExists, FailedPrecondition, NotFound

@@ -3,7 +3,8 @@
 Exactly the table in docs/contracts.md. Errors leave as problem+json via
 `tessera.rest`, the same as management's, so clients rebuild the same
 error type. Routes are plain `def`: they block on the kernel and the
-filesystem (fsync, loop ioctls), and FastAPI runs them in its thread pool.
+filesystem (fsync, loop ioctls), and FastAPI runs them in its thread pool;
+only /healthz is `async def`, so it answers while every worker is busy.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ def create_app(agent: Agent, token: str) -> FastAPI:
     install_problem_handlers(app, log, "node-agent")
     app.add_middleware(BearerAuth, token=token)
 
+    # `async def`: answered on the event loop, never queued behind work
+    # holding the worker threads (anyio lends sync routes 40 of them).
     @app.get("/healthz")
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.put("/v1/volumes/{volume_id}", response_model=AgentVolume)

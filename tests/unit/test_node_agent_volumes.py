@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from node_agent import volumes
-from node_agent.locks import VolumeLocks
 from node_agent.pools import Pool, parse_pool_spec
 from tessera.errors import AlreadyExists, InvalidArgument, NotFound, OutOfRange
 from tessera.ids import new_volume_id
@@ -141,31 +140,6 @@ def test_half_created_files_are_swept_and_never_look_complete(pool: Pool) -> Non
     assert not volumes.exists(pool, vid)
     assert volumes.sweep_temporaries(pool) == [tmp]
     assert not tmp.exists()
-
-
-def test_volume_locks_serialize_one_volume() -> None:
-    locks = VolumeLocks()
-    inside = 0
-    peak = 0
-    guard = threading.Lock()
-
-    def work() -> None:
-        nonlocal inside, peak
-        with locks.hold("vol-a"):
-            with guard:
-                inside += 1
-                peak = max(peak, inside)
-            threading.Event().wait(0.01)
-            with guard:
-                inside -= 1
-
-    threads = [threading.Thread(target=work) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert peak == 1
-    assert locks._locks == {}, "lock table must not grow"
 
 
 def test_a_named_but_empty_volume_file_left_by_a_crash_is_finished(pool: Pool) -> None:
