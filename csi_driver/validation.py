@@ -71,11 +71,19 @@ def _present(request: Message, name: str) -> bool:
 
 
 def require(request: Message, *names: str) -> None:
-    """INVALID_ARGUMENT naming every REQUIRED field that is missing."""
+    """INVALID_ARGUMENT naming every REQUIRED field that is missing.
+
+    A capability that is there must have its own REQUIRED parts (access_type,
+    access_mode): those are missing fields too, whichever RPC carries them.
+    """
     missing = [n for n in names if not _present(request, n)]
-    if not missing:
-        return
-    raise InvalidArgument("; ".join(f"{n} is required" for n in missing), field=missing[0])
+    if missing:
+        raise InvalidArgument("; ".join(f"{n} is required" for n in missing), field=missing[0])
+    fields = request.DESCRIPTOR.fields_by_name
+    if "volume_capability" in fields and request.HasField("volume_capability"):
+        capability_shape([request.volume_capability], "volume_capability")  # type: ignore[attr-defined]
+    if "volume_capabilities" in fields:
+        capability_shape(request.volume_capabilities, "volume_capabilities")  # type: ignore[attr-defined]
 
 
 # ---- step 2: form ---------------------------------------------------------------------
@@ -494,7 +502,6 @@ def validate_volume_capabilities(
     """Unsupported capabilities or parameters are the answer (`message`), not an error."""
     require(r, "volume_id", "volume_capabilities")
     volume_id = id_form(r.volume_id, "volume_id")
-    capability_shape(r.volume_capabilities, "volume_capabilities")
     map_form(r.volume_context, "volume_context")
     map_form(r.parameters, "parameters")
     map_form(r.mutable_parameters, "mutable_parameters")
@@ -511,7 +518,7 @@ def list_volumes(r: csi_pb2.ListVolumesRequest) -> ListVolumes:
 
 
 def get_capacity(r: csi_pb2.GetCapacityRequest) -> GetCapacity:
-    capability_shape(r.volume_capabilities, "volume_capabilities")
+    require(r)
     unsupported = ""
     try:
         capabilities_form(r.volume_capabilities)
@@ -561,19 +568,22 @@ def node_unstage_volume(r: csi_pb2.NodeUnstageVolumeRequest) -> NodeUnstage:
 
 def node_publish_volume(r: csi_pb2.NodePublishVolumeRequest) -> NodePublish:
     require(r, "volume_id", "target_path", "volume_capability")
-    if not r.staging_target_path:
-        # the spec's own code for this one: "Staging target path not set"
-        raise FailedPrecondition(
-            "staging_target_path is required: this plugin stages volumes (STAGE_UNSTAGE_VOLUME)",
-            field="staging_target_path",
-        )
     volume_id = id_form(r.volume_id, "volume_id")
-    staging = path_form(r.staging_target_path, "staging_target_path")
+    staging = ""
+    if r.staging_target_path:
+        staging = path_form(r.staging_target_path, "staging_target_path")
     target = path_form(r.target_path, "target_path")
     cap = capability_form(r.volume_capability, "volume_capability")
     map_form(r.publish_context, "publish_context")
     map_form(r.volume_context, "volume_context")
     secrets_form(r.secrets)
+    if not staging:
+        # OPTIONAL in the message, but the spec's own code when a staging
+        # plugin gets none: "Staging target path not set"
+        raise FailedPrecondition(
+            "staging_target_path is required: this plugin stages volumes (STAGE_UNSTAGE_VOLUME)",
+            field="staging_target_path",
+        )
     readonly = r.readonly or cap.read_only_mode
     return NodePublish(known_volume(volume_id), staging, target, cap, readonly)
 
