@@ -35,7 +35,6 @@ from google.protobuf import wrappers_pb2
 from csi_driver import validation
 from csi_driver._gen import csi_pb2, csi_pb2_grpc
 from csi_driver.capabilities import parse_capabilities
-from tessera.locks import VolumeLocks
 from csi_driver.parameters import (
     CONTEXT_FS_TYPE,
     CONTEXT_MKFS_OPTIONS,
@@ -50,6 +49,7 @@ from tessera.errors import (
     InvalidArgument,
     NotFound,
 )
+from tessera.locks import VolumeLocks
 from tessera.models import (
     AccessType,
     Volume,

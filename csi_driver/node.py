@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 
 import grpc
 
@@ -19,10 +20,17 @@ from csi_driver import validation
 from csi_driver._gen import csi_pb2, csi_pb2_grpc
 from csi_driver.capabilities import Capability
 from csi_driver.config import PluginConfig
-from tessera.locks import VolumeLocks
 from csi_driver.parameters import CONTEXT_FS_TYPE, CONTEXT_MKFS_OPTIONS, split_mkfs_options
 from tessera.clients import AgentClient
-from tessera.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from tessera.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    Unavailable,
+)
+from tessera.locks import VolumeLocks
 from tessera.models import AccessMode, AccessType, AgentAttachment
 from tessera.system import filesystems, mounts
 from tessera.topology import TOPOLOGY_KEY, ZONE_KEY
@@ -70,6 +78,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     ) -> csi_pb2.NodeStageVolumeResponse:
         args = validation.node_stage_volume(request)
         volume_id, staging, cap = args.volume_id, args.staging_target_path, args.capability
+        staging = mounts.mount_point(staging, "staging_target_path")  # as mountinfo spells it
         ctx = request.publish_context
         with self.locks.hold(volume_id):
             if ctx.get("transport", "loop") != "loop":
@@ -141,6 +150,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     ) -> csi_pb2.NodeUnstageVolumeResponse:
         args = validation.node_unstage_volume(request)
         volume_id, staging = args.volume_id, args.staging_target_path
+        staging = mounts.canonical(staging)  # as mountinfo spells it; a symlink is not followed
         with self.locks.hold(volume_id):
             attachment = self._attachment_or_none(volume_id)
             if attachment is not None:
@@ -167,6 +177,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         args = validation.node_publish_volume(request)
         volume_id, target, staging = args.volume_id, args.target_path, args.staging_target_path
         cap, readonly = args.capability, args.readonly
+        target = mounts.mount_point(target, "target_path")  # as mountinfo spells them
+        staging = mounts.canonical(staging)
         with self.locks.hold(volume_id):
             attachment = self._attachment_or_none(volume_id)
             if attachment is None:
@@ -253,6 +265,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     ) -> csi_pb2.NodeUnpublishVolumeResponse:
         args = validation.node_unpublish_volume(request)
         volume_id, target = args.volume_id, args.target_path
+        target = mounts.canonical(target)  # as mountinfo spells it; a symlink is not followed
         with self.locks.hold(volume_id):
             mounts.unmount(target)
             _remove_target(target)
@@ -286,37 +299,53 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         self, request: csi_pb2.NodeGetVolumeStatsRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeGetVolumeStatsResponse:
         args = validation.node_get_volume_stats(request)
-        volume_id, path = args.volume_id, args.volume_path
+        volume_id, path = args.volume_id, mounts.canonical(args.volume_path)
+        attachment = self._attached_here(volume_id, path)
+        mount = self._check_path_belongs(volume_id, path, attachment)
+        device = attachment.backing_device
+        if _is_block_bind(mount):
+            total = _block_size(volume_id, path, device)
+            usage = [csi_pb2.VolumeUsage(total=total, unit=csi_pb2.VolumeUsage.BYTES)]
+        else:
+            usage = _filesystem_usage(volume_id, path, device)
+        return csi_pb2.NodeGetVolumeStatsResponse(
+            usage=usage, volume_condition=self._condition(attachment)
+        )
+
+    def _attached_here(self, volume_id: str, path: str) -> AgentAttachment:
+        """The volume's attachment on this node; without one, nothing at path can be it."""
         attachment = self._attachment_or_none(volume_id)
         if attachment is None:
             self.agent.get_volume(volume_id)  # NotFound for a volume that does not exist
-        self._check_path_belongs(volume_id, path, attachment)
-        condition = self._condition(path, attachment)
-        if os.path.isdir(path):
-            usage = _filesystem_usage(path)
-        else:
-            total = filesystems.device_size(attachment.backing_device) if attachment else 0
-            usage = [csi_pb2.VolumeUsage(total=total, unit=csi_pb2.VolumeUsage.BYTES)]
-        return csi_pb2.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition)
+            raise NotFound(
+                f"volume {volume_id} is not staged on this node, so volume_path {path} "
+                "is not this volume",
+                field="volume_path",
+            )
+        return attachment
 
     def _check_path_belongs(
-        self, volume_id: str, path: str, attachment: AgentAttachment | None
-    ) -> None:
-        """A path that is a mount of some other device is not this volume's."""
-        here = mounts.mounts_at(path)
-        if here and (
-            attachment is None or not mounts.uses_device(here[-1], attachment.backing_device)
-        ):
-            raise NotFound(f"volume {volume_id} is not published at {path}", field="volume_path")
+        self, volume_id: str, path: str, attachment: AgentAttachment
+    ) -> mounts.Mount:
+        """The mount at path, when it is this volume's: its filesystem or a bind of its device.
 
-    def _condition(self, path: str, attachment: AgentAttachment | None) -> csi_pb2.VolumeCondition:
-        if attachment is None or not os.path.exists(attachment.backing_device):
+        Anything else (a plain directory, another filesystem's mount, a file
+        that is no bind of this device, a mount that has gone) is NOT_FOUND:
+        statvfs of such a path would report some other filesystem's numbers.
+        """
+        mount = mounts.mount_of_device(path, attachment.backing_device)
+        if mount is None:
+            raise NotFound(
+                f"volume_path {path} is not a mount of volume {volume_id} (neither its "
+                "staging mount, nor a publish of it, nor a bind of its device)",
+                field="volume_path",
+            )
+        return mount
+
+    def _condition(self, attachment: AgentAttachment) -> csi_pb2.VolumeCondition:
+        if not os.path.exists(attachment.backing_device):
             return csi_pb2.VolumeCondition(
                 abnormal=True, message="the volume's block device is gone from this node"
-            )
-        if not mounts.is_mount(path):
-            return csi_pb2.VolumeCondition(
-                abnormal=True, message=f"{path} is no longer mounted; the volume needs restaging"
             )
         return csi_pb2.VolumeCondition(abnormal=False, message="ok")
 
@@ -325,30 +354,29 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     def NodeExpandVolume(
         self, request: csi_pb2.NodeExpandVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeExpandVolumeResponse:
+        """Grow what is at volume_path to the device's size; codes per docs/contracts.md.
+
+        Only "cannot grow this filesystem while it is in use" is
+        FAILED_PRECONDITION: kubelet takes that code as final and stops
+        retrying, so every condition that can clear (device not grown yet,
+        a busy tool) stays retryable.
+        """
         args = validation.node_expand_volume(request)
-        volume_id, path = args.volume_id, args.volume_path
+        volume_id, path = args.volume_id, mounts.canonical(args.volume_path)
         with self.locks.hold(volume_id):
-            attachment = self._attachment_or_none(volume_id)
-            if attachment is None:
-                raise NotFound(
-                    f"volume {volume_id} is not attached on this node", field="volume_id"
-                )
-            self._check_path_belongs(volume_id, path, attachment)
+            attachment = self._attached_here(volume_id, path)
+            mount = self._check_path_belongs(volume_id, path, attachment)
+            block = _is_block_bind(mount)
+            _check_expand_capability(args.capability, block, path)
             # Attaching again is how the agent lets the loop device see the new size.
             attachment = self.agent.attach(volume_id, attachment.readonly)
             device = attachment.backing_device
-            is_block = request.HasField("volume_capability") and request.volume_capability.HasField(
-                "block"
-            )
-            here = mounts.mounts_at(path)
-            if not is_block and os.path.isdir(path):
-                if not here:
-                    raise FailedPrecondition(
-                        f"volume_path {path} is not mounted; cannot grow its filesystem",
-                        field="volume_path",
-                    )
-                filesystems.resize_filesystem(device, path, here[-1].fs_type)
-            return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=filesystems.device_size(device))
+            size = filesystems.device_size(device)
+            _check_expand_range(volume_id, size, args.size, args.limit)
+            if not block:
+                grow_at = _writable_mount(volume_id, path, mount, attachment)
+                filesystems.resize_filesystem(device, grow_at, mount.fs_type)
+            return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=size)
 
     # ---- helpers --------------------------------------------------------------------
 
@@ -359,8 +387,42 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             return None
 
 
-def _filesystem_usage(path: str) -> list[csi_pb2.VolumeUsage]:
-    st = os.statvfs(path)
+def _is_block_bind(mount: mounts.Mount) -> bool:
+    """A block publish is a bind of the device node (a devtmpfs file), not a filesystem."""
+    return mount.fs_type == "devtmpfs"
+
+
+def _open_as(volume_id: str, path: str, flags: int) -> int:
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise NotFound(
+            f"volume_path {path} of volume {volume_id} cannot be opened: {exc.strerror}",
+            field="volume_path",
+        ) from exc
+
+
+def _gone(volume_id: str, path: str) -> NotFound:
+    return NotFound(
+        f"volume_path {path} stopped being a mount of volume {volume_id} while it was read",
+        field="volume_path",
+    )
+
+
+def _filesystem_usage(volume_id: str, path: str, device: str) -> list[csi_pb2.VolumeUsage]:
+    """statvfs of the volume's own filesystem, checked by device number on the open directory.
+
+    The mount table said path is this volume's mount; the directory opened
+    here must also be on the volume's device, or the mount went away in
+    between and statvfs would describe whatever filesystem is underneath.
+    """
+    fd = _open_as(volume_id, path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if os.fstat(fd).st_dev != os.stat(device).st_rdev:
+            raise _gone(volume_id, path)
+        st = os.fstatvfs(fd)
+    finally:
+        os.close(fd)
     total, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
     used = (st.f_blocks - st.f_bfree) * st.f_frsize
     return [
@@ -372,6 +434,72 @@ def _filesystem_usage(path: str) -> list[csi_pb2.VolumeUsage]:
             unit=csi_pb2.VolumeUsage.INODES,
         ),
     ]
+
+
+def _block_size(volume_id: str, path: str, device: str) -> int:
+    """The size of the device bound at path, once the node there is proven to be that device."""
+    fd = _open_as(volume_id, path, os.O_PATH)
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISBLK(st.st_mode) or st.st_rdev != os.stat(device).st_rdev:
+        raise _gone(volume_id, path)
+    return filesystems.device_size(device)
+
+
+def _check_expand_capability(cap: Capability | None, block: bool, path: str) -> None:
+    """A capability that contradicts what is at volume_path: the spec's INVALID_ARGUMENT."""
+    if cap is None:
+        return
+    if (cap.access_type == AccessType.BLOCK) != block:
+        have = "a block device" if block else "a filesystem"
+        raise InvalidArgument(
+            f"volume_capability asks for {cap.access_type.value} access, but volume_path "
+            f"{path} holds {have}",
+            field="volume_capability",
+        )
+
+
+def _writable_mount(
+    volume_id: str, path: str, mount: mounts.Mount, attachment: AgentAttachment
+) -> str:
+    """Where the filesystem can be grown: volume_path, or its read-write staging mount.
+
+    A pod's read-only bind (readonly=true) shares the filesystem with the
+    read-write staging mount, which is grown instead. A volume attached
+    read-only is mounted read-only everywhere: that cannot change while it
+    is in use, which is the spec's FAILED_PRECONDITION ("MUST NOT retry").
+    """
+    if not mount.readonly and not attachment.readonly:
+        return path
+    if not attachment.readonly:
+        for other in mounts.mounts_of_device(attachment.backing_device):
+            if other.fs_type == mount.fs_type and not other.readonly:
+                return other.mountpoint
+    raise FailedPrecondition(
+        f"volume {volume_id} is in use read-only on this node (at {path}); its filesystem "
+        "cannot be grown until it is staged read-write",
+        field="volume_path",
+    )
+
+
+def _check_expand_range(volume_id: str, size: int, required: int, limit: int) -> None:
+    if limit and size > limit:
+        # the device is already past the limit and never shrinks: fix the range
+        raise OutOfRange(
+            f"volume {volume_id} is {size} bytes, more than capacity_range.limit_bytes "
+            f"({limit}); volumes never shrink",
+            field="capacity_range",
+        )
+    if required > size:
+        # ControllerExpandVolume has not grown the volume (yet): retrying can help
+        raise Unavailable(
+            f"volume {volume_id} is {size} bytes on this node, less than "
+            f"capacity_range.required_bytes ({required}); ControllerExpandVolume has not "
+            "grown it yet",
+            field="capacity_range",
+        )
 
 
 def _remove_target(target: str) -> None:
