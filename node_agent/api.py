@@ -22,7 +22,7 @@ from tessera.models import (
     AgentVolumeCreate,
     AgentVolumeResize,
 )
-from tessera.rest import BearerAuth, install_problem_handlers, json_response
+from tessera.rest import BearerAuth, install_problem_handlers, json_response, problems
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def create_app(agent: Agent, token: str) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.put("/v1/volumes/{volume_id}", response_model=AgentVolume)
+    @app.put("/v1/volumes/{volume_id}", response_model=AgentVolume, responses=problems(409, 507))
     def create_volume(volume_id: str, body: AgentVolumeCreate) -> Response:
         return json_response(agent.create_volume(volume_id, body.pool, body.size_bytes))
 
@@ -46,16 +46,20 @@ def create_app(agent: Agent, token: str) -> FastAPI:
     def get_volume(volume_id: str) -> Response:
         return json_response(agent.get_volume(volume_id))
 
-    @app.post("/v1/volumes/{volume_id}/resize", response_model=AgentVolume)
+    @app.post(
+        "/v1/volumes/{volume_id}/resize", response_model=AgentVolume, responses=problems(409, 507)
+    )
     def resize_volume(volume_id: str, body: AgentVolumeResize) -> Response:
         return json_response(agent.resize_volume(volume_id, body.size_bytes))
 
-    @app.delete("/v1/volumes/{volume_id}", status_code=204)
+    @app.delete("/v1/volumes/{volume_id}", status_code=204, responses=problems(409))
     def delete_volume(volume_id: str) -> Response:
         agent.delete_volume(volume_id)
         return Response(status_code=204)
 
-    @app.put("/v1/attachments/{volume_id}", response_model=AgentAttachment)
+    @app.put(
+        "/v1/attachments/{volume_id}", response_model=AgentAttachment, responses=problems(409, 507)
+    )
     def attach(volume_id: str, body: AgentAttach) -> Response:
         return json_response(agent.attach(volume_id, body.readonly))
 
@@ -63,11 +67,11 @@ def create_app(agent: Agent, token: str) -> FastAPI:
     def list_attachments() -> dict[str, list[AgentAttachment]]:
         return {"items": agent.list_attachments()}
 
-    @app.get("/v1/attachments/{volume_id}", response_model=AgentAttachment)
+    @app.get("/v1/attachments/{volume_id}", response_model=AgentAttachment, responses=problems(409))
     def get_attachment(volume_id: str) -> Response:
         return json_response(agent.get_attachment(volume_id))
 
-    @app.delete("/v1/attachments/{volume_id}", status_code=204)
+    @app.delete("/v1/attachments/{volume_id}", status_code=204, responses=problems(409))
     def detach(volume_id: str) -> Response:
         agent.detach(volume_id)
         return Response(status_code=204)
