@@ -21,7 +21,8 @@ log = logging.getLogger("management")
 
 def install(app: FastAPI) -> None:
     """Register every exception handler on the app."""
-    install_problem_handlers(app, log, "management")
+    # every route reads or writes the database, which can be busy or gone: 503
+    install_problem_handlers(app, log, "management", always=(503,))
 
     @app.exception_handler(OperationalError)
     def _database(_request: Request, exc: OperationalError) -> JSONResponse:

@@ -29,7 +29,7 @@ from tessera.models import (
     Vpg,
     VpgCreate,
 )
-from tessera.rest import json_response
+from tessera.rest import json_response, problems
 
 PageToken = Annotated[str, Query(description="next_token of the previous page")]
 MaxEntries = Annotated[
@@ -95,13 +95,16 @@ def v1_router(ctx: Context) -> APIRouter:
         response_model=Vpg,
         status_code=201,
         tags=["vpgs"],
-        responses={200: {"model": Vpg, "description": "already exists with the same layout"}},
+        responses={
+            200: {"model": Vpg, "description": "already exists with the same layout"},
+            **problems(409),
+        },
     )
     def create_vpg(body: VpgCreate) -> Response:
         vpg, created = inventory.create_vpg(ctx, body)
         return json_response(vpg, 201 if created else 200)
 
-    @r.get("/capacity", response_model=Capacity, tags=["capacity"])
+    @r.get("/capacity", response_model=Capacity, tags=["capacity"], responses=problems(404))
     def capacity(vpg: str = "default", node_id: str = "") -> Response:
         return json_response(inventory.capacity(ctx, vpg, node_id))
 
@@ -111,7 +114,10 @@ def v1_router(ctx: Context) -> APIRouter:
         response_model=Volume,
         status_code=201,
         tags=["volumes"],
-        responses={200: {"model": Volume, "description": "same name, compatible request"}},
+        responses={
+            200: {"model": Volume, "description": "same name, compatible request"},
+            **problems(404, 409, 502, 504, 507),
+        },
     )
     def create_volume(body: VolumeCreate) -> Response:
         volume, created = volumes.create_volume(ctx, body)
@@ -127,17 +133,32 @@ def v1_router(ctx: Context) -> APIRouter:
     def get_volume(volume_id: str) -> Response:
         return json_response(volumes.get_volume(ctx, volume_id))
 
-    @r.delete("/volumes/{volume_id}", status_code=204, tags=["volumes"])
+    @r.delete(
+        "/volumes/{volume_id}",
+        status_code=204,
+        tags=["volumes"],
+        responses=problems(409, 502, 504),
+    )
     def delete_volume(volume_id: str) -> Response:
         volumes.delete_volume(ctx, volume_id)
         return Response(status_code=204)
 
-    @r.post("/volumes/{volume_id}/expand", response_model=Volume, tags=["volumes"])
+    @r.post(
+        "/volumes/{volume_id}/expand",
+        response_model=Volume,
+        tags=["volumes"],
+        responses=problems(409, 502, 504, 507),
+    )
     def expand_volume(volume_id: str, body: VolumeExpand) -> Response:
         return json_response(volumes.expand_volume(ctx, volume_id, body))
 
     # ---- attachments ----
-    @r.put("/volumes/{volume_id}/attachments/{node_id}", response_model=Attachment, tags=["attach"])
+    @r.put(
+        "/volumes/{volume_id}/attachments/{node_id}",
+        response_model=Attachment,
+        tags=["attach"],
+        responses=problems(409, 507),
+    )
     def attach(volume_id: str, node_id: str, body: AttachmentCreate) -> Response:
         return json_response(attachments.attach(ctx, volume_id, node_id, body))
 

@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -143,12 +143,18 @@ def http_problem(request: Request, exc: StarletteHTTPException, service: str) ->
     return problem_response(err, headers=getattr(exc, "headers", None))
 
 
-def install_problem_handlers(app: FastAPI, log: logging.Logger, service: str) -> None:
+def install_problem_handlers(
+    app: FastAPI, log: logging.Logger, service: str, *, always: tuple[int, ...] = ()
+) -> None:
     """Register the exception handlers every Tessera REST service shares.
 
     Unexpected exceptions are logged with their traceback and answered with
     a generic 500 that points at `service`'s log and never leaks internals.
+    The OpenAPI document declares the problem+json answers (see
+    `document_problems`); `always` are statuses any of the service's
+    operations can answer (management: 503 when the database is busy).
     """
+    document_problems(app, always)
 
     @app.exception_handler(TesseraError)
     def _tessera(_request: Request, exc: TesseraError) -> JSONResponse:
@@ -168,6 +174,112 @@ def install_problem_handlers(app: FastAPI, log: logging.Logger, service: str) ->
     def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
         return problem_response(Internal(f"internal error; the {service} log has the details"))
+
+
+# ---- the OpenAPI document -----------------------------------------------------------
+
+
+class ProblemItem(BaseModel):
+    field: str
+    message: str
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem document: the body of every 4xx and 5xx answer."""
+
+    type: str = Field(
+        pattern="^https://tessera\\.io/problems/[a-z-]+$",
+        description="https://tessera.io/problems/<kind>; only not-found means the resource "
+        "does not exist (no-such-route: wrong URL, prefix, version or method)",
+    )
+    title: str = Field(min_length=1)
+    status: int = Field(ge=400, le=599)
+    detail: str = Field(
+        min_length=1, description="what is wrong, in a sentence a person can act on"
+    )
+    field: str | None = Field(default=None, description="the request field at fault, if one is")
+    errors: list[ProblemItem] | None = Field(
+        default=None, description="every invalid field (validation errors only)"
+    )
+
+
+_PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
+_DESCRIPTIONS = {
+    400: "malformed request: the body is not valid JSON",
+    401: "unauthenticated: missing or wrong bearer token",
+    404: "not-found: the resource does not exist; no-such-route: no such route (check the URL)",
+    409: "already-exists, conflict, failed-precondition or aborted: the current state forbids it",
+    422: "invalid-argument or out-of-range: `field` names the input at fault",
+    500: "internal: a bug; the service's log has the details",
+    502: "misconfigured: an upstream service does not serve the API at its URL",
+    503: "unavailable: the database or an upstream service cannot be reached; retry",
+    504: "outcome-unknown: an upstream service did not answer; retrying is safe",
+    507: "resource-exhausted: no pool has room, or a node is at its volume limit",
+}
+
+
+def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a route: the problem+json answers it can give besides the common ones.
+
+    The common ones (400 with a body, 401 under /v1, 404 with path parameters,
+    422 with any input, 500) are added to every operation by `document_problems`.
+    """
+    return {status: {"description": _DESCRIPTIONS[status]} for status in statuses}
+
+
+def document_problems(app: FastAPI, always: tuple[int, ...] = (), auth_prefix: str = "/v1") -> None:
+    """Make the app's OpenAPI document say what the service really answers.
+
+    FastAPI documents a 422 with its own validation schema as
+    application/json; ours are problem+json, as are all 4xx/5xx, and /v1 needs
+    the bearer token. Contract tests (schemathesis) check answers against this.
+    """
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        doc = generate()
+        components = doc.setdefault("components", {})
+        if "Problem" not in components.setdefault("schemas", {}):
+            _add_problems(doc, always, auth_prefix)
+        return doc
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _add_problems(doc: dict[str, Any], always: tuple[int, ...], auth_prefix: str) -> None:
+    schemas = doc["components"]["schemas"]
+    problem = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(problem.pop("$defs", {}))
+    schemas["Problem"] = problem
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
+    bearer = {"type": "http", "scheme": "bearer"}
+    doc["components"].setdefault("securitySchemes", {})["bearer"] = bearer
+    for path, operations in doc["paths"].items():
+        for op in operations.values():
+            statuses = {500, *always, *_common_statuses(op)}
+            if path.startswith(auth_prefix):
+                statuses.add(401)
+                op["security"] = [{"bearer": []}]
+            responses = op.setdefault("responses", {})
+            for status in statuses:
+                responses.setdefault(str(status), {"description": _DESCRIPTIONS[status]})
+            for code, response in responses.items():
+                if code.isdigit() and int(code) >= 400:
+                    response["description"] = _DESCRIPTIONS.get(int(code), response["description"])
+                    response["content"] = {PROBLEM_JSON: {"schema": _PROBLEM_REF}}
+
+
+def _common_statuses(op: dict[str, Any]) -> set[int]:
+    params = op.get("parameters", [])
+    statuses = set()
+    if params or "requestBody" in op:
+        statuses.add(422)
+    if "requestBody" in op:
+        statuses.add(400)
+    if any(p.get("in") == "path" for p in params):
+        statuses.add(404)  # no such item, or a value with a '/' that matches no route
+    return statuses
 
 
 # ---- authentication ----------------------------------------------------------------
