@@ -3,6 +3,15 @@
 Mounting and unmounting are in-process calls (`tessera.system.syscalls`).
 The mount table (/proc/self/mountinfo) is the only record of what is
 mounted where: nobody keeps state of their own, so a restart loses nothing.
+
+Paths are compared by identity, not by spelling. The kernel follows
+symlinks when it mounts and lists every mountpoint resolved, so a path
+given under a symlinked directory (kubelet's root is one on some
+distributions) is resolved with `canonical` before it is compared with the
+table; every function here that takes a path does that itself. Only the
+parent directories are resolved: the last component of a path is never
+followed, so a staging or target path that is itself a symlink names the
+link, and nothing is ever mounted, unmounted or removed where it points.
 """
 
 from __future__ import annotations
@@ -69,13 +78,54 @@ def mount_table() -> list[Mount]:
     return parse_mountinfo(Path("/proc/self/mountinfo").read_text())
 
 
+def canonical(path: str) -> str:
+    """`path` as the mount table spells it: parents resolved, the last component as given.
+
+    Symlinks and '//' in the parent directories are resolved (a parent that
+    does not exist yet is resolved as far as it exists). The last component
+    is never followed: a symlink there is the link itself, so a target that
+    points somewhere else can never make us act on that somewhere else.
+    '..' is not resolved specially; the callers' validation refuses it.
+    """
+    head, name = os.path.split(os.path.normpath(path))
+    if not name:
+        return os.path.realpath(head)
+    return os.path.join(os.path.realpath(head), name)
+
+
+def mount_point(path: str, field: str) -> str:
+    """The canonical path to mount on; a path that is itself a symlink is refused.
+
+    mount(2) follows a symlink at the target, so mounting "at" a link would
+    put the mount wherever the link points: kubelet never hands out such a
+    path, and we never follow one.
+    """
+    place = canonical(path)
+    if os.path.islink(place):
+        raise InvalidArgument(
+            f"{field} {path} is a symlink (to {os.readlink(place)}); refusing to mount "
+            "through it: give the directory itself",
+            field=field,
+        )
+    return place
+
+
 def mounts_at(path: str) -> list[Mount]:
-    """Every mount stacked on path, oldest first."""
-    return [m for m in mount_table() if m.mountpoint == path]
+    """Every mount stacked on path (resolved as `canonical` does), oldest first."""
+    place = canonical(path)
+    return [m for m in mount_table() if m.mountpoint == place]
 
 
 def is_mount(path: str) -> bool:
     return bool(mounts_at(path))
+
+
+def mount_of_device(path: str, device: str) -> Mount | None:
+    """The top mount at path when it is the device's filesystem or a bind of its node."""
+    here = mounts_at(path)
+    if here and uses_device(here[-1], device):
+        return here[-1]
+    return None
 
 
 def device_number(device: str) -> str:
@@ -112,6 +162,7 @@ def mount(source: str, target: str, fs_type: str, options: list[str]) -> None:
         ) from exc
     # The device's own name, as mount(8) would record it in the mount table.
     device = os.path.realpath(source) if os.path.isabs(source) else source
+    target = mount_point(target, "target")
     try:
         linux.mount(device, target, fs_type, flags, data)
     except OSError as exc:
@@ -125,6 +176,7 @@ def mount(source: str, target: str, fs_type: str, options: list[str]) -> None:
 
 def bind_mount(source: str, target: str, readonly: bool) -> None:
     """Bind source (a directory, or a device node onto a file) on target."""
+    target = mount_point(target, "target")
     try:
         linux.mount(source, target, None, linux.MS_BIND, "")
     except OSError as exc:
@@ -148,8 +200,11 @@ def bind_mount(source: str, target: str, readonly: bool) -> None:
 def unmount(target: str) -> None:
     """Unmount every mount stacked on target; not mounted is fine.
 
-    Never lazily (MNT_DETACH): a busy mount is reported, not hidden.
+    Never lazily (MNT_DETACH): a busy mount is reported, not hidden. The
+    path is resolved first (`canonical`), so a mount under a symlinked
+    directory is found, and a target that is a symlink is never followed.
     """
+    target = canonical(target)
     while is_mount(target):
         try:
             linux.umount(target)
