@@ -10,6 +10,7 @@ target is removed only once it is no longer a mount, never recursively.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import stat
@@ -32,7 +33,7 @@ from tessera.errors import (
 )
 from tessera.locks import VolumeLocks
 from tessera.models import AccessMode, AccessType, AgentAttachment
-from tessera.system import filesystems, mounts
+from tessera.system import blockdev, filesystems, mounts
 from tessera.topology import TOPOLOGY_KEY, ZONE_KEY
 
 log = logging.getLogger("tessera.csi.node")
@@ -154,14 +155,11 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         with self.locks.hold(volume_id):
             attachment = self._attachment_or_none(volume_id)
             if attachment is not None:
-                device = attachment.backing_device
-                published = [
-                    m.mountpoint for m in mounts.mounts_of_device(device) if m.mountpoint != staging
-                ]
+                published = _still_published(attachment, staging)
                 if published:
                     raise FailedPrecondition(
-                        f"volume {volume_id} is still published at {', '.join(published)}; "
-                        "NodeUnpublishVolume first",
+                        f"volume {volume_id} is still published or in use: "
+                        f"{'; '.join(published)}; NodeUnpublishVolume first",
                         field="volume_id",
                     )
             mounts.unmount(staging)
@@ -188,13 +186,15 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                     field="staging_target_path",
                 )
             device = attachment.backing_device
+            if cap.access_type == AccessType.BLOCK:
+                device = self._block_source(attachment, target, readonly)
             if self._already_published(device, target, readonly):
                 return csi_pb2.NodePublishVolumeResponse()
-            self._check_single_writer(cap, device, staging, target)
+            self._check_single_writer(cap, _devices(attachment), staging, target)
             if cap.access_type == AccessType.MOUNT:
                 self._publish_filesystem(device, staging, target, readonly)
             else:
-                self._publish_block(attachment, target, readonly)
+                self._publish_block(volume_id, device, target, readonly)
         return csi_pb2.NodePublishVolumeResponse()
 
     def _already_published(self, device: str, target: str, readonly: bool) -> bool:
@@ -210,14 +210,12 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             field="target_path",
         )
 
-    def _check_single_writer(self, cap: Capability, device: str, staging: str, target: str) -> None:
+    def _check_single_writer(
+        self, cap: Capability, devices: list[str], staging: str, target: str
+    ) -> None:
         if cap.access_mode != AccessMode.SINGLE_NODE_SINGLE_WRITER:
             return
-        others = [
-            m.mountpoint
-            for m in mounts.mounts_of_device(device)
-            if m.mountpoint not in (staging, target)
-        ]
+        others = [m for m in mounts.mounts_of_devices(devices) if m not in (staging, target)]
         if others:
             raise FailedPrecondition(
                 f"SINGLE_NODE_SINGLE_WRITER volume is already published at {others[0]}",
@@ -237,20 +235,23 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         os.makedirs(target, exist_ok=True)
         mounts.bind_mount(staging, target, readonly)
 
-    def _publish_block(self, attachment: AgentAttachment, target: str, readonly: bool) -> None:
-        device = attachment.backing_device
-        if readonly and not attachment.readonly:
-            # A read-only bind of a device node does not stop writes to the
-            # device; only a read-only device does, and this one is writable.
-            raise FailedPrecondition(
-                f"volume {attachment.volume_id} is attached read-write on this node; a "
-                "read-only block publish needs a read-only attachment (publish it with a "
-                "reader access mode)",
-                field="readonly",
-            )
+    def _block_source(self, attachment: AgentAttachment, target: str, readonly: bool) -> str:
+        """The device to bind at a block target: the volume's own, or a read-only view.
+
+        A read-only bind of a device node does not stop writes to the device
+        (the pod opens the node and writes), so a read-only publish of a
+        volume attached read-write gets a device the kernel keeps read-only:
+        the agent's view for this target (made once; idempotent).
+        """
+        if not readonly or attachment.readonly:
+            return attachment.backing_device
+        return self.agent.attach_view(attachment.volume_id, view_key(target)).device
+
+    def _publish_block(self, volume_id: str, device: str, target: str, readonly: bool) -> None:
         if not os.path.exists(device):
             raise FailedPrecondition(
-                f"device {device} is gone; call NodeStageVolume again", field="volume_id"
+                f"device {device} of volume {volume_id} is gone; call NodeStageVolume again",
+                field="volume_id",
             )
         os.makedirs(os.path.dirname(target), exist_ok=True)
         if os.path.isdir(target):
@@ -267,9 +268,21 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         volume_id, target = args.volume_id, args.target_path
         target = mounts.canonical(target)  # as mountinfo spells it; a symlink is not followed
         with self.locks.hold(volume_id):
+            # A block target is a file (or gone already, after a crash past
+            # its removal); a filesystem target is a directory.
+            block = not os.path.isdir(target)
             mounts.unmount(target)
             _remove_target(target)
+            if block:
+                self._release_view(volume_id, target)
         return csi_pb2.NodeUnpublishVolumeResponse()
+
+    def _release_view(self, volume_id: str, target: str) -> None:
+        """Release the read-only view a block target had, if it had one (absent is fine)."""
+        try:
+            self.agent.release_view(volume_id, view_key(target))
+        except NotFound:
+            pass  # the volume is not on this node: it has no views here
 
     # ---- information -------------------------------------------------------------
 
@@ -385,6 +398,29 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             return self.agent.get_attachment(volume_id)
         except NotFound:
             return None
+
+
+def view_key(target: str) -> str:
+    """The agent's key for the read-only view published at target: derived from the
+    path, so an unpublish after a restart of anything still names the same view."""
+    return hashlib.sha256(target.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def _devices(attachment: AgentAttachment) -> list[str]:
+    """The volume's devices on this node: its own and its read-only views."""
+    return [attachment.backing_device, *attachment.views.values()]
+
+
+def _still_published(attachment: AgentAttachment, staging: str) -> list[str]:
+    """Whatever uses the volume's devices besides its own staging mount, described.
+
+    Read from the kernel by device number (`blockdev.holders`): a bind of
+    the device node anywhere counts, whatever the path is called.
+    """
+    found = blockdev.holders(attachment.backing_device, ignore_mountpoints=[staging])
+    for view in attachment.views.values():
+        found += blockdev.holders(view)
+    return found
 
 
 def _is_block_bind(mount: mounts.Mount) -> bool:

@@ -12,12 +12,12 @@ from pathlib import Path
 
 from node_agent import volumes
 from node_agent.attachments import DEFAULT_DEV_DIR, AttachmentManager
-from tessera.locks import VolumeLocks
 from node_agent.pools import Pool
 from node_agent.transports import Transport, create_transport
 from tessera.errors import AlreadyExists, FailedPrecondition, NotFound
 from tessera.ids import check_node_id, check_volume_id
-from tessera.models import AgentAttachment, AgentVolume
+from tessera.locks import VolumeLocks
+from tessera.models import AgentAttachment, AgentView, AgentVolume
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +62,11 @@ class Agent:
     def delete_volume(self, volume_id: str) -> None:
         check_volume_id(volume_id)
         with self.locks.hold(volume_id):
-            device = self.attachments.find(volume_id)
-            if device is not None:
+            devices = self.attachments.devices_of(volume_id)
+            if devices:
                 raise FailedPrecondition(
-                    f"volume {volume_id} is attached on this node as {device.path}; detach first"
+                    f"volume {volume_id} is attached on this node as "
+                    f"{', '.join(d.path for d in devices)}; detach first"
                 )
             for pool in self.pools.values():
                 volumes.delete(pool, volume_id)
@@ -103,6 +104,16 @@ class Agent:
         check_volume_id(volume_id)
         with self.locks.hold(volume_id):
             self.attachments.detach(volume_id)
+
+    def attach_view(self, volume_id: str, view_key: str) -> AgentView:
+        check_volume_id(volume_id)
+        with self.locks.hold(volume_id):
+            return self.attachments.attach_view(volume_id, view_key)
+
+    def release_view(self, volume_id: str, view_key: str) -> None:
+        check_volume_id(volume_id)
+        with self.locks.hold(volume_id):
+            self.attachments.release_view(volume_id, view_key)
 
     def get_attachment(self, volume_id: str) -> AgentAttachment:
         check_volume_id(volume_id)

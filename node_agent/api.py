@@ -18,6 +18,7 @@ from tessera import __version__
 from tessera.models import (
     AgentAttach,
     AgentAttachment,
+    AgentView,
     AgentVolume,
     AgentVolumeCreate,
     AgentVolumeResize,
@@ -74,6 +75,21 @@ def create_app(agent: Agent, token: str) -> FastAPI:
     @app.delete("/v1/attachments/{volume_id}", status_code=204, responses=problems(409))
     def detach(volume_id: str) -> Response:
         agent.detach(volume_id)
+        return Response(status_code=204)
+
+    @app.put(
+        "/v1/attachments/{volume_id}/views/{view_key}",
+        response_model=AgentView,
+        responses=problems(409),
+    )
+    def attach_view(volume_id: str, view_key: str) -> Response:
+        return json_response(agent.attach_view(volume_id, view_key))
+
+    @app.delete(
+        "/v1/attachments/{volume_id}/views/{view_key}", status_code=204, responses=problems(409)
+    )
+    def release_view(volume_id: str, view_key: str) -> Response:
+        agent.release_view(volume_id, view_key)
         return Response(status_code=204)
 
     return app

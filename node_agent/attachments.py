@@ -7,21 +7,30 @@ nothing is kept in memory, so after a restart the agent sees the same
 devices and `recover()` only repairs symlinks. Live devices are never
 detached on restart: the data path outlives the agent.
 
-Callers hold the volume's lock (see `node_agent.locks`).
+A volume may also have read-only *views*: extra read-only devices on the
+same file, one per read-only block publish of a writable volume (a
+read-only bind of a writable device node does not stop writes). A view is
+tagged with its key in the kernel, so it is never mistaken for the primary
+device, the one the symlink points at.
+
+No device is released while anything uses it (`blockdev.holders`): a
+stale bind of a released loop device would read the next volume bound to
+it. Callers hold the volume's lock (see `tessera.locks`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import uuid
 from pathlib import Path
 
 from node_agent.pools import Pool
 from node_agent.transports import BlockDevice, Transport
-from tessera.errors import AlreadyExists, FailedPrecondition, NotFound
+from tessera.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from tessera.ids import check_volume_id, is_volume_id
-from tessera.models import AgentAttachment
+from tessera.models import AgentAttachment, AgentView
 from tessera.system import blockdev, loopdev
 from tessera.system import syscalls as linux
 
@@ -30,6 +39,16 @@ log = logging.getLogger(__name__)
 DEFAULT_DEV_DIR = Path("/dev/tessera")
 LOCAL_TRANSPORT = "loop"
 TMP_PREFIX = ".tmp-"
+# Fits a loop device's label with room to spare; the CSI plugin uses a hash.
+_VIEW_KEY = re.compile(r"^[0-9a-z][0-9a-z-]{0,39}$")
+
+
+def check_view_key(key: str) -> str:
+    if not _VIEW_KEY.match(key):
+        raise InvalidArgument(
+            f"view key {key!r} must be 1-40 characters of a-z, 0-9 and '-'", field="view_key"
+        )
+    return key
 
 
 class AttachmentManager:
@@ -44,11 +63,11 @@ class AttachmentManager:
     # ---- queries -----------------------------------------------------------
 
     def find(self, volume_id: str) -> BlockDevice | None:
-        """The device of this volume on this node, whichever transport made it."""
-        devices = self._devices_of(volume_id)
-        return devices[0] if devices else None
+        """The volume's primary device on this node (never a view), whichever transport."""
+        return self._split(volume_id, self.devices_of(volume_id))[0]
 
-    def _devices_of(self, volume_id: str) -> list[BlockDevice]:
+    def devices_of(self, volume_id: str) -> list[BlockDevice]:
+        """Every device on the volume's file: the primary, its views, leftovers of a crash."""
         files = {str(p) for p in self._candidate_files(volume_id)}
         return [
             device
@@ -57,23 +76,44 @@ class AttachmentManager:
             if device.backing in files
         ]
 
+    def _split(
+        self, volume_id: str, devices: list[BlockDevice]
+    ) -> tuple[BlockDevice | None, list[BlockDevice]]:
+        """(primary, views): the primary is the device the symlink points at, else
+        the first one that is not a view; a device the symlink points at is
+        never a view, whatever its label says."""
+        link = self._link(volume_id)
+        linked = os.readlink(link) if link.is_symlink() else None
+        candidates = [d for d in devices if d.path == linked] or [
+            d for d in devices if not d.view_key
+        ]
+        primary = candidates[0] if candidates else None
+        views = [d for d in devices if d.view_key and d != primary]
+        return primary, views
+
     def get(self, volume_id: str) -> AgentAttachment:
-        device = self.find(volume_id)
-        if device is None:
+        devices = self.devices_of(volume_id)
+        primary, views = self._split(volume_id, devices)
+        if primary is None:
             raise NotFound(f"volume {volume_id} is not attached on this node")
-        return self._describe(volume_id, device)
+        return self._describe(volume_id, primary, views)
 
     def list(self) -> list[AgentAttachment]:
-        return [self._describe(vid, dev) for vid, dev in self._ours()]
-
-    def _ours(self) -> list[tuple[str, BlockDevice]]:
-        """(volume id, device) for every device backed by a volume in our pools."""
         found = []
+        for vid, devices in self._ours().items():
+            primary, views = self._split(vid, devices)
+            if primary is not None:
+                found.append(self._describe(vid, primary, views))
+        return found
+
+    def _ours(self) -> dict[str, list[BlockDevice]]:
+        """Volume id -> devices, for every device backed by a volume in our pools."""
+        found: dict[str, list[BlockDevice]] = {}
         for transport in self.transports.values():
             for device in transport.list_devices():
                 vid = self._volume_of(device.backing)
                 if vid is not None:
-                    found.append((vid, device))
+                    found.setdefault(vid, []).append(device)
         return found
 
     def _volume_of(self, backing: str) -> str | None:
@@ -93,7 +133,9 @@ class AttachmentManager:
                 return path
         raise NotFound(f"volume {volume_id} is not in any pool on this node")
 
-    def _describe(self, volume_id: str, device: BlockDevice) -> AgentAttachment:
+    def _describe(
+        self, volume_id: str, device: BlockDevice, views: list[BlockDevice]
+    ) -> AgentAttachment:
         return AgentAttachment(
             volume_id=volume_id,
             device=str(self._link(volume_id)),
@@ -102,6 +144,7 @@ class AttachmentManager:
             readonly=device.readonly,
             size_bytes=self.transports[device.transport].size_bytes(device.path),
             blank=_never_written(device),
+            views={v.view_key: v.path for v in views},
         )
 
     # ---- attach / detach ---------------------------------------------------
@@ -109,7 +152,7 @@ class AttachmentManager:
     def attach(self, volume_id: str, readonly: bool) -> AgentAttachment:
         """Attach (or re-adopt) the volume; again with the same flags is a no-op."""
         volume_file = self._existing_file(volume_id)
-        device = self.find(volume_id)
+        device, views = self._split(volume_id, self.devices_of(volume_id))
         if device is None:
             device = self.transports[LOCAL_TRANSPORT].attach(str(volume_file), readonly)
         elif device.readonly != readonly:
@@ -118,14 +161,14 @@ class AttachmentManager:
                 f"volume {volume_id} is already attached {mode} as {device.path}",
                 field="readonly",
             )
-        self._refresh_if_grown(device, volume_file)
+        for each in (device, *views):
+            self._refresh_if_grown(each, volume_file)
         self._ensure_link(volume_id, device.path)
-        return self._describe(volume_id, device)
+        return self._describe(volume_id, device, views)
 
     def refresh(self, volume_id: str) -> None:
-        """After a resize: let an attached device see the new size."""
-        device = self.find(volume_id)
-        if device is not None:
+        """After a resize: let every attached device (views too) see the new size."""
+        for device in self.devices_of(volume_id):
             self._refresh_if_grown(device, Path(device.backing))
 
     def _refresh_if_grown(self, device: BlockDevice, volume_file: Path) -> None:
@@ -134,19 +177,17 @@ class AttachmentManager:
             transport.refresh_size(device.path)
 
     def detach(self, volume_id: str) -> None:
-        """Remove the symlink (only ours) and release the device; absent is fine.
+        """Release the volume's devices (views first) and its symlink; absent is fine.
 
-        A device still in use (mounted) is refused: the kernel would only
-        defer the detach, and the filesystem would lose its stable name.
+        Refused while anything uses any of them: the kernel would only defer
+        the detach of a mounted device, and a bind of a device node does not
+        even do that, so the next attach could reuse the device under it.
         """
         check_volume_id(volume_id)
-        devices = self._devices_of(volume_id)  # normally one; a crash could leave two
+        devices = self.devices_of(volume_id)  # normally one; a crash could leave two
         for device in devices:
-            if blockdev.in_use(device.path):
-                raise FailedPrecondition(
-                    f"volume {volume_id} ({device.path}) is in use; unmount it first"
-                )
-        for device in devices:
+            _refuse_if_held(f"volume {volume_id}", device)
+        for device in sorted(devices, key=lambda d: not d.view_key):
             self._unlink_if_points_to(volume_id, device.path)
             self.transports[device.transport].detach(device.path)
         self._remove_link(volume_id)
@@ -155,6 +196,35 @@ class AttachmentManager:
         link = self._link(volume_id)
         if link.is_symlink() and os.readlink(link) == device:
             link.unlink(missing_ok=True)
+
+    # ---- read-only views ---------------------------------------------------
+
+    def attach_view(self, volume_id: str, key: str) -> AgentView:
+        """A read-only device on the attached volume, one per key; again is a no-op."""
+        check_view_key(key)
+        volume_file = self._existing_file(volume_id)
+        primary, views = self._split(volume_id, self.devices_of(volume_id))
+        if primary is None:
+            raise FailedPrecondition(
+                f"volume {volume_id} is not attached on this node; attach it first",
+                field="volume_id",
+            )
+        view = next((v for v in views if v.view_key == key), None)
+        if view is None:
+            view = self.transports[LOCAL_TRANSPORT].attach(str(volume_file), True, view_key=key)
+        self._refresh_if_grown(view, volume_file)
+        return AgentView(volume_id=volume_id, key=key, device=view.path)
+
+    def release_view(self, volume_id: str, key: str) -> None:
+        """Detach the view with this key; absent is fine, in use is refused."""
+        check_view_key(key)
+        views = [
+            v for v in self._split(volume_id, self.devices_of(volume_id))[1] if v.view_key == key
+        ]
+        for view in views:
+            _refuse_if_held(f"view {key} of volume {volume_id}", view)
+        for view in views:
+            self.transports[view.transport].detach(view.path)
 
     # ---- symlinks ----------------------------------------------------------
 
@@ -193,14 +263,20 @@ class AttachmentManager:
     def recover(self) -> list[AgentAttachment]:
         """Re-adopt every device backed by our volumes; repair or drop symlinks.
 
-        Never detaches anything: a pod may be doing I/O on these devices.
+        Views stay views (their label says so) and keep serving their
+        targets. Never detaches anything: a pod may be doing I/O on these
+        devices.
         """
         adopted = []
         live: dict[str, str] = {}
-        for vid, device in self._ours():
-            live.setdefault(vid, device.path)
-            self._ensure_link(vid, live[vid])
-            adopted.append(self._describe(vid, device))
+        for vid, devices in self._ours().items():
+            primary, views = self._split(vid, devices)
+            if primary is None:
+                log.warning("volume %s has only views (%s) and no primary device", vid, views)
+                continue
+            live[vid] = primary.path
+            self._ensure_link(vid, primary.path)
+            adopted.append(self._describe(vid, primary, views))
         self._drop_stale_links(live)
         return adopted
 
@@ -214,6 +290,16 @@ class AttachmentManager:
             elif is_volume_id(entry.name) and os.readlink(entry) != live.get(entry.name):
                 log.warning("removing stale link %s -> %s", entry, os.readlink(entry))
                 entry.unlink(missing_ok=True)
+
+
+def _refuse_if_held(what: str, device: BlockDevice) -> None:
+    """FailedPrecondition (409) naming whatever still uses the device."""
+    held = blockdev.holders(device.path)
+    if held:
+        raise FailedPrecondition(
+            f"{what} ({device.path}) is in use: {'; '.join(held)}; release it first",
+            field="volume_id",
+        )
 
 
 def _never_written(device: BlockDevice) -> bool:

@@ -8,6 +8,7 @@ from tessera.ids import is_volume_id
 from tessera.models import (
     AccessMode,
     AgentAttachment,
+    AgentView,
     AgentVolume,
     Attachment,
     Capacity,
@@ -157,6 +158,13 @@ class AgentClient:
     def get_attachment(self, volume_id: str) -> AgentAttachment:
         data = self._c.request("GET", f"/v1/attachments/{volume_id}")
         return AgentAttachment.model_validate(data)
+
+    def attach_view(self, volume_id: str, view_key: str) -> AgentView:
+        data = self._c.request("PUT", f"/v1/attachments/{volume_id}/views/{view_key}")
+        return AgentView.model_validate(data)
+
+    def release_view(self, volume_id: str, view_key: str) -> None:
+        self._c.request("DELETE", f"/v1/attachments/{volume_id}/views/{view_key}")
 
     def list_attachments(self) -> list[AgentAttachment]:
         data = self._c.request("GET", "/v1/attachments")

@@ -196,3 +196,19 @@ class AgentAttachment(BaseModel):
             "staging may format it without probing for signatures"
         ),
     )
+    views: dict[str, str] = Field(
+        default_factory=dict,
+        description="read-only views of the volume on this node: view key -> device",
+    )
+
+
+class AgentView(BaseModel):
+    """A read-only device on an attached volume, for one read-only block publish.
+
+    A read-only bind of a writable device node still lets its opener write
+    the device; a device the kernel itself keeps read-only does not.
+    """
+
+    volume_id: str
+    key: str
+    device: str = Field(description="the read-only block device, e.g. /dev/loop5")

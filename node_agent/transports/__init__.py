@@ -20,24 +20,35 @@ from tessera.errors import InvalidArgument
 
 @dataclass(frozen=True)
 class BlockDevice:
-    """A device a transport made: its node, what backs it, and how."""
+    """A device a transport made: its node, what backs it, and how.
+
+    `view_key` is empty for a volume's primary device (the one behind
+    /dev/tessera/<id>); a read-only view (an extra device on the same
+    volume, for one read-only publish) carries its key, which the
+    transport can read back from the kernel after a restart.
+    """
 
     path: str
     backing: str
     readonly: bool
     transport: str
+    view_key: str = ""
 
 
 @runtime_checkable
 class Transport(Protocol):
     name: str
 
-    def attach(self, volume_file: str, readonly: bool) -> BlockDevice:
-        """Make a new block device for the volume (callers check `find` first)."""
+    def attach(self, volume_file: str, readonly: bool, view_key: str = "") -> BlockDevice:
+        """Make a new block device for the volume (callers check what exists first).
+
+        With a `view_key`: a read-only view, tagged so `list_devices` tells it
+        from the primary device even after a restart.
+        """
         ...
 
     def find(self, volume_file: str) -> BlockDevice | None:
-        """The existing device for this volume, if any (the idempotency check)."""
+        """The existing primary device for this volume, if any (views are not)."""
         ...
 
     def list_devices(self) -> list[BlockDevice]:

@@ -24,6 +24,9 @@ from tessera.system.udev import wait_for_device
 log = logging.getLogger(__name__)
 
 _LOOP_DEVICE = re.compile(r"^/dev/loop[0-9]+$")
+# A view's lo_file_name (loopdev.attach's label): how a restarted agent tells
+# a read-only view from a read-only primary on the same file.
+VIEW_LABEL = "tessera-view:"
 
 
 def check_loop_device(device: str) -> str:
@@ -43,10 +46,14 @@ class LoopTransport:
         # are answered by EBUSY and another free device (loopdev.attach).
         self._find_lock = threading.Lock()
 
-    def attach(self, volume_file: str, readonly: bool) -> BlockDevice:
+    def attach(self, volume_file: str, readonly: bool, view_key: str = "") -> BlockDevice:
+        readonly = readonly or bool(view_key)  # a view is read-only by definition
+        label = VIEW_LABEL + view_key if view_key else ""
         try:
             with self._find_lock:
-                device, direct_io = loopdev.attach(volume_file, readonly=readonly, direct_io=True)
+                device, direct_io = loopdev.attach(
+                    volume_file, readonly=readonly, direct_io=True, label=label
+                )
         except loopdev.LoopBusy as exc:
             raise Unavailable(f"could not attach {volume_file}: {exc}") from exc
         except OSError as exc:
@@ -56,13 +63,13 @@ class LoopTransport:
             "attached %s as %s%s%s",
             volume_file,
             device,
-            " (read-only)" if readonly else "",
+            f" (read-only view {view_key})" if view_key else " (read-only)" if readonly else "",
             "" if direct_io else " (buffered: no direct I/O on this filesystem)",
         )
-        return BlockDevice(device, volume_file, readonly, self.name)
+        return BlockDevice(device, volume_file, readonly, self.name, view_key)
 
     def find(self, volume_file: str) -> BlockDevice | None:
-        matches = [d for d in self.list_devices() if d.backing == volume_file]
+        matches = [d for d in self.list_devices() if d.backing == volume_file and not d.view_key]
         if len(matches) > 1:
             log.warning("%s is attached more than once: %s", volume_file, matches)
         return matches[0] if matches else None
@@ -73,7 +80,7 @@ class LoopTransport:
             bound = loopdev.bound_devices()
         except OSError as exc:
             raise Internal(f"could not list loop devices: {exc}") from exc
-        return [BlockDevice(b.path, b.backing, b.readonly, self.name) for b in bound]
+        return [BlockDevice(b.path, b.backing, b.readonly, self.name, _view_key(b)) for b in bound]
 
     def detach(self, device: str) -> None:
         check_loop_device(device)
@@ -94,3 +101,18 @@ class LoopTransport:
 
     def size_bytes(self, device: str) -> int:
         return blockdev.size_bytes(device)
+
+
+def _view_key(bound: loopdev.Bound) -> str:
+    """The key of a view (from its label); "" for anything else.
+
+    Views are read-only, so writable devices are never opened to ask. A
+    device unbound or unreadable meanwhile is no view of ours.
+    """
+    if not bound.readonly:
+        return ""
+    try:
+        label = loopdev.read_label(bound.path)
+    except OSError:
+        return ""
+    return label.removeprefix(VIEW_LABEL) if label.startswith(VIEW_LABEL) else ""

@@ -10,6 +10,13 @@ system calls (`<linux/loop.h>`), so they are made here directly:
 - detach: `LOOP_CLR_FD`; resize: `LOOP_SET_CAPACITY`.
 - what is bound to what: /sys/class/block/loopN/loop/backing_file, which
   exists only while the device is bound (losetup reads the same file).
+- a label: `lo_file_name` in the device's status is informational to the
+  kernel; the agent writes the backing path there, or a label of its own
+  (read-only views), and reads it back after a restart with `read_label`.
+
+A free device that something still references (a stale bind mount of its
+node, see `blockdev.holders`) is never bound: whoever holds that reference
+would read the next volume's data. Another device is taken instead.
 
 Devices are never configured with LO_FLAGS_AUTOCLEAR: they must outlive the
 agent process, so a restarted agent finds them again by backing file.
@@ -42,6 +49,7 @@ LOOP_GET_STATUS64 = 0x4C05
 LOOP_SET_CAPACITY = 0x4C07
 LOOP_SET_DIRECT_IO = 0x4C08
 LOOP_CONFIGURE = 0x4C0A
+LOOP_CTL_ADD = 0x4C80
 LOOP_CTL_GET_FREE = 0x4C82
 
 LO_FLAGS_READ_ONLY = 1
@@ -186,8 +194,13 @@ def bound_under(prefix: str | os.PathLike[str]) -> list[Bound]:
     root = os.path.realpath(prefix)
     return [b for b in bound_devices() if b.backing == root or b.backing.startswith(root + os.sep)]
 
-def attach(volume_file: str, *, readonly: bool, direct_io: bool) -> tuple[str, bool]:
+
+def attach(
+    volume_file: str, *, readonly: bool, direct_io: bool, label: str = ""
+) -> tuple[str, bool]:
     """Bind the file to a free loop device; (device, whether direct I/O is on).
+
+    `label` goes into the device's lo_file_name (default: the file's path).
 
     Direct I/O is requested with LO_FLAGS_DIRECT_IO, as losetup --direct-io=on
     does. A backing filesystem that cannot do it gets a buffered device: the
@@ -196,17 +209,46 @@ def attach(volume_file: str, *, readonly: bool, direct_io: bool) -> tuple[str, b
     Callers serialize attaches within the process; another process taking
     the free device we were given (EBUSY) is answered by asking for another.
     """
+    name = label or volume_file
+    referenced: set[int] = set()
     with _opened(volume_file, os.O_RDONLY if readonly else os.O_RDWR) as file_fd:
         for _ in range(BUSY_RETRIES):
-            with _opened(LOOP_CONTROL, os.O_RDWR) as control:
-                number = _ioctl(control, LOOP_CTL_GET_FREE)
+            number = _free_number(referenced)
             device = device_path(number)
+            held = blockdev.holders(device)
+            if held:
+                log.warning("not using free %s: %s", device, "; ".join(held))
+                referenced.add(number)
+                continue
             try:
                 with _open_node(device) as loop_fd:
-                    return device, _configure(loop_fd, file_fd, volume_file, readonly, direct_io)
+                    return device, _configure(loop_fd, file_fd, name, readonly, direct_io)
             except LoopBusy:
                 log.debug("%s was taken by another process; asking for another", device)
-    raise LoopBusy(f"no free loop device after {BUSY_RETRIES} attempts")
+    raise LoopBusy(f"no usable free loop device after {BUSY_RETRIES} attempts")
+
+
+def _free_number(referenced: set[int]) -> int:
+    """The kernel's lowest free device, or the next free one past those still referenced.
+
+    LOOP_CTL_GET_FREE always names the lowest free device, so once that one
+    is refused the search goes on by number; a number with no device yet is
+    created with LOOP_CTL_ADD (EEXIST: someone else just did).
+    """
+    with _opened(LOOP_CONTROL, os.O_RDWR) as control:
+        number = _ioctl(control, LOOP_CTL_GET_FREE)
+        if number not in referenced:
+            return number
+        candidate = max(referenced) + 1
+        while candidate in referenced or backing_file(candidate) is not None:
+            candidate += 1
+        if not os.path.exists(_sys(candidate)):
+            try:
+                _ioctl(control, LOOP_CTL_ADD, candidate)
+            except OSError as exc:
+                if exc.errno != errno.EEXIST:
+                    raise
+        return candidate
 
 
 @contextmanager
@@ -224,14 +266,27 @@ def _open_node(device: str) -> Iterator[int]:
         yield fd
 
 
-def _info(volume_file: str, flags: int) -> LoopInfo64:
+def _info(label: str, flags: int) -> LoopInfo64:
     info = LoopInfo64()
     info.lo_flags = flags
-    # Informational only (the kernel's backing_file is the real path); the
-    # kernel keeps 63 bytes and a NUL.
-    name = os.fsencode(volume_file)[: LO_NAME_SIZE - 1]
+    # Informational to the kernel (backing_file is the real path), ours to
+    # read back with `label`; the kernel keeps 63 bytes and a NUL.
+    name = os.fsencode(label)[: LO_NAME_SIZE - 1]
     ctypes.memmove(info.lo_file_name, name, len(name))
     return info
+
+
+def read_label(device: str) -> str:
+    """What `attach` wrote into the device's lo_file_name ("" when it is not bound)."""
+    info = LoopInfo64()
+    try:
+        with _opened(device, os.O_RDONLY) as fd:
+            _ioctl(fd, LOOP_GET_STATUS64, info)
+    except OSError as exc:
+        if exc.errno in (errno.ENXIO, errno.ENOENT):
+            return ""
+        raise
+    return os.fsdecode(bytes(info.lo_file_name).split(b"\0", 1)[0])
 
 
 def _configure(loop_fd: int, file_fd: int, volume_file: str, readonly: bool, dio: bool) -> bool:

@@ -85,6 +85,7 @@ class FakeKernel:
         self.failures = failures  # request -> errnos to raise, one per call, in order
         self.calls: list[int] = []
         self.free = 0
+        self.stale: dict[str, list[str]] = {}  # device -> what still references it
 
     def ioctl(self, fd: int, request: int, arg: Any = 0) -> int:
         self.calls.append(request)
@@ -111,6 +112,7 @@ def kernel(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeKernel]:
     monkeypatch.setattr(loopdev, "_ioctl", fake.ioctl)
     monkeypatch.setattr(loopdev, "_opened", opened)
     monkeypatch.setattr(loopdev.os.path, "exists", lambda p: True)
+    monkeypatch.setattr(loopdev.blockdev, "holders", lambda device: fake.stale.get(device, []))
     yield fake
 
 
@@ -122,6 +124,12 @@ def test_busy_device_means_ask_for_another(kernel: FakeKernel) -> None:
     kernel.failures = {loopdev.LOOP_CONFIGURE: [errno.EBUSY, errno.EBUSY]}
     assert loopdev.attach("/f", readonly=False, direct_io=True) == ("/dev/loop2", True)
     assert kernel.calls.count(loopdev.LOOP_CTL_GET_FREE) == 3
+
+
+def test_a_free_device_still_referenced_is_never_handed_out(kernel: FakeKernel) -> None:
+    kernel.stale = {"/dev/loop0": ["its device node is bind-mounted at /old/target"]}
+    assert loopdev.attach("/f", readonly=False, direct_io=True) == ("/dev/loop1", True)
+    assert kernel.calls.count(loopdev.LOOP_CONFIGURE) == 1
 
 
 def test_busy_retries_are_bounded(kernel: FakeKernel) -> None:
