@@ -20,9 +20,15 @@ from __future__ import annotations
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
-from typer._click.exceptions import UsageError
 
 from tessera.errors import InvalidArgument, OutOfRange, TesseraError
+
+try:  # typer >= 0.2x carries its own copy of click
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+except ImportError:  # older typer runs on click itself
+    from click.exceptions import NoArgsIsHelpError, UsageError  # type: ignore[no-redef]
+
+__all__ = ["CliError", "NoArgsIsHelpError", "describe", "report", "usage"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -81,7 +87,8 @@ def one_line(text: str) -> str:
 
 def _usage_line(exc: UsageError) -> str:
     hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
-    return exc.format_message() + hint
+    # typer phrases a bad choice as a pydantic "Value error, ..."; the rest reads well
+    return exc.format_message().replace("Value error, ", "") + hint
 
 
 def _validation_line(exc: ValidationError) -> str:

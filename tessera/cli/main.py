@@ -14,10 +14,9 @@ import traceback
 from typing import Annotated
 
 import typer
-from typer._click.exceptions import NoArgsIsHelpError
 
 from tessera.cli import dev, inventory, reconcile, volumes
-from tessera.cli.failures import EXIT_FAILED, EXIT_OK, describe, report
+from tessera.cli.failures import EXIT_FAILED, EXIT_OK, NoArgsIsHelpError, describe, report
 
 HELP = """Tessera: NVMe-backed block volumes for Kubernetes.
 
