@@ -23,12 +23,13 @@ import uvicorn
 from node_agent.agent import Agent
 from node_agent.api import create_app
 from node_agent.attachments import DEFAULT_DEV_DIR
-from node_agent.pools import Pool, parse_pool_spec
+from node_agent.pools import DEFAULT_RESERVE, Pool, Reserve, parse_overcommit, parse_pool_spec
 from node_agent.registration import Registrar
 from tessera.clients import ManagementClient
 from tessera.errors import TesseraError
 from tessera.http import read_token
 from tessera.rest import server_options
+from tessera.units import parse_size
 
 log = logging.getLogger("node_agent")
 
@@ -46,16 +47,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-register", action="store_true", help="serve locally only")
     p.add_argument("--log-level", default="info")
     p.add_argument("--access-log", action="store_true", help="log every request line")
+    p.add_argument(
+        "--capacity-reserve",
+        type=float,
+        default=DEFAULT_RESERVE.percent,
+        metavar="PERCENT",
+        help="percent of each pool filesystem never promised to volumes (metadata, growth)",
+    )
+    p.add_argument(
+        "--capacity-reserve-min",
+        type=parse_size,
+        default=DEFAULT_RESERVE.minimum_bytes,
+        metavar="SIZE",
+        help="the reserve is at least this much per pool (e.g. 64MiB)",
+    )
+    p.add_argument(
+        "--overcommit",
+        action="append",
+        default=[],
+        metavar="POOL=RATIO",
+        help="thin provisioning: promise RATIO times the pool's usable space (default 1.0)",
+    )
     return p.parse_args(argv)
 
 
-def open_pools(specs: list[str]) -> dict[str, Pool]:
+def open_pools(args: argparse.Namespace) -> dict[str, Pool]:
+    reserve = Reserve(args.capacity_reserve, args.capacity_reserve_min)
+    ratios = parse_overcommit(args.overcommit)
     pools: dict[str, Pool] = {}
-    for spec in specs:
-        pool = parse_pool_spec(spec)
-        if pool.name in pools:
-            raise SystemExit(f"--pool {pool.name} given twice")
-        pools[pool.name] = pool
+    for spec in args.pool:
+        name = spec.partition("=")[0]
+        if name in pools:
+            raise SystemExit(f"--pool {name} given twice")
+        ratio = ratios.pop(name, 1.0)
+        pools[name] = parse_pool_spec(spec, reserve=reserve, overcommit_ratio=ratio)
+    if ratios:
+        raise SystemExit(f"--overcommit names pools that are not given: {', '.join(ratios)}")
     return pools
 
 
@@ -116,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        agent = Agent(args.node_id, open_pools(args.pool), Path(args.dev_dir))
+        agent = Agent(args.node_id, open_pools(args), Path(args.dev_dir))
         token = read_token(args.token_file)
         agent.recover()
     except (TesseraError, OSError, ValueError) as err:

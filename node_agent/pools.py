@@ -3,10 +3,16 @@
 Every volume file path is derived here and only here, from a validated
 volume id, and checked to stay inside the pool: an id can never make the
 agent touch a file outside its pools.
+
+A pool's capacity is what its filesystem can really still write for our
+volumes (see `Pool.capacity_bytes`), not the filesystem's size: management
+promises volumes against it, and a promise the filesystem cannot keep
+turns into ENOSPC under a pod.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -17,23 +23,70 @@ from tessera.ids import check_name, check_volume_id, is_volume_id
 
 VOLUMES_SUBDIR = "volumes"
 VOLUME_SUFFIX = ".img"
+MiB = 1024**2
+
+
+@dataclass(frozen=True)
+class Reserve:
+    """Space held back from placement for filesystem metadata and growth.
+
+    Writing a volume's blocks also allocates metadata the volume's size does
+    not show (extent trees, XFS btrees, journal growth) and the filesystem
+    may hold other files; a pool promised to its last block would answer
+    ENOSPC to a pod. The reserve is `percent` of the filesystem's size, but
+    at least `minimum_bytes` (small pools need proportionally more).
+    """
+
+    percent: float = 2.0
+    minimum_bytes: int = 64 * MiB
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.percent < 100:
+            raise InvalidArgument("the capacity reserve must be 0 to 99 percent", field="reserve")
+        if self.minimum_bytes < 0:
+            raise InvalidArgument("the minimum capacity reserve must be >= 0", field="reserve")
+
+    def bytes_for(self, filesystem_bytes: int) -> int:
+        return max(self.minimum_bytes, math.ceil(filesystem_bytes * self.percent / 100))
+
+
+DEFAULT_RESERVE = Reserve()
 
 
 @dataclass(frozen=True)
 class Pool:
-    """A pool directory; `directory` is stored resolved (absolute, no symlinks)."""
+    """A pool directory; `directory` is stored resolved (absolute, no symlinks).
+
+    `overcommit_ratio` above 1.0 promises more than the filesystem holds
+    (thin provisioning, for volumes that are never written full); it is
+    only ever what the operator asked for, per pool.
+    """
 
     name: str
     directory: Path
+    reserve: Reserve = DEFAULT_RESERVE
+    overcommit_ratio: float = 1.0
 
     @classmethod
-    def open(cls, name: str, directory: str | Path) -> Pool:
+    def open(
+        cls,
+        name: str,
+        directory: str | Path,
+        *,
+        reserve: Reserve = DEFAULT_RESERVE,
+        overcommit_ratio: float = 1.0,
+    ) -> Pool:
         """Validate and prepare a pool; the directory must already exist."""
         check_name(name, "pool")
+        if not (math.isfinite(overcommit_ratio) and overcommit_ratio >= 1.0):
+            raise InvalidArgument(
+                f"pool {name}: overcommit ratio {overcommit_ratio} must be a number >= 1.0",
+                field="overcommit",
+            )
         path = Path(directory).resolve()
         if not path.is_dir():
             raise InvalidArgument(f"pool {name}: {path} is not a directory", field="pool")
-        pool = cls(name=name, directory=path)
+        pool = cls(name=name, directory=path, reserve=reserve, overcommit_ratio=overcommit_ratio)
         if pool.volumes_dir.is_symlink():
             # A symlinked volumes/ could point anywhere; refuse instead of following it.
             raise InvalidArgument(f"pool {name}: {pool.volumes_dir} is a symlink", field="pool")
@@ -69,18 +122,73 @@ class Pool:
         return p.stem if is_volume_id(p.stem) else None
 
     def capacity_bytes(self) -> int:
-        """Total size of the pool filesystem (what management places against)."""
+        """What management may promise in this pool: the sum of volume sizes it can place.
+
+            usable   = f_bavail + allocated bytes of our volume files - reserve
+            capacity = usable * overcommit_ratio, rounded down to whole MiB
+
+        Management subtracts the sizes of the volumes already placed here, so
+        free space = capacity - sum(volume sizes). Why this holds as volumes
+        fill: writing a block of a sparse volume file lowers f_bavail by one
+        block and raises that file's allocation by one block, so `usable`
+        stays put; volumes promised but not yet written stay subtracted in
+        full by management. f_bavail (not f_bfree) leaves ext4's root
+        reserve alone; the reserve covers the metadata writes allocate.
+
+        The files are counted before statvfs is read: a write landing in
+        between then makes the result smaller, never larger. Reflink copies
+        (snapshots, clones) would count shared blocks once per file; a pool
+        holding them needs its usable space computed from unshared blocks.
+        """
+        allocated = self.allocated_bytes()
         st = os.statvfs(self.directory)
-        return st.f_blocks * st.f_frsize
+        available = st.f_bavail * st.f_frsize
+        reserve = self.reserve.bytes_for(st.f_blocks * st.f_frsize)
+        usable = max(available + allocated - reserve, 0)
+        return int(usable * self.overcommit_ratio) // MiB * MiB
 
-    def free_bytes(self) -> int:
-        st = os.statvfs(self.directory)
-        return st.f_bavail * st.f_frsize
+    def allocated_bytes(self) -> int:
+        """Bytes the filesystem has allocated to this pool's volume files (st_blocks)."""
+        total = 0
+        for _, path in self.volume_files():
+            try:
+                total += path.lstat().st_blocks * 512
+            except FileNotFoundError:
+                continue  # deleted meanwhile: its blocks are back in f_bavail
+        return total
+
+    def volume_files(self) -> list[tuple[str, Path]]:
+        """(volume id, path) of every volume file in the pool, by id."""
+        found = []
+        with os.scandir(self.volumes_dir) as entries:
+            for entry in entries:
+                stem = entry.name.removesuffix(VOLUME_SUFFIX)
+                if stem != entry.name and is_volume_id(stem) and not entry.is_symlink():
+                    found.append((stem, Path(entry.path)))
+        return sorted(found)
 
 
-def parse_pool_spec(spec: str) -> Pool:
+def parse_pool_spec(
+    spec: str, *, reserve: Reserve = DEFAULT_RESERVE, overcommit_ratio: float = 1.0
+) -> Pool:
     """`NAME=DIR` from the command line."""
     name, sep, directory = spec.partition("=")
     if not sep or not name or not directory:
         raise InvalidArgument(f"--pool {spec!r}: expected NAME=DIR", field="pool")
-    return Pool.open(name, directory)
+    return Pool.open(name, directory, reserve=reserve, overcommit_ratio=overcommit_ratio)
+
+
+def parse_overcommit(specs: list[str]) -> dict[str, float]:
+    """`NAME=RATIO` options (e.g. `--overcommit fast=1.5`) by pool name."""
+    ratios: dict[str, float] = {}
+    for spec in specs:
+        name, sep, ratio = spec.partition("=")
+        try:
+            ratios[name] = float(ratio)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise InvalidArgument(
+                f"--overcommit {spec!r}: expected POOL=RATIO, e.g. fast=1.5", field="overcommit"
+            )
+    return ratios

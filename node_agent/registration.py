@@ -5,6 +5,13 @@ agent's local API must serve regardless (the data path never waits for the
 control plane). So registration runs in a background thread: retry with
 backoff until management answers, then heartbeat every 10 s and register
 again whenever management says it does not know this node.
+
+Pool capacities are measured again after every heartbeat and sent when they
+changed: other files on a pool's filesystem or metadata growth move what
+the pool can really give, and management must place against that number,
+not the one seen at start. Changes below 1/256 of the capacity are not
+sent: the pool's reserve (default 2%) absorbs them, and a capacity that
+twitches with every journal block would make GetCapacity answers noisy.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 10.0
 BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
+#: a re-measured capacity is sent when it moved by more than this fraction
+REPORT_TOLERANCE = 1 / 256
 
 
 class Registrar:
@@ -41,6 +50,8 @@ class Registrar:
         self.max_volumes = max_volumes
         self.heartbeat_seconds = heartbeat_seconds
         self.registered = threading.Event()
+        #: capacity last accepted by management, by pool
+        self._reported: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="registrar", daemon=True)
 
@@ -56,10 +67,18 @@ class Registrar:
         """One full registration: the node, then each pool with its capacity."""
         topology = {TOPOLOGY_KEY: self.node_id}
         self.client.register_node(self.node_id, self.agent_url, topology, self.max_volumes)
-        for pool, capacity in self.capacities().items():
-            self.client.register_pool(self.node_id, pool, capacity)
+        self._reported.clear()
+        self.report_pools()
         self.registered.set()
         log.info("registered node %s (%s) with management", self.node_id, self.agent_url)
+
+    def report_pools(self) -> None:
+        """Send each pool's capacity that differs from what management last accepted."""
+        for pool, capacity in self.capacities().items():
+            last = self._reported.get(pool)
+            if last is None or abs(capacity - last) > max(capacity, last) * REPORT_TOLERANCE:
+                self.client.register_pool(self.node_id, pool, capacity)
+                self._reported[pool] = capacity
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -83,6 +102,7 @@ class Registrar:
         while not self._stop.wait(self.heartbeat_seconds):
             try:
                 self.client.heartbeat(self.node_id)
+                self.report_pools()
             except NotFound:
                 log.warning("management forgot node %s; registering again", self.node_id)
                 self.registered.clear()

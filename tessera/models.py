@@ -73,7 +73,14 @@ class Node(BaseModel):
 
 
 class PoolRegistration(Strict):
-    capacity_bytes: int = Field(gt=0)
+    capacity_bytes: int = Field(
+        ge=0,
+        description=(
+            "what may be promised to volumes in this pool: the space its filesystem can still "
+            "give plus what our volume files already hold, minus the agent's reserve, times "
+            "the pool's overcommit ratio (0 for a full pool)"
+        ),
+    )
 
 
 class Pool(BaseModel):
