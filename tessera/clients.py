@@ -15,6 +15,7 @@ from tessera.models import (
     Node,
     Page,
     Pool,
+    ReconcileReport,
     Volume,
     VolumeCreate,
     Vpg,
@@ -118,6 +119,11 @@ class ManagementClient:
         data = self._c.request("GET", f"/v1/volumes/{volume_id}/attachments")
         return [Attachment.model_validate(a) for a in data["items"]]
 
+    # consistency
+    def reconcile(self, fix: bool = False) -> ReconcileReport:
+        data = self._c.request("POST", "/v1/reconcile", json={"fix": fix})
+        return ReconcileReport.model_validate(data)
+
 
 class AgentClient:
     """The node-agent's local API (also what management uses to drive it)."""
@@ -138,6 +144,11 @@ class AgentClient:
 
     def get_volume(self, volume_id: str) -> AgentVolume:
         return AgentVolume.model_validate(self._c.request("GET", f"/v1/volumes/{volume_id}"))
+
+    def list_volumes(self) -> list[AgentVolume]:
+        """Every volume file in every pool of the node."""
+        data = self._c.request("GET", "/v1/volumes")
+        return [AgentVolume.model_validate(v) for v in data["items"]]
 
     def resize_volume(self, volume_id: str, size_bytes: int) -> AgentVolume:
         body = {"size_bytes": size_bytes}

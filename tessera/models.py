@@ -165,6 +165,49 @@ class Capacity(BaseModel):
     minimum_volume_bytes: int = 0
 
 
+# ---- reconcile -----------------------------------------------------------------
+
+
+class ReconcileRequest(Strict):
+    fix: bool = Field(default=False, description="also repair what is provably safe to repair")
+
+
+class FindingKind(StrEnum):
+    """What differs between a node and management's rows."""
+
+    #: a volume file on a node that no volume row names (e.g. a create whose row was lost)
+    ORPHAN_FILE = "orphan_file"
+    #: an `available` volume row whose file is not on its node
+    MISSING_FILE = "missing_file"
+    #: a volume file whose size is not the row's size
+    SIZE_MISMATCH = "size_mismatch"
+    #: a row left `creating` (a create that did not finish)
+    STUCK_CREATING = "stuck_creating"
+    #: a row left `deleting` (a delete that did not finish)
+    STUCK_DELETING = "stuck_deleting"
+    #: a volume attached on a node without an attachment row for that node
+    ORPHAN_ATTACHMENT = "orphan_attachment"
+    #: an attachment row whose node has no device for the volume
+    STALE_ATTACHMENT = "stale_attachment"
+    #: a node whose agent did not answer: nothing on it was compared
+    NODE_UNREACHABLE = "node_unreachable"
+
+
+class ReconcileFinding(BaseModel):
+    kind: FindingKind
+    node_id: str
+    volume_id: str = ""
+    pool: str = ""
+    detail: str
+    fixed: bool = Field(default=False, description="true when this run repaired it (fix=true)")
+
+
+class ReconcileReport(BaseModel):
+    fix: bool
+    nodes_checked: list[str] = Field(default_factory=list)
+    findings: list[ReconcileFinding] = Field(default_factory=list)
+
+
 # ---- node-agent local API -----------------------------------------------------
 
 
@@ -182,6 +225,9 @@ class AgentVolume(BaseModel):
     pool: str
     size_bytes: int
     path: str
+    allocated_bytes: int = Field(
+        default=0, description="bytes the filesystem holds for the file (0: nothing written)"
+    )
 
 
 class AgentAttach(Strict):
