@@ -314,8 +314,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         args = validation.node_get_volume_stats(request)
         volume_id, path = args.volume_id, mounts.canonical(args.volume_path)
         attachment = self._attached_here(volume_id, path)
-        mount = self._check_path_belongs(volume_id, path, attachment)
-        device = attachment.backing_device
+        mount, device = self._check_path_belongs(volume_id, path, attachment)
         if _is_block_bind(mount):
             total = _block_size(volume_id, path, device)
             usage = [csi_pb2.VolumeUsage(total=total, unit=csi_pb2.VolumeUsage.BYTES)]
@@ -339,21 +338,23 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
 
     def _check_path_belongs(
         self, volume_id: str, path: str, attachment: AgentAttachment
-    ) -> mounts.Mount:
-        """The mount at path, when it is this volume's: its filesystem or a bind of its device.
+    ) -> tuple[mounts.Mount, str]:
+        """The mount at path and its device, when it is this volume's: its filesystem,
+        or a bind of its device or of one of its read-only views.
 
         Anything else (a plain directory, another filesystem's mount, a file
         that is no bind of this device, a mount that has gone) is NOT_FOUND:
         statvfs of such a path would report some other filesystem's numbers.
         """
-        mount = mounts.mount_of_device(path, attachment.backing_device)
-        if mount is None:
-            raise NotFound(
-                f"volume_path {path} is not a mount of volume {volume_id} (neither its "
-                "staging mount, nor a publish of it, nor a bind of its device)",
-                field="volume_path",
-            )
-        return mount
+        for device in _devices(attachment):
+            mount = mounts.mount_of_device(path, device)
+            if mount is not None:
+                return mount, device
+        raise NotFound(
+            f"volume_path {path} is not a mount of volume {volume_id} (neither its "
+            "staging mount, nor a publish of it, nor a bind of its device)",
+            field="volume_path",
+        )
 
     def _condition(self, attachment: AgentAttachment) -> csi_pb2.VolumeCondition:
         if not os.path.exists(attachment.backing_device):
@@ -378,7 +379,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         volume_id, path = args.volume_id, mounts.canonical(args.volume_path)
         with self.locks.hold(volume_id):
             attachment = self._attached_here(volume_id, path)
-            mount = self._check_path_belongs(volume_id, path, attachment)
+            mount, _ = self._check_path_belongs(volume_id, path, attachment)
             block = _is_block_bind(mount)
             _check_expand_capability(args.capability, block, path)
             # Attaching again is how the agent lets the loop device see the new size.

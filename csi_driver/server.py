@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +17,7 @@ from csi_driver.controller import ControllerServicer
 from csi_driver.identity import IdentityServicer
 from csi_driver.interceptor import ErrorMappingInterceptor
 from tessera.clients import AgentClient, ManagementClient
+from tessera.sockets import claim_socket_path
 
 log = logging.getLogger("tessera.csi")
 
@@ -36,17 +36,6 @@ def socket_path(endpoint: str) -> Path:
     if not path.startswith("/"):
         raise ValueError(f"endpoint {endpoint!r} must name an absolute path (unix:///path)")
     return Path(path)
-
-
-def _remove_stale_socket(path: Path) -> None:
-    """A socket left by a previous run is removed; any other file is never touched."""
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise RuntimeError(f"{path} exists and is not a socket; refusing to replace it")
-    path.unlink()
 
 
 def build_server(config: PluginConfig) -> grpc.Server:
@@ -74,7 +63,8 @@ def build_server(config: PluginConfig) -> grpc.Server:
 
     path = socket_path(config.endpoint)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_socket(path)
+    # a live peer on this socket stays untouched: SocketPathTaken, exit 1
+    claim_socket_path(path)
     old_umask = os.umask(0o177)  # no window in which the socket is open to others
     try:
         server.add_insecure_port(f"unix:{path}")
