@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 
 import grpc
@@ -36,19 +37,30 @@ def plugin_capabilities() -> list[csi_pb2.PluginCapability]:
 
 
 class IdentityServicer(csi_pb2_grpc.IdentityServicer):
-    """Probe reports ready=false (not an error) while a dependency is unreachable.
+    """Probe: not ready until this mode's peers have answered once; then about this process only.
 
-    `checks` are named health checks (e.g. management, node-agent); the
-    plugin itself is healthy while it can answer, so a peer that is down
-    means "not ready yet" - restarting the plugin would not fix it.
+    `startup_checks` are named checks of what a first request needs: in
+    controller mode that management answers, in node mode that the agent
+    answers and management has registered this node and its pools (so a
+    CreateVolume sent right after the first ready Probe finds a pool).
+    Until they all pass, each Probe runs them and answers ready=false, not
+    an error.
+
+    After the first success Probe never asks a peer again. The kubernetes-csi
+    livenessprobe sidecar turns a failed or not-ready Probe into a container
+    restart, and restarting every node plugin during a management outage
+    (maybe in the middle of an mkfs) fixes nothing. An outage shows up where
+    it matters: UNAVAILABLE on the RPCs that need the missing peer, and the
+    log lines of those calls.
     """
 
     def __init__(
-        self, config: PluginConfig, checks: Sequence[tuple[str, Callable[[], bool]]] = ()
+        self, config: PluginConfig, startup_checks: Sequence[tuple[str, Callable[[], bool]]] = ()
     ) -> None:
         self.config = config
-        self.checks = list(checks)
-        self._last_unready: tuple[str, ...] = ()
+        self.startup_checks = list(startup_checks)
+        self._ready = threading.Event()
+        self._last_waiting: tuple[str, ...] = ()
 
     def GetPluginInfo(
         self, request: csi_pb2.GetPluginInfoRequest, context: grpc.ServicerContext
@@ -67,12 +79,18 @@ class IdentityServicer(csi_pb2_grpc.IdentityServicer):
     def Probe(
         self, request: csi_pb2.ProbeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ProbeResponse:
-        unready = tuple(name for name, healthy in self.checks if not healthy())
-        if unready != self._last_unready:
-            # log transitions only: the CO probes every few seconds
-            if unready:
-                log.warning("not ready: %s unreachable", ", ".join(unready))
-            else:
-                log.info("ready")
-            self._last_unready = unready
-        return csi_pb2.ProbeResponse(ready=wrappers_pb2.BoolValue(value=not unready))
+        return csi_pb2.ProbeResponse(ready=wrappers_pb2.BoolValue(value=self._started()))
+
+    def _started(self) -> bool:
+        """True from the first time every start-up check passed, for good."""
+        if self._ready.is_set():
+            return True
+        waiting = tuple(name for name, passed in self.startup_checks if not passed())
+        if not waiting:
+            self._ready.set()
+            log.info("ready: %s", ", ".join(n for n, _ in self.startup_checks) or "no peers")
+            return True
+        if waiting != self._last_waiting:  # the CO probes every few seconds: log changes only
+            log.warning("not ready yet, waiting for: %s", ", ".join(waiting))
+            self._last_waiting = waiting
+        return False

@@ -48,7 +48,7 @@ def build_server(config: PluginConfig) -> grpc.Server:
     if config.mode.serves_controller:
         management = ManagementClient(config.management_url, config.token)
         csi_pb2_grpc.add_ControllerServicer_to_server(ControllerServicer(management), server)
-        checks.append(("management", management.healthy))
+        checks.append(("management answers", management.healthy))
     if config.mode.serves_node:
         # imported here so that controller mode does not need the node's dependencies
         try:
@@ -58,7 +58,8 @@ def build_server(config: PluginConfig) -> grpc.Server:
 
         agent = AgentClient(config.agent_url, config.token)
         csi_pb2_grpc.add_NodeServicer_to_server(NodeServicer(config, agent), server)
-        checks.append(("node-agent", agent.healthy))
+        # the agent answers, and management knows this node and its pools
+        checks.append(("node-agent registered with management", agent.registered))
     csi_pb2_grpc.add_IdentityServicer_to_server(IdentityServicer(config, checks), server)
 
     path = socket_path(config.endpoint)

@@ -9,13 +9,12 @@ SIGTERM stops serving but never detaches volumes: pods keep their I/O.
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import signal
 import socket
-import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import uvicorn
@@ -28,7 +27,9 @@ from node_agent.registration import Registrar
 from tessera.clients import ManagementClient
 from tessera.errors import TesseraError
 from tessera.http import read_token
+from tessera.models import Registration
 from tessera.rest import server_options
+from tessera.sockets import SocketPathTaken, claim_socket_path
 from tessera.units import parse_size
 
 log = logging.getLogger("node_agent")
@@ -88,7 +89,10 @@ def open_pools(args: argparse.Namespace) -> dict[str, Pool]:
 
 def bind_socket(path: Path) -> socket.socket:
     """Listen on `path` with mode 0600; replace only a stale socket nobody serves."""
-    _remove_stale_socket(path)
+    try:
+        claim_socket_path(path)
+    except SocketPathTaken as err:
+        raise SystemExit(f"tessera-node-agent: {err}") from err
     path.parent.mkdir(parents=True, exist_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)  # no window in which the socket is world-accessible
@@ -101,35 +105,30 @@ def bind_socket(path: Path) -> socket.socket:
     return sock
 
 
-def _remove_stale_socket(path: Path) -> None:
-    try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise SystemExit(f"{path} exists and is not a socket; refusing to remove it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(2)
-    try:
-        probe.connect(str(path))
-    except OSError as exc:
-        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-            raise SystemExit(f"cannot tell whether {path} is in use: {exc}") from exc
-        path.unlink(missing_ok=True)
-        return
-    finally:
-        probe.close()
-    raise SystemExit(f"another process is serving on {path}")
-
-
-def serve(agent: Agent, token: str, sock: socket.socket, log_level: str, access_log: bool) -> None:
+def serve(
+    agent: Agent,
+    token: str,
+    sock: socket.socket,
+    log_level: str,
+    access_log: bool,
+    registration: Callable[[], Registration],
+) -> None:
     config = uvicorn.Config(
-        create_app(agent, token),
+        create_app(agent, token, registration),
         log_level=log_level,
         timeout_graceful_shutdown=5,
         **server_options(access_log),
     )
     uvicorn.Server(config).run(sockets=[sock])
+
+
+def registration_of(registrar: Registrar | None) -> Callable[[], Registration]:
+    """What GET /v1/node reports: the CSI plugin is not ready before this says registered."""
+    if registrar is None:
+        return lambda: Registration.DISABLED
+    return lambda: (
+        Registration.REGISTERED if registrar.registered.is_set() else Registration.PENDING
+    )
 
 
 def _ignore_replayed_signal(signum: int, _frame: object) -> None:
@@ -164,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _ignore_replayed_signal)
     signal.signal(signal.SIGINT, _ignore_replayed_signal)
     try:
-        serve(agent, token, sock, args.log_level, args.access_log)
+        serve(agent, token, sock, args.log_level, args.access_log, registration_of(registrar))
     finally:
         if registrar is not None:
             registrar.stop()

@@ -10,6 +10,7 @@ only /healthz is `async def`, so it answers while every worker is busy.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from fastapi import FastAPI, Response
 
@@ -18,17 +19,24 @@ from tessera import __version__
 from tessera.models import (
     AgentAttach,
     AgentAttachment,
+    AgentNode,
     AgentView,
     AgentVolume,
     AgentVolumeCreate,
     AgentVolumeResize,
+    Registration,
 )
 from tessera.rest import BearerAuth, install_problem_handlers, json_response, problems
 
 log = logging.getLogger(__name__)
 
 
-def create_app(agent: Agent, token: str) -> FastAPI:
+def create_app(
+    agent: Agent,
+    token: str,
+    registration: Callable[[], Registration] = lambda: Registration.DISABLED,
+) -> FastAPI:
+    """The API; `registration` tells whether management knows this node and its pools."""
     app = FastAPI(title="Tessera node-agent", version=__version__)
     install_problem_handlers(app, log, "node-agent")
     app.add_middleware(BearerAuth, token=token)
@@ -38,6 +46,10 @@ def create_app(agent: Agent, token: str) -> FastAPI:
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/v1/node", response_model=AgentNode)
+    async def node() -> AgentNode:
+        return AgentNode(node_id=agent.node_id, registration=registration())
 
     @app.put("/v1/volumes/{volume_id}", response_model=AgentVolume, responses=problems(409, 507))
     def create_volume(volume_id: str, body: AgentVolumeCreate) -> Response:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from tessera.errors import NotFound
+from tessera.errors import NotFound, TesseraError
 from tessera.http import JsonClient
 from tessera.ids import is_volume_id
 from tessera.models import (
     AccessMode,
     AgentAttachment,
+    AgentNode,
     AgentView,
     AgentVolume,
     Attachment,
@@ -16,6 +17,7 @@ from tessera.models import (
     Page,
     Pool,
     ReconcileReport,
+    Registration,
     Volume,
     VolumeCreate,
     Vpg,
@@ -136,6 +138,20 @@ class AgentClient:
 
     def healthy(self) -> bool:
         return self._c.healthy()
+
+    def node(self) -> AgentNode:
+        """This agent's node and whether management has registered it and its pools."""
+        return AgentNode.model_validate(self._c.request("GET", "/v1/node"))
+
+    def registered(self) -> bool:
+        """Whether management knows this node and its pools (or the agent never registers).
+
+        For readiness checks: any failure to ask is "not yet", never an error.
+        """
+        try:
+            return self.node().registration != Registration.PENDING
+        except (TesseraError, ValueError):
+            return False
 
     def create_volume(self, volume_id: str, pool: str, size_bytes: int) -> AgentVolume:
         body = {"pool": pool, "size_bytes": size_bytes}

@@ -255,6 +255,21 @@ class AgentAttachment(BaseModel):
     )
 
 
+class Registration(StrEnum):
+    """Whether management knows a node-agent's node and pools."""
+
+    REGISTERED = "registered"  # the node and every pool, at least once since the agent started
+    PENDING = "pending"  # management has not answered yet; the agent keeps trying
+    DISABLED = "disabled"  # the agent runs with --no-register: it serves locally only
+
+
+class AgentNode(BaseModel):
+    """The agent's own node (GET /v1/node): what the CSI plugin's first Probe waits for."""
+
+    node_id: str
+    registration: Registration
+
+
 class AgentView(BaseModel):
     """A read-only device on an attached volume, for one read-only block publish.
 

@@ -29,7 +29,6 @@ import grpc
 from tessera.clients import AgentClient, ManagementClient
 from tessera.dev import pool as dev_pool
 from tessera.dev.release import release_volumes
-from tessera.errors import TesseraError
 
 READY_TIMEOUT = 60.0
 
@@ -165,12 +164,11 @@ class DevStack:
         try:
             while time.monotonic() < deadline:
                 self._check_alive()
-                if (
-                    mgmt.healthy()
-                    and agent.healthy()
-                    and self._node_registered(mgmt)
-                    and self._csi_ready()
-                ):
+                # Registered means the node and its pools: a CreateVolume sent the
+                # moment `dev up` returns finds a pool. The plugin's Probe says the
+                # same at start, but stays ready once it was, so after a respawn
+                # the peers are asked here directly.
+                if mgmt.healthy() and agent.registered() and self._csi_ready():
                     return
                 time.sleep(0.1)
         finally:
@@ -191,13 +189,6 @@ class DevStack:
             except grpc.RpcError:
                 return False
         return not reply.HasField("ready") or reply.ready.value
-
-    def _node_registered(self, mgmt: ManagementClient) -> bool:
-        try:
-            mgmt.get_node(self.node_id)
-        except TesseraError:
-            return False
-        return True
 
     def _check_alive(self) -> None:
         for name, proc in self.procs.items():

@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -25,8 +27,9 @@ from csi_driver.config import Mode, PluginConfig  # noqa: E402
 from csi_driver.identity import IdentityServicer  # noqa: E402
 from csi_driver.interceptor import ErrorMappingInterceptor  # noqa: E402
 from csi_driver.server import build_server, socket_path  # noqa: E402
-from tessera.clients import AgentClient  # noqa: E402
+from tessera.clients import AgentClient, ManagementClient  # noqa: E402
 from tessera.dev.csi_client import CsiClient  # noqa: E402
+from tessera.models import AgentNode, Registration  # noqa: E402
 from tests.unit.test_csi_controller_fixtures import (  # noqa: F401 - fixtures
     TOKEN,
     Stack,
@@ -34,6 +37,7 @@ from tests.unit.test_csi_controller_fixtures import (  # noqa: F401 - fixtures
     code_of,
     management_url,
     mgmt,
+    serving,
     sock_dir,
     stack,
     start_plugin,
@@ -129,14 +133,155 @@ def test_probe_says_not_ready_instead_of_failing_while_management_is_down(
         server.stop(None).wait()
 
 
-def test_node_probe_follows_the_node_agent(sock_dir: Path, agent_url: str) -> None:
+def test_node_probe_is_not_ready_while_no_agent_answers(sock_dir: Path) -> None:
     config = PluginConfig(mode=Mode.NODE, endpoint="unix:///unused", node_id="n1")
-    up = AgentClient(agent_url, TOKEN)
     down = AgentClient(f"unix://{sock_dir / 'no-agent.sock'}", TOKEN)
-    with identity_only(sock_dir, config, [("node-agent", up.healthy)]) as client:
-        assert _probe(client).ready.value is True
-    with identity_only(sock_dir, config, [("node-agent", down.healthy)]) as client:
+    with identity_only(sock_dir, config, [("node-agent", down.registered)]) as client:
         assert _probe(client).ready.value is False
+
+
+# ---- Probe over time: ready once the peers were, then about this process only ----------------
+
+
+def _ready(client: CsiClient) -> bool:
+    resp = _probe(client)
+    assert resp.HasField("ready"), "Probe must say whether it is ready"
+    return resp.ready.value
+
+
+def _eventually_ready(client: CsiClient, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not _ready(client):
+        assert time.monotonic() < deadline, "Probe never became ready"
+        time.sleep(0.05)
+
+
+@contextmanager
+def _management(tmp_path: Path, socket: Path) -> Iterator[ManagementClient]:
+    """Management served on `socket` until the block ends (an outage, when it does)."""
+    from management.app import create_app
+
+    app = create_app(f"sqlite:///{tmp_path / 'management.db'}", TOKEN)
+    with serving(app, socket):
+        client = ManagementClient(f"unix://{socket}", TOKEN)
+        try:
+            yield client
+        finally:
+            client.close()
+
+
+class _Node:
+    """A real agent app (pools in tmp_path) with a real Registrar, served on a socket."""
+
+    def __init__(self, tmp_path: Path, sock_dir: Path) -> None:
+        from node_agent.__main__ import registration_of
+        from node_agent.agent import Agent
+        from node_agent.api import create_app
+        from node_agent.pools import Pool
+        from node_agent.registration import Registrar
+
+        (tmp_path / "p1").mkdir()
+        self.agent = Agent("n1", {"p1": Pool.open("p1", tmp_path / "p1")},
+                           dev_dir=tmp_path / "dev", transports={})  # fmt: skip
+        self.socket = sock_dir / "agent.sock"
+        self.url = f"unix://{self.socket}"
+        management = ManagementClient(f"unix://{sock_dir / 'management.sock'}", TOKEN)
+        self.registrar = Registrar(management, "n1", self.url, self.agent.pool_capacities)
+        self.app = create_app(self.agent, TOKEN, registration_of(self.registrar))
+
+
+def test_agent_says_whether_management_knows_its_node_and_pools(
+    tmp_path: Path, sock_dir: Path
+) -> None:
+    from node_agent.api import create_app
+
+    node = _Node(tmp_path, sock_dir)
+    agent = AgentClient(node.url, TOKEN)
+    with serving(node.app, node.socket):
+        assert agent.node().registration == Registration.PENDING
+        assert agent.registered() is False
+        with _management(tmp_path, sock_dir / "management.sock") as mgmt:
+            node.registrar.start()
+            try:
+                assert node.registrar.registered.wait(30)
+                assert agent.node() == AgentNode(node_id="n1", registration=Registration.REGISTERED)
+                assert {p.name for p in mgmt.list_pools().items if p.node_id == "n1"} == {"p1"}
+            finally:
+                node.registrar.stop()
+    local_only = create_app(node.agent, TOKEN)  # tessera-node-agent --no-register
+    with serving(local_only, node.socket):
+        assert agent.node().registration == Registration.DISABLED
+        assert agent.registered() is True, "nothing to wait for when the agent never registers"
+    agent.close()
+
+
+def test_node_probe_is_ready_only_once_management_registered_the_node_and_its_pools(
+    tmp_path: Path, sock_dir: Path
+) -> None:
+    node = _Node(tmp_path, sock_dir)
+    config = PluginConfig(
+        mode=Mode.NODE,
+        endpoint=f"unix://{sock_dir / 'csi.sock'}",
+        node_id="n1",
+        token=TOKEN,
+        agent_url=node.url,
+    )
+    server, client = start_plugin(config)
+    try:
+        assert _ready(client) is False, "no agent answers yet"
+        with serving(node.app, node.socket):
+            assert _ready(client) is False, "the agent answers, but management does not know it"
+            with _management(tmp_path, sock_dir / "management.sock") as mgmt:
+                node.registrar.start()
+                _eventually_ready(client)
+                assert {p.name for p in mgmt.list_pools().items if p.node_id == "n1"} == {"p1"}
+            node.registrar.stop()
+            # management is gone: the node plugin stays ready (a restart fixes nothing)
+            assert _ready(client) is True
+        # and so is the agent: still ready, and calls that need it say UNAVAILABLE
+        assert _ready(client) is True
+        code, details = code_of(
+            lambda: client.node.NodeGetVolumeStats(
+                csi_pb2.NodeGetVolumeStatsRequest(
+                    volume_id="vol-0123456789abcdef0123456789abcdef", volume_path=str(sock_dir)
+                )
+            )
+        )
+        assert code == grpc.StatusCode.UNAVAILABLE, details
+    finally:
+        client.close()
+        server.stop(None).wait()
+
+
+def test_controller_probe_stays_ready_through_a_management_outage(
+    tmp_path: Path, sock_dir: Path
+) -> None:
+    socket = sock_dir / "management.sock"
+    server, client = start_plugin(_controller_config(sock_dir, f"unix://{socket}"))
+    try:
+        assert _ready(client) is False, "management has never answered"
+        with _management(tmp_path, socket):
+            _eventually_ready(client)
+        assert _ready(client) is True, "a management outage must not restart the plugin"
+        code, details = code_of(
+            lambda: client.controller.CreateVolume(
+                csi_pb2.CreateVolumeRequest(
+                    name="during-the-outage",
+                    capacity_range=csi_pb2.CapacityRange(required_bytes=1 << 20),
+                    volume_capabilities=[
+                        csi_pb2.VolumeCapability(
+                            mount=csi_pb2.VolumeCapability.MountVolume(fs_type="ext4"),
+                            access_mode=csi_pb2.VolumeCapability.AccessMode(mode=1),
+                        )
+                    ],
+                )
+            )
+        )
+        assert code == grpc.StatusCode.UNAVAILABLE, details
+        assert "management" in details.lower(), details
+    finally:
+        client.close()
+        server.stop(None).wait()
 
 
 def test_controller_mode_does_not_serve_node_calls(stack: Stack) -> None:
