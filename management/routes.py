@@ -46,8 +46,10 @@ VolumeName = Annotated[
 health = APIRouter()
 
 
+# `async def`: answered on the event loop, never queued behind requests
+# holding the worker threads (see "Locks and timeouts" in docs/contracts.md).
 @health.get("/healthz", tags=["health"])
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
