@@ -90,19 +90,29 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                     field="publish_context",
                 )
             readonly = cap.read_only_mode or ctx.get("readonly") == "true"
+            fresh = self._attachment_or_none(volume_id) is None
             attachment = self.agent.attach(volume_id, readonly)
-            if cap.access_type == AccessType.BLOCK and mounts.is_mount(staging):
-                raise AlreadyExists(
-                    f"staging_target_path {staging} holds a filesystem mount; the volume was "
-                    "staged with another access type",
-                    field="volume_capability",
-                )
-            if cap.access_type == AccessType.MOUNT:
-                fs_type = request.volume_capability.mount.fs_type or request.volume_context.get(
-                    CONTEXT_FS_TYPE, cap.fs_type
-                )
-                mkfs_options = request.volume_context.get(CONTEXT_MKFS_OPTIONS, "")
-                self._stage_filesystem(attachment, staging, cap, fs_type, mkfs_options, readonly)
+            try:
+                if cap.access_type == AccessType.BLOCK and mounts.is_mount(staging):
+                    raise AlreadyExists(
+                        f"staging_target_path {staging} holds a filesystem mount; the volume was "
+                        "staged with another access type",
+                        field="volume_capability",
+                    )
+                if cap.access_type == AccessType.MOUNT:
+                    fs_type = request.volume_capability.mount.fs_type or (
+                        request.volume_context.get(CONTEXT_FS_TYPE, cap.fs_type)
+                    )
+                    mkfs_options = request.volume_context.get(CONTEXT_MKFS_OPTIONS, "")
+                    self._stage_filesystem(
+                        attachment, staging, cap, fs_type, mkfs_options, readonly
+                    )
+            except Exception:
+                if fresh:
+                    # kubelet takes a refusal such as FAILED_PRECONDITION as final and
+                    # never unstages: an attachment this call made must not outlive it
+                    self.agent.detach(volume_id)
+                raise
         return csi_pb2.NodeStageVolumeResponse()
 
     def _stage_filesystem(
