@@ -15,15 +15,18 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
-from tessera.cli.failures import CliError, usage
-from tessera.clients import ManagementClient
-from tessera.errors import Unavailable
-from tessera.http import read_token
-from tessera.models import Page
+from tessera.cli.failures import EXIT_FAILED, EXIT_USAGE, CliError, usage
+from tessera.errors import Unauthenticated, Unavailable
+
+if TYPE_CHECKING:
+    # Imported where used: the wire models cost half of the CLI's start-up,
+    # and `--help` or a typo should answer at once.
+    from tessera.clients import ManagementClient
+    from tessera.models import Page
 
 T = TypeVar("T")
 
@@ -73,9 +76,8 @@ def find_target(state_dir: Path, management: str | None, token_file: Path | None
         info = json.loads(stack_file.read_text())
         return Target(info["management_url"], Path(info["token_file"]), str(stack_file))
     except FileNotFoundError:
-        raise CliError(
-            f"no running dev stack in {state_dir}/ (no stack.json): {_ELSEWHERE}"
-        ) from None
+        missing = f"no running dev stack in {state_dir}/ (no stack.json)"
+        raise CliError(f"{missing}: {_ELSEWHERE}") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CliError(f"cannot read {stack_file}: {exc}") from None
 
@@ -85,18 +87,15 @@ def connect(
     state_dir: Path, management: str | None, token_file: Path | None
 ) -> Iterator[ManagementClient]:
     """A management client; a failure to connect becomes one line saying where and what next."""
+    from tessera.clients import ManagementClient
+
     target = find_target(state_dir, management, token_file)
-    try:
-        token = read_token(target.token_file)
-    except (OSError, ValueError) as exc:
-        code = 2 if target.source == "--management" else 1
-        raise CliError(
-            f"cannot read the token file {target.token_file}: {_reason(exc)}", code
-        ) from None
+    code = EXIT_USAGE if target.source == "--management" else EXIT_FAILED
+    token = _token(target, code)
     try:
         client = ManagementClient(target.url, token)
-    except ValueError as exc:
-        raise usage(f"management URL {target.url!r} (from {target.source}): {exc}") from None
+    except ValueError as exc:  # a URL the client cannot use
+        raise CliError(f"management URL from {target.source}: {exc}", code) from None
     try:
         yield client
     except Unavailable as exc:
@@ -106,8 +105,26 @@ def connect(
             f"cannot reach management at {target.url} (from {target.source}): "
             f"{_reason(exc.__cause__)}; {_ELSEWHERE}"
         ) from exc
+    except Unauthenticated as exc:
+        raise CliError(
+            f"management at {target.url} refused the token in {target.token_file} "
+            f"({exc.message}): is it the token management was started with?"
+        ) from exc
     finally:
         client.close()
+
+
+def _token(target: Target, code: int) -> str:
+    """The bearer token; `code` says whether a bad one is the command line's fault."""
+    from tessera.http import read_token
+
+    try:
+        return read_token(target.token_file)
+    except ValueError as exc:  # empty
+        raise CliError(str(exc), code) from None
+    except OSError as exc:
+        problem = f"cannot read the token file {target.token_file}: {_reason(exc)}"
+        raise CliError(problem, code) from None
 
 
 def _could_not_connect(exc: Unavailable) -> bool:

@@ -16,7 +16,11 @@ from tessera.cli.failures import CliError, usage
 from tessera.cli.output import console, examples
 from tessera.units import parse_size
 
-app = typer.Typer(help="A whole Tessera stack on this machine.", no_args_is_help=True)
+app = typer.Typer(
+    help="A whole Tessera stack on this machine.",
+    no_args_is_help=True,
+    epilog=examples("tessera dev up --state-dir .state"),
+)
 
 
 @app.command(

@@ -17,7 +17,8 @@ A Python traceback is a bug report, not a message: it is shown only with
 
 from __future__ import annotations
 
-from pydantic import ValidationError
+from typing import Any
+
 from rich.console import Console
 from rich.markup import escape
 
@@ -61,6 +62,8 @@ def describe(exc: BaseException) -> tuple[str, int]:
         return exc.message, exc.exit_code
     if isinstance(exc, UsageError):
         return _usage_line(exc), EXIT_USAGE
+    from pydantic import ValidationError  # loaded already if this can be one
+
     if isinstance(exc, ValidationError):
         return _validation_line(exc), EXIT_USAGE
     if isinstance(exc, _INVALID):
@@ -91,7 +94,8 @@ def _usage_line(exc: UsageError) -> str:
     return exc.format_message().replace("Value error, ", "") + hint
 
 
-def _validation_line(exc: ValidationError) -> str:
+def _validation_line(exc: Any) -> str:
+    """A pydantic ValidationError's errors, one `field: message` after another."""
     parts = []
     for error in exc.errors():
         field = ".".join(str(p) for p in error.get("loc", ())) or "input"

@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from tessera.cli.connect import Management, StateDir, TokenFile, all_items, connect
 from tessera.cli.output import Column, Output, OutputOpt, examples, print_list
-from tessera.models import Node
 from tessera.units import format_size
 
-node_app = typer.Typer(help="Nodes: the machines whose agents serve pools.", no_args_is_help=True)
-pool_app = typer.Typer(help="Pools: where volumes live, with their capacity.", no_args_is_help=True)
+if TYPE_CHECKING:
+    from tessera.models import Node
+
+node_app = typer.Typer(
+    help="Nodes: the machines whose agents serve pools.",
+    no_args_is_help=True,
+    epilog=examples("tessera node list"),
+)
+pool_app = typer.Typer(
+    help="Pools: where volumes live, with their capacity.",
+    no_args_is_help=True,
+    epilog=examples("tessera pool list"),
+)
 
 NODE_COLUMNS = [
     Column("ID", lambda n: n.id, fold=True),

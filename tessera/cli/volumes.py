@@ -8,7 +8,7 @@ volume), otherwise the name, resolved by management's exact-name filter.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -25,10 +25,16 @@ from tessera.cli.output import (
     when,
 )
 from tessera.errors import NotFound
-from tessera.models import MAX_VOLUME_NAME, Volume, VolumeCreate
 from tessera.units import format_size, parse_size
 
-app = typer.Typer(help="Volumes: list, show, create, delete.", no_args_is_help=True)
+if TYPE_CHECKING:
+    from tessera.models import Volume
+
+app = typer.Typer(
+    help="Volumes: list, show, create, delete.",
+    no_args_is_help=True,
+    epilog=examples("tessera volume list", "tessera volume show db-data -o yaml"),
+)
 
 VolumeRef = Annotated[str, typer.Argument(metavar="NAME|ID", help="the volume's name or ID")]
 
@@ -110,6 +116,8 @@ def volume_create(
 ) -> None:
     """Create a volume (idempotent by name: the same name and size answer the same volume)."""
     check_ref(name, what="NAME")
+    from tessera.models import VolumeCreate
+
     request = VolumeCreate(name=name, size_bytes=_size(size), vpg=vpg)
     with connect(state_dir, management, token_file) as client:
         v = client.create_volume(request)
@@ -157,8 +165,6 @@ def check_ref(value: str, what: str = "NAME|ID") -> str:
     """What only the command line can get wrong; management judges the rest."""
     if not value.strip():
         raise usage(f"{what} must not be empty")
-    if len(value) > MAX_VOLUME_NAME:
-        raise usage(f"{what} is {len(value)} characters long; names have at most {MAX_VOLUME_NAME}")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:

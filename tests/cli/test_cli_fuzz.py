@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from tests.cli.conftest import Result, Stack, run_cli, start_stack, stop
 
-EXAMPLES = 25
+EXAMPLES = 20
 
 NASTY = [
     "", " ", "-", "--", "-x", "--help", "..", "../../etc/passwd", "/", "vol-", "vol-" + "f" * 32,

@@ -11,6 +11,10 @@ import pytest
 from tests.cli.conftest import Stack, assert_one_line_error, run_cli
 
 COMMANDS = [
+    ("dev",),
+    ("volume",),
+    ("node",),
+    ("pool",),
     ("dev", "up"),
     ("volume", "list"),
     ("volume", "show"),
@@ -48,7 +52,8 @@ INVALID = {
     "size zero": (["volume", "create", "x", "--size", "0"], "--size must be more than 0"),
     "negative size": (["volume", "create", "x", "--size", "-1G"], "is not a size"),
     "size not a number": (["volume", "create", "x", "--size", "lots"], "is not a size"),
-    "name too long": (["volume", "create", "n" * 129], "at most 128"),
+    "name too long": (["volume", "create", "n" * 129], "at most 128 characters"),
+    "name too long to look up": (["volume", "show", "n" * 129], "at most 128 characters"),
     "bad -o": (["volume", "list", "-o", "xml"], "'xml' is not one of"),
     "unknown option": (["volume", "list", "--colour"], "No such option: --colour"),
     "missing volume": (["volume", "show"], "Missing argument"),

@@ -155,3 +155,10 @@ def test_state_dir_finds_management_through_stack_json(stack: Stack, tmp_path: P
     result = run_cli(stack, "node", "list", "--state-dir", str(tmp_path), **env)
     assert result.code == 0, result
     assert NODE in result.out
+
+
+def test_wrong_token_says_which_token_file_management_refused(stack: Stack, tmp_path: Path) -> None:
+    wrong = tmp_path / "token"
+    wrong.write_text("not-the-token\n")
+    line = assert_one_line_error(run_cli(stack, "volume", "list", TESSERA_TOKEN_FILE=str(wrong)), 1)
+    assert f"refused the token in {wrong}" in line
