@@ -9,8 +9,12 @@ import uvicorn
 
 from management.app import create_app
 from management.context import DEFAULT_HEARTBEAT_TIMEOUT
+from management.reconcile import PeriodicReconciler
 from tessera.http import read_token
 from tessera.rest import server_options
+
+#: seconds between two periodic reconcile checks (each lists every agent's files and devices)
+DEFAULT_RECONCILE_INTERVAL = 600.0
 
 
 def parse_listen(listen: str) -> dict[str, object]:
@@ -40,6 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds without a heartbeat before a node is offline",
     )
     p.add_argument("--access-log", action="store_true", help="log every request line")
+    p.add_argument(
+        "--reconcile-interval",
+        type=float,
+        default=DEFAULT_RECONCILE_INTERVAL,
+        metavar="SECONDS",
+        help="compare the agents' files and attachments with the database this often and log "
+        "the differences as warnings (never fixes); 0 disables",
+    )
     return p
 
 
@@ -56,7 +68,15 @@ def main(argv: list[str] | None = None) -> None:
     app = create_app(
         args.db, token, agent_token=agent_token, heartbeat_timeout=args.heartbeat_timeout
     )
-    uvicorn.run(app, log_level="info", **server_options(args.access_log), **bind)  # type: ignore[arg-type]
+    reconciler = None
+    if args.reconcile_interval > 0:
+        reconciler = PeriodicReconciler(app.state.ctx, args.reconcile_interval)
+        reconciler.start()
+    try:
+        uvicorn.run(app, log_level="info", **server_options(args.access_log), **bind)  # type: ignore[arg-type]
+    finally:
+        if reconciler is not None:
+            reconciler.stop()
 
 
 if __name__ == "__main__":

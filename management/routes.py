@@ -11,7 +11,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from management import attachments, inventory, volumes
+from management import attachments, inventory, reconcile, volumes
 from management.context import Context
 from tessera.models import (
     MAX_VOLUME_NAME,
@@ -23,6 +23,8 @@ from tessera.models import (
     Page,
     Pool,
     PoolRegistration,
+    ReconcileReport,
+    ReconcileRequest,
     Volume,
     VolumeCreate,
     VolumeExpand,
@@ -172,5 +174,11 @@ def v1_router(ctx: Context) -> APIRouter:
     @r.get("/volumes/{volume_id}/attachments", tags=["attach"])
     def list_attachments(volume_id: str) -> dict[str, list[Attachment]]:
         return {"items": attachments.list_attachments(ctx, volume_id)}
+
+    # ---- consistency ----
+    @r.post("/reconcile", response_model=ReconcileReport, tags=["reconcile"])
+    def reconcile_nodes(body: ReconcileRequest | None = None) -> Response:
+        fix = body.fix if body is not None else False
+        return json_response(reconcile.reconcile(ctx, fix=fix))
 
     return r

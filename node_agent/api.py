@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from fastapi import FastAPI, Response
 
+from node_agent import volumes
 from node_agent.agent import Agent
 from tessera import __version__
 from tessera.models import (
@@ -54,6 +55,10 @@ def create_app(
     @app.put("/v1/volumes/{volume_id}", response_model=AgentVolume, responses=problems(409, 507))
     def create_volume(volume_id: str, body: AgentVolumeCreate) -> Response:
         return json_response(agent.create_volume(volume_id, body.pool, body.size_bytes))
+
+    @app.get("/v1/volumes")
+    def list_volumes() -> dict[str, list[AgentVolume]]:
+        return {"items": volumes.list_all(agent.pools.values())}
 
     @app.get("/v1/volumes/{volume_id}", response_model=AgentVolume)
     def get_volume(volume_id: str) -> Response:

@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 from node_agent.pools import Pool
@@ -27,10 +28,36 @@ def describe(pool: Pool, volume_id: str) -> AgentVolume:
     """The volume as the API reports it; NotFound when the file is absent."""
     path = pool.volume_path(volume_id)
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except FileNotFoundError:
         raise NotFound(f"volume {volume_id} not found in pool {pool.name}") from None
-    return AgentVolume(id=volume_id, pool=pool.name, size_bytes=size, path=str(path))
+    return _model(pool, volume_id, path, st)
+
+
+def _model(pool: Pool, volume_id: str, path: Path, st: os.stat_result) -> AgentVolume:
+    return AgentVolume(
+        id=volume_id,
+        pool=pool.name,
+        size_bytes=st.st_size,
+        path=str(path),
+        allocated_bytes=st.st_blocks * 512,
+    )
+
+
+def list_all(pools: Iterable[Pool]) -> list[AgentVolume]:
+    """Every volume file in these pools, by pool then id (what the reconciler compares).
+
+    Half-made temporaries are not volumes (no volume's name is on them) and
+    are left out; a file deleted while we list is simply not there.
+    """
+    found = []
+    for pool in pools:
+        for volume_id, path in pool.volume_files():
+            try:
+                found.append(_model(pool, volume_id, path, path.lstat()))
+            except FileNotFoundError:
+                continue
+    return found
 
 
 def exists(pool: Pool, volume_id: str) -> bool:

@@ -69,29 +69,40 @@ class Processes:
 
     def start_agent(self, node_id: str, pools: dict[str, Path], *extra: str) -> AgentClient:
         """An agent registered with management (waits until its pools are known)."""
-        socket = self.sockets / f"{node_id}.sock"
-        args = [
-            "node_agent", "--node-id", node_id, "--management", self.management_url,
-            "--token-file", str(self.token_file), "--socket", str(socket),
-            "--dev-dir", str(self.tmp / f"dev-{node_id}"), *extra,
-        ]  # fmt: skip
-        for name, directory in pools.items():
-            args += ["--pool", f"{name}={directory}"]
-        self._spawn(node_id, args)
-        client = AgentClient(f"unix://{socket}", TOKEN)
-        self.clients.append(client)
+        return self.start_agents({node_id: pools}, *extra)[node_id]
+
+    def start_agents(
+        self, nodes: dict[str, dict[str, Path]], *extra: str
+    ) -> dict[str, AgentClient]:
+        """Agents started at once (node id -> its pools), each registered when this returns."""
+        clients = {}
+        for node_id, pools in nodes.items():
+            socket = self.sockets / f"{node_id}.sock"
+            args = [
+                "node_agent", "--node-id", node_id, "--management", self.management_url,
+                "--token-file", str(self.token_file), "--socket", str(socket),
+                "--dev-dir", str(self.tmp / f"dev-{node_id}"), *extra,
+            ]  # fmt: skip
+            for name, directory in pools.items():
+                args += ["--pool", f"{name}={directory}"]
+            self._spawn(node_id, args)
+            clients[node_id] = AgentClient(f"unix://{socket}", TOKEN)
+            self.clients.append(clients[node_id])
         mgmt = ManagementClient(self.management_url, TOKEN)
         self.clients.append(mgmt)
+        for node_id, pools in nodes.items():
+            self._wait(node_id, lambda n=node_id, p=pools: self._registered(mgmt, clients[n], n, p))
+        return clients
 
-        def registered() -> bool:
-            try:
-                known = {p.name for p in mgmt.list_pools().items if p.node_id == node_id}
-            except TesseraError:
-                return False
-            return client.healthy() and known == set(pools)
-
-        self._wait(node_id, registered)
-        return client
+    @staticmethod
+    def _registered(
+        mgmt: ManagementClient, agent: AgentClient, node_id: str, pools: dict[str, Path]
+    ) -> bool:
+        try:
+            known = {p.name for p in mgmt.list_pools().items if p.node_id == node_id}
+        except TesseraError:
+            return False
+        return agent.healthy() and known == set(pools)
 
     def stop(self) -> None:
         for client in self.clients:

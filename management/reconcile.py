@@ -1,0 +1,328 @@
+"""Compare what every node-agent holds with management's rows; repair only what is provably safe.
+
+Rows and files can disagree after a crash or a power loss: a create whose
+row was lost leaves a file no one lists, a pool that was not mounted hides
+files whose rows say `available`, a create or delete interrupted between
+its steps leaves a row `creating` or `deleting`. `reconcile` reports each
+difference; with `fix` it repairs exactly two kinds, both of which finish
+what a user already asked for and cannot lose data:
+
+- a row `creating` whose file is there with the row's size becomes
+  `available` (the agent made the file; only the last commit was lost);
+- a row `deleting` is finished: the file is deleted through the agent
+  (which refuses while the volume is attached) and the row removed.
+
+Everything else is reported, never repaired: a file without a row may hold
+a user's data (management never deletes a file without a `deleting` row
+for it), a missing file needs a human, and attached devices are never
+detached (a pod may be using them).
+
+Each node is read agent first, rows second: a volume's row is committed
+before its file is made, so a file the agent listed without a row is not a
+create in flight. A candidate orphan file or attachment is confirmed by a
+second look (agent, then rows) before it is reported, so a delete that
+finished meanwhile is not reported. Rows and attachment records younger
+than `GRACE_SECONDS` are not judged: their agent call may still be running.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from sqlalchemy import delete, select, update
+
+from management.context import Context
+from management.schema import AttachmentRow, NodeRow, VolumeRow
+from tessera.clients import AgentClient
+from tessera.errors import NotFound, TesseraError
+from tessera.models import (
+    AgentAttachment,
+    AgentVolume,
+    FindingKind,
+    ReconcileFinding,
+    ReconcileReport,
+    VolumeState,
+)
+
+log = logging.getLogger(__name__)
+
+#: rows and attachment records younger than this are left alone (agent call may be running)
+GRACE_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """One node as its agent and management's rows describe it."""
+
+    node_id: str
+    agent: AgentClient
+    files: dict[str, AgentVolume]
+    devices: dict[str, AgentAttachment]
+    rows: dict[str, VolumeRow]
+    attached: dict[str, float]  # volume id -> attachment record's created_at
+    judged_before: float
+
+
+def reconcile(ctx: Context, fix: bool = False) -> ReconcileReport:
+    """Compare every registered node; with `fix`, repair what is provably safe."""
+    with ctx.db.read() as s:
+        nodes = list(s.execute(select(NodeRow.id, NodeRow.agent_url).order_by(NodeRow.id)))
+    report = ReconcileReport(fix=fix)
+    for node_id, agent_url in nodes:
+        try:
+            view = _read_node(ctx, node_id, agent_url)
+        except TesseraError as err:
+            report.findings.append(
+                ReconcileFinding(
+                    kind=FindingKind.NODE_UNREACHABLE,
+                    node_id=node_id,
+                    detail=f"its agent ({agent_url}) did not answer, nothing compared: {err}",
+                )
+            )
+            continue
+        report.nodes_checked.append(node_id)
+        report.findings += _volume_findings(ctx, view, fix)
+        report.findings += _attachment_findings(ctx, view)
+    return report
+
+
+def _read_node(ctx: Context, node_id: str, agent_url: str) -> NodeView:
+    agent = ctx.agents.get(agent_url)
+    judged_before = ctx.clock() - GRACE_SECONDS
+    files = {v.id: v for v in agent.list_volumes()}
+    devices = {a.volume_id: a for a in agent.list_attachments()}
+    with ctx.db.read() as s:
+        rows = {r.id: r for r in s.scalars(select(VolumeRow).where(VolumeRow.node_id == node_id))}
+        records = select(AttachmentRow.volume_id, AttachmentRow.created_at).where(
+            AttachmentRow.node_id == node_id
+        )
+        attached = {volume_id: created_at for volume_id, created_at in s.execute(records)}
+    return NodeView(node_id, agent, files, devices, rows, attached, judged_before)
+
+
+# ---- volume files ----------------------------------------------------------------------
+
+
+def _volume_findings(ctx: Context, view: NodeView, fix: bool) -> list[ReconcileFinding]:
+    found = []
+    for row in view.rows.values():
+        if row.created_at <= view.judged_before:
+            finding = _judge_row(row, view.files.get(row.id))
+            if finding is not None:
+                if fix and _fixable(finding, row, view.files.get(row.id)):
+                    finding.fixed = _fix(ctx, view, row)
+                found.append(finding)
+    for volume_id in sorted(set(view.files) - set(view.rows)):
+        finding = _confirm_orphan_file(ctx, view, view.files[volume_id])
+        if finding is not None:
+            found.append(finding)
+    return found
+
+
+def _finding(kind: FindingKind, row: VolumeRow, detail: str) -> ReconcileFinding:
+    return ReconcileFinding(
+        kind=kind, node_id=row.node_id, volume_id=row.id, pool=row.pool, detail=detail
+    )
+
+
+def _judge_row(row: VolumeRow, file: AgentVolume | None) -> ReconcileFinding | None:
+    state = row.state
+    if state == VolumeState.CREATING:
+        have = "no file yet" if file is None else f"a file of {file.size_bytes} bytes"
+        return _finding(
+            FindingKind.STUCK_CREATING,
+            row,
+            f"row is creating ({row.size_bytes} bytes) and the pool holds {have}; "
+            "a retry of the create (same name) finishes it",
+        )
+    if state == VolumeState.DELETING:
+        have = "its file is gone" if file is None else "its file is still there"
+        return _finding(
+            FindingKind.STUCK_DELETING, row, f"row is deleting and {have}; --fix finishes it"
+        )
+    if state != VolumeState.AVAILABLE:
+        return None
+    if file is None:
+        return _finding(
+            FindingKind.MISSING_FILE,
+            row,
+            f"row is available but pool {row.pool!r} has no file for it (pool not mounted? "
+            "data lost?); never repaired automatically",
+        )
+    if file.size_bytes != row.size_bytes:
+        pending = (
+            " (an expand is owed to the agent: retry the expand)"
+            if file.size_bytes == row.agent_size_bytes < row.size_bytes
+            else ""
+        )
+        return _finding(
+            FindingKind.SIZE_MISMATCH,
+            row,
+            f"row says {row.size_bytes} bytes, the file has {file.size_bytes}{pending}",
+        )
+    return None
+
+
+def _fixable(finding: ReconcileFinding, row: VolumeRow, file: AgentVolume | None) -> bool:
+    if finding.kind == FindingKind.STUCK_CREATING:
+        return file is not None and file.size_bytes == row.size_bytes
+    return finding.kind == FindingKind.STUCK_DELETING
+
+
+def _fix(ctx: Context, view: NodeView, row: VolumeRow) -> bool:
+    """Repair one stuck row; True if this run repaired it (the row had not moved on)."""
+    if row.state == VolumeState.CREATING:
+        return _mark_available(ctx, row)
+    try:
+        view.agent.delete_volume(row.id)  # refused (409) while attached on the node
+    except TesseraError as err:
+        log.warning("reconcile: could not finish deleting %s: %s", row.id, err)
+        return False
+    with ctx.db.write_connection() as conn:
+        done = conn.execute(
+            delete(VolumeRow).where(
+                VolumeRow.id == row.id, VolumeRow.state == VolumeState.DELETING.value
+            )
+        )
+    log.info("reconcile: finished deleting volume %s", row.id)
+    return bool(done.rowcount)
+
+
+def _mark_available(ctx: Context, row: VolumeRow) -> bool:
+    with ctx.db.write_connection() as conn:
+        done = conn.execute(
+            update(VolumeRow)
+            .where(
+                VolumeRow.id == row.id,
+                VolumeRow.state == VolumeState.CREATING.value,
+                VolumeRow.size_bytes == row.size_bytes,
+            )
+            .values(state=VolumeState.AVAILABLE.value, agent_size_bytes=row.size_bytes)
+        )
+    log.info("reconcile: volume %s is available (its file was complete)", row.id)
+    return bool(done.rowcount)
+
+
+def _confirm_orphan_file(
+    ctx: Context, view: NodeView, file: AgentVolume
+) -> ReconcileFinding | None:
+    """A file no row of this node names, still there on a second look."""
+    try:
+        file = view.agent.get_volume(file.id)
+    except NotFound:
+        return None  # deleted meanwhile
+    with ctx.db.read() as s:
+        row = s.get(VolumeRow, file.id)
+    if row is not None and row.node_id == view.node_id:
+        return None  # created meanwhile; not an orphan
+    held = (
+        f"holds {file.allocated_bytes} bytes of data" if file.allocated_bytes else "holds no data"
+    )
+    where = "" if row is None else f"; its row says node {row.node_id!r}, pool {row.pool!r}"
+    return ReconcileFinding(
+        kind=FindingKind.ORPHAN_FILE,
+        node_id=view.node_id,
+        volume_id=file.id,
+        pool=file.pool,
+        detail=(
+            f"{file.path} ({file.size_bytes} bytes) {held} and no volume row names it{where}; "
+            "never deleted automatically"
+        ),
+    )
+
+
+# ---- attachments -----------------------------------------------------------------------
+
+
+def _attachment_findings(ctx: Context, view: NodeView) -> list[ReconcileFinding]:
+    found = []
+    for volume_id in sorted(set(view.devices) - set(view.attached)):
+        finding = _confirm_orphan_device(ctx, view, volume_id)
+        if finding is not None:
+            found.append(finding)
+    for volume_id, created_at in sorted(view.attached.items()):
+        if volume_id not in view.devices and created_at <= view.judged_before:
+            found.append(
+                ReconcileFinding(
+                    kind=FindingKind.STALE_ATTACHMENT,
+                    node_id=view.node_id,
+                    volume_id=volume_id,
+                    detail=(
+                        "management records an attachment on this node but the node has no "
+                        "device for the volume: expected between ControllerPublish and "
+                        "NodeStage; stale if no pod there uses it (ControllerUnpublish "
+                        "removes it)"
+                    ),
+                )
+            )
+    return found
+
+
+def _confirm_orphan_device(ctx: Context, view: NodeView, volume_id: str) -> ReconcileFinding | None:
+    try:
+        device = view.agent.get_attachment(volume_id)
+    except NotFound:
+        return None  # detached meanwhile
+    with ctx.db.read() as s:
+        if s.get(AttachmentRow, (volume_id, view.node_id)) is not None:
+            return None
+    return ReconcileFinding(
+        kind=FindingKind.ORPHAN_ATTACHMENT,
+        node_id=view.node_id,
+        volume_id=volume_id,
+        detail=(
+            f"attached on this node as {device.backing_device} with no attachment record "
+            "for this node; never detached automatically (a pod may be using it)"
+        ),
+    )
+
+
+# ---- the periodic check ------------------------------------------------------------------
+
+
+def log_report(report: ReconcileReport) -> None:
+    for f in report.findings:
+        log.warning(
+            "reconcile: %s on node %s%s: %s%s",
+            f.kind.value,
+            f.node_id,
+            f" volume {f.volume_id}" if f.volume_id else "",
+            f.detail,
+            " (fixed)" if f.fixed else "",
+        )
+
+
+class PeriodicReconciler:
+    """Report differences every `interval` seconds in the log; never fixes anything itself.
+
+    Repairs stay an operator's decision (`tessera reconcile --fix`): a
+    background thread acting on a passing glitch (a pool mounted late)
+    must not change state.
+    """
+
+    def __init__(self, ctx: Context, interval: float) -> None:
+        if interval <= 0:
+            raise ValueError("the reconcile interval must be positive")
+        self.ctx = ctx
+        self.interval = interval
+        self.runs = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                log_report(reconcile(self.ctx, fix=False))
+            except Exception:  # noqa: BLE001 - a failed round must not end the checks
+                log.exception("reconcile: the periodic check failed")
+            self.runs += 1
