@@ -612,3 +612,74 @@ def test_asking_for_a_smaller_size_never_shrinks_the_volume(csi: Csi) -> None:
         csi_pb2.ControllerGetVolumeRequest(volume_id=volume.volume_id), timeout=60
     )
     assert got.volume.capacity_bytes == volume.capacity_bytes
+
+
+# ---- a missing field is INVALID_ARGUMENT whatever the ID says ------------------------------
+
+#: not ours, ours in form but never issued, path-like
+MADE_UP_IDS = ["pvc-made-up-by-the-test", UNKNOWN_VOLUME, "../../etc"]
+
+
+def _controller_requests(volume_id: str) -> dict[str, object]:
+    return {
+        "ControllerPublishVolume": publish_request(volume_id=volume_id),
+        "ValidateVolumeCapabilities": csi_pb2.ValidateVolumeCapabilitiesRequest(
+            volume_id=volume_id, volume_capabilities=[mount_cap()]
+        ),
+        "ControllerExpandVolume": expand_request(volume_id, GiB),
+    }
+
+
+CONTROLLER_MISSING = [
+    ("ControllerPublishVolume", "node_id"),
+    ("ControllerPublishVolume", "volume_capability"),
+    ("ValidateVolumeCapabilities", "volume_capabilities"),
+    ("ControllerExpandVolume", "capacity_range"),
+]
+
+
+@pytest.mark.parametrize("volume_id", MADE_UP_IDS)
+@pytest.mark.parametrize(
+    ("rpc", "missing"), CONTROLLER_MISSING, ids=[f"{r}-{m}" for r, m in CONTROLLER_MISSING]
+)
+def test_a_missing_field_is_invalid_argument_even_with_a_made_up_volume_id(
+    csi: Csi, rpc: str, missing: str, volume_id: str
+) -> None:
+    req = _controller_requests(volume_id)[rpc]
+    req.ClearField(missing)  # type: ignore[attr-defined]
+    csi.expect(getattr(csi.controller, rpc), req, Code.INVALID_ARGUMENT, missing)
+
+
+@pytest.mark.parametrize("volume_id", MADE_UP_IDS)
+def test_a_capability_without_access_type_is_invalid_argument_even_for_an_unknown_volume(
+    csi: Csi, volume_id: str
+) -> None:
+    cap = csi_pb2.VolumeCapability(access_mode=mount_cap().access_mode)
+    for rpc, req in _controller_requests(volume_id).items():
+        field = (
+            "volume_capabilities" if rpc == "ValidateVolumeCapabilities" else "volume_capability"
+        )
+        if field == "volume_capabilities":
+            del req.volume_capabilities[:]  # type: ignore[attr-defined]
+            req.volume_capabilities.append(cap)  # type: ignore[attr-defined]
+        else:
+            req.volume_capability.CopyFrom(cap)  # type: ignore[attr-defined]
+        csi.expect(getattr(csi.controller, rpc), req, Code.INVALID_ARGUMENT, "access_type")
+
+
+def test_an_id_over_the_csi_size_limit_is_invalid_argument(csi: Csi) -> None:
+    long_id = "vol-" + "a" * 200
+    csi.expect(
+        csi.controller.ControllerGetVolume,
+        csi_pb2.ControllerGetVolumeRequest(volume_id=long_id),
+        Code.INVALID_ARGUMENT,
+        "volume_id",
+    )
+
+
+def test_an_access_mode_this_plugin_never_heard_of_is_invalid_argument(csi: Csi) -> None:
+    volume = csi.create_volume()
+    cap = mount_cap()
+    cap.access_mode.mode = 42  # a newer spec's mode: proto3 enums are open
+    req = publish_request(volume_id=volume.volume_id, volume_capability=cap)
+    csi.expect(csi.controller.ControllerPublishVolume, req, Code.INVALID_ARGUMENT, "access_mode")

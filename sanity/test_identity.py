@@ -43,3 +43,26 @@ def test_probe_says_ready(stack: Stack) -> None:
         reply = stack.identity.Probe(csi_pb2.ProbeRequest(), timeout=T)
         # `ready` unset means ready, by the spec
         assert not reply.HasField("ready") or reply.ready.value
+
+
+#: field 99 (varint 1): what a CO speaking a newer CSI version could send
+UNKNOWN_FIELD = b"\x98\x06\x01"
+
+
+def test_identity_answers_a_request_carrying_fields_from_a_newer_spec(stack: Stack) -> None:
+    # proto3 keeps unknown fields: a newer CO's request must not be refused
+    for method, reply_type in (
+        ("GetPluginInfo", csi_pb2.GetPluginInfoResponse),
+        ("GetPluginCapabilities", csi_pb2.GetPluginCapabilitiesResponse),
+        ("Probe", csi_pb2.ProbeResponse),
+    ):
+        call = stack.channel.unary_unary(
+            f"/csi.v1.Identity/{method}", response_deserializer=reply_type.FromString
+        )
+        reply = call(UNKNOWN_FIELD, timeout=T)
+        assert isinstance(reply, reply_type)
+    info = stack.channel.unary_unary(
+        "/csi.v1.Identity/GetPluginInfo",
+        response_deserializer=csi_pb2.GetPluginInfoResponse.FromString,
+    )(UNKNOWN_FIELD, timeout=T)
+    assert info.name == DRIVER_NAME

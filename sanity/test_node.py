@@ -20,7 +20,9 @@ from sanity.support import (
     block_cap,
     capacity,
     csi_pb2,
+    loop_devices_backed_by,
     mount_cap,
+    mounts,
     mounts_at,
     payload,
     write_data,
@@ -295,3 +297,120 @@ def test_node_expansion_where_the_volume_is_not_published_is_not_found(csi: Csi)
     _, pub = csi.provision(Kind("ext4"))
     req = node_expand_request(pub, volume_path=str(csi.path("nowhere")))
     csi.expect(csi.node.NodeExpandVolume, req, Code.NOT_FOUND)
+
+
+# ---- a missing field is INVALID_ARGUMENT whatever the ID says ------------------------------
+
+#: a volume ID that is not ours, one that is ours in form but was never issued, one path-like
+MADE_UP_IDS = ["pvc-made-up-by-the-test", UNKNOWN_VOLUME, "../../etc"]
+
+
+def _node_requests(csi: Csi, volume_id: str) -> dict[str, object]:
+    cap = mount_cap()
+    staging, target = str(csi.staging_dir()), str(csi.path("target"))
+    return {
+        "NodeStageVolume": csi_pb2.NodeStageVolumeRequest(
+            volume_id=volume_id, staging_target_path=staging, volume_capability=cap
+        ),
+        "NodeUnstageVolume": csi_pb2.NodeUnstageVolumeRequest(
+            volume_id=volume_id, staging_target_path=staging
+        ),
+        "NodePublishVolume": csi_pb2.NodePublishVolumeRequest(
+            volume_id=volume_id, staging_target_path=staging, target_path=target,
+            volume_capability=cap,
+        ),
+        "NodeUnpublishVolume": csi_pb2.NodeUnpublishVolumeRequest(
+            volume_id=volume_id, target_path=target
+        ),
+        "NodeGetVolumeStats": csi_pb2.NodeGetVolumeStatsRequest(
+            volume_id=volume_id, volume_path=str(csi.workdir)
+        ),
+        "NodeExpandVolume": csi_pb2.NodeExpandVolumeRequest(
+            volume_id=volume_id, volume_path=str(csi.workdir)
+        ),
+    }  # fmt: skip
+
+
+NODE_MISSING = [
+    ("NodeStageVolume", "staging_target_path"),
+    ("NodeStageVolume", "volume_capability"),
+    ("NodeUnstageVolume", "staging_target_path"),
+    ("NodePublishVolume", "target_path"),
+    ("NodePublishVolume", "volume_capability"),
+    ("NodeUnpublishVolume", "target_path"),
+    ("NodeGetVolumeStats", "volume_path"),
+    ("NodeExpandVolume", "volume_path"),
+]
+
+
+@pytest.mark.parametrize("volume_id", MADE_UP_IDS)
+@pytest.mark.parametrize(
+    ("rpc", "missing"), NODE_MISSING, ids=[f"{r}-{m}" for r, m in NODE_MISSING]
+)
+def test_a_missing_field_is_invalid_argument_even_with_a_made_up_volume_id(
+    csi: Csi, rpc: str, missing: str, volume_id: str
+) -> None:
+    req = _node_requests(csi, volume_id)[rpc]
+    req.ClearField(missing)  # type: ignore[attr-defined]
+    csi.expect(getattr(csi.node, rpc), req, Code.INVALID_ARGUMENT, missing)
+
+
+@pytest.mark.parametrize("rpc", ["NodeStageVolume", "NodePublishVolume"])
+def test_a_capability_without_access_mode_is_invalid_argument_even_with_a_made_up_volume_id(
+    csi: Csi, rpc: str
+) -> None:
+    req = _node_requests(csi, MADE_UP_IDS[0])[rpc]
+    req.volume_capability.ClearField("access_mode")  # type: ignore[attr-defined]
+    csi.expect(getattr(csi.node, rpc), req, Code.INVALID_ARGUMENT, "access_mode")
+
+
+def test_a_complete_request_with_a_made_up_volume_id_is_not_found(csi: Csi) -> None:
+    for rpc, req in _node_requests(csi, MADE_UP_IDS[0]).items():
+        err = csi.error(getattr(csi.node, rpc), req)
+        assert_code(err, Code.NOT_FOUND)
+    assert not [m for m in mounts() if m.mount_point.startswith(str(csi.workdir))]
+
+
+@pytest.mark.parametrize("path", ["some/path", "/nonexistent-tessera-sanity/volume"])
+def test_stats_of_a_relative_or_missing_path_are_not_found(csi: Csi, kind: Kind, path: str) -> None:
+    _, pub = csi.provision(kind)
+    req = csi_pb2.NodeGetVolumeStatsRequest(volume_id=pub.volume_id, volume_path=path)
+    csi.expect(csi.node.NodeGetVolumeStats, req, Code.NOT_FOUND, "volume_path")
+
+
+def test_stats_with_an_empty_path_are_invalid_argument(csi: Csi) -> None:
+    req = csi_pb2.NodeGetVolumeStatsRequest(volume_id=MADE_UP_IDS[0], volume_path="")
+    csi.expect(csi.node.NodeGetVolumeStats, req, Code.INVALID_ARGUMENT, "volume_path")
+
+
+@pytest.mark.parametrize(
+    "path", ["relative/target", "/tmp/../etc/x", "/tmp/a\nb"], ids=["relative", "dotdot", "newline"]
+)
+def test_a_malformed_target_path_is_invalid_argument_and_touches_nothing(
+    csi: Csi, path: str
+) -> None:
+    req = csi_pb2.NodeUnpublishVolumeRequest(volume_id=UNKNOWN_VOLUME, target_path=path)
+    csi.expect(csi.node.NodeUnpublishVolume, req, Code.INVALID_ARGUMENT, "target_path")
+
+
+# ---- regressions found by the CSI fuzzer (tests/fuzz/test_csi_fuzz.py) ----------------------
+
+
+def test_a_refused_stage_leaves_the_volume_detached(csi: Csi) -> None:
+    # fuzz example: an ext4 volume staged as xfs answered FAILED_PRECONDITION and stayed
+    # attached on a loop device; kubelet never unstages after a final error
+    volume = csi.create_volume(Kind("ext4"))
+    ctx = csi.controller_publish(volume.volume_id, mount_cap())
+    staging = csi.stage(volume, mount_cap(), ctx)  # formats it ext4
+    csi.unstage(volume.volume_id, staging)
+    cap = mount_cap("xfs", "SINGLE_NODE_MULTI_WRITER")
+    req = csi_pb2.NodeStageVolumeRequest(
+        volume_id=volume.volume_id,
+        staging_target_path=str(csi.path("2m")),
+        volume_capability=cap,
+        publish_context={"À\x93\U00078fd4i\x13\x185\x02": "", "": "", "Æ\x17\x18\x13mÐ4": "false"},
+    )
+    csi.expect(csi.node.NodeStageVolume, req, Code.FAILED_PRECONDITION, "xfs")
+    backing = f"{volume.volume_id}.img"
+    left = [d for d, f in loop_devices_backed_by(csi.stack.state_dir) if f.endswith(backing)]
+    assert not left, f"the refused stage left {volume.volume_id} attached on {left}"
