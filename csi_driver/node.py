@@ -24,12 +24,12 @@ from csi_driver.config import PluginConfig
 from csi_driver.parameters import CONTEXT_FS_TYPE, CONTEXT_MKFS_OPTIONS, split_mkfs_options
 from tessera.clients import AgentClient
 from tessera.errors import (
+    Aborted,
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     OutOfRange,
-    Unavailable,
 )
 from tessera.locks import VolumeLocks
 from tessera.models import AccessMode, AccessType, AgentAttachment
@@ -540,8 +540,9 @@ def _check_expand_range(volume_id: str, size: int, required: int, limit: int) ->
             field="capacity_range",
         )
     if required > size:
-        # ControllerExpandVolume has not grown the volume (yet): retrying can help
-        raise Unavailable(
+        # The controller's expansion has not reached this node yet: an operation
+        # pending for the volume (ABORTED, retried with backoff), never final.
+        raise Aborted(
             f"volume {volume_id} is {size} bytes on this node, less than "
             f"capacity_range.required_bytes ({required}); ControllerExpandVolume has not "
             "grown it yet",

@@ -141,7 +141,7 @@ def test_expanding_past_what_the_controller_grew_stays_retryable(csi: Csi, kind:
     req = expand_request(pub, capacity_range=capacity(pub.volume.capacity_bytes + 64 * MiB))
     err = csi.error(csi.node.NodeExpandVolume, req)
     assert err.code() not in (Code.FAILED_PRECONDITION, Code.OK), err
-    assert err.code() == Code.UNAVAILABLE, err.details()
+    assert err.code() == Code.ABORTED, err.details()
 
 
 def test_expanding_a_volume_attached_read_only_is_final(csi: Csi) -> None:
