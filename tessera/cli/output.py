@@ -76,6 +76,11 @@ def print_list(
         # On stderr, like kubectl's "No resources found": stdout stays empty for pipes.
         Console(stderr=True, highlight=False).print(f"No {noun} found.")
         return
+    print_rows(items, columns, output)
+
+
+def print_rows(items: Sequence[Any], columns: Sequence[Column], output: Output) -> None:
+    """A table of `items` (anything the columns' `cell` functions read)."""
     wide = output == Output.WIDE
     shown = [c for c in columns if wide or not c.wide_only]
     rows = [[c.cell(item) for c in shown] for item in items]

@@ -1,9 +1,11 @@
 """`tessera reconcile [--fix]`: compare what the agents hold with management's rows.
 
 Management does the comparison (`POST /v1/reconcile`); this prints its
-report: one finding a line (an orphan file no row names, a row whose file
-is missing, ...) and whether `--fix` repaired it. Only what is provably
-safe is ever fixed, so `--fix` is safe to run at any time.
+report: one finding a line (a file no row names, a row whose file is
+missing, a create or delete left half done, ...) and whether `--fix`
+repaired it. Management repairs only what is provably safe, so `--fix` may
+be run at any time. The exit code is 0 whenever the check ran, findings or
+not (scripts count `.findings` in `-o json`); 1 when it could not run.
 """
 
 from __future__ import annotations
@@ -14,15 +16,20 @@ from typing import Annotated
 import typer
 
 from tessera.cli.connect import Management, StateDir, TokenFile, connect
-from tessera.cli.output import Column, Output, OutputOpt, console, examples, print_list
+from tessera.cli.output import Column, Output, OutputOpt, console, dump, examples, print_rows
 
 COLUMNS = [
-    Column("KIND", lambda f: str(f.kind)),
-    Column("NODE", lambda f: f.node_id or "-", fold=True),
-    Column("VOLUME ID", lambda f: f.volume_id or "-"),
-    Column("FIXED", lambda f: "yes" if f.fixed else "no"),
-    Column("DETAIL", lambda f: f.detail, fold=True),
+    Column("#", lambda nf: str(nf[0])),
+    Column("KIND", lambda nf: nf[1].kind.value),
+    Column("NODE", lambda nf: nf[1].node_id, fold=True),
+    Column("VOLUME ID", lambda nf: nf[1].volume_id or "-"),
+    Column("FIXED", lambda nf: "yes" if nf[1].fixed else "no"),
+    Column("POOL", lambda nf: nf[1].pool or "-", drop=1),
+    # Details are sentences: under the table, a paragraph each, unless -o wide.
+    Column("DETAIL", lambda nf: nf[1].detail, wide_only=True),
 ]
+
+EPILOG = examples("tessera reconcile", "tessera reconcile --fix", "tessera reconcile -o json")
 
 
 def reconcile(
@@ -38,13 +45,19 @@ def reconcile(
     with connect(state_dir, management, token_file) as client:
         report = client.reconcile(fix=fix)
     if output in (Output.JSON, Output.YAML):
-        from tessera.cli.output import dump
-
         dump(report.model_dump(mode="json"), output)
         return
-    print_list(report.findings, COLUMNS, output, noun="differences")
-    if report.findings and not fix:
-        console.print("run again with --fix to repair what is safe to repair", markup=False)
-
-
-EPILOG = examples("tessera reconcile", "tessera reconcile --fix", "tessera reconcile -o json")
+    nodes = ", ".join(report.nodes_checked) or "none"
+    if not report.findings:
+        console.print(f"no differences (nodes checked: {nodes})", markup=False, soft_wrap=True)
+        return
+    numbered = list(enumerate(report.findings, start=1))
+    print_rows(numbered, COLUMNS, output)
+    if output == Output.TABLE:
+        for number, finding in numbered:
+            console.print(f"\n{number}  {finding.detail}", markup=False)
+    fixed = sum(f.fixed for f in report.findings)
+    summary = f"{len(report.findings)} difference(s), {fixed} fixed (nodes checked: {nodes})"
+    if not fix:
+        summary += "; --fix repairs those that are provably safe to repair"
+    console.print(f"\n{summary}", markup=False)
