@@ -152,12 +152,12 @@ def volume_delete(
     with connect(state_dir, management, token_file) as client:
         try:
             v = client.find_volume(volume)
+            client.delete_volume(v.id)
         except NotFound:
             if not ignore_not_found:
                 raise
             console.print(f"no volume {volume!r}; nothing to delete", markup=False, soft_wrap=True)
             return
-        client.delete_volume(v.id)
     console.print(f"deleted {v.id} ({v.name})", markup=False, soft_wrap=True)
 
 

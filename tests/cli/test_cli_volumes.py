@@ -73,6 +73,13 @@ def test_80_column_list_shows_every_id_and_name_whole(stack: Stack) -> None:
         assert v.name in _name_cells(lines, v.id)
 
 
+def test_terminal_narrower_than_an_id_still_shows_every_id_whole(stack: Stack) -> None:
+    v = create(stack, "narrow")
+    result = run_cli(stack, "volume", "list", COLUMNS="30")
+    assert result.code == 0, result
+    assert v.id in result.out and "…" not in result.out
+
+
 def _name_cells(lines: list[str], volume_id: str) -> str:
     """The NAME cell of a volume's row, joined back where it wrapped onto the next lines."""
     start = lines[0].index("NAME")
