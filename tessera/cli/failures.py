@@ -73,7 +73,7 @@ def describe(exc: BaseException) -> tuple[str, int]:
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted", EXIT_INTERRUPTED
     name = type(exc).__name__
-    return f"internal error: {name}: {exc} (run again with --debug for the traceback)", 1
+    return f"internal error: {name}: {exc} (run again with --debug for the traceback)", EXIT_FAILED
 
 
 def report(message: str) -> None:

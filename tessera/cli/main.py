@@ -54,7 +54,7 @@ def root(
         ),
     ] = False,
 ) -> None:
-    """Tessera: NVMe-backed block volumes for Kubernetes."""
+    """Options of the root; `main` takes `--debug` out of argv itself, so it works anywhere."""
 
 
 def main(argv: list[str] | None = None) -> None:
