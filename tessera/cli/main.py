@@ -20,7 +20,7 @@ from tessera.cli.failures import EXIT_FAILED, EXIT_OK, NoArgsIsHelpError, descri
 
 HELP = """Tessera: NVMe-backed block volumes for Kubernetes.
 
-Volumes are named by their name or their ID wherever a command takes one.
+A volume is given by its name or its ID wherever a command takes one.
 Exit codes: 0 done; 1 the request failed (not found, refused by management,
 management unreachable); 2 the command line is invalid (nothing was changed).
 """
