@@ -198,13 +198,22 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             device = attachment.backing_device
             if cap.access_type == AccessType.BLOCK:
                 device = self._block_source(attachment, target, readonly)
-            if self._already_published(device, target, readonly):
-                return csi_pb2.NodePublishVolumeResponse()
-            self._check_single_writer(cap, _devices(attachment), staging, target)
-            if cap.access_type == AccessType.MOUNT:
-                self._publish_filesystem(device, staging, target, readonly)
-            else:
-                self._publish_block(volume_id, device, target, readonly)
+            try:
+                if self._already_published(device, target, readonly):
+                    return csi_pb2.NodePublishVolumeResponse()
+                self._check_single_writer(cap, _devices(attachment), staging, target)
+                if cap.access_type == AccessType.MOUNT:
+                    self._publish_filesystem(device, staging, target, readonly)
+                else:
+                    self._publish_block(volume_id, device, target, readonly)
+            except Exception:
+                here = mounts.mounts_at(target)
+                in_use = bool(here) and mounts.uses_device(here[-1], device)
+                if device != attachment.backing_device and not in_use:
+                    # a refused publish must not keep the read-only view it made
+                    # (found by the CSI fuzzer): kubelet never unpublishes it
+                    self._release_view(volume_id, target)
+                raise
         return csi_pb2.NodePublishVolumeResponse()
 
     def _already_published(self, device: str, target: str, readonly: bool) -> bool:
