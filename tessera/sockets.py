@@ -42,7 +42,7 @@ def claim_socket_path(path: Path) -> None:
         raise SocketPathTaken(f"{path} exists and is not a socket; refusing to replace it")
     if serving(path):
         raise SocketPathTaken(
-            f"another process is already serving on {path}; stop it first "
+            f"another process is serving on {path}; stop it first "
             "(only one instance may serve a socket)"
         )
     path.unlink(missing_ok=True)
