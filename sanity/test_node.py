@@ -414,3 +414,35 @@ def test_a_refused_stage_leaves_the_volume_detached(csi: Csi) -> None:
     backing = f"{volume.volume_id}.img"
     left = [d for d, f in loop_devices_backed_by(csi.stack.state_dir) if f.endswith(backing)]
     assert not left, f"the refused stage left {volume.volume_id} attached on {left}"
+
+
+@pytest.mark.parametrize(
+    ("mode", "same_target", "code"),
+    [
+        ("SINGLE_NODE_SINGLE_WRITER", False, Code.FAILED_PRECONDITION),
+        ("MULTI_NODE_MULTI_WRITER", True, Code.ALREADY_EXISTS),
+    ],
+    ids=["single-writer-elsewhere", "onto-the-pods-mount"],
+)
+def test_a_refused_read_only_block_publish_leaves_no_extra_device(
+    csi: Csi, mode: str, same_target: bool, code: Code
+) -> None:
+    # fuzz examples: a read-only block publish of a volume a pod has mounted made a
+    # read-only view (a second loop device) and kept it after answering an error
+    _, pub = csi.provision(Kind("ext4"))
+    backing = f"{pub.volume_id}.img"
+
+    def loops() -> list[str]:
+        return [d for d, f in loop_devices_backed_by(csi.stack.state_dir) if f.endswith(backing)]
+
+    before = loops()
+    req = publish_request(
+        csi,
+        pub,
+        target_path=str(pub.target if same_target else csi.path("kid")),
+        volume_capability=block_cap(mode),
+        readonly=True,
+        volume_context={"fsType": "xfs"},
+    )
+    csi.expect(csi.node.NodePublishVolume, req, code)
+    assert loops() == before

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,6 +168,51 @@ def _make_real_volume(fs: FuzzStack) -> str:
         timeout=RPC_TIMEOUT,
     )
     return vid
+
+
+@contextmanager
+def staged_and_published(fs: FuzzStack) -> Iterator[None]:
+    """The real volume staged at work/staged and published at work/published, as for a pod."""
+    vid, cap = fs.real_volume_id, _mount_cap()
+    staging, target = str(fs.work / "staged"), str(fs.work / "published")
+    os.makedirs(staging, exist_ok=True)
+    ctx = fs.controller.ControllerPublishVolume(
+        csi_pb2.ControllerPublishVolumeRequest(
+            volume_id=vid, node_id=NODE_ID, volume_capability=cap
+        ),
+        timeout=RPC_TIMEOUT,
+    ).publish_context
+    fs.node.NodeStageVolume(
+        csi_pb2.NodeStageVolumeRequest(
+            volume_id=vid, staging_target_path=staging, volume_capability=cap, publish_context=ctx
+        ),
+        timeout=RPC_TIMEOUT,
+    )
+    fs.node.NodePublishVolume(
+        csi_pb2.NodePublishVolumeRequest(
+            volume_id=vid,
+            staging_target_path=staging,
+            target_path=target,
+            volume_capability=cap,
+            publish_context=ctx,
+        ),
+        timeout=RPC_TIMEOUT,
+    )
+    try:
+        yield
+    finally:
+        fs.node.NodeUnpublishVolume(
+            csi_pb2.NodeUnpublishVolumeRequest(volume_id=vid, target_path=target),
+            timeout=RPC_TIMEOUT,
+        )
+        fs.node.NodeUnstageVolume(
+            csi_pb2.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=staging),
+            timeout=RPC_TIMEOUT,
+        )
+        fs.controller.ControllerUnpublishVolume(
+            csi_pb2.ControllerUnpublishVolumeRequest(volume_id=vid, node_id=NODE_ID),
+            timeout=RPC_TIMEOUT,
+        )
 
 
 def _write_report(request: pytest.FixtureRequest, fs: FuzzStack, seed: int) -> None:

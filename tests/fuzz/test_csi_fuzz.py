@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -44,6 +44,7 @@ from tests.fuzz.csi_fixtures import (  # noqa: F401 - fixture
     RPC_TIMEOUT,
     FuzzStack,
     fuzz_stack,
+    staged_and_published,
 )
 
 FUZZ_SEED = int(os.environ.get("TESSERA_FUZZ_SEED", "20261201"))
@@ -127,7 +128,12 @@ def fuzz_settings(rpc: str) -> settings:
         max_examples=max(1, int(EXAMPLES[rpc] * SCALE)),
         deadline=None,
         database=None,  # the same examples on every machine: the seed alone decides
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            # `staged` is set up once per test on purpose: examples share the pod
+            HealthCheck.function_scoped_fixture,
+        ],
         print_blob=True,
         # No shrinking: a failing example may leave state behind (that is what
         # it found), and replaying smaller ones on top of it misleads; the
@@ -296,7 +302,7 @@ def good_paths(fs: FuzzStack) -> st.SearchStrategy[str]:
     return st.one_of(
         SAFE_NAME.map(lambda n: f"{w}/{n}"),
         SAFE_NAME.map(lambda n: f"{w}/{n}"),
-        st.just(f"{w}/existing"),
+        st.sampled_from([f"{w}/existing", f"{w}/staged", f"{w}/published"]),
         SAFE_NAME.map(lambda n: f"{NONEXISTENT_ROOT}/{n}"),
     )
 
@@ -447,19 +453,34 @@ def fs(fuzz_stack: FuzzStack) -> FuzzStack:  # noqa: F811 - the fixture imported
     return fuzz_stack
 
 
+@pytest.fixture
+def staged(fs: FuzzStack) -> Iterator[FuzzStack]:
+    """The real volume in use by a pod for the whole test: publish, stats and expand reach it."""
+    with staged_and_published(fs):
+        yield fs
+
+
 def fuzz(
-    rpc: str, spec: Callable[[FuzzStack], dict[str, Any]], service: str
+    rpc: str,
+    spec: Callable[[FuzzStack], dict[str, Any]],
+    service: str,
+    *,
+    with_staged_volume: bool = False,
 ) -> Callable[..., None]:
     """One hypothesis test of `rpc`, with its fixed budget and the run's seed."""
 
-    @seed(FUZZ_SEED)
-    @fuzz_settings(rpc)
-    @given(data=st.data())
-    def run(fs: FuzzStack, data: st.DataObject) -> None:
+    def body(fs: FuzzStack, data: st.DataObject) -> None:
         fields = draw_fields(data, spec(fs))
         check(fs, rpc, getattr(getattr(fs, service), rpc), fields)
 
-    return run
+    def run_staged(staged: FuzzStack, data: st.DataObject) -> None:
+        body(staged, data)
+
+    def run_plain(fs: FuzzStack, data: st.DataObject) -> None:
+        body(fs, data)
+
+    run = run_staged if with_staged_volume else run_plain
+    return seed(FUZZ_SEED)(fuzz_settings(rpc)(given(data=st.data())(run)))
 
 
 def _vid(fs: FuzzStack, *, real: bool = True) -> tuple[Any, Any]:
@@ -470,6 +491,13 @@ def _vid(fs: FuzzStack, *, real: bool = True) -> tuple[Any, Any]:
 
 def _path(fs: FuzzStack) -> tuple[Any, Any]:
     return good_paths(fs), paths(fs)
+
+
+def _volume_path(fs: FuzzStack) -> tuple[Any, Any]:
+    """Where the `staged` fixture's pod has the real volume, most of the time."""
+    w = fs.work
+    in_use = st.sampled_from([f"{w}/published", f"{w}/published", f"{w}/staged"])
+    return st.one_of(in_use, in_use, good_paths(fs)), paths(fs)
 
 
 CAPS = (good_capabilities(), capabilities())
@@ -625,6 +653,7 @@ test_node_publish_answers_only_spec_codes_and_leaks_nothing = fuzz(
         "secrets": SECRET_MAPS,
     },
     "node",
+    with_staged_volume=True,
 )
 
 test_node_unpublish_answers_only_spec_codes = fuzz(
@@ -637,23 +666,25 @@ test_node_stats_answer_only_spec_codes = fuzz(
     "NodeGetVolumeStats",
     lambda fs: {
         "volume_id": _vid(fs),
-        "volume_path": _path(fs),
+        "volume_path": _volume_path(fs),
         "staging_target_path": (st.one_of(st.none(), good_paths(fs)), paths(fs)),
     },
     "node",
+    with_staged_volume=True,
 )
 
 test_node_expand_answers_only_spec_codes = fuzz(
     "NodeExpandVolume",
     lambda fs: {
         "volume_id": _vid(fs),
-        "volume_path": _path(fs),
+        "volume_path": _volume_path(fs),
         "capacity_range": (st.one_of(st.none(), GOOD_CAPACITY), CAPACITY),
         "staging_target_path": (st.one_of(st.none(), good_paths(fs)), paths(fs)),
         "volume_capability": OPTIONAL_CAP,
         "secrets": SECRET_MAPS,
     },
     "node",
+    with_staged_volume=True,
 )
 
 
