@@ -252,10 +252,15 @@ def mount(source: str | None, target: str, fs_type: str | None, flags: int, data
         raise _oserror(target)
 
 
+#: umount2(2): do not follow a symlink at the target (linux/fs.h)
+UMOUNT_NOFOLLOW = 8
+
+
 def umount(target: str) -> None:
-    """umount2(2) with no flags: never MNT_DETACH, whose lazy unmount would
-    hide a busy mount instead of reporting it. EINVAL means not a mount point."""
-    if _libc().umount2(os.fsencode(target), 0) != 0:
+    """umount2(2), never MNT_DETACH, whose lazy unmount would hide a busy mount
+    instead of reporting it. UMOUNT_NOFOLLOW: a target swapped for a symlink
+    never unmounts where the link points. EINVAL means not a mount point."""
+    if _libc().umount2(os.fsencode(target), UMOUNT_NOFOLLOW) != 0:
         raise _oserror(target)
 
 
