@@ -206,7 +206,11 @@ def capacity(ctx: Context, vpg: str, node_id: str) -> Capacity:
     """What a new volume could get right now: the most free space in one eligible pool.
 
     A concat volume lives in a single pool, so the sum over pools would
-    promise space no single volume can have.
+    promise space no single volume can have. Free space is exactly what
+    placement checks (`PoolSpace.free_bytes`): the capacity the agent
+    measured (what the pool's filesystem can really give, less its reserve;
+    node_agent.pools.Pool.capacity_bytes) minus the sizes of the volumes
+    placed there, so GetCapacity never offers what a create would refuse.
     """
     with ctx.db.read() as s:
         check_vpg_exists(s, vpg)
