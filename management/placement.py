@@ -3,9 +3,11 @@
 Free space is derived, never stored: capacity minus the sizes of the
 volumes in the pool, written or not. The capacity is what the agent
 measured the pool's filesystem can really give to volumes (see
-node_agent.pools.Pool.capacity_bytes), so every placed byte can be written. Callers that place or grow run inside `Database.write()`
-(BEGIN IMMEDIATE on SQLite) and these queries lock pool rows FOR UPDATE on
-PostgreSQL, so the space they see stays theirs until commit.
+node_agent.pools.Pool.capacity_bytes), so every placed byte can be written.
+
+Callers that place or grow run inside `Database.write()` (BEGIN IMMEDIATE
+on SQLite) and these queries lock pool rows FOR UPDATE on PostgreSQL, so
+the space they see stays theirs until commit.
 """
 
 from __future__ import annotations
