@@ -163,6 +163,10 @@ def path_form(value: str, field: str) -> str:
     return path
 
 
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
 def capability_form(cap: csi_pb2.VolumeCapability, field: str) -> Capability:
     """Required sub-fields, then what this plugin can offer at all (INVALID_ARGUMENT)."""
     if cap.WhichOneof("access_type") is None:
@@ -573,6 +577,12 @@ def node_publish_volume(r: csi_pb2.NodePublishVolumeRequest) -> NodePublish:
     if r.staging_target_path:
         staging = path_form(r.staging_target_path, "staging_target_path")
     target = path_form(r.target_path, "target_path")
+    if staging and _within(target, staging):
+        # a bind onto (or into) the staging mount would hide it, and unpublishing
+        # that target would unmount the pod's volume (found by the CSI fuzzer)
+        raise InvalidArgument(
+            f"target_path {target} must not be staging_target_path or under it", field="target_path"
+        )
     cap = capability_form(r.volume_capability, "volume_capability")
     map_form(r.publish_context, "publish_context")
     map_form(r.volume_context, "volume_context")

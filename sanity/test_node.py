@@ -446,3 +446,14 @@ def test_a_refused_read_only_block_publish_leaves_no_extra_device(
     )
     csi.expect(csi.node.NodePublishVolume, req, code)
     assert loops() == before
+
+
+def test_publishing_at_the_staging_path_is_refused_and_keeps_the_volume_staged(
+    csi: Csi,
+) -> None:
+    # fuzz example: target_path == staging_target_path answered OK, and the
+    # NodeUnpublish of that target unmounted the staged volume
+    _, pub = csi.provision(Kind("ext4"))
+    req = publish_request(csi, pub, target_path=str(pub.staging))
+    csi.expect(csi.node.NodePublishVolume, req, Code.INVALID_ARGUMENT, "target_path")
+    assert mounts_at(pub.staging), "the volume must still be staged"

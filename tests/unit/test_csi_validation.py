@@ -218,3 +218,27 @@ def test_a_create_request_comes_back_complete() -> None:
     )
     got = validation.create_volume(req)
     assert (got.name, got.size, got.limit, got.params.fs_type) == ("pvc-1", 5, 9, "xfs")
+
+
+@pytest.mark.parametrize("target", ["/var/stage", "/var/stage/", "/var/stage/pod"])
+def test_publishing_onto_or_into_the_staging_path_is_invalid_argument(target: str) -> None:
+    # fuzz example: target_path == staging_target_path answered OK, and the
+    # NodeUnpublish that followed unmounted the staged volume
+    req = csi_pb2.NodePublishVolumeRequest(
+        volume_id=UNKNOWN,
+        staging_target_path="/var/stage",
+        target_path=target,
+        volume_capability=mount_cap(),
+    )
+    err = error(lambda: validation.node_publish_volume(req))
+    assert isinstance(err, InvalidArgument) and err.field == "target_path"
+
+
+def test_a_target_beside_the_staging_path_is_fine() -> None:
+    req = csi_pb2.NodePublishVolumeRequest(
+        volume_id=UNKNOWN,
+        staging_target_path="/var/stage",
+        target_path="/var/stage-2",
+        volume_capability=mount_cap(),
+    )
+    assert validation.node_publish_volume(req).target_path == "/var/stage-2"
