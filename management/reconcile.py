@@ -307,7 +307,6 @@ class PeriodicReconciler:
             raise ValueError("the reconcile interval must be positive")
         self.ctx = ctx
         self.interval = interval
-        self.runs = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
 
@@ -325,4 +324,3 @@ class PeriodicReconciler:
                 log_report(reconcile(self.ctx, fix=False))
             except Exception:  # noqa: BLE001 - a failed round must not end the checks
                 log.exception("reconcile: the periodic check failed")
-            self.runs += 1
