@@ -117,13 +117,22 @@ def _stacked_loops(rdev: int, name: str) -> list[str]:
         if not entry.startswith("loop") or entry == name:
             continue
         try:
-            backing = (SYS_BLOCK / entry / "loop" / "backing_file").read_text().strip()
+            backing = _read_sysfs(os.path.join(SYS_BLOCK, entry, "loop", "backing_file"))
             st = os.stat(backing)
         except OSError:
             continue  # not a bound loop device, or its backing is not ours to see
         if stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev:
             found.append(f"loop device /dev/{entry} is stacked on it (backing file {backing})")
     return found
+
+
+def _read_sysfs(path: str) -> str:
+    """One small sysfs attribute (a raw read: this runs for every loop device)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.fsdecode(os.read(fd, 4096)).removesuffix("\n")
+    finally:
+        os.close(fd)
 
 
 def _opened_exclusively(device: str) -> bool:
