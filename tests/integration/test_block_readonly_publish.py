@@ -26,7 +26,7 @@ from csi_driver.config import Mode, PluginConfig
 from csi_driver.server import build_server
 from tessera.clients import AgentClient
 from tessera.dev.csi_client import CsiClient, block_capability
-from tessera.errors import FailedPrecondition
+from tessera.errors import FailedPrecondition, InvalidArgument
 from tessera.ids import new_volume_id
 from tessera.system import loopdev, mounts
 from tests.conftest import needs_root
@@ -155,6 +155,8 @@ def test_read_only_block_publish_of_a_writable_volume_cannot_write_and_sees_the_
 
     views = node.agent.get_attachment(vid).views
     assert len(views) == 1 and primary not in views.values()
+    listed = node.agent.list_attachments()
+    assert [(a.volume_id, a.backing_device) for a in listed] == [(vid, primary)], "one per volume"
     assert write_is_refused(ro) in REFUSED
     assert read_block(rw, 0).startswith(b"written before publishing"), "data untouched"
     write_block(rw, b"written by the writer pod", MiB)
@@ -205,4 +207,15 @@ def test_unstage_is_refused_while_a_read_only_view_is_still_published(node: Node
     unpublish(node, vid, ro)
     node.csi.node.NodeUnstageVolume(unstage)
     assert loopdev.bound_under(tmp) == []
+    node.agent.delete_volume(vid)
+
+
+def test_a_view_key_of_the_wrong_form_is_refused_naming_the_field(node: Node) -> None:
+    vid = new_volume_id()
+    node.agent.create_volume(vid, "default", 16 * MiB)
+    node.agent.attach(vid)
+    with pytest.raises(InvalidArgument) as err:
+        node.agent.attach_view(vid, "Not_A_Key")
+    assert err.value.field == "view_key"
+    node.agent.detach(vid)
     node.agent.delete_volume(vid)
