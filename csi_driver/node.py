@@ -199,6 +199,18 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             if cap.access_type == AccessType.BLOCK:
                 device = self._block_source(attachment, target, readonly)
             try:
+                # The volume's own mount at target is only "published already" when
+                # it came from this request's staging path (found by the CSI fuzzer:
+                # a target that was the staging mount answered OK, and unpublishing
+                # it unstaged the pod's volume).
+                if cap.access_type == AccessType.MOUNT:
+                    _check_staged(device, staging)
+                elif os.path.isdir(target) and mounts.is_mount(target):
+                    raise AlreadyExists(
+                        f"target_path {target} is a filesystem mount; a block volume is "
+                        "published as a device file",
+                        field="target_path",
+                    )
                 if self._already_published(device, target, readonly):
                     return csi_pb2.NodePublishVolumeResponse()
                 self._check_single_writer(cap, _devices(attachment), staging, target)
@@ -242,15 +254,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             )
 
     def _publish_filesystem(self, device: str, staging: str, target: str, readonly: bool) -> None:
-        staged = mounts.mounts_at(staging)
-        if not staged or not mounts.uses_device(staged[-1], device):
-            # After a reboot the staging mount is gone: binding the empty
-            # directory would hand the pod a volume without its data.
-            raise FailedPrecondition(
-                f"the volume is not mounted at staging_target_path {staging}; "
-                "call NodeStageVolume first",
-                field="staging_target_path",
-            )
+        _check_staged(device, staging)
         os.makedirs(target, exist_ok=True)
         mounts.bind_mount(staging, target, readonly)
 
@@ -463,6 +467,18 @@ def _gone(volume_id: str, path: str) -> NotFound:
         f"volume_path {path} stopped being a mount of volume {volume_id} while it was read",
         field="volume_path",
     )
+
+
+def _check_staged(device: str, staging: str) -> None:
+    staged = mounts.mounts_at(staging)
+    if not staged or not mounts.uses_device(staged[-1], device):
+        # After a reboot the staging mount is gone: binding the empty
+        # directory would hand the pod a volume without its data.
+        raise FailedPrecondition(
+            f"the volume is not mounted at staging_target_path {staging}; "
+            "call NodeStageVolume first",
+            field="staging_target_path",
+        )
 
 
 def _filesystem_usage(volume_id: str, path: str, device: str) -> list[csi_pb2.VolumeUsage]:

@@ -457,3 +457,24 @@ def test_publishing_at_the_staging_path_is_refused_and_keeps_the_volume_staged(
     req = publish_request(csi, pub, target_path=str(pub.staging))
     csi.expect(csi.node.NodePublishVolume, req, Code.INVALID_ARGUMENT, "target_path")
     assert mounts_at(pub.staging), "the volume must still be staged"
+
+
+@pytest.mark.parametrize(
+    "cap", [block_cap("MULTI_NODE_MULTI_WRITER"), mount_cap()], ids=["block", "mount"]
+)
+def test_publishing_onto_the_staging_mount_under_another_staging_path_keeps_it_staged(
+    csi: Csi, cap: csi_pb2.VolumeCapability
+) -> None:
+    # fuzz example: target_path = the volume's staging mount, staging_target_path = some
+    # other directory: answered OK ("published already"), and unpublishing unstaged it
+    _, pub = csi.provision(Kind("ext4"))
+    req = publish_request(
+        csi,
+        pub,
+        staging_target_path=str(csi.staging_dir()),
+        target_path=str(pub.staging),
+        volume_capability=cap,
+        publish_context={"transport": "nbd"} if cap.HasField("block") else pub.publish_context,
+    )
+    csi.expect(csi.node.NodePublishVolume, req, (Code.ALREADY_EXISTS, Code.FAILED_PRECONDITION))
+    assert mounts_at(pub.staging), "the volume must still be staged"
