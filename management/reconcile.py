@@ -8,7 +8,8 @@ difference; with `fix` it repairs exactly two kinds, both of which finish
 what a user already asked for and cannot lose data:
 
 - a row `creating` whose file is there with the row's size becomes
-  `available` (the agent made the file; only the last commit was lost);
+  `available` (the agent made the file; only the last commit was lost),
+  after the agent confirmed it durable with the create a retry would send;
 - a row `deleting` is finished: the file is deleted through the agent
   (which refuses while the volume is attached) and the row removed.
 
@@ -173,12 +174,16 @@ def _fixable(finding: ReconcileFinding, row: VolumeRow, file: AgentVolume | None
 
 def _fix(ctx: Context, view: NodeView, row: VolumeRow) -> bool:
     """Repair one stuck row; True if this run repaired it (the row had not moved on)."""
-    if row.state == VolumeState.CREATING:
-        return _mark_available(ctx, row)
     try:
+        if row.state == VolumeState.CREATING:
+            # The same idempotent call a create retry makes: for a file that is
+            # already there with this size it only fsyncs the file and its
+            # directory, so we never call available a file that is not durable.
+            view.agent.create_volume(row.id, row.pool, row.size_bytes)
+            return _mark_available(ctx, row)
         view.agent.delete_volume(row.id)  # refused (409) while attached on the node
     except TesseraError as err:
-        log.warning("reconcile: could not finish deleting %s: %s", row.id, err)
+        log.warning("reconcile: could not finish %s of %s: %s", row.state, row.id, err)
         return False
     with ctx.db.write_connection() as conn:
         done = conn.execute(
