@@ -77,7 +77,8 @@ ALLOWED: dict[str, frozenset[C]] = {
     "ControllerExpandVolume": PER_VOLUME
     | {C.NOT_FOUND, C.FAILED_PRECONDITION, C.OUT_OF_RANGE, C.RESOURCE_EXHAUSTED},
     "NodeStageVolume": PER_VOLUME | {C.NOT_FOUND, C.ALREADY_EXISTS, C.FAILED_PRECONDITION},
-    "NodeUnstageVolume": PER_VOLUME | {C.NOT_FOUND},
+    # FAILED_PRECONDITION: still published at another target (docs/contracts.md)
+    "NodeUnstageVolume": PER_VOLUME | {C.NOT_FOUND, C.FAILED_PRECONDITION},
     "NodePublishVolume": PER_VOLUME | {C.NOT_FOUND, C.ALREADY_EXISTS, C.FAILED_PRECONDITION},
     "NodeUnpublishVolume": PER_VOLUME | {C.NOT_FOUND},
     "NodeGetVolumeStats": PER_VOLUME | {C.NOT_FOUND},
