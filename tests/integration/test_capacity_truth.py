@@ -12,6 +12,8 @@ from __future__ import annotations
 import mmap
 import os
 import random
+import re
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +27,7 @@ from tessera.errors import ResourceExhausted
 from tessera.ids import new_volume_id
 from tessera.models import VolumeCreate
 from tessera.system.loopdev import bound_under
+from tessera.system.mounts import mounts_at
 from tests.conftest import needs_root
 from tests.integration.processes import TOKEN, mounted_pool, processes
 from tests.integration.test_node_agent_loop import release_loops
@@ -80,6 +83,20 @@ def fill_of(device: str) -> int:
     return sum(device.encode()) % 251 + 1
 
 
+def kernel_log() -> set[str]:
+    return set(
+        subprocess.run(["dmesg"], capture_output=True, text=True, check=True).stdout.split("\n")
+    )
+
+
+def complaints(since: set[str], devices: list[str]) -> list[str]:
+    """New kernel log lines about these devices that report an error or a lack of space
+    (a full XFS says "critical space allocation error"; a loop device, "I/O error")."""
+    names = re.compile(r"\b(" + "|".join(Path(d).name for d in devices) + r")\b")
+    trouble = re.compile(r"error|space|ENOSPC", re.IGNORECASE)
+    return sorted(ln for ln in kernel_log() - since if names.search(ln) and trouble.search(ln))
+
+
 def last_byte(device: str, size: int) -> bytes:
     with open(device, "rb") as f:
         f.seek(size - 1)
@@ -126,8 +143,12 @@ def test_every_byte_of_a_full_pool_can_be_written_and_one_more_is_refused(
         with pytest.raises(ResourceExhausted):
             mgmt.create_volume(VolumeCreate(name="one-more", size_bytes=1))
 
-        devices = {agent.attach(vid).device: size for vid, size in volumes}
+        attached = [(agent.attach(vid), size) for vid, size in volumes]
+        devices = {a.device: size for a, size in attached}
+        before = kernel_log()
         write_every_byte(devices, seed=1)
+        watched = [mounts_at(str(pool_dir))[-1].source, *(a.backing_device for a, _ in attached)]
+        assert complaints(before, watched) == []
         for device, size in devices.items():
             assert last_byte(device, size) == bytes([fill_of(device)])
         for vid, _ in volumes:
