@@ -8,12 +8,8 @@ here, not surface as an overflow deep inside the driver.
 from __future__ import annotations
 
 from tessera.errors import InvalidArgument, OutOfRange
+from tessera.models import MAX_BYTES, MAX_VOLUMES_PER_NODE, MiB  # the models state them too
 from tessera.units import format_size
-
-MiB = 1024**2
-#: largest size we accept anywhere (fits a signed 64-bit column after rounding)
-MAX_BYTES = (2**63 - 1) // MiB * MiB
-MAX_VOLUMES_PER_NODE = 2**31 - 1
 
 
 def round_up_mib(size: int) -> int:

@@ -15,10 +15,14 @@ from management import attachments, inventory, reconcile, volumes
 from management.context import Context
 from tessera.models import (
     MAX_VOLUME_NAME,
+    OPTIONAL_NODE_ID_PATTERN,
+    TEXT_PATTERN,
     Attachment,
     AttachmentCreate,
     Capacity,
+    Name,
     Node,
+    NodeId,
     NodeRegistration,
     Page,
     Pool,
@@ -34,6 +38,9 @@ from tessera.models import (
 from tessera.rest import json_response, problems
 
 PageToken = Annotated[str, Query(description="next_token of the previous page")]
+OptionalNodeId = Annotated[
+    str, Query(max_length=128, pattern=OPTIONAL_NODE_ID_PATTERN, description="empty: every node")
+]
 MaxEntries = Annotated[
     int, Query(ge=0, description="page size; 0 = default (100), clamped to 1000")
 ]
@@ -41,6 +48,7 @@ VolumeName = Annotated[
     str,
     Query(
         max_length=MAX_VOLUME_NAME,
+        pattern=TEXT_PATTERN,
         description="only the volume with exactly this name (names are unique: 0 or 1 item)",
     ),
 ]
@@ -65,11 +73,11 @@ def v1_router(ctx: Context) -> APIRouter:
 
     # ---- nodes and pools ----
     @r.put("/nodes/{node_id}", response_model=Node, tags=["nodes"])
-    def register_node(node_id: str, body: NodeRegistration) -> Response:
+    def register_node(node_id: NodeId, body: NodeRegistration) -> Response:
         return json_response(inventory.register_node(ctx, node_id, body))
 
     @r.post("/nodes/{node_id}/heartbeat", status_code=204, tags=["nodes"])
-    def heartbeat(node_id: str) -> Response:
+    def heartbeat(node_id: NodeId) -> Response:
         inventory.heartbeat(ctx, node_id)
         return Response(status_code=204)
 
@@ -78,11 +86,11 @@ def v1_router(ctx: Context) -> APIRouter:
         return json_response(inventory.list_nodes(ctx, page_token, max_entries))
 
     @r.get("/nodes/{node_id}", response_model=Node, tags=["nodes"])
-    def get_node(node_id: str) -> Response:
+    def get_node(node_id: NodeId) -> Response:
         return json_response(inventory.get_node(ctx, node_id))
 
     @r.put("/nodes/{node_id}/pools/{pool}", response_model=Pool, tags=["pools"])
-    def register_pool(node_id: str, pool: str, body: PoolRegistration) -> Response:
+    def register_pool(node_id: NodeId, pool: Name, body: PoolRegistration) -> Response:
         return json_response(inventory.register_pool(ctx, node_id, pool, body))
 
     @r.get("/pools", response_model=Page[Pool], tags=["pools"])
@@ -109,7 +117,7 @@ def v1_router(ctx: Context) -> APIRouter:
         return json_response(vpg, 201 if created else 200)
 
     @r.get("/capacity", response_model=Capacity, tags=["capacity"], responses=problems(404))
-    def capacity(vpg: str = "default", node_id: str = "") -> Response:
+    def capacity(vpg: str = "default", node_id: OptionalNodeId = "") -> Response:
         return json_response(inventory.capacity(ctx, vpg, node_id))
 
     # ---- volumes ----
@@ -163,11 +171,11 @@ def v1_router(ctx: Context) -> APIRouter:
         tags=["attach"],
         responses=problems(409, 507),
     )
-    def attach(volume_id: str, node_id: str, body: AttachmentCreate) -> Response:
+    def attach(volume_id: str, node_id: NodeId, body: AttachmentCreate) -> Response:
         return json_response(attachments.attach(ctx, volume_id, node_id, body))
 
     @r.delete("/volumes/{volume_id}/attachments/{node_id}", status_code=204, tags=["attach"])
-    def detach(volume_id: str, node_id: str) -> Response:
+    def detach(volume_id: str, node_id: NodeId) -> Response:
         attachments.detach(ctx, volume_id, node_id)
         return Response(status_code=204)
 

@@ -26,6 +26,7 @@ from tessera.models import (
     AgentVolumeCreate,
     AgentVolumeResize,
     Registration,
+    VolumeId,
 )
 from tessera.rest import BearerAuth, install_problem_handlers, json_response, problems
 
@@ -53,7 +54,7 @@ def create_app(
         return AgentNode(node_id=agent.node_id, registration=registration())
 
     @app.put("/v1/volumes/{volume_id}", response_model=AgentVolume, responses=problems(409, 507))
-    def create_volume(volume_id: str, body: AgentVolumeCreate) -> Response:
+    def create_volume(volume_id: VolumeId, body: AgentVolumeCreate) -> Response:
         return json_response(agent.create_volume(volume_id, body.pool, body.size_bytes))
 
     @app.get("/v1/volumes")

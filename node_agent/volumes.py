@@ -69,6 +69,7 @@ def create(pool: Pool, volume_id: str, size_bytes: int) -> AgentVolume:
     path = pool.volume_path(volume_id, missing_is_not_found=False)
     if path.exists():
         return _same_size_or_conflict(pool, volume_id, size_bytes)
+    check_fits(pool, size_bytes)
     tmp = path.with_name(f"{TMP_PREFIX}{volume_id}-{uuid.uuid4().hex[:8]}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -114,6 +115,22 @@ def _same_size_or_conflict(pool: Pool, volume_id: str, size_bytes: int) -> Agent
     return current
 
 
+def check_fits(pool: Pool, size_bytes: int) -> None:
+    """Refuse a volume larger than its pool's whole filesystem (times the overcommit ratio).
+
+    Management places within capacity; this bounds what any other caller of
+    the agent can ask for. A sparse file of any size is cheap to make, but one
+    that can never be written full is a promise of ENOSPC to whoever uses it.
+    """
+    st = os.statvfs(pool.directory)
+    largest = int(st.f_blocks * st.f_frsize * pool.overcommit_ratio)
+    if size_bytes > largest:
+        raise OutOfRange(
+            f"size_bytes {size_bytes} is larger than pool {pool.name} ({largest} bytes)",
+            field="size_bytes",
+        )
+
+
 def _truncate(fd: int, size_bytes: int) -> None:
     """ftruncate, with the filesystem's refusals turned into explainable errors."""
     try:
@@ -149,6 +166,7 @@ def resize(pool: Pool, volume_id: str, size_bytes: int) -> AgentVolume:
         )
     if size_bytes == current.size_bytes:
         return current
+    check_fits(pool, size_bytes)
     fd = os.open(current.path, os.O_WRONLY | os.O_CLOEXEC)
     try:
         _truncate(fd, size_bytes)

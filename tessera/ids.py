@@ -19,6 +19,13 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 VOLUME_PREFIX = "vol-"
 
+# The same rules as JSON-Schema patterns, for the OpenAPI documents (tessera.models).
+# No lookaround (pydantic's regex engine has none), so ".." is ruled out by
+# letting a '.' be followed only by a non-dot, or end the string.
+NODE_ID_PATTERN = r"^[A-Za-z0-9](\.?[A-Za-z0-9_-])*\.?$"
+NAME_PATTERN = NODE_ID_PATTERN
+VOLUME_ID_PATTERN = r"^vol-[a-z0-9-]{0,59}$"
+
 
 def new_volume_id() -> str:
     return VOLUME_PREFIX + uuid.uuid4().hex

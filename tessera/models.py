@@ -8,12 +8,46 @@ servers send back.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from tessera.ids import NAME_PATTERN, NODE_ID_PATTERN, VOLUME_ID_PATTERN
 
 GiB = 1024**3
+MiB = 1024**2
 MAX_VOLUME_NAME = 128
+#: the largest byte count anywhere: fits a signed 64-bit column after rounding to MiB
+MAX_BYTES = (2**63 - 1) // MiB * MiB
+MAX_VOLUMES_PER_NODE = 2**31 - 1
+
+# Form rules live in the models, so the OpenAPI documents state them and
+# pydantic enforces them; `FORM_RULES` says each pattern in words for the 4xx.
+TEXT_PATTERN = r"^[^\x00-\x1f\x7f]*$"
+_PORT = r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
+AGENT_URL_PATTERN = (
+    r"^(unix:///[^\x00-\x20\x7f]+"
+    r"|https?://[A-Za-z0-9._~-]+(:" + _PORT + r")?(/[^\x00-\x20\x7f]*)?)$"
+)
+OPTIONAL_NODE_ID_PATTERN = "^$|" + NODE_ID_PATTERN
+FORM_RULES = {
+    OPTIONAL_NODE_ID_PATTERN: "must be empty or a node ID (letters, digits, '.', '_', '-')",
+    TEXT_PATTERN: "must not contain control characters",
+    NODE_ID_PATTERN: "must be 1-128 letters, digits, '.', '_' or '-', starting with a letter "
+    "or digit, without '..'",
+    VOLUME_ID_PATTERN: "must be a Tessera volume ID (vol-<hex>)",
+    AGENT_URL_PATTERN: "must be unix:///path/to.sock or http(s)://host[:port][/prefix] "
+    "(an IPv6 address by a host name)",
+}
+
+#: printable text: control characters cannot be stored or shown safely
+Text = Annotated[str, StringConstraints(pattern=TEXT_PATTERN)]
+#: for a dict[Text, Text]: pydantic states the key rule as patternProperties, which
+#: alone would let any other key (with any value) through in the document
+TEXT_MAP: dict[str, Any] = {"additionalProperties": False}
+NodeId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=NODE_ID_PATTERN)]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=NAME_PATTERN)]
+VolumeId = Annotated[str, StringConstraints(min_length=5, max_length=63, pattern=VOLUME_ID_PATTERN)]
 
 
 class AccessMode(StrEnum):
@@ -57,10 +91,14 @@ class Strict(BaseModel):
 
 class NodeRegistration(Strict):
     agent_url: str = Field(
-        description="where management reaches the agent: unix:///path or http://host:port"
+        max_length=1024,
+        pattern=AGENT_URL_PATTERN,
+        description="where management reaches the agent: unix:///path or http://host:port",
     )
-    topology: dict[str, str] = Field(default_factory=dict)
-    max_volumes: int = Field(default=0, ge=0, description="0 means no limit")
+    topology: dict[Text, Text] = Field(default_factory=dict, json_schema_extra=TEXT_MAP)
+    max_volumes: int = Field(
+        default=0, ge=0, le=MAX_VOLUMES_PER_NODE, description="0 means no limit"
+    )
 
 
 class Node(BaseModel):
@@ -75,6 +113,7 @@ class Node(BaseModel):
 class PoolRegistration(Strict):
     capacity_bytes: int = Field(
         ge=0,
+        le=MAX_BYTES,
         description=(
             "what may be promised to volumes in this pool: the space its filesystem can still "
             "give plus what our volume files already hold, minus the agent's reserve, times "
@@ -95,7 +134,7 @@ class Pool(BaseModel):
 
 
 class VpgCreate(Strict):
-    name: str = Field(min_length=1, max_length=63)
+    name: str = Field(min_length=1, max_length=63, pattern=NAME_PATTERN)
     layout: str = "concat"
 
 
@@ -108,16 +147,16 @@ class Vpg(BaseModel):
 
 
 class VolumeCreate(Strict):
-    name: str = Field(min_length=1, max_length=MAX_VOLUME_NAME)
-    size_bytes: int = Field(gt=0)
-    limit_bytes: int = Field(default=0, ge=0, description="0 means no upper limit")
+    name: str = Field(min_length=1, max_length=MAX_VOLUME_NAME, pattern=TEXT_PATTERN)
+    size_bytes: int = Field(gt=0, le=MAX_BYTES)
+    limit_bytes: int = Field(default=0, ge=0, le=MAX_BYTES, description="0 means no upper limit")
     vpg: str = "default"
     locality: Locality = Locality.ANY
     #: nodes the volume must be placed on (any of them); empty = anywhere
-    requisite_nodes: list[str] = Field(default_factory=list)
+    requisite_nodes: list[NodeId] = Field(default_factory=list)
     #: nodes to try first, in order
-    preferred_nodes: list[str] = Field(default_factory=list)
-    parameters: dict[str, str] = Field(default_factory=dict)
+    preferred_nodes: list[NodeId] = Field(default_factory=list)
+    parameters: dict[Text, Text] = Field(default_factory=dict, json_schema_extra=TEXT_MAP)
 
 
 class Volume(BaseModel):
@@ -134,8 +173,8 @@ class Volume(BaseModel):
 
 
 class VolumeExpand(Strict):
-    size_bytes: int = Field(gt=0)
-    limit_bytes: int = Field(default=0, ge=0)
+    size_bytes: int = Field(gt=0, le=MAX_BYTES)
+    limit_bytes: int = Field(default=0, ge=0, le=MAX_BYTES)
 
 
 class AttachmentCreate(Strict):
@@ -213,11 +252,11 @@ class ReconcileReport(BaseModel):
 
 class AgentVolumeCreate(Strict):
     pool: str
-    size_bytes: int = Field(gt=0)
+    size_bytes: int = Field(gt=0, le=MAX_BYTES, description="at most the pool's capacity")
 
 
 class AgentVolumeResize(Strict):
-    size_bytes: int = Field(gt=0)
+    size_bytes: int = Field(gt=0, le=MAX_BYTES, description="at most the pool's capacity")
 
 
 class AgentVolume(BaseModel):

@@ -12,7 +12,7 @@ import hmac
 import logging
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -29,6 +29,7 @@ from tessera.errors import (
     Unauthenticated,
     to_problem,
 )
+from tessera.models import FORM_RULES
 
 #: pydantic error types rewritten into something a user can act on
 _MESSAGES = {
@@ -93,6 +94,8 @@ def _message(error: dict[str, Any]) -> str:
         return "must be a JSON object (send it with Content-Type: application/json)"
     if kind in _MESSAGES:
         return _MESSAGES[kind]
+    if kind == "string_pattern_mismatch":
+        return FORM_RULES.get((error.get("ctx") or {}).get("pattern", ""), "has the wrong form")
     msg = str(error.get("msg", "is invalid"))
     for prefix, repl in (("Input should be", "must be"), ("Input should", "must")):
         if msg.startswith(prefix):
@@ -155,6 +158,11 @@ def install_problem_handlers(
     operations can answer (management: 503 when the database is busy).
     """
     document_problems(app, always)
+    # "/v1/volumes/" is not "/v1/volumes": answer no-such-route instead of a
+    # redirect our clients do not follow and that lands on another operation
+    app.router.redirect_slashes = False
+    # routes added from here on refuse query parameters they do not declare
+    app.router.dependencies.append(Depends(known_query_only))
 
     @app.exception_handler(TesseraError)
     def _tessera(_request: Request, exc: TesseraError) -> JSONResponse:
@@ -174,6 +182,33 @@ def install_problem_handlers(
     def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
         return problem_response(Internal(f"internal error; the {service} log has the details"))
+
+
+async def known_query_only(request: Request) -> None:
+    """Refuse query parameters the route does not declare, as Strict models refuse fields.
+
+    `async def`: it runs for every route, /healthz too, and a plain `def`
+    dependency would need a worker thread, queueing health checks behind
+    work (docs/contracts.md, "Locks and timeouts").
+
+    `?max_entrie=5` silently ignored would answer a different question than
+    the one asked; a typo must get a 422 that names it.
+    """
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    known = _query_names(dependant) if dependant is not None else set()
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        names = ", ".join(repr(name[:40]) for name in unknown[:5])
+        raise InvalidArgument(
+            f"unknown query parameter {names} (check the spelling)", field=unknown[0][:80]
+        )
+
+
+def _query_names(dependant: Any) -> set[str]:
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
 
 
 # ---- the OpenAPI document -----------------------------------------------------------
@@ -208,6 +243,8 @@ _DESCRIPTIONS = {
     400: "malformed request: the body is not valid JSON",
     401: "unauthenticated: missing or wrong bearer token",
     404: "not-found: the resource does not exist; no-such-route: no such route (check the URL)",
+    405: "no-such-route: the path exists, the method does not (a path value that names another "
+    "route)",
     409: "already-exists, conflict, failed-precondition or aborted: the current state forbids it",
     422: "invalid-argument or out-of-range: `field` names the input at fault",
     500: "internal: a bug; the service's log has the details",
@@ -278,7 +315,9 @@ def _common_statuses(op: dict[str, Any]) -> set[int]:
     if "requestBody" in op:
         statuses.add(400)
     if any(p.get("in") == "path" for p in params):
-        statuses.add(404)  # no such item, or a value with a '/' that matches no route
+        # no such item; or a value that makes the path another route's ('a/b': 404,
+        # POST /v1/volumes/{volume_id}/expand with volume_id 'expand': 405)
+        statuses |= {404, 405}
     return statuses
 
 
