@@ -18,6 +18,7 @@ from sanity.support import (
     Published,
     assert_code,
     block_cap,
+    can_grow_ext4_online,
     capacity,
     csi_pb2,
     loop_devices_backed_by,
@@ -478,3 +479,21 @@ def test_publishing_onto_the_staging_mount_under_another_staging_path_keeps_it_s
     )
     csi.expect(csi.node.NodePublishVolume, req, (Code.ALREADY_EXISTS, Code.FAILED_PRECONDITION))
     assert mounts_at(pub.staging), "the volume must still be staged"
+
+
+def test_growing_ext4_without_the_needed_privilege_says_how_to_fix_the_deployment(
+    csi: Csi,
+) -> None:
+    # fuzz example (seed 7): NodeExpandVolume of a grown ext4 volume, volume_path its
+    # publish, nothing else: INTERNAL where CAP_SYS_RESOURCE is missing
+    if can_grow_ext4_online():
+        pytest.skip("this process may grow ext4 online: nothing to refuse here")
+    _, pub = csi.provision(Kind("ext4"))
+    csi.controller.ControllerExpandVolume(
+        csi_pb2.ControllerExpandVolumeRequest(
+            volume_id=pub.volume_id, capacity_range=capacity(2 * pub.volume.capacity_bytes)
+        ),
+        timeout=T,
+    )
+    req = csi_pb2.NodeExpandVolumeRequest(volume_id=pub.volume_id, volume_path=str(pub.target))
+    csi.expect(csi.node.NodeExpandVolume, req, Code.FAILED_PRECONDITION, "CAP_SYS_RESOURCE")
