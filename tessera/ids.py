@@ -13,9 +13,10 @@ import uuid
 
 from tessera.errors import InvalidArgument, NotFound
 
-_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# fullmatch, never `$`: `$` also matches before a trailing newline ("vol-1\n")
+_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 VOLUME_PREFIX = "vol-"
 
@@ -32,7 +33,7 @@ def new_volume_id() -> str:
 
 
 def is_volume_id(value: str) -> bool:
-    return bool(value) and value.startswith(VOLUME_PREFIX) and bool(_ID.match(value))
+    return bool(value) and value.startswith(VOLUME_PREFIX) and bool(_ID.fullmatch(value))
 
 
 def check_volume_id(
@@ -58,7 +59,7 @@ def check_volume_id(
 def check_node_id(value: str, field: str = "node_id") -> str:
     if not value:
         raise InvalidArgument(f"{field} is required", field=field)
-    if not _NODE_ID.match(value) or ".." in value:
+    if not _NODE_ID.fullmatch(value) or ".." in value:
         raise InvalidArgument(
             f"{field} {value[:80]!r} must be 1-128 letters, digits, '.', '_' or '-'", field=field
         )
@@ -69,7 +70,7 @@ def check_name(value: str, field: str = "name") -> str:
     """Names of pools and vpgs: short, path-safe."""
     if not value:
         raise InvalidArgument(f"{field} is required", field=field)
-    if not _NAME.match(value) or ".." in value:
+    if not _NAME.fullmatch(value) or ".." in value:
         raise InvalidArgument(
             f"{field} {value[:80]!r} must be 1-128 letters, digits, '.', '_' or '-'", field=field
         )
