@@ -53,7 +53,7 @@ _BANNED_NAME_CHARS = frozenset(
     [*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), *range(0x7F, 0xA0)]
 )
 #: Secrets Requirements: "Each key MUST consist of alphanumeric characters, '-', '_' or '.'"
-_SECRET_KEY = re.compile(r"^[A-Za-z0-9._-]+$")
+_SECRET_KEY = re.compile(r"[A-Za-z0-9._-]+")
 
 
 # ---- step 1: presence ----------------------------------------------------------------
@@ -126,7 +126,7 @@ def secrets_form(values: Mapping[str, str], field: str = "secrets") -> None:
     """Checked like any map, and never quoted back: a key may be all a leaked value needs."""
     if sum(_bytes(k) + _bytes(v) for k, v in values.items()) > MAX_MAP_BYTES:
         raise InvalidArgument(f"{field} is larger than {MAX_MAP_BYTES} bytes", field=field)
-    if any(not _SECRET_KEY.match(k) for k in values):
+    if any(not _SECRET_KEY.fullmatch(k) for k in values):
         raise InvalidArgument(
             f"{field}: every key must consist of letters, digits, '-', '_' or '.'", field=field
         )
