@@ -174,7 +174,7 @@ def volume_ids(fs: FuzzStack, *, real: bool = True) -> st.SearchStrategy[str]:
     hex32 = st.text("0123456789abcdef", min_size=32, max_size=32).map(lambda h: "vol-" + h)
     options = [hex32, st.just("vol-" + "0" * 32), st.just("pvc-9c1f2e7a-foreign"), JUNK]
     if real:
-        options = [st.just(fs.real_volume_id)] * 2 + options
+        options = [st.just(fs.real_volume_id)] * 2 + [st.just(fs.real_volume_id + "\n")] + options
     return st.one_of(*options)
 
 

@@ -242,3 +242,14 @@ def test_a_target_beside_the_staging_path_is_fine() -> None:
         volume_capability=mount_cap(),
     )
     assert validation.node_publish_volume(req).target_path == "/var/stage-2"
+
+
+def test_a_volume_id_with_a_trailing_newline_is_not_one_of_ours() -> None:
+    # `$` matched before a trailing newline, so "vol-<hex>\n" passed as a volume ID
+    req = csi_pb2.ControllerGetVolumeRequest(volume_id=UNKNOWN + "\n")
+    assert isinstance(error(lambda: validation.controller_get_volume(req)), NotFound)
+
+
+def test_a_secret_key_with_a_trailing_newline_is_invalid_argument() -> None:
+    req = csi_pb2.DeleteVolumeRequest(volume_id=UNKNOWN, secrets={"user\n": "x"})
+    assert isinstance(error(lambda: validation.delete_volume(req)), InvalidArgument)
