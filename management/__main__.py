@@ -35,9 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", default="sqlite:///./tessera.db", help="SQLAlchemy database URL")
     p.add_argument("--token-file", required=True, help="file holding the API bearer token")
     p.add_argument(
-        "--agent-token-file", default=None, help="token for node-agents (default: --token-file)"
-    )
-    p.add_argument(
         "--heartbeat-timeout",
         type=float,
         default=DEFAULT_HEARTBEAT_TIMEOUT,
@@ -64,10 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     token = read_token(args.token_file)
-    agent_token = read_token(args.agent_token_file) if args.agent_token_file else None
-    app = create_app(
-        args.db, token, agent_token=agent_token, heartbeat_timeout=args.heartbeat_timeout
-    )
+    app = create_app(args.db, token, heartbeat_timeout=args.heartbeat_timeout)
     reconciler = None
     if args.reconcile_interval > 0:
         reconciler = PeriodicReconciler(app.state.ctx, args.reconcile_interval)

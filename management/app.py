@@ -23,17 +23,20 @@ def create_app(
     db_url: str,
     token: str,
     *,
-    agent_token: str | None = None,
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
 ) -> FastAPI:
-    """Build the management API. `agent_token` (default: `token`) authenticates us to agents."""
+    """Build the management API.
+
+    One bearer token serves both directions (clients to management, management
+    to agents): an agent checks callers against the one token it also uses to
+    register, so a separate agent token could never be accepted. Per-node
+    credentials come with agents that listen on the network.
+    """
     if not token:
         raise ValueError("an API token is required")
     db = Database(db_url)
     db.create_tables()
-    ctx = Context(
-        db=db, agents=AgentClients(agent_token or token), heartbeat_timeout=heartbeat_timeout
-    )
+    ctx = Context(db=db, agents=AgentClients(token), heartbeat_timeout=heartbeat_timeout)
     ensure_default_vpg(ctx)
 
     @asynccontextmanager
