@@ -26,6 +26,7 @@ from tessera.models import (
     AgentVolumeCreate,
     AgentVolumeResize,
     Registration,
+    ViewKey,
     VolumeId,
 )
 from tessera.rest import BearerAuth, install_problem_handlers, json_response, problems
@@ -100,13 +101,13 @@ def create_app(
         response_model=AgentView,
         responses=problems(409),
     )
-    def attach_view(volume_id: str, view_key: str) -> Response:
+    def attach_view(volume_id: str, view_key: ViewKey) -> Response:
         return json_response(agent.attach_view(volume_id, view_key))
 
     @app.delete(
         "/v1/attachments/{volume_id}/views/{view_key}", status_code=204, responses=problems(409)
     )
-    def release_view(volume_id: str, view_key: str) -> Response:
+    def release_view(volume_id: str, view_key: ViewKey) -> Response:
         agent.release_view(volume_id, view_key)
         return Response(status_code=204)
 

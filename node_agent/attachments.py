@@ -29,7 +29,7 @@ from pathlib import Path
 from node_agent.pools import Pool
 from node_agent.transports import BlockDevice, Transport
 from tessera.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from tessera.ids import check_volume_id, is_volume_id
+from tessera.ids import VIEW_KEY_PATTERN, check_volume_id, is_volume_id
 from tessera.models import AgentAttachment, AgentView
 from tessera.system import blockdev, loopdev
 from tessera.system import syscalls as linux
@@ -40,7 +40,7 @@ DEFAULT_DEV_DIR = Path("/dev/tessera")
 LOCAL_TRANSPORT = "loop"
 TMP_PREFIX = ".tmp-"
 # Fits a loop device's label with room to spare; the CSI plugin uses a hash.
-_VIEW_KEY = re.compile(r"^[0-9a-z][0-9a-z-]{0,39}$")
+_VIEW_KEY = re.compile(VIEW_KEY_PATTERN)
 
 
 def check_view_key(key: str) -> str:

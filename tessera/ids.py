@@ -26,6 +26,8 @@ VOLUME_PREFIX = "vol-"
 NODE_ID_PATTERN = r"^[A-Za-z0-9](\.?[A-Za-z0-9_-])*\.?$"
 NAME_PATTERN = NODE_ID_PATTERN
 VOLUME_ID_PATTERN = r"^vol-[a-z0-9-]{0,59}$"
+#: a read-only view's key: fits a loop device's label with room to spare
+VIEW_KEY_PATTERN = r"^[0-9a-z][0-9a-z-]{0,39}$"
 
 
 def new_volume_id() -> str:

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from tessera.ids import NAME_PATTERN, NODE_ID_PATTERN, VOLUME_ID_PATTERN
+from tessera.ids import NAME_PATTERN, NODE_ID_PATTERN, VIEW_KEY_PATTERN, VOLUME_ID_PATTERN
 
 GiB = 1024**3
 MiB = 1024**2
@@ -36,6 +36,7 @@ FORM_RULES = {
     NODE_ID_PATTERN: "must be 1-128 letters, digits, '.', '_' or '-', starting with a letter "
     "or digit, without '..'",
     VOLUME_ID_PATTERN: "must be a Tessera volume ID (vol-<hex>)",
+    VIEW_KEY_PATTERN: "must be 1-40 characters of a-z, 0-9 and '-'",
     AGENT_URL_PATTERN: "must be unix:///path/to.sock or http(s)://host[:port][/prefix] "
     "(an IPv6 address by a host name)",
 }
@@ -47,6 +48,7 @@ Text = Annotated[str, StringConstraints(pattern=TEXT_PATTERN)]
 TEXT_MAP: dict[str, Any] = {"additionalProperties": False}
 NodeId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=NODE_ID_PATTERN)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=NAME_PATTERN)]
+ViewKey = Annotated[str, StringConstraints(pattern=VIEW_KEY_PATTERN)]
 VolumeId = Annotated[str, StringConstraints(min_length=5, max_length=63, pattern=VOLUME_ID_PATTERN)]
 
 
