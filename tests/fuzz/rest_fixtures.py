@@ -9,11 +9,16 @@ no processes, loop devices, mounts or files outside the temporary directory.
 
 from __future__ import annotations
 
+import selectors
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tessera.clients import AgentClient, ManagementClient
@@ -23,6 +28,7 @@ from tessera.errors import TesseraError
 
 TOKEN = "rest-fuzz-token"
 NODE_ID = "fuzz-node"
+POOL = "default"
 READY_TIMEOUT = 60.0
 
 
@@ -58,12 +64,15 @@ class RestStack:
             "management",
             ["management", "--listen", f"127.0.0.1:{self.port}",
              "--db", f"sqlite:///{self.dir / 'management.db'}",
-             "--token-file", str(self.token_file)],
+             "--token-file", str(self.token_file),
+             # nodes the fuzzers register never heartbeat; were they to go offline
+             # mid-run, the same request would be answered differently later
+             "--heartbeat-timeout", "86400"],
         )  # fmt: skip
         self.spawn(
             "node-agent",
             ["node_agent", "--node-id", NODE_ID, "--management", self.url,
-             "--token-file", str(self.token_file), "--pool", f"default={self.pool_dir}",
+             "--token-file", str(self.token_file), "--pool", f"{POOL}={self.pool_dir}",
              "--socket", str(self.agent_socket), "--dev-dir", str(self.dir / "dev")],
         )  # fmt: skip
         self.wait_ready()
@@ -129,3 +138,56 @@ class RestStack:
         if dev_pool.is_mounted(self.pool_dir):
             release_volumes(self.pool_dir)
         dev_pool.release_pool(self.image, self.pool_dir)  # not mounted / attached is fine
+
+
+class _Relay(socketserver.BaseRequestHandler):
+    """Pump bytes between one TCP client and the agent's unix socket, both ways."""
+
+    server: _RelayServer
+
+    def handle(self) -> None:
+        # without NODELAY, a reply relayed in two writes waits for a delayed ACK (~40 ms)
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            upstream.connect(self.server.socket_path)
+            with selectors.DefaultSelector() as sel:
+                sel.register(self.request, selectors.EVENT_READ, upstream)
+                sel.register(upstream, selectors.EVENT_READ, self.request)
+                while True:
+                    for key, _ in sel.select(timeout=60):
+                        data = key.fileobj.recv(65536)  # type: ignore[union-attr]
+                        if not data:
+                            return
+                        key.data.sendall(data)
+        except OSError:
+            return
+        finally:
+            upstream.close()
+
+
+class _RelayServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = str(socket_path)
+        super().__init__(("127.0.0.1", 0), _Relay)
+
+
+@contextmanager
+def tcp_relay(socket_path: Path) -> Iterator[str]:
+    """An http://127.0.0.1:PORT that reaches the agent's unix socket.
+
+    The agent listens only on its socket; HTTP tools that speak only TCP
+    (schemathesis' requests transport, including the probes its checks send
+    on fresh sessions) reach it through this relay. Bytes pass unchanged.
+    """
+    server = _RelayServer(socket_path)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
