@@ -106,21 +106,21 @@ REQUIRED: dict[str, tuple[str, ...]] = {
 
 #: examples per RPC: about 2-3 minutes for the whole run on a 2-core box
 EXAMPLES: dict[str, int] = {
-    "CreateVolume": 200,
-    "DeleteVolume": 150,
-    "ControllerPublishVolume": 200,
-    "ControllerUnpublishVolume": 150,
-    "ValidateVolumeCapabilities": 200,
-    "ListVolumes": 100,
-    "GetCapacity": 150,
-    "ControllerGetVolume": 100,
-    "ControllerExpandVolume": 200,
-    "NodeStageVolume": 250,
-    "NodeUnstageVolume": 150,
-    "NodePublishVolume": 250,
-    "NodeUnpublishVolume": 150,
-    "NodeGetVolumeStats": 200,
-    "NodeExpandVolume": 200,
+    "CreateVolume": 300,
+    "DeleteVolume": 200,
+    "ControllerPublishVolume": 300,
+    "ControllerUnpublishVolume": 200,
+    "ValidateVolumeCapabilities": 300,
+    "ListVolumes": 150,
+    "GetCapacity": 200,
+    "ControllerGetVolume": 150,
+    "ControllerExpandVolume": 300,
+    "NodeStageVolume": 350,
+    "NodeUnstageVolume": 200,
+    "NodePublishVolume": 350,
+    "NodeUnpublishVolume": 200,
+    "NodeGetVolumeStats": 300,
+    "NodeExpandVolume": 300,
 }
 
 
