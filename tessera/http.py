@@ -234,9 +234,11 @@ class JsonClient:
         except _ConnectFailed as exc:
             if stale:
                 raise self._unreachable(exc.reason) from exc.reason
-            raise self._outcome_unknown(method, target, first) from exc.reason
+            raise self._outcome_unknown(
+                method, target, first, "could not reconnect to resend it"
+            ) from exc.reason
         except (OSError, http.client.HTTPException) as exc:
-            raise self._outcome_unknown(method, target, exc) from exc
+            raise self._outcome_unknown(method, target, exc, "sent twice") from exc
 
     def _once(
         self,
@@ -268,11 +270,13 @@ class JsonClient:
     def _unreachable(self, reason: object) -> Unavailable:
         return Unavailable(f"{self.peer} at {self.url} is unreachable: {reason}")
 
-    def _outcome_unknown(self, method: str, target: str, reason: object) -> OutcomeUnknown:
+    def _outcome_unknown(
+        self, method: str, target: str, reason: object, attempts: str
+    ) -> OutcomeUnknown:
         why = "timed out waiting for the answer" if isinstance(reason, TimeoutError) else reason
         return OutcomeUnknown(
-            f"{self.peer} at {self.url} did not answer {method} {target}, sent and sent again "
-            f"({why}): the call may have run; retrying it is safe"
+            f"{self.peer} at {self.url} did not answer {method} {target} ({why}; {attempts}): "
+            "the call may have run; retrying it is safe"
         )
 
     def _decoded(self, reply: _Reply, method: str, target: str) -> Any:
