@@ -134,7 +134,7 @@ def http_problem(request: Request, exc: StarletteHTTPException, service: str) ->
     """
     if exc.status_code in (404, 405):
         err: TesseraError = NoSuchRoute(
-            f"{service} has no route {request.method} {request.url.path}: check the URL, "
+            f"{service} has no route {request.method} {request.url.path[:200]}: check the URL, "
             "its path prefix and that client and server versions match"
         )
         err.http_status = exc.status_code
