@@ -253,7 +253,9 @@ class JsonClient:
             if conn.sock is None:
                 try:
                     conn.connect()
-                except (OSError, http.client.HTTPException) as exc:
+                except (OSError, http.client.HTTPException, UnicodeError) as exc:
+                    # UnicodeError: a host name the resolver cannot even encode
+                    # ("a..b", a label over 63 characters) - unreachable too
                     raise _ConnectFailed(exc) from exc
             conn.request(method, target, body=body, headers=headers)
             resp = conn.getresponse()

@@ -25,9 +25,11 @@ MAX_VOLUMES_PER_NODE = 2**31 - 1
 # pydantic enforces them; `FORM_RULES` says each pattern in words for the 4xx.
 TEXT_PATTERN = r"^[^\x00-\x1f\x7f]*$"
 _PORT = r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
+#: DNS labels of 1-63 characters (the resolver refuses "a..b" before any lookup)
+_HOST = r"[A-Za-z0-9_~-]{1,63}(\.[A-Za-z0-9_~-]{1,63})*\.?"
 AGENT_URL_PATTERN = (
     r"^(unix:///[^\x00-\x20\x7f]+"
-    r"|https?://[A-Za-z0-9._~-]+(:" + _PORT + r")?(/[^\x00-\x20\x7f]*)?)$"
+    r"|https?://" + _HOST + r"(:" + _PORT + r")?(/[^\x00-\x20\x7f]*)?)$"
 )
 OPTIONAL_NODE_ID_PATTERN = "^$|" + NODE_ID_PATTERN
 FORM_RULES = {

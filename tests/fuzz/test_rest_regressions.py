@@ -89,12 +89,20 @@ def test_an_empty_agent_url_is_refused_and_the_document_says_why(
     assert "pattern" in schema_of(management, "NodeRegistration")["properties"]["agent_url"]
 
 
-def test_an_agent_url_that_cannot_be_parsed_is_refused_at_registration(
-    management: httpx.Client,
+@pytest.mark.parametrize(
+    "agent_url",
+    [
+        "https://[f0D]",  # urlsplit: not an IPv6 address
+        "http://3S..dT1w2ujF:65292/x",  # getaddrinfo: UnicodeError, label empty
+        "http://" + "a" * 64 + ":1",  # getaddrinfo: UnicodeError, label too long
+    ],
+)
+def test_an_agent_url_no_resolver_can_use_is_refused_at_registration(
+    management: httpx.Client, agent_url: str
 ) -> None:
-    # was accepted; POST /v1/reconcile then answered 500 (urlsplit: invalid IPv6 host)
+    # was accepted; POST /v1/reconcile then answered 500 when it tried the agent
     body = problem(
-        management.put("/v1/nodes/1.N.L.tT", json={"agent_url": "https://[f0D]"}),
+        management.put("/v1/nodes/1.N.L.tT", json={"agent_url": agent_url}),
         422,
         "invalid-argument",
     )

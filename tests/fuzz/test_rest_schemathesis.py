@@ -62,7 +62,7 @@ FUZZ_SETTINGS = settings(
 STATEFUL_SETTINGS = settings(FUZZ_SETTINGS, max_examples=SCENARIOS, stateful_step_count=STEPS)
 
 
-# ---- the stack, its documents, and a unix-socket transport for the agent ---------------
+# ---- the stack, its documents (the agent's through a TCP relay to its socket) ----------
 
 
 @pytest.fixture(scope="module")
@@ -337,7 +337,7 @@ EXCLUDED = [schemathesis.checks.not_a_server_error, schemathesis.checks.positive
 
 
 def fuzz_every_operation(schema: Any, call: Callable[[Case], None]) -> dict[str, int]:
-    """Each operation, schema-valid and schema-violating input; returns examples per mode.
+    """Each operation, schema-valid and schema-violating input; operations fuzzed per mode.
 
     Driven with hypothesis directly (schemathesis' pytest plugin does not run
     on this pytest); the first failure stops the run with schemathesis' report.
@@ -374,8 +374,8 @@ def test_management_answers_any_request_as_its_openapi_document_says(
             additional_checks=MANAGEMENT_CHECKS,
         )
 
-    fuzz_every_operation(management_schema, call)
-    report("management", "stateless")
+    operations = fuzz_every_operation(management_schema, call)
+    report("management", f"stateless ({operations} operation x mode runs)")
 
 
 def test_node_agent_answers_any_request_as_its_openapi_document_says(agent_schema: Any) -> None:
@@ -385,8 +385,8 @@ def test_node_agent_answers_any_request_as_its_openapi_document_says(agent_schem
             additional_checks=AGENT_CHECKS,
         )
 
-    fuzz_every_operation(agent_schema, call)
-    report("node-agent", "stateless")
+    operations = fuzz_every_operation(agent_schema, call)
+    report("node-agent", f"stateless ({operations} operation x mode runs)")
 
 
 # ---- stateful: follow the links ---------------------------------------------------------

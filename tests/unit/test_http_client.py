@@ -166,6 +166,13 @@ def test_a_peer_that_is_not_listening_is_unavailable_and_says_where(tmp_path: Pa
     assert client.healthy() is False
 
 
+def test_a_host_name_the_resolver_cannot_encode_is_unreachable_not_a_crash() -> None:
+    # found by the REST fuzzer: getaddrinfo raises UnicodeError for "a..b" (a 500)
+    client = JsonClient("http://a..b:1", "t", peer="node-agent")
+    with pytest.raises(Unavailable, match="unreachable"):
+        client.request("GET", "/v1/volumes")
+
+
 def test_urls_other_than_unix_and_http_are_refused() -> None:
     with pytest.raises(ValueError, match="unix:///path"):
         JsonClient("ftp://host", "t", peer="management")
