@@ -1,4 +1,4 @@
-"""tessera.system (mounts, filesystems) on real loop devices: libblkid probes, BLKGETSIZE64, mount(2), umount2(2).
+"""tessera.system mounts and filesystems on real loop devices: libblkid, mount(2), umount2(2).
 
 Every loop device and mount a test makes is released by the `scratch`
 fixture, also when the test fails.
