@@ -67,4 +67,3 @@ def _wait_with_monitor(monitor, device: str, deadline: float) -> None:  # type: 
 def _wait_bounded(device: str, deadline: float) -> None:
     while not os.path.exists(device) and time.monotonic() < deadline:
         time.sleep(FALLBACK_STEP)
-
