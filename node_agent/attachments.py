@@ -44,7 +44,7 @@ _VIEW_KEY = re.compile(VIEW_KEY_PATTERN)
 
 
 def check_view_key(key: str) -> str:
-    if not _VIEW_KEY.match(key):
+    if not _VIEW_KEY.fullmatch(key):  # `$` alone lets "key\n" through
         raise InvalidArgument(
             f"view key {key!r} must be 1-40 characters of a-z, 0-9 and '-'", field="view_key"
         )
