@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from tessera.errors import NotFound, TesseraError
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from tessera.errors import Misconfigured, NotFound, TesseraError
 from tessera.http import JsonClient
 from tessera.ids import is_volume_id
 from tessera.models import (
@@ -23,8 +27,39 @@ from tessera.models import (
     Vpg,
 )
 
+_M = TypeVar("_M", bound=BaseModel)
 
-class ManagementClient:
+
+class _TypedClient:
+    """Answers turned into wire models; an answer of another shape is a version mismatch.
+
+    A peer that answers 2xx with JSON our models cannot read runs another
+    Tessera version (or is not Tessera at all): a configuration error the
+    caller can act on, never an internal error with a pydantic traceback.
+    """
+
+    _c: JsonClient
+
+    def _parse(self, model: type[_M], data: Any) -> _M:
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            raise self._skew(model.__name__, exc) from exc
+
+    def _items(self, model: type[_M], data: Any) -> list[_M]:
+        if not isinstance(data, dict) or not isinstance(data.get("items"), list):
+            raise self._skew(f"a list of {model.__name__}", None)
+        return [self._parse(model, item) for item in data["items"]]
+
+    def _skew(self, what: str, exc: ValidationError | None) -> Misconfigured:
+        first = f": {exc.errors()[0]['msg']}" if exc is not None and exc.errors() else ""
+        return Misconfigured(
+            f"{self._c.peer} at {self._c.url} answered something that is not {what}{first}; "
+            "do both ends run the same Tessera version?"
+        )
+
+
+class ManagementClient(_TypedClient):
     def __init__(self, url: str, token: str) -> None:
         self._c = JsonClient(url, token, peer="management")
 
@@ -39,7 +74,7 @@ class ManagementClient:
         self, node_id: str, agent_url: str, topology: dict[str, str], max_volumes: int = 0
     ) -> Node:
         body = {"agent_url": agent_url, "topology": topology, "max_volumes": max_volumes}
-        return Node.model_validate(self._c.request("PUT", f"/v1/nodes/{node_id}", json=body))
+        return self._parse(Node, self._c.request("PUT", f"/v1/nodes/{node_id}", json=body))
 
     def heartbeat(self, node_id: str) -> None:
         self._c.request("POST", f"/v1/nodes/{node_id}/heartbeat")
@@ -47,33 +82,33 @@ class ManagementClient:
     def register_pool(self, node_id: str, pool: str, capacity_bytes: int) -> Pool:
         body = {"capacity_bytes": capacity_bytes}
         data = self._c.request("PUT", f"/v1/nodes/{node_id}/pools/{pool}", json=body)
-        return Pool.model_validate(data)
+        return self._parse(Pool, data)
 
     def get_node(self, node_id: str) -> Node:
-        return Node.model_validate(self._c.request("GET", f"/v1/nodes/{node_id}"))
+        return self._parse(Node, self._c.request("GET", f"/v1/nodes/{node_id}"))
 
     def list_nodes(self, page_token: str = "", max_entries: int = 0) -> Page[Node]:
         params = _page_params(page_token, max_entries)
-        return Page[Node].model_validate(self._c.request("GET", "/v1/nodes", params=params))
+        return self._parse(Page[Node], self._c.request("GET", "/v1/nodes", params=params))
 
     def list_pools(self, page_token: str = "", max_entries: int = 0) -> Page[Pool]:
         params = _page_params(page_token, max_entries)
-        return Page[Pool].model_validate(self._c.request("GET", "/v1/pools", params=params))
+        return self._parse(Page[Pool], self._c.request("GET", "/v1/pools", params=params))
 
     def list_vpgs(self) -> Page[Vpg]:
-        return Page[Vpg].model_validate(self._c.request("GET", "/v1/vpgs"))
+        return self._parse(Page[Vpg], self._c.request("GET", "/v1/vpgs"))
 
     # volumes
     def create_volume(self, req: VolumeCreate) -> Volume:
         data = self._c.request("POST", "/v1/volumes", json=req.model_dump(mode="json"))
-        return Volume.model_validate(data)
+        return self._parse(Volume, data)
 
     def get_volume(self, volume_id: str) -> Volume:
-        return Volume.model_validate(self._c.request("GET", f"/v1/volumes/{volume_id}"))
+        return self._parse(Volume, self._c.request("GET", f"/v1/volumes/{volume_id}"))
 
     def list_volumes(self, page_token: str = "", max_entries: int = 0) -> Page[Volume]:
         params = _page_params(page_token, max_entries)
-        return Page[Volume].model_validate(self._c.request("GET", "/v1/volumes", params=params))
+        return self._parse(Page[Volume], self._c.request("GET", "/v1/volumes", params=params))
 
     def find_volume(self, name_or_id: str) -> Volume:
         """The volume a person means: by ID when it looks like one, else (or then) by name.
@@ -87,7 +122,7 @@ class ManagementClient:
             except NotFound:
                 pass
         params = {"name": name_or_id}
-        page = Page[Volume].model_validate(self._c.request("GET", "/v1/volumes", params=params))
+        page = self._parse(Page[Volume], self._c.request("GET", "/v1/volumes", params=params))
         if not page.items:
             raise NotFound(f"no volume has the name or ID {name_or_id!r}", field="volume")
         return page.items[0]
@@ -98,13 +133,13 @@ class ManagementClient:
     def expand_volume(self, volume_id: str, size_bytes: int, limit_bytes: int = 0) -> Volume:
         body = {"size_bytes": size_bytes, "limit_bytes": limit_bytes}
         data = self._c.request("POST", f"/v1/volumes/{volume_id}/expand", json=body)
-        return Volume.model_validate(data)
+        return self._parse(Volume, data)
 
     def capacity(self, vpg: str = "default", node_id: str = "") -> Capacity:
         params = {"vpg": vpg}
         if node_id:
             params["node_id"] = node_id
-        return Capacity.model_validate(self._c.request("GET", "/v1/capacity", params=params))
+        return self._parse(Capacity, self._c.request("GET", "/v1/capacity", params=params))
 
     # attachments
     def attach(
@@ -112,22 +147,22 @@ class ManagementClient:
     ) -> Attachment:
         body = {"access_mode": access_mode.value, "readonly": readonly}
         path = f"/v1/volumes/{volume_id}/attachments/{node_id}"
-        return Attachment.model_validate(self._c.request("PUT", path, json=body))
+        return self._parse(Attachment, self._c.request("PUT", path, json=body))
 
     def detach(self, volume_id: str, node_id: str) -> None:
         self._c.request("DELETE", f"/v1/volumes/{volume_id}/attachments/{node_id}")
 
     def list_attachments(self, volume_id: str) -> list[Attachment]:
         data = self._c.request("GET", f"/v1/volumes/{volume_id}/attachments")
-        return [Attachment.model_validate(a) for a in data["items"]]
+        return self._items(Attachment, data)
 
     # consistency
     def reconcile(self, fix: bool = False) -> ReconcileReport:
         data = self._c.request("POST", "/v1/reconcile", json={"fix": fix})
-        return ReconcileReport.model_validate(data)
+        return self._parse(ReconcileReport, data)
 
 
-class AgentClient:
+class AgentClient(_TypedClient):
     """The node-agent's local API (also what management uses to drive it)."""
 
     def __init__(self, url: str, token: str) -> None:
@@ -141,7 +176,7 @@ class AgentClient:
 
     def node(self) -> AgentNode:
         """This agent's node and whether management has registered it and its pools."""
-        return AgentNode.model_validate(self._c.request("GET", "/v1/node"))
+        return self._parse(AgentNode, self._c.request("GET", "/v1/node"))
 
     def registered(self) -> bool:
         """Whether management knows this node and its pools (or the agent never registers).
@@ -156,20 +191,20 @@ class AgentClient:
     def create_volume(self, volume_id: str, pool: str, size_bytes: int) -> AgentVolume:
         body = {"pool": pool, "size_bytes": size_bytes}
         data = self._c.request("PUT", f"/v1/volumes/{volume_id}", json=body)
-        return AgentVolume.model_validate(data)
+        return self._parse(AgentVolume, data)
 
     def get_volume(self, volume_id: str) -> AgentVolume:
-        return AgentVolume.model_validate(self._c.request("GET", f"/v1/volumes/{volume_id}"))
+        return self._parse(AgentVolume, self._c.request("GET", f"/v1/volumes/{volume_id}"))
 
     def list_volumes(self) -> list[AgentVolume]:
         """Every volume file in every pool of the node."""
         data = self._c.request("GET", "/v1/volumes")
-        return [AgentVolume.model_validate(v) for v in data["items"]]
+        return self._items(AgentVolume, data)
 
     def resize_volume(self, volume_id: str, size_bytes: int) -> AgentVolume:
         body = {"size_bytes": size_bytes}
         data = self._c.request("POST", f"/v1/volumes/{volume_id}/resize", json=body)
-        return AgentVolume.model_validate(data)
+        return self._parse(AgentVolume, data)
 
     def delete_volume(self, volume_id: str) -> None:
         self._c.request("DELETE", f"/v1/volumes/{volume_id}")
@@ -177,25 +212,25 @@ class AgentClient:
     def attach(self, volume_id: str, readonly: bool = False) -> AgentAttachment:
         body = {"readonly": readonly}
         data = self._c.request("PUT", f"/v1/attachments/{volume_id}", json=body)
-        return AgentAttachment.model_validate(data)
+        return self._parse(AgentAttachment, data)
 
     def detach(self, volume_id: str) -> None:
         self._c.request("DELETE", f"/v1/attachments/{volume_id}")
 
     def get_attachment(self, volume_id: str) -> AgentAttachment:
         data = self._c.request("GET", f"/v1/attachments/{volume_id}")
-        return AgentAttachment.model_validate(data)
+        return self._parse(AgentAttachment, data)
 
     def attach_view(self, volume_id: str, view_key: str) -> AgentView:
         data = self._c.request("PUT", f"/v1/attachments/{volume_id}/views/{view_key}")
-        return AgentView.model_validate(data)
+        return self._parse(AgentView, data)
 
     def release_view(self, volume_id: str, view_key: str) -> None:
         self._c.request("DELETE", f"/v1/attachments/{volume_id}/views/{view_key}")
 
     def list_attachments(self) -> list[AgentAttachment]:
         data = self._c.request("GET", "/v1/attachments")
-        return [AgentAttachment.model_validate(a) for a in data["items"]]
+        return self._items(AgentAttachment, data)
 
 
 def _page_params(page_token: str, max_entries: int) -> dict[str, str | int]:

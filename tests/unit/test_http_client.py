@@ -238,3 +238,15 @@ def test_a_call_never_answered_is_outcome_unknown_not_unreachable(
     assert not isinstance(err.value, Unavailable)
     assert "may have run" in err.value.message and "timed out" in err.value.message
     assert [s[1] for s in _Handler.seen] == ["/slow/2", "/slow/2"], "retried exactly once"
+
+
+def test_an_answer_of_another_shape_is_a_version_mismatch_not_an_internal_error(
+    server: tuple[_Server, str],
+) -> None:
+    """A peer of another version answers 2xx JSON our models cannot read."""
+    from tessera.clients import AgentClient, ManagementClient
+
+    with pytest.raises(Misconfigured, match="same Tessera version"):
+        ManagementClient(server[1], "t").get_volume("vol-" + "a" * 32)
+    with pytest.raises(Misconfigured, match="not a list of AgentAttachment"):
+        AgentClient(server[1], "t").list_attachments()
