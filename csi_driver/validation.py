@@ -34,7 +34,7 @@ from csi_driver.parameters import StorageParameters, parse_parameters
 from tessera import ids
 from tessera.errors import FailedPrecondition, InvalidArgument, NotFound
 from tessera.models import GiB, Locality
-from tessera.topology import TOPOLOGY_KEY
+from tessera.topology import TOPOLOGY_KEY, candidate_nodes
 
 #: CSI "Size Limits": strings 128 bytes, maps 4 KiB, unless a field says otherwise
 MAX_STRING_BYTES = 128
@@ -432,16 +432,9 @@ def _placement(
     """(requisite, preferred) nodes; locality=required narrows requisite to the consumer."""
     requisite = topology_form(req.requisite, "accessibility_requirements.requisite")
     preferred = topology_form(req.preferred, "accessibility_requirements.preferred")
-    if locality == Locality.REQUIRED and preferred:
-        consumer = preferred[0]
-        if requisite and consumer not in requisite:
-            raise InvalidArgument(
-                f"locality=required: the preferred node {consumer} is not one of the "
-                "requisite nodes",
-                field="accessibility_requirements",
-            )
-        requisite = (consumer,)
-    return requisite, preferred
+    fields = ("accessibility_requirements.requisite", "accessibility_requirements.preferred")
+    nodes = candidate_nodes(locality, requisite, preferred, fields)
+    return tuple(nodes or ()), preferred
 
 
 def _resolve_fs_type(

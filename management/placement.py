@@ -21,7 +21,7 @@ from sqlalchemy import Connection, Select, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from management.schema import NodeRow, PoolRow, VolumeRow
-from tessera.errors import InvalidArgument, OutOfRange, ResourceExhausted
+from tessera.errors import OutOfRange, ResourceExhausted
 from tessera.models import Locality
 from tessera.units import format_size
 
@@ -105,31 +105,6 @@ def pool_space(
         PoolSpace(node_id, name, capacity, int(allocated), agent_url)
         for node_id, name, capacity, allocated, agent_url in conn.execute(stmt, params)
     ]
-
-
-def candidate_nodes(
-    locality: Locality, requisite: Sequence[str], preferred: Sequence[str]
-) -> list[str] | None:
-    """The nodes a volume may go on; None means any node.
-
-    Always within `requisite` when it is given (the CO computed it from the
-    PVC's and the StorageClass's topology; leaving it would give a pod a
-    volume it cannot reach). `required` with a consumer (the first preferred
-    node, which is the scheduled pod's node under WaitForFirstConsumer)
-    narrows that to exactly the consumer; a consumer outside `requisite` is
-    a contradiction the caller must fix, not something to guess around.
-    """
-    nodes = list(dict.fromkeys(requisite))
-    if locality == Locality.REQUIRED and preferred:
-        consumer = preferred[0]
-        if nodes and consumer not in nodes:
-            raise InvalidArgument(
-                f"locality=required: the consumer node {consumer!r} (first of preferred_nodes) "
-                "is not one of requisite_nodes",
-                field="preferred_nodes",
-            )
-        return [consumer]
-    return nodes or None
 
 
 def choose_pool(

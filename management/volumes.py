@@ -20,7 +20,7 @@ from management.context import Context
 from management.inventory import check_vpg_exists
 from management.limits import check_text, sized_within_limit
 from management.pagination import fetch_page
-from management.placement import candidate_nodes, choose_pool, pool_space
+from management.placement import choose_pool, pool_space
 from management.schema import AttachmentRow, NodeRow, VolumeRow
 from tessera import ids
 from tessera.errors import (
@@ -32,6 +32,7 @@ from tessera.errors import (
     ResourceExhausted,
 )
 from tessera.models import Page, Volume, VolumeCreate, VolumeExpand, VolumeState
+from tessera.topology import candidate_nodes
 from tessera.units import format_size
 
 
