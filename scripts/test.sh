@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 echo "== ruff"
 .venv/bin/ruff check .
 
-echo "== unit + integration"
+echo "== unit, integration, CLI, fuzzers (fixed seeds and budgets)"
 .venv/bin/python -m pytest -q -p no:cacheprovider tests "$@"
 
 echo "== CSI sanity (mount and block)"
