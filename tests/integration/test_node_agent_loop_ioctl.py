@@ -190,19 +190,40 @@ def test_detach_unbinds_and_twice_is_fine(loop: Tracked, tmp_path: Path) -> None
 
 
 def test_detach_waits_for_another_opener_to_let_go(loop: Tracked, tmp_path: Path) -> None:
-    """Like udev's blkid probe: the kernel clears the device on that last close."""
+    """Like udev's blkid probe: the kernel clears the device on that last close.
+
+    States, not durations: bound while the other opener holds it (after the
+    kernel took the detach request), and detach returns only once that
+    opener has closed and the device is unbound.
+    """
     path = sparse(tmp_path / "held.img")
     dev = loop.attach(path, readonly=False)
     fd = os.open(dev.path, os.O_RDONLY | os.O_CLOEXEC)
-    closer = threading.Timer(0.3, os.close, (fd,))
-    closer.start()
-    try:
-        start = time.monotonic()
-        loop.detach(dev.path)
-        assert time.monotonic() - start >= 0.2
-        assert sysfs(dev.path, "loop", "backing_file") is None
-    finally:
-        closer.join()
+    closing = threading.Event()
+
+    def detach() -> tuple[bool, bool]:
+        unbound = loopdev.detach(dev.path)
+        return unbound, closing.is_set()
+
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            detaching = pool.submit(detach)
+            _until(lambda: sysfs(dev.path, "loop", "autoclear") == "1" or detaching.done())
+            assert sysfs(dev.path, "loop", "backing_file") == path, "unbound while held"
+        finally:
+            closing.set()  # before the close: detach cannot see the unbind before this
+            os.close(fd)
+        unbound, closed_before_return = detaching.result()
+    assert unbound and closed_before_return, "detach returned while the opener held the device"
+    assert sysfs(dev.path, "loop", "backing_file") is None
+
+
+def _until(condition: Callable[[], bool], limit: float = 10.0) -> None:
+    """Wait for a state another thread or the kernel brings about (a deadline, not a timing)."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, "the state never came"
+        time.sleep(0.001)
 
 
 def test_refresh_size_after_the_file_grew(loop: Tracked, tmp_path: Path) -> None:
