@@ -16,7 +16,8 @@ from management.context import DEFAULT_HEARTBEAT_TIMEOUT, Context
 from management.db import Database
 from management.inventory import ensure_default_vpg
 from management.routes import health, v1_router
-from tessera.rest import BearerAuth
+from tessera.http import Service
+from tessera.rest import BearerAuth, announce_service
 
 
 def create_app(
@@ -56,4 +57,5 @@ def create_app(
     app.include_router(health)
     app.add_middleware(BearerAuth, token=token)
     app.include_router(v1_router(ctx))
+    announce_service(app, Service.MANAGEMENT)
     return app

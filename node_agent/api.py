@@ -17,6 +17,7 @@ from fastapi import FastAPI, Response
 from node_agent import volumes
 from node_agent.agent import Agent
 from tessera import __version__
+from tessera.http import Service
 from tessera.models import (
     AgentAttach,
     AgentAttachment,
@@ -29,7 +30,13 @@ from tessera.models import (
     ViewKey,
     VolumeId,
 )
-from tessera.rest import BearerAuth, install_problem_handlers, json_response, problems
+from tessera.rest import (
+    BearerAuth,
+    announce_service,
+    install_problem_handlers,
+    json_response,
+    problems,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,7 @@ def create_app(
     app = FastAPI(title="Tessera node-agent", version=__version__)
     install_problem_handlers(app, log, "node-agent")
     app.add_middleware(BearerAuth, token=token)
+    announce_service(app, Service.NODE_AGENT)
 
     # `async def`: answered on the event loop, never queued behind work
     # holding the worker threads (anyio lends sync routes 40 of them).

@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from tessera.errors import Misconfigured, NotFound, TesseraError
-from tessera.http import JsonClient
+from tessera.http import JsonClient, Service
 from tessera.ids import is_volume_id
 from tessera.models import (
     AccessMode,
@@ -61,7 +61,7 @@ class _TypedClient:
 
 class ManagementClient(_TypedClient):
     def __init__(self, url: str, token: str) -> None:
-        self._c = JsonClient(url, token, peer="management")
+        self._c = JsonClient(url, token, service=Service.MANAGEMENT)
 
     def close(self) -> None:
         self._c.close()
@@ -166,7 +166,7 @@ class AgentClient(_TypedClient):
     """The node-agent's local API (also what management uses to drive it)."""
 
     def __init__(self, url: str, token: str) -> None:
-        self._c = JsonClient(url, token, peer="node-agent")
+        self._c = JsonClient(url, token, service=Service.NODE_AGENT)
 
     def close(self) -> None:
         self._c.close()

@@ -20,6 +20,7 @@ import os
 import socket
 import ssl
 import threading
+from enum import StrEnum
 from typing import Any, NamedTuple
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -30,6 +31,23 @@ from tessera.errors import (
     Unavailable,
     from_problem,
 )
+
+#: every answer of a Tessera server names the service that sent it (tessera.rest.ServiceHeader)
+SERVICE_HEADER = "Tessera-Service"
+
+
+class Service(StrEnum):
+    """The Tessera REST services; each answers with its name in SERVICE_HEADER."""
+
+    MANAGEMENT = "management"
+    NODE_AGENT = "node-agent"
+
+
+#: where the URL of each service comes from, for the message when it reaches the wrong one
+_URL_SOURCE = {
+    Service.MANAGEMENT: "check --management",
+    Service.NODE_AGENT: "check --agent-socket, or the agent_url its node registered with",
+}
 
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 30.0
@@ -165,13 +183,30 @@ class ConnectionPool:
 
 
 class JsonClient:
-    """A small typed wrapper: JSON in, JSON out, problems raised as errors."""
+    """A small typed wrapper: JSON in, JSON out, problems raised as errors.
 
-    def __init__(self, url: str, token: str, *, peer: str, timeout: float = READ_TIMEOUT) -> None:
+    Management and the node-agent serve the same paths (`DELETE
+    /v1/volumes/{id}`) and accept the same token, so a management URL given
+    the agent's socket would have DeleteVolume unlink the volume's file
+    behind management's back. Every request names `service` (a Tessera
+    server refuses one meant for another service before running it), and
+    every answer must come from `service`.
+    """
+
+    def __init__(
+        self, url: str, token: str, *, service: Service, timeout: float = READ_TIMEOUT
+    ) -> None:
         self.url = url
-        self.peer = peer
+        self.service = Service(service)
+        #: the peer's name in messages
+        self.peer = self.service.value
         self._pool = ConnectionPool(url, timeout)
-        self._headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+        # the service meant rides on every request: the other one refuses it unrun
+        self._headers = {
+            "Authorization": f"Bearer {token}",
+            "Accept": "application/json",
+            SERVICE_HEADER: self.service.value,
+        }
 
     def close(self) -> None:
         self._pool.close()
@@ -200,6 +235,7 @@ class JsonClient:
             body = _dumps(json)
             headers["Content-Type"] = "application/json"
         reply = self._exchange(method, target, body, headers)
+        self._check_service(reply)
         if reply.status == 204:
             return None
         if 200 <= reply.status < 300:
@@ -259,7 +295,12 @@ class JsonClient:
                     raise _ConnectFailed(exc) from exc
             conn.request(method, target, body=body, headers=headers)
             resp = conn.getresponse()
-            reply = _Reply(resp.status, resp.getheader("Content-Type", ""), resp.read())
+            reply = _Reply(
+                resp.status,
+                resp.getheader("Content-Type", ""),
+                resp.getheader(SERVICE_HEADER, ""),
+                resp.read(),
+            )
         except BaseException:
             conn.close()  # in an unknown state: never back into the pool
             raise
@@ -268,6 +309,28 @@ class JsonClient:
         else:
             self._pool.give_back(conn)
         return reply
+
+    def _check_service(self, reply: _Reply) -> None:
+        """Any answer (2xx, 204 or an error) from another service, or from no Tessera server.
+
+        Checked before the status: a 204 from the wrong service may already
+        have deleted something, and its error documents mean the wrong thing
+        (the agent's not-found is not management's). One exception: a 502-504
+        without the header is a gateway whose upstream did not answer, which
+        may recover (`from_problem` makes it Unavailable); it changed nothing.
+        """
+        if reply.service == self.service:
+            return
+        if not reply.service and reply.status in (502, 503, 504):
+            return
+        if reply.service:
+            what = f"the {reply.service}, not {self.service}"
+        else:
+            what = (
+                f"not a Tessera {self.service} server (it answered HTTP {reply.status} "
+                f"without {SERVICE_HEADER})"
+            )
+        raise Misconfigured(f"{self.url} is {what}: {_URL_SOURCE[self.service]}")
 
     def _unreachable(self, reason: object) -> Unavailable:
         return Unavailable(f"{self.peer} at {self.url} is unreachable: {reason}")
@@ -319,6 +382,7 @@ class _ConnectFailed(Exception):
 class _Reply(NamedTuple):
     status: int
     content_type: str
+    service: str
     data: bytes
 
 

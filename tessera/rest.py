@@ -2,8 +2,9 @@
 
 The one place errors become HTTP responses (always application/problem+json,
 which `tessera.http.JsonClient` turns back into the same error type), the
-bearer-token check, and the JSON answer helper. Both services are FastAPI
-apps; what is here keeps them answering alike.
+bearer-token check, the header naming the service on every answer, and the
+JSON answer helper. Both services are FastAPI apps; what is here keeps them
+answering alike.
 """
 
 from __future__ import annotations
@@ -18,17 +19,19 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tessera.errors import (
     PROBLEM_JSON,
     Internal,
     InvalidArgument,
+    Misconfigured,
     NoSuchRoute,
     TesseraError,
     Unauthenticated,
     to_problem,
 )
+from tessera.http import SERVICE_HEADER, Service
 from tessera.models import FORM_RULES
 
 #: pydantic error types rewritten into something a user can act on
@@ -246,6 +249,7 @@ _DESCRIPTIONS = {
     405: "no-such-route: the path exists, the method does not (a path value that names another "
     "route)",
     409: "already-exists, conflict, failed-precondition or aborted: the current state forbids it",
+    421: "misconfigured: the request's Tessera-Service header names another service; not run",
     422: "invalid-argument or out-of-range: `field` names the input at fault",
     500: "internal: a bug; the service's log has the details",
     502: "misconfigured: an upstream service does not serve the API at its URL",
@@ -355,3 +359,66 @@ class BearerAuth:
         if not hmac.compare_digest(presented.strip(), self._expected):
             return Unauthenticated("invalid bearer token")
         return None
+
+
+# ---- which service answered --------------------------------------------------------
+
+
+class ServiceHeader:
+    """ASGI middleware: every answer says which Tessera service sent it (SERVICE_HEADER).
+
+    Management and the node-agent serve the same paths and take the same
+    token; without this a client pointed at the wrong socket gets answers
+    that look right, and a DeleteVolume sent to the agent unlinks the file.
+    Both directions: `tessera.http.JsonClient` names the service it means
+    in the same header, and a request meant for another service is refused
+    here (421 Misdirected Request) before it reaches a route - checking the
+    answer alone would come after the agent had deleted the file. The
+    client also refuses any answer that does not name the service it
+    expects. Requests without the header (curl, other tools) are served.
+    """
+
+    def __init__(self, app: ASGIApp, service: Service) -> None:
+        self.app = app
+        self._name = Service(service).value.encode()
+        self._header = (SERVICE_HEADER.lower().encode(), self._name)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_named(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), self._header]
+            await send(message)
+
+        meant = dict(scope["headers"]).get(self._header[0])
+        if meant is not None and meant.strip().lower() != self._name:
+            await problem_response(self._misdirected(meant))(scope, receive, send_named)
+            return
+        await self.app(scope, receive, send_named)
+
+    def _misdirected(self, meant: bytes) -> Misconfigured:
+        err = Misconfigured(
+            f"this is the {self._name.decode()}, not {meant[:40].decode(errors='replace')!r}: "
+            "the request was sent to the wrong URL and was not run"
+        )
+        err.http_status = 421
+        return err
+
+
+def announce_service(app: FastAPI, service: Service) -> None:
+    """Wrap the app's whole middleware stack in `ServiceHeader`.
+
+    Outside every other layer, Starlette's own error middleware included
+    (its 500 answers bypass middlewares added with `add_middleware`), and
+    independent of the order in which the app adds its middlewares: no
+    answer, 401, 404 or 500, leaves without the header.
+    """
+    build = app.build_middleware_stack
+
+    def build_named() -> ASGIApp:
+        return ServiceHeader(build(), service)
+
+    app.build_middleware_stack = build_named  # type: ignore[method-assign]

@@ -13,6 +13,7 @@ import socketserver
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import pytest
 
 from csi_driver._gen import csi_pb2
 from csi_driver.interceptor import status_for
+from tessera.clients import AgentClient, ManagementClient
 from tessera.dev.csi_client import CsiClient, block_capability
 from tessera.errors import (
     PROBLEM_TYPE_PREFIX,
@@ -30,7 +32,7 @@ from tessera.errors import (
     OutcomeUnknown,
     Unavailable,
 )
-from tessera.http import JsonClient
+from tessera.http import SERVICE_HEADER, JsonClient, Service
 from tessera.ids import new_volume_id
 from tessera.models import AccessMode, VolumeCreate, VolumeState
 from tessera.system.loopdev import bound_under
@@ -55,35 +57,55 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RestStack]:
     assert mounts_under(tmp) == []
 
 
-@pytest.fixture
-def wrong_prefix_controller(stack: RestStack, tmp_path: Path) -> Iterator[CsiClient]:
-    """A CSI controller whose --management URL has a path prefix management does not serve."""
+@contextmanager
+def controller_with_management_at(
+    stack: RestStack, tmp_path: Path, name: str, management_url: str
+) -> Iterator[CsiClient]:
+    """A CSI controller process whose --management is `management_url`."""
     endpoint = f"unix://{tmp_path / 'csi.sock'}"
     proc = stack.spawn(
-        "csi-wrong-prefix",
+        name,
         ["csi_driver", "--mode", "controller", "--endpoint", endpoint,
-         "--management", f"{stack.url}/wrong", "--token-file", str(stack.token_file)],
+         "--management", management_url, "--token-file", str(stack.token_file)],
     )  # fmt: skip
     client = CsiClient(endpoint)
     try:
-        _wait_for_plugin(client, proc.poll, stack)
+        _wait_for_plugin(client, proc.poll, stack, name)
         yield client
     finally:
         client.close()
         proc.terminate()
         proc.wait(timeout=15)
-        del stack.procs["csi-wrong-prefix"]
+        del stack.procs[name]
 
 
-def _wait_for_plugin(client: CsiClient, poll: object, stack: RestStack) -> None:
+@pytest.fixture
+def wrong_prefix_controller(stack: RestStack, tmp_path: Path) -> Iterator[CsiClient]:
+    """A CSI controller whose --management URL has a path prefix management does not serve."""
+    with controller_with_management_at(
+        stack, tmp_path, "csi-wrong-prefix", f"{stack.url}/wrong"
+    ) as client:
+        yield client
+
+
+@pytest.fixture
+def agent_as_management_controller(stack: RestStack, tmp_path: Path) -> Iterator[CsiClient]:
+    """A CSI controller whose --management is the agent's socket (they sit side by side)."""
+    with controller_with_management_at(
+        stack, tmp_path, "csi-agent-as-management", stack.agent_url
+    ) as client:
+        yield client
+
+
+def _wait_for_plugin(client: CsiClient, poll: object, stack: RestStack, name: str) -> None:
     deadline = time.monotonic() + 30
     while True:
-        assert callable(poll) and poll() is None, stack.log("csi-wrong-prefix")
+        assert callable(poll) and poll() is None, stack.log(name)
         try:
             client.identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest(), timeout=2)
             return
         except grpc.RpcError:
-            assert time.monotonic() < deadline, stack.log("csi-wrong-prefix")
+            assert time.monotonic() < deadline, stack.log(name)
             time.sleep(0.1)
 
 
@@ -121,6 +143,64 @@ def test_delete_volume_through_a_wrong_url_prefix_fails_loudly_and_the_volume_st
         mgmt.delete_volume(volume.id)
         mgmt.close()
     assert _volume_files(stack) == []
+
+
+def test_delete_volume_with_the_agent_socket_as_management_url_keeps_the_volume(
+    stack: RestStack, agent_as_management_controller: CsiClient
+) -> None:
+    """The agent serves DELETE /v1/volumes/{id} too, with the same token: it must not be used."""
+    mgmt = stack.management()
+    volume = mgmt.create_volume(VolumeCreate(name="keep-me-agent-url", size_bytes=16 * MiB))
+    try:
+        with pytest.raises(grpc.RpcError) as delete:
+            agent_as_management_controller.controller.DeleteVolume(
+                csi_pb2.DeleteVolumeRequest(volume_id=volume.id)
+            )
+        assert delete.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        details = delete.value.details() or ""
+        assert f"{stack.agent_url} is the node-agent, not management: check --management" in (
+            details
+        ), details
+        assert _volume_files(stack) == [f"{volume.id}.img"]
+        assert mgmt.get_volume(volume.id).state == VolumeState.AVAILABLE
+    finally:
+        mgmt.delete_volume(volume.id)
+        mgmt.close()
+    assert _volume_files(stack) == []
+
+
+def test_clients_refuse_the_other_service_and_call_it_unhealthy(stack: RestStack) -> None:
+    as_agent = AgentClient(stack.url, TOKEN)
+    as_management = ManagementClient(stack.agent_url, TOKEN)
+    try:
+        assert not as_agent.healthy() and not as_management.healthy()
+        with pytest.raises(Misconfigured, match="is the management, not node-agent"):
+            as_agent.list_volumes()
+        with pytest.raises(Misconfigured, match="is the node-agent, not management"):
+            as_management.delete_volume(new_volume_id())
+    finally:
+        as_agent.close()
+        as_management.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "token", "status"),
+    [("GET", "/healthz", None, 200), ("GET", "/v1/volumes", None, 401),
+     ("GET", "/v1/volumes", TOKEN, 200), ("GET", "/v2/nothing", TOKEN, 404),
+     ("DELETE", "/v1/volumes/vol-00000000000000000000000000000000", TOKEN, None),
+     ("PATCH", "/v1/volumes", TOKEN, 405)],
+)  # fmt: skip
+def test_every_answer_of_both_services_names_the_service(
+    stack: RestStack, method: str, path: str, token: str | None, status: int | None
+) -> None:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    transport = httpx.HTTPTransport(uds=str(stack.agent_socket))
+    with httpx.Client(transport=transport, base_url="http://agent") as agent:
+        from_agent = agent.request(method, path, headers=headers)
+    from_management = httpx.request(method, stack.url + path, headers=headers, timeout=10)
+    for reply, service in ((from_agent, "node-agent"), (from_management, "management")):
+        assert status is None or reply.status_code == status, reply.text
+        assert reply.headers.get(SERVICE_HEADER) == service, (reply.status_code, reply.headers)
 
 
 def test_create_volume_through_a_wrong_url_prefix_fails_and_creates_nothing(
@@ -229,7 +309,7 @@ def sleepy_server() -> Iterator[str]:
 def test_a_delete_sent_and_never_answered_is_outcome_unknown_and_sent_once_more(
     sleepy_server: str,
 ) -> None:
-    client = JsonClient(sleepy_server, TOKEN, peer="management", timeout=CLIENT_TIMEOUT)
+    client = JsonClient(sleepy_server, TOKEN, service=Service.MANAGEMENT, timeout=CLIENT_TIMEOUT)
     try:
         with pytest.raises(OutcomeUnknown) as err:
             client.request("DELETE", "/v1/volumes/vol-1")
@@ -243,7 +323,7 @@ def test_a_delete_sent_and_never_answered_is_outcome_unknown_and_sent_once_more(
 
 def test_only_a_failure_to_connect_is_unreachable() -> None:
     url = f"http://127.0.0.1:{free_port()}"
-    client = JsonClient(url, TOKEN, peer="management", timeout=CLIENT_TIMEOUT)
+    client = JsonClient(url, TOKEN, service=Service.MANAGEMENT, timeout=CLIENT_TIMEOUT)
     with pytest.raises(Unavailable) as err:
         client.request("DELETE", "/v1/volumes/vol-1")
     assert "unreachable" in err.value.message and url in err.value.message

@@ -32,7 +32,9 @@ from tessera.errors import (
     Unavailable,
     to_problem,
 )
+from tessera.http import Service
 from tessera.models import AgentVolume, AgentVolumeCreate, AgentVolumeResize
+from tessera.rest import announce_service
 
 TOKEN = "test-token-0123456789"
 GiB = 1024**3
@@ -62,6 +64,7 @@ class FakeAgent:
 
     def app(self) -> FastAPI:
         app = FastAPI()
+        announce_service(app, Service.NODE_AGENT)  # management refuses answers without it
 
         @app.exception_handler(TesseraError)
         def _problem(_r: Request, exc: TesseraError) -> JSONResponse:
