@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import stat
+from collections.abc import Callable
 
 import grpc
 
@@ -30,6 +31,7 @@ from tessera.errors import (
     InvalidArgument,
     NotFound,
     OutOfRange,
+    TesseraError,
 )
 from tessera.locks import VolumeLocks
 from tessera.models import AccessMode, AccessType, AgentAttachment
@@ -46,24 +48,6 @@ NODE_CAPABILITIES = (
     _Rpc.VOLUME_CONDITION,
     _Rpc.SINGLE_NODE_MULTI_WRITER,
 )
-
-
-# Requests are checked by csi_driver/validation.py (presence, then form, then IDs
-# that cannot exist); these helpers are its path rules for code in this module.
-
-
-def _path(value: str, field: str) -> str:
-    """A kubelet-given path: required, absolute, no '..', not '/'; normalized, not resolved."""
-    if not value:
-        raise InvalidArgument(f"{field} is required", field=field)
-    return validation.path_form(value, field)
-
-
-def _existing_volume_path(value: str) -> str:
-    """`volume_path` of stats/expand: empty is INVALID_ARGUMENT; relative or missing NOT_FOUND."""
-    if not value:
-        raise InvalidArgument("volume_path is required", field="volume_path")
-    return validation.existing_volume_path(value)
 
 
 class NodeServicer(csi_pb2_grpc.NodeServicer):
@@ -111,7 +95,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                 if fresh:
                     # kubelet takes a refusal such as FAILED_PRECONDITION as final and
                     # never unstages: an attachment this call made must not outlive it
-                    self.agent.detach(volume_id)
+                    _cleanup(f"detaching volume {volume_id}", lambda: self.agent.detach(volume_id))
                 raise
         return csi_pb2.NodeStageVolumeResponse()
 
@@ -164,6 +148,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         staging = mounts.canonical(staging)  # as mountinfo spells it; a symlink is not followed
         with self.locks.hold(volume_id):
             attachment = self._attachment_or_none(volume_id)
+            _check_only_its_mounts(volume_id, staging, "staging_target_path", attachment)
             if attachment is not None:
                 published = _still_published(attachment, staging)
                 if published:
@@ -187,6 +172,9 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         cap, readonly = args.capability, args.readonly
         target = mounts.mount_point(target, "target_path")  # as mountinfo spells them
         staging = mounts.canonical(staging)
+        # Validation compared the paths as given; under a symlinked kubelet
+        # directory two spellings can name one place, so compare them resolved.
+        validation.publish_paths_apart(target, staging)
         with self.locks.hold(volume_id):
             attachment = self._attachment_or_none(volume_id)
             if attachment is None:
@@ -224,7 +212,10 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                 if device != attachment.backing_device and not in_use:
                     # a refused publish must not keep the read-only view it made
                     # (found by the CSI fuzzer): kubelet never unpublishes it
-                    self._release_view(volume_id, target)
+                    _cleanup(
+                        f"releasing the read-only view of volume {volume_id} for {target}",
+                        lambda: self._release_view(volume_id, target),
+                    )
                 raise
         return csi_pb2.NodePublishVolumeResponse()
 
@@ -294,6 +285,9 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             # A block target is a file (or gone already, after a crash past
             # its removal); a filesystem target is a directory.
             block = not os.path.isdir(target)
+            if mounts.is_mount(target):
+                attachment = self._attachment_or_none(volume_id)
+                _check_only_its_mounts(volume_id, target, "target_path", attachment)
             mounts.unmount(target)
             _remove_target(target)
             if block:
@@ -338,7 +332,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         volume_id, path = args.volume_id, mounts.canonical(args.volume_path)
         attachment = self._attached_here(volume_id, path)
         mount, device = self._check_path_belongs(volume_id, path, attachment)
-        if _is_block_bind(mount):
+        if mounts.binds_device(mount, device):
             total = _block_size(volume_id, path, device)
             usage = [csi_pb2.VolumeUsage(total=total, unit=csi_pb2.VolumeUsage.BYTES)]
         else:
@@ -402,8 +396,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         volume_id, path = args.volume_id, mounts.canonical(args.volume_path)
         with self.locks.hold(volume_id):
             attachment = self._attached_here(volume_id, path)
-            mount, _ = self._check_path_belongs(volume_id, path, attachment)
-            block = _is_block_bind(mount)
+            mount, device = self._check_path_belongs(volume_id, path, attachment)
+            block = mounts.binds_device(mount, device)
             _check_expand_capability(args.capability, block, path)
             # Attaching again is how the agent lets the loop device see the new size.
             attachment = self.agent.attach(volume_id, attachment.readonly)
@@ -447,9 +441,45 @@ def _still_published(attachment: AgentAttachment, staging: str) -> list[str]:
     return found
 
 
-def _is_block_bind(mount: mounts.Mount) -> bool:
-    """A block publish is a bind of the device node (a devtmpfs file), not a filesystem."""
-    return mount.fs_type == "devtmpfs"
+def _check_only_its_mounts(
+    volume_id: str, path: str, field: str, attachment: AgentAttachment | None
+) -> None:
+    """Refuse to unmount a path holding anything but the volume's own mounts.
+
+    Unpublish and unstage unmount everything stacked at the path: when that
+    is another volume's staging mount or a pod's publish (a request naming
+    the wrong volume, or a volume not attached here at all), unmounting it
+    would take the data from under someone else. Nothing mounted is fine.
+    """
+    devices = _devices(attachment) if attachment is not None else []
+    for mount in mounts.mounts_at(path):
+        if any(mounts.uses_device(mount, d) for d in devices):
+            continue
+        why = "" if attachment is not None else f"; volume {volume_id} is not attached here"
+        raise FailedPrecondition(
+            f"{field} {path} holds a mount of {_describe(mount)}, which is not volume "
+            f"{volume_id}{why}; nothing was unmounted",
+            field=field,
+        )
+
+
+def _describe(mount: mounts.Mount) -> str:
+    """What is mounted, for a message: "/dev/loop3 (ext4)" or "/loop3 of udev (devtmpfs)"."""
+    inside = f"{mount.root} of " if mount.root != "/" else ""
+    return f"{inside}{mount.source} ({mount.fs_type})"
+
+
+def _cleanup(what: str, undo: Callable[[], None]) -> None:
+    """An error path's cleanup: its own failure is logged, never raised.
+
+    The caller re-raises the error that made it clean up, which is the code
+    kubelet acts on (ALREADY_EXISTS is final; an UNAVAILABLE from an agent
+    that could not detach would be retried for ever with a wrong diagnosis).
+    """
+    try:
+        undo()
+    except TesseraError as exc:
+        log.warning("%s after a refused request failed: %s", what, exc)
 
 
 def _open_as(volume_id: str, path: str, flags: int) -> int:

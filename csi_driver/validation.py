@@ -167,12 +167,29 @@ def _within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
+def publish_paths_apart(target: str, staging: str) -> None:
+    """Neither publish path may be the other or lie under it (INVALID_ARGUMENT, target_path).
+
+    A bind onto (or into) the staging mount hides it, and unpublishing that
+    target unmounts the pod's volume (found by the CSI fuzzer); a staging
+    mount under the target is covered by the bind. Checked on the paths as
+    given, and by the node handler again once they are resolved.
+    """
+    if _within(target, staging):
+        raise InvalidArgument(
+            f"target_path {target} must not be staging_target_path {staging} or under it",
+            field="target_path",
+        )
+    if _within(staging, target):
+        raise InvalidArgument(
+            f"target_path {target} must not contain staging_target_path {staging}",
+            field="target_path",
+        )
+
+
 def capability_form(cap: csi_pb2.VolumeCapability, field: str) -> Capability:
     """Required sub-fields, then what this plugin can offer at all (INVALID_ARGUMENT)."""
-    if cap.WhichOneof("access_type") is None:
-        raise InvalidArgument(f"{field}.access_type: set either block or mount", field=field)
-    if cap.access_mode.mode == _Mode.UNKNOWN:
-        raise InvalidArgument(f"{field}.access_mode: an access mode is required", field=field)
+    _shape(cap, field, field)
     if cap.HasField("mount"):
         _mount_form(cap.mount, field)
     return parse_capability(cap, field)
@@ -206,14 +223,15 @@ def capabilities_form(
 def capability_shape(caps: Sequence[csi_pb2.VolumeCapability], field: str) -> None:
     """Only the REQUIRED sub-fields: where an unsupported capability is an answer, not an error."""
     for i, cap in enumerate(caps):
-        if cap.WhichOneof("access_type") is None:
-            raise InvalidArgument(
-                f"{field}[{i}].access_type: set either block or mount", field=field
-            )
-        if cap.access_mode.mode == _Mode.UNKNOWN:
-            raise InvalidArgument(
-                f"{field}[{i}].access_mode: an access mode is required", field=field
-            )
+        _shape(cap, f"{field}[{i}]", field)
+
+
+def _shape(cap: csi_pb2.VolumeCapability, name: str, field: str) -> None:
+    """access_type and access_mode are set; `name` is how the message spells the capability."""
+    if cap.WhichOneof("access_type") is None:
+        raise InvalidArgument(f"{name}.access_type: set either block or mount", field=field)
+    if cap.access_mode.mode == _Mode.UNKNOWN:
+        raise InvalidArgument(f"{name}.access_mode: an access mode is required", field=field)
 
 
 def capacity_form(
@@ -570,12 +588,8 @@ def node_publish_volume(r: csi_pb2.NodePublishVolumeRequest) -> NodePublish:
     if r.staging_target_path:
         staging = path_form(r.staging_target_path, "staging_target_path")
     target = path_form(r.target_path, "target_path")
-    if staging and _within(target, staging):
-        # a bind onto (or into) the staging mount would hide it, and unpublishing
-        # that target would unmount the pod's volume (found by the CSI fuzzer)
-        raise InvalidArgument(
-            f"target_path {target} must not be staging_target_path or under it", field="target_path"
-        )
+    if staging:
+        publish_paths_apart(target, staging)
     cap = capability_form(r.volume_capability, "volume_capability")
     map_form(r.publish_context, "publish_context")
     map_form(r.volume_context, "volume_context")

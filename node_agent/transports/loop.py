@@ -23,7 +23,7 @@ from tessera.system.udev import wait_for_device
 
 log = logging.getLogger(__name__)
 
-_LOOP_DEVICE = re.compile(r"^/dev/loop[0-9]+$")
+_LOOP_DEVICE = re.compile(r"/dev/loop[0-9]+")
 # A view's lo_file_name (loopdev.attach's label): how a restarted agent tells
 # a read-only view from a read-only primary on the same file.
 VIEW_LABEL = "tessera-view:"
@@ -31,7 +31,7 @@ VIEW_LABEL = "tessera-view:"
 
 def check_loop_device(device: str) -> str:
     """Only `/dev/loopN` ever reaches a loop ioctl as a device argument."""
-    if not _LOOP_DEVICE.match(device):
+    if not _LOOP_DEVICE.fullmatch(device):  # match() with $ let '/dev/loop3\n' through
         raise InvalidArgument(f"{device!r} is not a loop device", field="device")
     return device
 

@@ -21,11 +21,6 @@ from tessera.system import mounts
 SECTOR = 512
 SYS_BLOCK = Path("/sys/class/block")
 
-# Filesystems whose mountpoints are not stat()ed when looking for binds of a
-# device node: a dead server or FUSE daemon would hang the caller, and no
-# device node of ours is bound from them.
-_REMOTE_OR_USERSPACE = ("fuse", "nfs", "cifs", "smb", "ceph", "9p", "glusterfs", "afs", "sshfs")
-
 
 def size_bytes(device: str) -> int:
     """The device's current size as the kernel sees it (sysfs counts 512-byte sectors)."""
@@ -43,10 +38,9 @@ def holders(device: str, ignore_mountpoints: Iterable[str] = ()) -> list[str]:
     - mounts of its filesystem (the mount's device number is the device's);
     - bind mounts of its device node anywhere in the mount table: the table
       shows such a mount with the device number of the filesystem the node
-      lives on (devtmpfs) and the node's path as root, so each mountpoint
-      that is not a filesystem's root is stat()ed, and one whose st_rdev is
-      the device's is a bind of it (names are never compared: /dev/loop3
-      bound into a container's /dev under another name is still loop3);
+      lives on and the node's path as root, so a bind is told by number
+      (`mounts.binds_node`: /dev/loop3 bound from a container's tmpfs /dev
+      under another name is still loop3);
     - holders in sysfs (dm, md, a partition table in use);
     - loop devices stacked on it (kubelet keeps one on each block volume);
     - an exclusive opener (O_EXCL answers EBUSY), when nothing above
@@ -79,7 +73,7 @@ def _mount_holders(rdev: int, name: str, ignored: set[str]) -> tuple[bool, list[
     for m in mounts.mount_table():
         if m.device == number:
             what = f"its filesystem is mounted at {m.mountpoint}"
-        elif _binds_node(m, rdev, name):
+        elif mounts.binds_node(m, rdev, name):
             what = f"its device node is bind-mounted at {m.mountpoint}"
         else:
             continue
@@ -87,19 +81,6 @@ def _mount_holders(rdev: int, name: str, ignored: set[str]) -> tuple[bool, list[
         if m.mountpoint not in ignored:
             found.append(what)
     return seen, found
-
-
-def _binds_node(m: mounts.Mount, rdev: int, name: str) -> bool:
-    """True when the mount is a bind of a device node with this device number."""
-    if m.root == "/" or m.fs_type.startswith(_REMOTE_OR_USERSPACE):
-        return False  # a filesystem's root is a directory, never a device node
-    try:
-        st = os.stat(m.mountpoint)
-    except OSError:
-        # The mountpoint is gone from our view (its file was deleted, or it
-        # is outside our root); devtmpfs still names the node it binds.
-        return m.fs_type == "devtmpfs" and m.root == "/" + name
-    return stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev
 
 
 def _sysfs_holders(name: str) -> list[str]:

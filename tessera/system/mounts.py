@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,24 +129,63 @@ def mount_of_device(path: str, device: str) -> Mount | None:
     return None
 
 
-def device_number(device: str) -> str:
-    st = os.stat(device)
-    return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+# Filesystems whose mountpoints are never stat()ed when looking for binds of a
+# device node: a dead server or FUSE daemon would hang the caller, and no
+# device node of ours is bound from them.
+_REMOTE_OR_USERSPACE = ("fuse", "nfs", "cifs", "smb", "ceph", "9p", "glusterfs", "afs", "sshfs")
+
+
+def binds_node(mount: Mount, rdev: int, name: str) -> bool:
+    """True when the mount is a bind of a block device node with device number rdev.
+
+    Decided by number, never by name or filesystem type: the mount table
+    shows such a bind with the device number of the filesystem the node
+    lives on (devtmpfs, or a container's tmpfs /dev) and the node's path
+    there as root, which may be any name. So the mountpoint is stat()ed.
+    `name` (the kernel's, "loop3") is only the fallback for a devtmpfs bind
+    whose mountpoint we cannot see any more (deleted, outside our root).
+    """
+    if mount.root == "/" or mount.fs_type.startswith(_REMOTE_OR_USERSPACE):
+        return False  # a filesystem's root is a directory, never a device node
+    try:
+        st = os.stat(mount.mountpoint)
+    except OSError:
+        return mount.fs_type == "devtmpfs" and mount.root == "/" + name
+    return stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev
+
+
+def binds_device(mount: Mount, device: str) -> bool:
+    """True when the mount is a bind of the device's node (a block publish), not its filesystem."""
+    return any(binds_node(mount, rdev, name) for rdev, name in _numbers([device]))
 
 
 def uses_device(mount: Mount, device: str) -> bool:
     """True when the mount is the device's filesystem or a bind of its node."""
-    real = os.path.realpath(device)
-    if mount.fs_type == "devtmpfs":
-        return mount.root == "/" + os.path.basename(real)
-    try:
-        return mount.device == device_number(real)
-    except OSError:
-        return False
+    return any(_uses(mount, rdev, name) for rdev, name in _numbers([device]))
+
+
+def _uses(mount: Mount, rdev: int, name: str) -> bool:
+    if mount.device == f"{os.major(rdev)}:{os.minor(rdev)}":
+        return True  # its filesystem
+    return binds_node(mount, rdev, name)
+
+
+def _numbers(devices: list[str]) -> list[tuple[int, str]]:
+    """(st_rdev, kernel name) of each block device that exists: stat()ed once per table walk."""
+    found = []
+    for device in devices:
+        try:
+            st = os.stat(device)
+        except OSError:
+            continue  # a device that is gone is used by nothing
+        if stat.S_ISBLK(st.st_mode):
+            found.append((st.st_rdev, os.path.basename(os.path.realpath(device))))
+    return found
 
 
 def mounts_of_device(device: str) -> list[Mount]:
-    return [m for m in mount_table() if uses_device(m, device)]
+    numbers = _numbers([device])
+    return [m for m in mount_table() if any(_uses(m, r, n) for r, n in numbers)]
 
 
 # ---- mounting ------------------------------------------------------------------------
@@ -217,7 +257,8 @@ def unmount(target: str) -> None:
 
 def mounts_of_devices(devices: list[str]) -> list[str]:
     """Mountpoints using any of these block devices, in mount order."""
-    return [m.mountpoint for m in mount_table() if any(uses_device(m, d) for d in devices)]
+    numbers = _numbers(devices)
+    return [m.mountpoint for m in mount_table() if any(_uses(m, r, n) for r, n in numbers)]
 
 
 def mounts_under(prefix: Path) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from csi_driver.node import _path
+from csi_driver.validation import path_form
 from tessera.errors import Internal, InvalidArgument
 from tessera.system import syscalls as linux
 from tessera.system.mounts import parse_mountinfo
@@ -53,12 +53,12 @@ def test_a_block_device_bind_mount_shows_the_device_node_as_root() -> None:
 @pytest.mark.parametrize("value", ["", "relative/path", "/var/lib/../../etc", "/a/../b"])
 def test_kubelet_paths_must_be_absolute_and_free_of_dotdot(value: str) -> None:
     with pytest.raises(InvalidArgument) as err:
-        _path(value, "target_path")
+        path_form(value, "target_path")
     assert "target_path" in err.value.message
 
 
 def test_a_normal_kubelet_path_is_accepted() -> None:
-    assert _path("/var/lib/kubelet/pods/x/volumes/y/", "target_path") == (
+    assert path_form("/var/lib/kubelet/pods/x/volumes/y/", "target_path") == (
         "/var/lib/kubelet/pods/x/volumes/y"
     )
 

@@ -39,7 +39,8 @@ def test_file_name_is_truncated_and_nul_terminated() -> None:
 
 
 @pytest.mark.parametrize(
-    "device", ["/dev/sda", "/dev/loop", "/dev/loop1; rm", "loop1", "/dev/loop-control"]
+    "device",
+    ["/dev/sda", "/dev/loop", "/dev/loop1; rm", "loop1", "/dev/loop-control", "/dev/loop3\n"],
 )
 def test_only_loop_devices_reach_an_ioctl(device: str) -> None:
     with pytest.raises(InvalidArgument):
