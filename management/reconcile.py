@@ -22,8 +22,10 @@ Each node is read agent first, rows second: a volume's row is committed
 before its file is made, so a file the agent listed without a row is not a
 create in flight. A candidate orphan file or attachment is confirmed by a
 second look (agent, then rows) before it is reported, so a delete that
-finished meanwhile is not reported. Rows and attachment records younger
-than `GRACE_SECONDS` are not judged: their agent call may still be running.
+finished meanwhile is not reported; a second look the agent cannot answer
+(busy, failing) is reported as `unchecked` and the run goes on. Rows and
+attachment records younger than `GRACE_SECONDS` are not judged: their agent
+call may still be running.
 """
 
 from __future__ import annotations
@@ -176,11 +178,7 @@ def _fix(ctx: Context, view: NodeView, row: VolumeRow) -> bool:
     """Repair one stuck row; True if this run repaired it (the row had not moved on)."""
     try:
         if row.state == VolumeState.CREATING:
-            # The same idempotent call a create retry makes: for a file that is
-            # already there with this size it only fsyncs the file and its
-            # directory, so we never call available a file that is not durable.
-            view.agent.create_volume(row.id, row.pool, row.size_bytes)
-            return _mark_available(ctx, row)
+            return _finish_create(ctx, view, row)
         view.agent.delete_volume(row.id)  # refused (409) while attached on the node
     except TesseraError as err:
         log.warning("reconcile: could not finish %s of %s: %s", row.state, row.id, err)
@@ -193,6 +191,33 @@ def _fix(ctx: Context, view: NodeView, row: VolumeRow) -> bool:
         )
     log.info("reconcile: finished deleting volume %s", row.id)
     return bool(done.rowcount)
+
+
+def _finish_create(ctx: Context, view: NodeView, row: VolumeRow) -> bool:
+    """Confirm the file durable, then call the row available.
+
+    The row was read a while ago; a delete may have started or finished
+    since (management marks a row `deleting` before it calls the agent), so
+    it is read again just before the agent call. The call itself only
+    fsyncs a file that is there and never makes one (`must_exist`): a delete
+    completing between the re-read and the call leaves nothing behind.
+    """
+    if not _still_creating(ctx, row):
+        return False
+    view.agent.create_volume(row.id, row.pool, row.size_bytes, must_exist=True)
+    return _mark_available(ctx, row)
+
+
+def _still_creating(ctx: Context, row: VolumeRow) -> bool:
+    with ctx.db.read() as s:
+        current = s.get(VolumeRow, row.id)
+        return (
+            current is not None
+            and current.state == VolumeState.CREATING
+            and current.size_bytes == row.size_bytes
+            and current.node_id == row.node_id
+            and current.pool == row.pool
+        )
 
 
 def _mark_available(ctx: Context, row: VolumeRow) -> bool:
@@ -218,6 +243,8 @@ def _confirm_orphan_file(
         file = view.agent.get_volume(file.id)
     except NotFound:
         return None  # deleted meanwhile
+    except TesseraError as err:  # busy, failing: one file must not sink the whole report
+        return _unchecked(view, file.id, f"its file {file.path} has no row", err)
     with ctx.db.read() as s:
         row = s.get(VolumeRow, file.id)
     if row is not None and row.node_id == view.node_id:
@@ -270,6 +297,8 @@ def _confirm_orphan_device(ctx: Context, view: NodeView, volume_id: str) -> Reco
         device = view.agent.get_attachment(volume_id)
     except NotFound:
         return None  # detached meanwhile
+    except TesseraError as err:
+        return _unchecked(view, volume_id, "it is attached with no attachment record", err)
     with ctx.db.read() as s:
         if s.get(AttachmentRow, (volume_id, view.node_id)) is not None:
             return None
@@ -281,6 +310,17 @@ def _confirm_orphan_device(ctx: Context, view: NodeView, volume_id: str) -> Reco
             f"attached on this node as {device.backing_device} with no attachment record "
             "for this node; never detached automatically (a pod may be using it)"
         ),
+    )
+
+
+def _unchecked(view: NodeView, volume_id: str, why: str, err: TesseraError) -> ReconcileFinding:
+    """The second look failed: say so, judge nothing, and go on with the other volumes."""
+    return ReconcileFinding(
+        kind=FindingKind.UNCHECKED,
+        node_id=view.node_id,
+        volume_id=volume_id,
+        detail=f"{why} on the first look; the agent could not confirm it ({err}); "
+        "not judged this time, the next run looks again",
     )
 
 

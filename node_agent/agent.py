@@ -41,7 +41,17 @@ class Agent:
 
     # ---- volumes -------------------------------------------------------------
 
-    def create_volume(self, volume_id: str, pool: str, size_bytes: int) -> AgentVolume:
+    def create_volume(
+        self, volume_id: str, pool: str, size_bytes: int, *, must_exist: bool = False
+    ) -> AgentVolume:
+        """Create the file, or confirm (fsync) the one there; `must_exist`: never create.
+
+        `must_exist` is for a caller finishing a create it did not start
+        (management's reconcile): a delete may have completed since it
+        looked, and re-creating the file then would leave an empty orphan.
+        The check and the fsync run under the volume's lock, which the
+        agent's delete takes too.
+        """
         check_volume_id(volume_id, missing_is_not_found=False)
         target = self._pool(pool)
         with self.locks.hold(volume_id):
@@ -49,6 +59,10 @@ class Agent:
             if holder is not None and holder.name != target.name:
                 raise AlreadyExists(
                     f"volume {volume_id} already exists in pool {holder.name}", field="pool"
+                )
+            if holder is None and must_exist:
+                raise NotFound(
+                    f"volume {volume_id} is not on node {self.node_id} (must_exist: not created)"
                 )
             return volumes.create(target, volume_id, size_bytes)
 
@@ -116,9 +130,15 @@ class Agent:
             self.attachments.release_view(volume_id, view_key)
 
     def get_attachment(self, volume_id: str) -> AgentAttachment:
+        """What the kernel has bound for the volume; no lock, like `list_attachments`.
+
+        It only reads kernel state (loop devices, the symlink), which is
+        consistent whenever it is read; taking the volume's lock made
+        NodeGetVolumeStats and reconcile answer "busy" during any other
+        operation on the volume.
+        """
         check_volume_id(volume_id)
-        with self.locks.hold(volume_id):
-            return self.attachments.get(volume_id)
+        return self.attachments.get(volume_id)
 
     def list_attachments(self) -> list[AgentAttachment]:
         return self.attachments.list()

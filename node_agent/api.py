@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Query, Response
 
 from node_agent import volumes
 from node_agent.agent import Agent
@@ -62,9 +62,18 @@ def create_app(
     async def node() -> AgentNode:
         return AgentNode(node_id=agent.node_id, registration=registration())
 
-    @app.put("/v1/volumes/{volume_id}", response_model=AgentVolume, responses=problems(409, 507))
-    def create_volume(volume_id: VolumeId, body: AgentVolumeCreate) -> Response:
-        return json_response(agent.create_volume(volume_id, body.pool, body.size_bytes))
+    @app.put(
+        "/v1/volumes/{volume_id}", response_model=AgentVolume, responses=problems(404, 409, 507)
+    )
+    def create_volume(
+        volume_id: VolumeId,
+        body: AgentVolumeCreate,
+        must_exist: bool = Query(
+            False, description="only confirm (fsync) an existing file; never create one (404)"
+        ),
+    ) -> Response:
+        volume = agent.create_volume(volume_id, body.pool, body.size_bytes, must_exist=must_exist)
+        return json_response(volume)
 
     @app.get("/v1/volumes")
     def list_volumes() -> dict[str, list[AgentVolume]]:

@@ -188,9 +188,17 @@ class AgentClient(_TypedClient):
         except (TesseraError, ValueError):
             return False
 
-    def create_volume(self, volume_id: str, pool: str, size_bytes: int) -> AgentVolume:
+    def create_volume(
+        self, volume_id: str, pool: str, size_bytes: int, *, must_exist: bool = False
+    ) -> AgentVolume:
+        """Create the volume file (idempotent); `must_exist`: only confirm one already there.
+
+        With `must_exist` a missing file is NotFound and nothing is created;
+        an agent too old to know the flag refuses it (422), it never creates.
+        """
         body = {"pool": pool, "size_bytes": size_bytes}
-        data = self._c.request("PUT", f"/v1/volumes/{volume_id}", json=body)
+        params = {"must_exist": "true"} if must_exist else None
+        data = self._c.request("PUT", f"/v1/volumes/{volume_id}", json=body, params=params)
         return self._parse(AgentVolume, data)
 
     def get_volume(self, volume_id: str) -> AgentVolume:

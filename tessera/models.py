@@ -234,6 +234,9 @@ class FindingKind(StrEnum):
     STALE_ATTACHMENT = "stale_attachment"
     #: a node whose agent did not answer: nothing on it was compared
     NODE_UNREACHABLE = "node_unreachable"
+    #: a volume file or device the agent could not describe on the second look (busy,
+    #: failing, gone away): not judged this time; the next run looks again
+    UNCHECKED = "unchecked"
 
 
 class ReconcileFinding(BaseModel):

@@ -10,22 +10,42 @@ younger than the reconciler's grace period are never judged.
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import uvicorn
+from fastapi import FastAPI
 
-from management.reconcile import GRACE_SECONDS
+from management.agents import AgentClients
+from management.context import Context
+from management.db import Database
+from management.reconcile import GRACE_SECONDS, _read_node, _volume_findings
+from node_agent.agent import Agent
+from node_agent.pools import Pool
 from tessera.clients import AgentClient, ManagementClient
+from tessera.errors import Aborted, NotFound
+from tessera.http import Service
 from tessera.ids import new_volume_id
-from tessera.models import AccessMode, FindingKind, ReconcileReport, VolumeCreate
+from tessera.models import (
+    AccessMode,
+    AgentAttachment,
+    AgentVolume,
+    FindingKind,
+    ReconcileReport,
+    VolumeCreate,
+)
+from tessera.rest import announce_service, install_problem_handlers
 from tessera.system.loopdev import bound_under
 from tests.conftest import needs_root
-from tests.integration.processes import Processes, processes
+from tests.integration.processes import TOKEN, Processes, processes
 from tests.integration.test_node_agent_loop import release_loops
 
 pytestmark = [needs_root, pytest.mark.root]
@@ -264,3 +284,134 @@ def test_the_periodic_check_logs_findings_and_never_fixes(tmp_path: Path) -> Non
             assert cluster.file("n2", orphan).exists()
     finally:
         release_loops(tmp_path)
+
+
+# ---- a second look that fails, a delete that wins the race ---------------------------------
+
+
+@contextmanager
+def serving(app: FastAPI, socket: Path) -> Iterator[str]:
+    """uvicorn on a unix socket in a thread; yields its URL."""
+    server = uvicorn.Server(uvicorn.Config(app, uds=str(socket), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, f"{socket} did not start"
+        time.sleep(0.01)
+    try:
+        yield f"unix://{socket}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def busy_agent(orphan_file: str, orphan_device: str) -> FastAPI:
+    """An agent whose lists name a file and a device that its second look refuses as busy.
+
+    A stand-in, because the real agent's second-look calls no longer fail
+    this way (get_attachment takes no lock); an agent failing or dying
+    mid-run answers the same to management, which is what is tested here.
+    """
+    app = FastAPI()
+    install_problem_handlers(app, logging.getLogger("busy-agent"), "node-agent")
+    announce_service(app, Service.NODE_AGENT)
+    volume = AgentVolume(id=orphan_file, pool="p", size_bytes=MiB, path=f"/x/{orphan_file}.img")
+    device = AgentAttachment(
+        volume_id=orphan_device,
+        device=f"/dev/tessera/{orphan_device}",
+        backing_device="/dev/loop9",
+        readonly=False,
+        size_bytes=MiB,
+    )
+
+    @app.get("/v1/volumes")
+    def volumes() -> dict[str, object]:
+        return {"items": [volume.model_dump()]}
+
+    @app.get("/v1/attachments")
+    def attachments() -> dict[str, object]:
+        return {"items": [device.model_dump()]}
+
+    @app.get("/v1/volumes/{volume_id}")
+    @app.get("/v1/attachments/{volume_id}")
+    def busy(volume_id: str) -> None:
+        raise Aborted(f"an operation on {volume_id} is already in progress; retry later")
+
+    return app
+
+
+def test_a_volume_the_agent_cannot_look_at_again_is_reported_and_the_run_goes_on(
+    cluster: Cluster,
+) -> None:
+    orphan_file, orphan_device, orphan = new_volume_id(), new_volume_id(), new_volume_id()
+    cluster.agents["n1"].create_volume(orphan, "p", MiB)
+    socket = cluster.procs.tmp / "busy.sock"
+    with serving(busy_agent(orphan_file, orphan_device), socket) as url:
+        cluster.mgmt.register_node("busy", url, {})
+        report = cluster.mgmt.reconcile(fix=True)
+    assert report.nodes_checked == ["busy", "n1", "n2"]
+    assert kinds(report) == {
+        (FindingKind.UNCHECKED, orphan_file): False,
+        (FindingKind.UNCHECKED, orphan_device): False,
+        (FindingKind.ORPHAN_FILE, orphan): False,
+    }
+    unchecked = [f for f in report.findings if f.kind == FindingKind.UNCHECKED]
+    assert {f.node_id for f in unchecked} == {"busy"}
+    assert all("already in progress" in f.detail for f in unchecked)
+
+
+def test_the_agent_describes_an_attachment_while_another_call_on_the_volume_runs(
+    tmp_path: Path,
+) -> None:
+    """NodeGetVolumeStats and reconcile's second look read kernel state: never "busy"."""
+    (tmp_path / "pool").mkdir()
+    agent = Agent("n1", {"p": Pool.open("p", tmp_path / "pool")}, dev_dir=tmp_path / "dev")
+    vid = new_volume_id()
+    agent.create_volume(vid, "p", 8 * MiB)
+    try:
+        attached = agent.attach(vid, readonly=False)
+        with agent.locks.hold(vid):  # e.g. a NodeExpandVolume resizing it
+            assert agent.get_attachment(vid) == attached
+        agent.detach(vid)
+    finally:
+        release_loops(tmp_path)
+    assert bound_under(tmp_path) == []
+
+
+def test_fix_never_recreates_the_file_of_a_volume_deleted_while_it_ran(
+    cluster: Cluster,
+) -> None:
+    """A create left `creating`: the run reads it, a user's delete completes, the fix acts."""
+    vid = cluster.volume("deleted-meanwhile")
+    cluster.sql("UPDATE volumes SET state = 'creating' WHERE id = ?", vid)
+    ctx = Context(
+        db=Database(f"sqlite:///{cluster.procs.tmp / 'management.db'}"), agents=AgentClients(TOKEN)
+    )
+    try:
+        view = _read_node(ctx, "n1", cluster.mgmt.get_node("n1").agent_url)
+        assert vid in view.rows and vid in view.files
+        cluster.mgmt.delete_volume(vid)  # between the run's look and its fix
+        assert not cluster.file("n1", vid).exists()
+
+        found = _volume_findings(ctx, view, fix=True)
+    finally:
+        ctx.agents.close()
+        ctx.db.dispose()
+    assert [(f.kind, f.volume_id, f.fixed) for f in found] == [
+        (FindingKind.STUCK_CREATING, vid, False)
+    ]
+    assert not cluster.file("n1", vid).exists(), "an empty orphan file was made"
+    assert cluster.state(vid) is None
+
+
+def test_confirming_a_create_never_makes_a_file(cluster: Cluster) -> None:
+    """What reconcile's fix sends: a file that is there is confirmed, a missing one is not made."""
+    agent = cluster.agents["n1"]
+    gone = new_volume_id()
+    with pytest.raises(NotFound):
+        agent.create_volume(gone, "p", MiB, must_exist=True)
+    assert not cluster.file("n1", gone).exists()
+    there = new_volume_id()
+    made = agent.create_volume(there, "p", MiB)
+    assert agent.create_volume(there, "p", MiB, must_exist=True) == made
