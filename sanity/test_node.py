@@ -14,6 +14,7 @@ from sanity.support import (
     Code,
     Csi,
     Kind,
+    MiB,
     NodeCap,
     Published,
     assert_code,
@@ -26,6 +27,7 @@ from sanity.support import (
     mounts,
     mounts_at,
     payload,
+    read_digest,
     write_data,
 )
 from sanity.test_controller import PATH_LIKE_IDS, UNKNOWN_VOLUME
@@ -497,3 +499,47 @@ def test_growing_ext4_without_the_needed_privilege_says_how_to_fix_the_deploymen
     )
     req = csi_pb2.NodeExpandVolumeRequest(volume_id=pub.volume_id, volume_path=str(pub.target))
     csi.expect(csi.node.NodeExpandVolume, req, Code.FAILED_PRECONDITION, "CAP_SYS_RESOURCE")
+
+
+# ---- regressions found in review -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("a_here", [True, False], ids=["a-staged-here", "a-not-attached"])
+def test_unpublishing_another_volumes_target_is_refused_and_the_pod_keeps_its_volume(
+    csi: Csi, kind: Kind, a_here: bool
+) -> None:
+    # reproduced: with B published, NodeUnpublish(A, B's target) answered OK and
+    # unmounted and removed B's target under B's pod
+    a = csi.provision(kind)[0] if a_here else csi.create_volume(kind)
+    _, b = csi.provision(kind)
+    data, digest = payload(MiB)
+    write_data(kind, b.target, data)
+    req = csi_pb2.NodeUnpublishVolumeRequest(volume_id=a.volume_id, target_path=str(b.target))
+    for _ in range(2):
+        csi.expect(
+            csi.node.NodeUnpublishVolume, req, Code.FAILED_PRECONDITION, "target_path", a.volume_id
+        )
+    assert mounts_at(b.target), "another volume's NodeUnpublish unmounted B's target"
+    assert read_digest(kind, b.target, MiB) == digest
+
+
+@pytest.mark.parametrize("a_here", [True, False], ids=["a-staged-here", "a-not-attached"])
+def test_unstaging_another_volumes_staging_path_is_refused_and_it_stays_staged(
+    csi: Csi, mount_kind: Kind, a_here: bool
+) -> None:
+    # reproduced: NodeUnstage(A, B's staging path) unmounted B's staging mount, with A
+    # attached here (staged as a block volume: nothing of its own mounted anywhere)
+    # or not attached on this node at all
+    a = csi.create_volume(Kind("block"))
+    if a_here:
+        csi.stage(a, block_cap(), csi.controller_publish(a.volume_id, block_cap()))
+    _, b = csi.provision(mount_kind)
+    req = csi_pb2.NodeUnstageVolumeRequest(
+        volume_id=a.volume_id, staging_target_path=str(b.staging)
+    )
+    csi.expect(
+        csi.node.NodeUnstageVolume, req, Code.FAILED_PRECONDITION, "staging_target_path", "ext4"
+    )
+    assert mounts_at(b.staging), "another volume's NodeUnstage unmounted B's staging mount"
+    assert len(mounts_at(b.target)) == 1
+    csi.unpublish_all(b)  # B itself still unpublishes and unstages cleanly

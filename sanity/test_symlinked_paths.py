@@ -193,3 +193,30 @@ def test_unpublishing_a_symlink_to_a_live_mount_removes_the_link_and_leaves_the_
     assert not os.path.lexists(sneaky)
     assert mounts_at(pub.target), "unpublishing a symlink unmounted what it pointed to"
     assert os.path.lexists(pub.target)
+
+
+@pytest.mark.parametrize("shape", ["same", "under", "around"])
+def test_publishing_onto_the_staging_path_spelled_past_the_symlink_is_refused_and_keeps_it_staged(
+    csi: Csi, dirs: LinkedDirs, kind: Kind, shape: str
+) -> None:
+    # reviewer's example: staging kubelet/staging, target real/staging: answered OK
+    # ("published already"), and the NodeUnpublish that followed unstaged the volume
+    volume = csi.create_volume(kind)
+    cap = kind.cap()
+    ctx = csi.controller_publish(volume.volume_id, cap)
+    staging = dirs.link / "pod" / "staging"
+    staging.mkdir(parents=True)
+    csi.stage(volume, cap, ctx, staging)
+    real_staging = dirs.real / "pod" / "staging"
+    target = {
+        "same": real_staging,
+        "under": real_staging / "inside",  # a bind into the staging mount
+        "around": dirs.real / "pod",  # a bind over the directory holding it
+    }[shape]
+    req = publish_request(volume, cap, ctx, str(staging), str(target))
+    csi.expect(csi.node.NodePublishVolume, req, Code.INVALID_ARGUMENT, "target_path")
+    assert not mounts_at(target) or target == real_staging, "the refused publish mounted"
+    assert real_staging.is_dir(), "the staging directory was replaced"
+    if not kind.is_block:
+        assert len(mounts_at(real_staging)) == 1, "the volume must still be staged, once"
+    csi.node_publish(volume, cap, ctx, staging)  # and it still publishes
