@@ -47,10 +47,6 @@ class Transport(Protocol):
         """
         ...
 
-    def find(self, volume_file: str) -> BlockDevice | None:
-        """The existing primary device for this volume, if any (views are not)."""
-        ...
-
     def list_devices(self) -> list[BlockDevice]:
         """Every device this transport has on the node (for recovery after restart)."""
         ...

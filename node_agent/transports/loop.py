@@ -68,12 +68,6 @@ class LoopTransport:
         )
         return BlockDevice(device, volume_file, readonly, self.name, view_key)
 
-    def find(self, volume_file: str) -> BlockDevice | None:
-        matches = [d for d in self.list_devices() if d.backing == volume_file and not d.view_key]
-        if len(matches) > 1:
-            log.warning("%s is attached more than once: %s", volume_file, matches)
-        return matches[0] if matches else None
-
     def list_devices(self) -> list[BlockDevice]:
         """Every bound loop device, by number, from sysfs (what losetup --list reads)."""
         try:

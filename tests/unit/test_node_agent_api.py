@@ -35,9 +35,6 @@ class FakeTransport:
         self.sizes[dev.path] = os.path.getsize(volume_file)
         return dev
 
-    def find(self, volume_file: str) -> BlockDevice | None:
-        return next((d for d in self.devices.values() if d.backing == volume_file), None)
-
     def list_devices(self) -> list[BlockDevice]:
         return list(self.devices.values())
 

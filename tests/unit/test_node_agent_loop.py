@@ -75,8 +75,6 @@ def test_list_devices_reads_sysfs_sorted_by_number(
         ("/dev/loop2", "/pool/a.img", False),
         ("/dev/loop10", "/pool/b.img", True),
     ]
-    assert LoopTransport().find("/pool/b.img") == devices[1]
-    assert LoopTransport().find("/pool/c.img") is None
 
 
 class FakeKernel:
