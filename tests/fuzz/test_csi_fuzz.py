@@ -77,10 +77,12 @@ ALLOWED: dict[str, frozenset[C]] = {
     "ControllerExpandVolume": PER_VOLUME
     | {C.NOT_FOUND, C.FAILED_PRECONDITION, C.OUT_OF_RANGE, C.RESOURCE_EXHAUSTED},
     "NodeStageVolume": PER_VOLUME | {C.NOT_FOUND, C.ALREADY_EXISTS, C.FAILED_PRECONDITION},
-    # FAILED_PRECONDITION: still published at another target (docs/contracts.md)
+    # FAILED_PRECONDITION: still published at another target, or another volume is
+    # mounted at staging_target_path (docs/contracts.md)
     "NodeUnstageVolume": PER_VOLUME | {C.NOT_FOUND, C.FAILED_PRECONDITION},
     "NodePublishVolume": PER_VOLUME | {C.NOT_FOUND, C.ALREADY_EXISTS, C.FAILED_PRECONDITION},
-    "NodeUnpublishVolume": PER_VOLUME | {C.NOT_FOUND},
+    # FAILED_PRECONDITION: another volume is mounted at target_path (docs/contracts.md)
+    "NodeUnpublishVolume": PER_VOLUME | {C.NOT_FOUND, C.FAILED_PRECONDITION},
     "NodeGetVolumeStats": PER_VOLUME | {C.NOT_FOUND},
     "NodeExpandVolume": PER_VOLUME | {C.NOT_FOUND, C.FAILED_PRECONDITION, C.OUT_OF_RANGE},
 }
