@@ -129,9 +129,13 @@ def wait_until(what: str, check: Callable[[], bool], futures: list[Future]) -> N
 
 
 def volume_busy(proc: AgentProcess, vid: str) -> bool:
-    """GET of the attachment takes the volume's lock: 409 aborted while a call holds it."""
+    """Detach takes the volume's lock: 409 aborted while a call holds it.
+
+    The volume is not attached, so a detach that gets the lock does nothing
+    (204); reading an attachment takes no lock, so it cannot be the probe.
+    """
     with http(proc, timeout=PATIENCE) as c:
-        return c.get(f"/v1/attachments/{vid}").status_code == 409
+        return c.delete(f"/v1/attachments/{vid}").status_code == 409
 
 
 def no_thread_free(proc: AgentProcess) -> bool:
