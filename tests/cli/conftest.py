@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,10 +157,10 @@ def stop(procs: list[subprocess.Popen[bytes]]) -> None:
             proc.wait(timeout=5)
 
 
-@pytest.fixture(scope="session")
-def stack() -> Iterator[Stack]:
-    """One control plane for the CLI tests (unix socket paths must stay short: /tmp)."""
-    base = Path(tempfile.mkdtemp(prefix="tcli-"))
+@contextmanager
+def running_stack(prefix: str) -> Iterator[Stack]:
+    """A control plane in a fresh short /tmp directory (unix socket paths must stay short)."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
     try:
         stack, procs = start_stack(base)
         try:
@@ -168,3 +169,10 @@ def stack() -> Iterator[Stack]:
             stop(procs)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    """One control plane for the CLI tests."""
+    with running_stack("tcli-") as stack:
+        yield stack

@@ -10,16 +10,13 @@ agent; the budget is fixed and the run derandomized, so CI repeats it.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tests.cli.conftest import Result, Stack, run_cli, start_stack, stop
+from tests.cli.conftest import Result, Stack, run_cli, running_stack
 
 EXAMPLES = 20
 
@@ -56,15 +53,8 @@ def command_lines(draw: st.DrawFn) -> list[str | bytes]:
 @pytest.fixture(scope="module")
 def fuzz_stack() -> Iterator[Stack]:
     """Its own control plane: random deletes must not touch other tests' volumes."""
-    base = Path(tempfile.mkdtemp(prefix="tfz-"))
-    try:
-        stack, procs = start_stack(base)
-        try:
-            yield stack
-        finally:
-            stop(procs)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    with running_stack("tfz-") as stack:
+        yield stack
 
 
 def assert_seen_by_a_person(result: Result) -> None:

@@ -191,3 +191,19 @@ def tcp_relay(socket_path: Path) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextmanager
+def running_stack(tmp: Path, pool_size: int) -> Iterator[RestStack]:
+    """A started RestStack in tmp; once stopped, no loop device or mount below tmp remains."""
+    from tessera.system.loopdev import bound_under
+    from tessera.system.mounts import mounts_under
+
+    stack = RestStack(tmp, pool_size=pool_size)
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+    assert bound_under(tmp) == [], "leaked loop devices"
+    assert mounts_under(tmp) == [], "leaked mounts"

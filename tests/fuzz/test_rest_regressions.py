@@ -17,10 +17,8 @@ import pytest
 
 from tessera.errors import PROBLEM_JSON, PROBLEM_TYPE_PREFIX
 from tessera.ids import new_volume_id
-from tessera.system.loopdev import bound_under
-from tessera.system.mounts import mounts_under
 from tests.conftest import needs_root
-from tests.fuzz.rest_fixtures import POOL, TOKEN, RestStack
+from tests.fuzz.rest_fixtures import POOL, TOKEN, RestStack, running_stack
 
 pytestmark = [needs_root, pytest.mark.root]
 MiB = 1024**2
@@ -29,15 +27,8 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RestStack]:
-    tmp = tmp_path_factory.mktemp("rest-regressions")
-    rest = RestStack(tmp, pool_size=512 * MiB)
-    try:
-        rest.start()
+    with running_stack(tmp_path_factory.mktemp("rest-regressions"), 512 * MiB) as rest:
         yield rest
-    finally:
-        rest.stop()
-    assert bound_under(tmp) == []
-    assert mounts_under(tmp) == []
 
 
 @pytest.fixture(scope="module")

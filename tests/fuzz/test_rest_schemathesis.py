@@ -38,10 +38,8 @@ from schemathesis.generation.stateful.state_machine import StepInput
 
 from tessera.errors import PROBLEM_JSON, PROBLEM_TYPE_PREFIX, TesseraError
 from tessera.ids import new_volume_id
-from tessera.system.loopdev import bound_under
-from tessera.system.mounts import mounts_under
 from tests.conftest import needs_root
-from tests.fuzz.rest_fixtures import NODE_ID, POOL, TOKEN, RestStack, tcp_relay
+from tests.fuzz.rest_fixtures import NODE_ID, POOL, TOKEN, RestStack, running_stack, tcp_relay
 
 pytestmark = [needs_root, pytest.mark.root]
 
@@ -67,16 +65,9 @@ STATEFUL_SETTINGS = settings(FUZZ_SETTINGS, max_examples=SCENARIOS, stateful_ste
 
 @pytest.fixture(scope="module")
 def rest_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RestStack]:
-    tmp = tmp_path_factory.mktemp("rest-fuzz")
-    stack = RestStack(tmp, pool_size=512 * MiB)
-    try:
-        stack.start()
+    with running_stack(tmp_path_factory.mktemp("rest-fuzz"), 512 * MiB) as stack:
         yield stack
         release_everything(stack)
-    finally:
-        stack.stop()
-    assert bound_under(tmp) == [], "the fuzz run leaked loop devices"
-    assert mounts_under(tmp) == [], "the fuzz run leaked mounts"
 
 
 def release_everything(stack: RestStack) -> None:

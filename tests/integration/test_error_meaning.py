@@ -35,10 +35,8 @@ from tessera.errors import (
 from tessera.http import SERVICE_HEADER, JsonClient, Service
 from tessera.ids import new_volume_id
 from tessera.models import AccessMode, VolumeCreate, VolumeState
-from tessera.system.loopdev import bound_under
-from tessera.system.mounts import mounts_under
 from tests.conftest import needs_root
-from tests.fuzz.rest_fixtures import NODE_ID, TOKEN, RestStack, free_port
+from tests.fuzz.rest_fixtures import NODE_ID, TOKEN, RestStack, free_port, running_stack
 
 pytestmark = [needs_root, pytest.mark.root]
 MiB = 1024**2
@@ -46,15 +44,8 @@ MiB = 1024**2
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RestStack]:
-    tmp = tmp_path_factory.mktemp("error-meaning")
-    rest = RestStack(tmp, pool_size=512 * MiB)
-    try:
-        rest.start()
+    with running_stack(tmp_path_factory.mktemp("error-meaning"), 512 * MiB) as rest:
         yield rest
-    finally:
-        rest.stop()
-    assert bound_under(tmp) == []
-    assert mounts_under(tmp) == []
 
 
 @contextmanager
