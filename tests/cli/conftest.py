@@ -25,6 +25,7 @@ import pytest
 
 from tessera.clients import ManagementClient
 from tessera.errors import TesseraError
+from tests.integration.processes import spawn_module
 
 TOKEN = "cli-test-token-0123456789"
 NODE = "cli-node"
@@ -87,16 +88,6 @@ def assert_one_line_error(result: Result, code: int) -> str:
     return result.err_lines[0]
 
 
-def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as f:
-        return subprocess.Popen(
-            [sys.executable, "-m", *args],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-
-
 def _wait_for_pool(stack: Stack, procs: list[subprocess.Popen[bytes]]) -> None:
     client = stack.client()
     deadline = time.monotonic() + 30
@@ -125,12 +116,12 @@ def start_stack(base: Path) -> tuple[Stack, list[subprocess.Popen[bytes]]]:
     url = f"unix://{base / 'm.sock'}"
     stack = Stack(base, url, token_file)
     procs = [
-        _spawn(
+        spawn_module(
             ["management", "--listen", url, "--db", f"sqlite:///{base / 'm.db'}",
              "--token-file", str(token_file)],
             base / "management.log",
         ),
-        _spawn(
+        spawn_module(
             ["node_agent", "--node-id", NODE, "--management", url, "--token-file",
              str(token_file), "--pool", f"default={base / 'pool'}", "--socket",
              str(base / "agent.sock"), "--dev-dir", str(base / "dev")],

@@ -14,7 +14,6 @@ import signal
 import socket
 import socketserver
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from tessera.clients import AgentClient, ManagementClient
 from tessera.dev import pool as dev_pool
 from tessera.dev.release import release_volumes
 from tessera.errors import TesseraError
+from tests.integration.processes import spawn_module
 
 TOKEN = "rest-fuzz-token"
 NODE_ID = "fuzz-node"
@@ -78,13 +78,7 @@ class RestStack:
         self.wait_ready()
 
     def spawn(self, name: str, module_args: list[str]) -> subprocess.Popen[bytes]:
-        with open(self.dir / f"{name}.log", "ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", *module_args],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
+        proc = spawn_module(module_args, self.dir / f"{name}.log")
         self.procs[name] = proc
         return proc
 

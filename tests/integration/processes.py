@@ -22,6 +22,17 @@ TOKEN = "processes-test-token-0123456789"
 START_TIMEOUT = 30.0
 
 
+def spawn_module(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """`python -m <args>` as a real process, its output appended to log, no stdin."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+
 class Processes:
     """One management and any number of agents, sockets in a short temporary directory."""
 
@@ -42,10 +53,7 @@ class Processes:
         return (self.tmp / f"{name}.log").read_text(errors="replace")
 
     def _spawn(self, name: str, args: list[str]) -> None:
-        with open(self.tmp / f"{name}.log", "ab") as log:
-            self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT
-            )
+        self.procs[name] = spawn_module(args, self.tmp / f"{name}.log")
 
     def _wait(self, name: str, ready: object) -> None:
         deadline = time.monotonic() + START_TIMEOUT

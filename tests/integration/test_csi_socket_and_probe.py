@@ -13,7 +13,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ from csi_driver._gen import csi_pb2
 from tessera.clients import ManagementClient
 from tessera.dev.csi_client import CsiClient
 from tests.conftest import needs_root
+from tests.integration.processes import spawn_module
 
 TOKEN = "csi-process-test-token-0123456789"
 START_TIMEOUT = 30.0
@@ -53,13 +53,7 @@ class Procs:
         return (self.tmp / f"{name}.log").read_text(errors="replace")
 
     def spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        with open(self.tmp / f"{name}.log", "ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", *args],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
+        proc = spawn_module(args, self.tmp / f"{name}.log")
         self.procs[name] = proc
         return proc
 
