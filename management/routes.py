@@ -20,6 +20,7 @@ from tessera.models import (
     Attachment,
     AttachmentCreate,
     Capacity,
+    Locality,
     Name,
     Node,
     NodeId,
@@ -117,7 +118,9 @@ def v1_router(ctx: Context) -> APIRouter:
         return json_response(vpg, 201 if created else 200)
 
     @r.get("/capacity", response_model=Capacity, tags=["capacity"], responses=problems(404))
-    def capacity(vpg: str = "default", node_id: OptionalNodeId = "") -> Response:
+    def capacity(
+        vpg: str = "default", node_id: OptionalNodeId = "", locality: Locality = Locality.ANY
+    ) -> Response:
         return json_response(inventory.capacity(ctx, vpg, node_id))
 
     # ---- volumes ----

@@ -12,11 +12,18 @@ from tessera.ids import is_volume_id
 from tessera.models import (
     AccessMode,
     AgentAttachment,
+    AgentExport,
+    AgentExportCreate,
+    AgentKey,
     AgentNode,
     AgentView,
     AgentVolume,
     Attachment,
     Capacity,
+    Connection,
+    FenceReport,
+    HeartbeatReply,
+    Locality,
     Node,
     Page,
     Pool,
@@ -60,8 +67,8 @@ class _TypedClient:
 
 
 class ManagementClient(_TypedClient):
-    def __init__(self, url: str, token: str) -> None:
-        self._c = JsonClient(url, token, service=Service.MANAGEMENT)
+    def __init__(self, url: str, token: str, ca_file: str | None = None) -> None:
+        self._c = JsonClient(url, token, service=Service.MANAGEMENT, ca_file=ca_file)
 
     def close(self) -> None:
         self._c.close()
@@ -76,8 +83,15 @@ class ManagementClient(_TypedClient):
         body = {"agent_url": agent_url, "topology": topology, "max_volumes": max_volumes}
         return self._parse(Node, self._c.request("PUT", f"/v1/nodes/{node_id}", json=body))
 
-    def heartbeat(self, node_id: str) -> None:
-        self._c.request("POST", f"/v1/nodes/{node_id}/heartbeat")
+    def heartbeat(self, node_id: str) -> HeartbeatReply:
+        """Alive; the answer says what management wants of this node (what to clean up)."""
+        data = self._c.request("POST", f"/v1/nodes/{node_id}/heartbeat")
+        return self._parse(HeartbeatReply, data)
+
+    def fence_node(self, node_id: str, force: bool = False) -> FenceReport:
+        """Cut the node off: owners close its exports, its attachments are released."""
+        data = self._c.request("POST", f"/v1/nodes/{node_id}/fence", json={"force": force})
+        return self._parse(FenceReport, data)
 
     def register_pool(self, node_id: str, pool: str, capacity_bytes: int) -> Pool:
         body = {"capacity_bytes": capacity_bytes}
@@ -135,8 +149,11 @@ class ManagementClient(_TypedClient):
         data = self._c.request("POST", f"/v1/volumes/{volume_id}/expand", json=body)
         return self._parse(Volume, data)
 
-    def capacity(self, vpg: str = "default", node_id: str = "") -> Capacity:
-        params = {"vpg": vpg}
+    def capacity(
+        self, vpg: str = "default", node_id: str = "", locality: Locality = Locality.ANY
+    ) -> Capacity:
+        """Room for one new volume reachable from `node_id` (any node when empty)."""
+        params = {"vpg": vpg, "locality": locality.value}
         if node_id:
             params["node_id"] = node_id
         return self._parse(Capacity, self._c.request("GET", "/v1/capacity", params=params))
@@ -165,8 +182,8 @@ class ManagementClient(_TypedClient):
 class AgentClient(_TypedClient):
     """The node-agent's local API (also what management uses to drive it)."""
 
-    def __init__(self, url: str, token: str) -> None:
-        self._c = JsonClient(url, token, service=Service.NODE_AGENT)
+    def __init__(self, url: str, token: str, ca_file: str | None = None) -> None:
+        self._c = JsonClient(url, token, service=Service.NODE_AGENT, ca_file=ca_file)
 
     def close(self) -> None:
         self._c.close()
@@ -217,8 +234,13 @@ class AgentClient(_TypedClient):
     def delete_volume(self, volume_id: str) -> None:
         self._c.request("DELETE", f"/v1/volumes/{volume_id}")
 
-    def attach(self, volume_id: str, readonly: bool = False) -> AgentAttachment:
-        body = {"readonly": readonly}
+    def attach(
+        self, volume_id: str, readonly: bool = False, connection: Connection | None = None
+    ) -> AgentAttachment:
+        """Connect the volume on this node: local loop, or the export `connection` names."""
+        body: dict[str, Any] = {"readonly": readonly}
+        if connection is not None:
+            body["connection"] = connection.model_dump(mode="json")
         data = self._c.request("PUT", f"/v1/attachments/{volume_id}", json=body)
         return self._parse(AgentAttachment, data)
 
@@ -239,6 +261,26 @@ class AgentClient(_TypedClient):
     def list_attachments(self) -> list[AgentAttachment]:
         data = self._c.request("GET", "/v1/attachments")
         return self._items(AgentAttachment, data)
+
+    # owner side: NBD exports (the body carries a secret: never log it)
+    def export(self, volume_id: str, client_node: str, req: AgentExportCreate) -> AgentExport:
+        path = f"/v1/exports/{volume_id}/{client_node}"
+        data = self._c.request("PUT", path, json=req.model_dump(mode="json"))
+        return self._parse(AgentExport, data)
+
+    def close_export(self, volume_id: str, client_node: str) -> None:
+        """Close the export and revoke its key; already closed is fine."""
+        self._c.request("DELETE", f"/v1/exports/{volume_id}/{client_node}")
+
+    def list_exports(self) -> list[AgentExport]:
+        return self._items(AgentExport, self._c.request("GET", "/v1/exports"))
+
+    # consumer side: the key to connect to a remote volume
+    def put_key(self, volume_id: str, key: AgentKey) -> None:
+        self._c.request("PUT", f"/v1/keys/{volume_id}", json=key.model_dump(mode="json"))
+
+    def delete_key(self, volume_id: str) -> None:
+        self._c.request("DELETE", f"/v1/keys/{volume_id}")
 
 
 def _page_params(page_token: str, max_entries: int) -> dict[str, str | int]:

@@ -127,9 +127,11 @@ class ConnectionPool:
     did not ask to close it.
     """
 
-    def __init__(self, url: str, timeout: float = READ_TIMEOUT) -> None:
+    def __init__(self, url: str, timeout: float = READ_TIMEOUT, ca_file: str | None = None) -> None:
         self.url = url
         self._timeout = timeout
+        #: a CA bundle to trust for https (a private CA); None: the system's
+        self._ca_file = ca_file
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
         self._closed = False
@@ -150,7 +152,7 @@ class ConnectionPool:
         if parts.scheme == "unix":
             return _UnixConnection(self._socket_path, self._timeout)
         if parts.scheme == "https":
-            context = ssl.create_default_context()
+            context = ssl.create_default_context(cafile=self._ca_file)
             return _TlsConnection(
                 parts.hostname or "", parts.port, timeout=self._timeout, context=context
             )
@@ -194,13 +196,19 @@ class JsonClient:
     """
 
     def __init__(
-        self, url: str, token: str, *, service: Service, timeout: float = READ_TIMEOUT
+        self,
+        url: str,
+        token: str,
+        *,
+        service: Service,
+        timeout: float = READ_TIMEOUT,
+        ca_file: str | None = None,
     ) -> None:
         self.url = url
         self.service = Service(service)
         #: the peer's name in messages
         self.peer = self.service.value
-        self._pool = ConnectionPool(url, timeout)
+        self._pool = ConnectionPool(url, timeout, ca_file)
         # the service meant rides on every request: the other one refuses it unrun
         self._headers = {
             "Authorization": f"Bearer {token}",

@@ -32,6 +32,8 @@ AGENT_URL_PATTERN = (
     r"|https?://" + _HOST + r"(:" + _PORT + r")?(/[^\x00-\x20\x7f]*)?)$"
 )
 OPTIONAL_NODE_ID_PATTERN = "^$|" + NODE_ID_PATTERN
+#: a TLS-PSK key: 256 bits as lower-case hex
+PSK_KEY_PATTERN = r"^[0-9a-f]{64}$"
 FORM_RULES = {
     OPTIONAL_NODE_ID_PATTERN: "must be empty or a node ID (letters, digits, '.', '_', '-')",
     TEXT_PATTERN: "must not contain control characters",
@@ -39,6 +41,7 @@ FORM_RULES = {
     "or digit, without '..'",
     VOLUME_ID_PATTERN: "must be a Tessera volume ID (vol-<hex>)",
     VIEW_KEY_PATTERN: "must be 1-40 characters of a-z, 0-9 and '-'",
+    PSK_KEY_PATTERN: "must be 64 lower-case hex digits (a 256-bit key)",
     AGENT_URL_PATTERN: "must be unix:///path/to.sock or http(s)://host[:port][/prefix] "
     "(an IPv6 address by a host name)",
 }
@@ -77,6 +80,21 @@ class Locality(StrEnum):
     REQUIRED = "required"
 
 
+class NodeState(StrEnum):
+    """A node's liveness as management sees it (see docs/liveness.md)."""
+
+    ONLINE = "online"  # heartbeats arrive
+    UNREACHABLE = "unreachable"  # missed --heartbeat-misses beats; its attachments still hold
+    FENCED = "fenced"  # an admin (or CSI unpublish) cut it off; its attachments were released
+
+
+class Transport(StrEnum):
+    """How a consumer node reaches a volume's data."""
+
+    LOOP = "loop"  # the volume's file is on this node
+    NBD = "nbd"  # another node exports it over NBD (TLS-PSK)
+
+
 class VolumeState(StrEnum):
     CREATING = "creating"
     AVAILABLE = "available"
@@ -112,6 +130,39 @@ class Node(BaseModel):
     max_volumes: int
     last_heartbeat: float
     online: bool
+    state: NodeState = NodeState.ONLINE
+    fenced_at: float = Field(default=0.0, description="when it was fenced; 0: not fenced")
+
+
+class FenceRequest(Strict):
+    force: bool = Field(
+        default=False, description="fence a node that still heartbeats (it may be writing)"
+    )
+
+
+class FenceReport(BaseModel):
+    node_id: str
+    state: NodeState
+    released: list[str] = Field(
+        default_factory=list, description="volumes whose attachment on the node was released"
+    )
+
+
+class ExportRef(BaseModel):
+    volume_id: str
+    client_node: str
+
+
+class HeartbeatReply(BaseModel):
+    """What management wants of the node, so a node that was cut off can clean up."""
+
+    state: NodeState
+    attachments: list[str] = Field(
+        default_factory=list, description="volumes attached to this node (its consumer role)"
+    )
+    exports: list[ExportRef] = Field(
+        default_factory=list, description="remote attachments of volumes this node owns"
+    )
 
 
 class PoolRegistration(Strict):
@@ -163,17 +214,31 @@ class VolumeCreate(Strict):
     parameters: dict[Text, Text] = Field(default_factory=dict, json_schema_extra=TEXT_MAP)
 
 
+class Leg(BaseModel):
+    """One piece of a volume: a file in one node's pool (a concat volume has one)."""
+
+    node_id: str
+    pool: str
+    size_bytes: int
+
+
 class Volume(BaseModel):
     id: str
     name: str
     size_bytes: int
     vpg: str
-    node_id: str
-    pool: str
+    node_id: str = Field(description="the owner: the node of the first leg")
+    pool: str = Field(description="the pool of the first leg")
     state: VolumeState
     parameters: dict[str, str]
     created_at: float
     published_nodes: list[str] = Field(default_factory=list)
+    legs: list[Leg] = Field(default_factory=list)
+    condition: str = Field(
+        default="",
+        description="empty when healthy; else what is wrong, naming the node (unreachable owner "
+        "or consumer)",
+    )
 
 
 class VolumeExpand(Strict):
@@ -186,12 +251,28 @@ class AttachmentCreate(Strict):
     readonly: bool = False
 
 
+class Connection(BaseModel):
+    """How a consumer node reaches the volume: publish_context, without any secret.
+
+    The TLS-PSK key of an `nbd` connection is never here: Kubernetes stores
+    publish_context in VolumeAttachment objects many can read. Management
+    hands the key to the two agents over their authenticated APIs.
+    """
+
+    transport: Transport = Transport.LOOP
+    owner_node: str = ""
+    host: str = ""
+    port: int = Field(default=0, ge=0, le=65535)
+    psk_identity: str = ""
+
+
 class Attachment(BaseModel):
     volume_id: str
     node_id: str
     access_mode: AccessMode
     readonly: bool
     created_at: float
+    connection: Connection = Field(default_factory=Connection)
 
 
 T = TypeVar("T")
@@ -278,6 +359,39 @@ class AgentVolume(BaseModel):
 
 class AgentAttach(Strict):
     readonly: bool = False
+    connection: Connection = Field(
+        default_factory=Connection,
+        description="publish_context as management answered it; loop (local) by default",
+    )
+
+
+PskKey = Annotated[str, StringConstraints(pattern=PSK_KEY_PATTERN)]
+
+
+class AgentExportCreate(Strict):
+    """Export a volume to one client node over NBD with TLS-PSK (owner side)."""
+
+    psk_identity: NodeId
+    psk_key: PskKey = Field(description="256-bit key, hex; never logged, never echoed")
+    readonly: bool = False
+    client_address: str = Field(
+        default="", max_length=255, description="only this address may connect; empty: any"
+    )
+
+
+class AgentExport(BaseModel):
+    volume_id: str
+    client_node: str
+    host: str
+    port: int
+    readonly: bool
+
+
+class AgentKey(Strict):
+    """A TLS-PSK key for connecting to a remote volume (consumer side)."""
+
+    psk_identity: NodeId
+    psk_key: PskKey
 
 
 class AgentAttachment(BaseModel):
@@ -298,6 +412,10 @@ class AgentAttachment(BaseModel):
     views: dict[str, str] = Field(
         default_factory=dict,
         description="read-only views of the volume on this node: view key -> device",
+    )
+    condition: str = Field(
+        default="",
+        description="empty when healthy; else why the data path is broken (a dead connection)",
     )
 
 
