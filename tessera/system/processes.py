@@ -1,0 +1,93 @@
+"""Data-path processes (nbdkit, nbdfuse) that outlive the agent which started them.
+
+They run in their own session, so a restart (or a crash) of the agent
+never takes live I/O with it, and the agent finds them again from pid
+files. A pid alone proves nothing after a reboot or a wrap-around: it is
+trusted only while /proc/<pid>/cmdline is still the command we started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+#: how long a process gets to exit on SIGTERM before SIGKILL
+TERMINATE_GRACE = 5.0
+
+
+def cmdline(pid: int) -> list[str] | None:
+    """The process's argument list, or None when there is no such process (or a zombie)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    if not raw:
+        return None  # a zombie or a kernel thread
+    return [a.decode("utf-8", "surrogateescape") for a in raw.rstrip(b"\0").split(b"\0")]
+
+
+def read_pid(pid_file: Path) -> int | None:
+    try:
+        text = pid_file.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def running(pid_file: Path, program: str, markers: Sequence[str]) -> int | None:
+    """The pid in `pid_file` when that process is `program` and its arguments hold every marker."""
+    pid = read_pid(pid_file)
+    if pid is None:
+        return None
+    args = cmdline(pid)
+    if not args or os.path.basename(args[0]) != program:
+        return None
+    return pid if all(m in args for m in markers) else None
+
+
+def start_detached(argv: Sequence[str], log_file: Path) -> subprocess.Popen[bytes]:
+    """Start `argv` in its own session, output appended to `log_file`, no stdin.
+
+    The returned Popen may be dropped: the subprocess module reaps it later.
+    """
+    with open(log_file, "ab") as log:
+        return subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
+
+
+def terminate(pid: int, program: str, grace: float = TERMINATE_GRACE) -> None:
+    """SIGTERM, then SIGKILL after `grace`; only while `pid` is still `program`."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
+        if not _is(pid, program):
+            return
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and _is(pid, program):
+            time.sleep(0.02)
+
+
+def _is(pid: int, program: str) -> bool:
+    args = cmdline(pid)
+    return bool(args) and os.path.basename(args[0]) == program  # type: ignore[index]
+
+
+def log_tail(log_file: Path, lines: int = 5) -> str:
+    """The last lines of a process log, for an error message (they never hold keys)."""
+    try:
+        text = log_file.read_text(errors="replace")
+    except OSError:
+        return ""
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
