@@ -13,11 +13,14 @@ from pathlib import Path
 from node_agent import volumes
 from node_agent.attachments import DEFAULT_DEV_DIR, AttachmentManager
 from node_agent.pools import Pool
-from node_agent.transports import Transport, create_transport
-from tessera.errors import AlreadyExists, FailedPrecondition, NotFound
+from node_agent.transports import Transport, build_transports
+from tessera.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
 from tessera.ids import check_node_id, check_volume_id
 from tessera.locks import VolumeLocks
-from tessera.models import AgentAttachment, AgentView, AgentVolume
+from tessera.models import AgentAttachment, AgentView, AgentVolume, Connection
+
+#: where exports, keys and remote connections keep their records
+DEFAULT_STATE_DIR = Path("/var/lib/tessera/node-agent")
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +32,16 @@ class Agent:
         pools: dict[str, Pool],
         dev_dir: Path = DEFAULT_DEV_DIR,
         transports: dict[str, Transport] | None = None,
+        state_dir: Path = DEFAULT_STATE_DIR,
     ) -> None:
         self.node_id = check_node_id(node_id)
         self.pools = pools
         self.dev_dir = dev_dir
+        self.state_dir = state_dir
         self.transports = (
-            transports if transports is not None else {"loop": create_transport("loop")}
+            transports
+            if transports is not None
+            else build_transports(pools, state_dir, self.key_path)
         )
         self.locks = VolumeLocks()
         self.attachments = AttachmentManager(pools, dev_dir, self.transports)
@@ -109,10 +116,28 @@ class Agent:
 
     # ---- attachments -----------------------------------------------------------
 
-    def attach(self, volume_id: str, readonly: bool) -> AgentAttachment:
+    def attach(
+        self, volume_id: str, readonly: bool, connection: Connection | None = None
+    ) -> AgentAttachment:
         check_volume_id(volume_id)
         with self.locks.hold(volume_id):
-            return self.attachments.attach(volume_id, readonly)
+            return self.attachments.attach(volume_id, readonly, connection)
+
+    def key_path(self, volume_id: str) -> Path:
+        """Where the TLS-PSK key to reach a remote volume is (docs/data-path.md, Keys)."""
+        return self.state_dir / "keys" / f"{check_volume_id(volume_id)}.psk"
+
+    def forget_unwanted(self, wanted: set[str], asked_at: float) -> list[str]:
+        """Release remote volumes management no longer attaches here; see AttachmentManager."""
+        released = []
+        for volume_id in self.attachments.forgettable(wanted, asked_at):
+            try:
+                with self.locks.hold(volume_id):
+                    if self.attachments.forget(volume_id):
+                        released.append(volume_id)
+            except Aborted:
+                continue  # busy: an RPC is working on it; the next heartbeat looks again
+        return released
 
     def detach(self, volume_id: str) -> None:
         check_volume_id(volume_id)

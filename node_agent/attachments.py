@@ -1,11 +1,13 @@
 """Attach and detach volumes on this node, behind stable symlinks.
 
-A volume attached here is a transport device (a loop device today) plus a
+A volume attached here is a transport's device (a loop device on the
+local file, or on the file nbdfuse makes of another node's export) plus a
 symlink `<dev_dir>/<volume-id>` pointing at it; consumers (the CSI driver)
-only ever use the symlink. The kernel is the record of what is attached:
-nothing is kept in memory, so after a restart the agent sees the same
-devices and `recover()` only repairs symlinks. Live devices are never
-detached on restart: the data path outlives the agent.
+only ever use the symlink. The kernel and the transports' records are the
+record of what is attached: nothing is kept in memory, so after a restart
+the agent sees the same devices and `recover()` only repairs symlinks.
+Live devices are never detached on restart: the data path outlives the
+agent. Nothing here branches on the transport.
 
 A volume may also have read-only *views*: extra read-only devices on the
 same file, one per read-only block publish of a writable volume (a
@@ -27,10 +29,10 @@ import uuid
 from pathlib import Path
 
 from node_agent.pools import Pool
-from node_agent.transports import BlockDevice, Transport
+from node_agent.transports import BlockDevice, Transport, check_transport
 from tessera.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from tessera.ids import VIEW_KEY_PATTERN, check_volume_id, is_volume_id
-from tessera.models import AgentAttachment, AgentView
+from tessera.models import AgentAttachment, AgentView, Connection
 from tessera.system import blockdev, loopdev
 from tessera.system import syscalls as linux
 
@@ -67,14 +69,11 @@ class AttachmentManager:
         return self._split(volume_id, self.devices_of(volume_id))[0]
 
     def devices_of(self, volume_id: str) -> list[BlockDevice]:
-        """Every device on the volume's file: the primary, its views, leftovers of a crash."""
-        files = {str(p) for p in self._candidate_files(volume_id)}
-        return [
-            device
-            for transport in self.transports.values()
-            for device in transport.list_devices()
-            if device.backing in files
-        ]
+        """Every device of the volume: the primary, its views, leftovers of a crash."""
+        return [d for d in self._all_devices() if d.volume_id == volume_id]
+
+    def _all_devices(self) -> list[BlockDevice]:
+        return [d for t in self.transports.values() for d in t.devices()]
 
     def _split(
         self, volume_id: str, devices: list[BlockDevice]
@@ -96,92 +95,74 @@ class AttachmentManager:
         primary, views = self._split(volume_id, devices)
         if primary is None:
             raise NotFound(f"volume {volume_id} is not attached on this node")
-        return self._describe(volume_id, primary, views)
+        return self._describe(primary, views)
 
     def list(self) -> list[AgentAttachment]:
         found = []
-        for vid, devices in self._ours().items():
+        for vid, devices in self._by_volume().items():
             primary, views = self._split(vid, devices)
             if primary is not None:
-                found.append(self._describe(vid, primary, views))
+                found.append(self._describe(primary, views))
         return found
 
-    def _ours(self) -> dict[str, list[BlockDevice]]:
-        """Volume id -> devices, for every device backed by a volume in our pools."""
+    def _by_volume(self) -> dict[str, list[BlockDevice]]:
         found: dict[str, list[BlockDevice]] = {}
-        for transport in self.transports.values():
-            for device in transport.list_devices():
-                vid = self._volume_of(device.backing)
-                if vid is not None:
-                    found.setdefault(vid, []).append(device)
+        for device in self._all_devices():
+            found.setdefault(device.volume_id, []).append(device)
         return found
 
-    def _volume_of(self, backing: str) -> str | None:
-        for pool in self.pools.values():
-            vid = pool.volume_id_of(backing)
-            if vid is not None:
-                return vid
-        return None
-
-    def _candidate_files(self, volume_id: str) -> list[Path]:
-        """Where the volume's file is or was: derived, so it works after a delete too."""
-        return [pool.volume_path(volume_id) for pool in self.pools.values()]
-
-    def _existing_file(self, volume_id: str) -> Path:
-        for path in self._candidate_files(volume_id):
-            if path.is_file():
-                return path
-        raise NotFound(f"volume {volume_id} is not in any pool on this node")
-
-    def _describe(
-        self, volume_id: str, device: BlockDevice, views: list[BlockDevice]
-    ) -> AgentAttachment:
+    def _describe(self, device: BlockDevice, views: list[BlockDevice]) -> AgentAttachment:
+        transport = self.transports[device.transport]
         return AgentAttachment(
-            volume_id=volume_id,
-            device=str(self._link(volume_id)),
+            volume_id=device.volume_id,
+            device=str(self._link(device.volume_id)),
             backing_device=device.path,
             transport=device.transport,
             readonly=device.readonly,
-            size_bytes=self.transports[device.transport].size_bytes(device.path),
+            size_bytes=transport.size_bytes(device),
             blank=_never_written(device),
             views={v.view_key: v.path for v in views},
+            condition=transport.condition(device),
+            connection=transport.connection_of(device),
         )
 
     # ---- attach / detach ---------------------------------------------------
 
-    def attach(self, volume_id: str, readonly: bool) -> AgentAttachment:
-        """Attach (or re-adopt) the volume; again with the same flags is a no-op."""
-        volume_file = self._existing_file(volume_id)
+    def attach(
+        self, volume_id: str, readonly: bool, connection: Connection | None = None
+    ) -> AgentAttachment:
+        """Connect (or re-adopt) the volume; again with the same flags is a no-op.
+
+        Without a `connection` the volume is local (loop), or already attached
+        and this only lets its devices see a grown volume.
+        """
         device, views = self._split(volume_id, self.devices_of(volume_id))
         if device is None:
-            device = self.transports[LOCAL_TRANSPORT].attach(str(volume_file), readonly)
-        elif device.readonly != readonly:
-            mode = "read-only" if device.readonly else "read-write"
-            raise AlreadyExists(
-                f"volume {volume_id} is already attached {mode} as {device.path}",
-                field="readonly",
-            )
+            connection = connection or Connection()
+            transport = check_transport(connection.transport.value, self.transports)
+            device = transport.connect(volume_id, connection, readonly)
+        else:
+            _check_same(device, readonly, connection)
         for each in (device, *views):
-            self._refresh_if_grown(each, volume_file)
+            self.transports[each.transport].extend(each)
+        device, views = self._split(volume_id, self.devices_of(volume_id))
+        if device is None:
+            raise NotFound(f"volume {volume_id} went away while it was attached")
         self._ensure_link(volume_id, device.path)
-        return self._describe(volume_id, device, views)
+        return self._describe(device, views)
 
     def refresh(self, volume_id: str) -> None:
         """After a resize: let every attached device (views too) see the new size."""
         for device in self.devices_of(volume_id):
-            self._refresh_if_grown(device, Path(device.backing))
-
-    def _refresh_if_grown(self, device: BlockDevice, volume_file: Path) -> None:
-        transport = self.transports[device.transport]
-        if transport.size_bytes(device.path) < volume_file.stat().st_size:
-            transport.refresh_size(device.path)
+            self.transports[device.transport].extend(device)
 
     def detach(self, volume_id: str) -> None:
-        """Release the volume's devices (views first) and its symlink; absent is fine.
+        """Release the volume's devices (views first), its transport state, its symlink.
 
-        Refused while anything uses any of them: the kernel would only defer
-        the detach of a mounted device, and a bind of a device node does not
-        even do that, so the next attach could reuse the device under it.
+        Absent is fine. Refused while anything uses any device: the kernel
+        would only defer the detach of a mounted device, and a bind of a
+        device node does not even do that, so the next attach could reuse
+        the device under it.
         """
         check_volume_id(volume_id)
         devices = self.devices_of(volume_id)  # normally one; a crash could leave two
@@ -189,7 +170,9 @@ class AttachmentManager:
             _refuse_if_held(f"volume {volume_id}", device)
         for device in sorted(devices, key=lambda d: not d.view_key):
             self._unlink_if_points_to(volume_id, device.path)
-            self.transports[device.transport].detach(device.path)
+            self.transports[device.transport].release(device)
+        for transport in self.transports.values():
+            transport.disconnect(volume_id)
         self._remove_link(volume_id)
 
     def _unlink_if_points_to(self, volume_id: str, device: str) -> None:
@@ -197,22 +180,51 @@ class AttachmentManager:
         if link.is_symlink() and os.readlink(link) == device:
             link.unlink(missing_ok=True)
 
+    def forgettable(self, wanted: set[str], asked_at: float) -> list[str]:
+        """Remote volumes management no longer attaches here (after a fence, say).
+
+        Only connections made before `asked_at` (when the heartbeat that
+        answered `wanted` was sent): a publish racing it must not be undone.
+        Local volumes never: their data is here, and the owner's own
+        attachment harms nobody.
+        """
+        return sorted(
+            volume_id
+            for transport in self.transports.values()
+            for volume_id, since in transport.connections().items()
+            if since < asked_at and volume_id not in wanted
+        )
+
+    def forget(self, volume_id: str) -> bool:
+        """Disconnect a volume management took back, unless something uses it.
+
+        A mounted device stays until kubelet unstages it: its export is
+        closed, so it can no longer write anyway.
+        """
+        try:
+            self.detach(volume_id)
+        except FailedPrecondition as err:
+            log.warning("volume %s is no longer attached here but stays: %s", volume_id, err)
+            return False
+        log.warning("released volume %s: management no longer attaches it here", volume_id)
+        return True
+
     # ---- read-only views ---------------------------------------------------
 
     def attach_view(self, volume_id: str, key: str) -> AgentView:
         """A read-only device on the attached volume, one per key; again is a no-op."""
         check_view_key(key)
-        volume_file = self._existing_file(volume_id)
         primary, views = self._split(volume_id, self.devices_of(volume_id))
         if primary is None:
             raise FailedPrecondition(
                 f"volume {volume_id} is not attached on this node; attach it first",
                 field="volume_id",
             )
+        transport = self.transports[primary.transport]
         view = next((v for v in views if v.view_key == key), None)
         if view is None:
-            view = self.transports[LOCAL_TRANSPORT].attach(str(volume_file), True, view_key=key)
-        self._refresh_if_grown(view, volume_file)
+            view = transport.add_view(primary, key)
+        transport.extend(view)
         return AgentView(volume_id=volume_id, key=key, device=view.path)
 
     def release_view(self, volume_id: str, key: str) -> None:
@@ -224,7 +236,7 @@ class AttachmentManager:
         for view in views:
             _refuse_if_held(f"view {key} of volume {volume_id}", view)
         for view in views:
-            self.transports[view.transport].detach(view.path)
+            self.transports[view.transport].release(view)
 
     # ---- symlinks ----------------------------------------------------------
 
@@ -261,7 +273,7 @@ class AttachmentManager:
     # ---- restart -----------------------------------------------------------
 
     def recover(self) -> list[AgentAttachment]:
-        """Re-adopt every device backed by our volumes; repair or drop symlinks.
+        """Re-adopt every device of our volumes; repair or drop symlinks.
 
         Views stay views (their label says so) and keep serving their
         targets. Never detaches anything: a pod may be doing I/O on these
@@ -269,14 +281,14 @@ class AttachmentManager:
         """
         adopted = []
         live: dict[str, str] = {}
-        for vid, devices in self._ours().items():
+        for vid, devices in self._by_volume().items():
             primary, views = self._split(vid, devices)
             if primary is None:
                 log.warning("volume %s has only views (%s) and no primary device", vid, views)
                 continue
             live[vid] = primary.path
             self._ensure_link(vid, primary.path)
-            adopted.append(self._describe(vid, primary, views))
+            adopted.append(self._describe(primary, views))
         self._drop_stale_links(live)
         return adopted
 
@@ -290,6 +302,22 @@ class AttachmentManager:
             elif is_volume_id(entry.name) and os.readlink(entry) != live.get(entry.name):
                 log.warning("removing stale link %s -> %s", entry, os.readlink(entry))
                 entry.unlink(missing_ok=True)
+
+
+def _check_same(device: BlockDevice, readonly: bool, connection: Connection | None) -> None:
+    """A second attach must ask for what is attached: same mode, same transport."""
+    if device.readonly != readonly:
+        mode = "read-only" if device.readonly else "read-write"
+        raise AlreadyExists(
+            f"volume {device.volume_id} is already attached {mode} as {device.path}",
+            field="readonly",
+        )
+    if connection is not None and connection.transport.value != device.transport:
+        raise AlreadyExists(
+            f"volume {device.volume_id} is already attached over {device.transport}, "
+            f"not {connection.transport.value}",
+            field="connection.transport",
+        )
 
 
 def _refuse_if_held(what: str, device: BlockDevice) -> None:

@@ -359,9 +359,10 @@ class AgentVolume(BaseModel):
 
 class AgentAttach(Strict):
     readonly: bool = False
-    connection: Connection = Field(
-        default_factory=Connection,
-        description="publish_context as management answered it; loop (local) by default",
+    connection: Connection | None = Field(
+        default=None,
+        description="publish_context as management answered it; none: the local file "
+        "(loop), or whatever is attached already",
     )
 
 
@@ -416,6 +417,9 @@ class AgentAttachment(BaseModel):
     condition: str = Field(
         default="",
         description="empty when healthy; else why the data path is broken (a dead connection)",
+    )
+    connection: Connection = Field(
+        default_factory=Connection, description="what the volume was connected from"
     )
 
 

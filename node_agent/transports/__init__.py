@@ -1,33 +1,44 @@
-"""Pluggable transports: how a volume becomes a block device on this node.
+"""Transports: how a volume becomes a block device on this node, keyed by volume id.
 
-`loop` (a volume file on this node) is built now. `nbd` (a remote volume
-through an NBD export) and `nvme-tcp` (kernel NVMe/TCP) plug in later by
-implementing `Transport` and calling `register_transport`; nothing else in
-the agent needs to change, because attachments only talk to this protocol.
+The initiator half of the attach contract (docs/data-path.md): `connect`
+takes the connection info management answered at ControllerPublish and
+gives back a block device; `disconnect`, `extend` and `devices` are keyed
+by the same volume id. `loop` is a volume file in one of this node's
+pools; `nbd` is another node's export. Only this package branches on the
+transport: attachments, the API and the CSI plugin pass `Connection`
+through untouched.
 
-Transports keep no state of their own: the kernel is asked every time, so
-a restarted agent sees exactly what is attached.
+What is connected must be recoverable after any restart of the agent:
+`loop` asks the kernel (bound loop devices and their backing files), `nbd`
+keeps a small record next to its FUSE mount and re-adopts the processes
+that outlived the agent.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from tessera.errors import InvalidArgument
+from tessera.models import Connection
+
+if TYPE_CHECKING:
+    from node_agent.pools import Pool
 
 
 @dataclass(frozen=True)
 class BlockDevice:
-    """A device a transport made: its node, what backs it, and how.
+    """A device a transport made: the volume it serves, its node, what backs it, and how.
 
     `view_key` is empty for a volume's primary device (the one behind
     /dev/tessera/<id>); a read-only view (an extra device on the same
     volume, for one read-only publish) carries its key, which the
-    transport can read back from the kernel after a restart.
+    transport reads back from the kernel after a restart.
     """
 
+    volume_id: str
     path: str
     backing: str
     readonly: bool
@@ -39,57 +50,92 @@ class BlockDevice:
 class Transport(Protocol):
     name: str
 
-    def attach(self, volume_file: str, readonly: bool, view_key: str = "") -> BlockDevice:
-        """Make a new block device for the volume (callers check what exists first).
+    def connect(self, volume_id: str, connection: Connection, readonly: bool) -> BlockDevice:
+        """Make the volume's primary device (callers check what exists first)."""
+        ...
 
-        With a `view_key`: a read-only view, tagged so `list_devices` tells it
-        from the primary device even after a restart.
+    def add_view(self, primary: BlockDevice, view_key: str) -> BlockDevice:
+        """A read-only device on the same data as `primary`, tagged with its key."""
+        ...
+
+    def devices(self) -> list[BlockDevice]:
+        """Every device this transport has on the node, primaries and views."""
+        ...
+
+    def connection_of(self, device: BlockDevice) -> Connection:
+        """The connection info the primary device was made from."""
+        ...
+
+    def release(self, device: BlockDevice) -> None:
+        """Release one device (a view, or a primary before `disconnect`); gone is fine."""
+        ...
+
+    def disconnect(self, volume_id: str) -> None:
+        """Tear down what is left under the volume's devices (processes, mounts, records).
+
+        Called after every device of the volume was released; nothing left is fine.
         """
         ...
 
-    def list_devices(self) -> list[BlockDevice]:
-        """Every device this transport has on the node (for recovery after restart)."""
+    def extend(self, device: BlockDevice) -> None:
+        """Make the device show the volume's current size."""
         ...
 
-    def detach(self, device: str) -> None:
-        """Release the device; already gone is fine."""
-        ...
-
-    def refresh_size(self, device: str) -> None:
-        """Make the device pick up a grown volume."""
-        ...
-
-    def size_bytes(self, device: str) -> int:
+    def size_bytes(self, device: BlockDevice) -> int:
         """The device's size as the kernel currently sees it."""
         ...
 
+    def condition(self, device: BlockDevice) -> str:
+        """Empty when the data path works; else why not, naming the node at fault."""
+        ...
 
-_REGISTRY: dict[str, Callable[[], Transport]] = {}
+    def connections(self) -> dict[str, float]:
+        """Volume id -> when it was connected, for what management may take back.
+
+        Only connections to another node's export: a local volume is never
+        taken back from its own node. Includes half-made ones (state but no
+        device, after a crash between two steps).
+        """
+        ...
 
 
-def register_transport(name: str, factory: Callable[[], Transport]) -> None:
+TransportFactory = Callable[["dict[str, Pool]", Path, Callable[[str], Path]], Transport]
+_REGISTRY: dict[str, TransportFactory] = {}
+
+
+def register_transport(name: str, factory: TransportFactory) -> None:
     _REGISTRY[name] = factory
-
-
-def create_transport(name: str) -> Transport:
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(sorted(_REGISTRY)) or "none"
-        raise InvalidArgument(
-            f"unknown transport {name!r} (known: {known})", field="transport"
-        ) from None
-    return factory()
 
 
 def available_transports() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def build_transports(
+    pools: dict[str, Pool], state_dir: Path, key_path: Callable[[str], Path]
+) -> dict[str, Transport]:
+    """One of each registered transport: `state_dir` is where they keep records,
+    `key_path(volume_id)` where the TLS-PSK key of a remote volume is."""
+    return {name: factory(pools, state_dir, key_path) for name, factory in _REGISTRY.items()}
+
+
+def check_transport(name: str, transports: dict[str, Transport]) -> Transport:
+    try:
+        return transports[name]
+    except KeyError:
+        known = ", ".join(sorted(transports)) or "none"
+        raise InvalidArgument(
+            f"connection.transport {name!r} is not offered by this node-agent (offered: {known})",
+            field="connection.transport",
+        ) from None
+
+
 def _register_builtins() -> None:
     from node_agent.transports.loop import LoopTransport
+    from node_agent.transports.nbd import NbdTransport
 
-    register_transport(LoopTransport.name, LoopTransport)
+    register_transport(LoopTransport.name, lambda pools, _state, _keys: LoopTransport(pools))
+    register_transport(NbdTransport.name, NbdTransport.from_state_dir)
 
 
 _register_builtins()

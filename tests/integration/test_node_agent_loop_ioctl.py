@@ -19,8 +19,7 @@ from typing import Any
 
 import pytest
 
-from node_agent.transports import BlockDevice
-from node_agent.transports.loop import LoopTransport
+from node_agent.transports import BlockDevice, loops
 from tessera.system import loopdev
 from tessera.system.loopdev import bound_under
 from tests.conftest import needs_root
@@ -53,11 +52,39 @@ def accepts_o_direct(path: str) -> bool:
     return True
 
 
-class Tracked(LoopTransport):
-    """LoopTransport that remembers what it attached, for the finalizer."""
+VOLUME = "vol-test"
 
-    def __init__(self) -> None:
-        super().__init__()
+
+class LoopLayer:
+    """The loop layer every file-backed transport ends in, on files of one test."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def attach(self, volume_file: str, readonly: bool) -> BlockDevice:
+        return loops.bind(VOLUME, volume_file, readonly, "loop")
+
+    def list_devices(self) -> list[BlockDevice]:
+        return loops.bound(self._volume_of, "loop")
+
+    def _volume_of(self, backing: str) -> str | None:
+        return VOLUME if backing.startswith(str(self.root) + "/") else None
+
+    def detach(self, device: str) -> None:
+        loops.unbind(BlockDevice(VOLUME, device, "", False, "loop"))
+
+    def refresh_size(self, device: str) -> None:
+        loops.refresh(BlockDevice(VOLUME, device, "", False, "loop"))
+
+    def size_bytes(self, device: str) -> int:
+        return loops.size_bytes(BlockDevice(VOLUME, device, "", False, "loop"))
+
+
+class Tracked(LoopLayer):
+    """The loop layer remembering what it attached, for the finalizer."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
         self.attached: list[str] = []
 
     def attach(self, volume_file: str, readonly: bool) -> BlockDevice:
@@ -68,7 +95,7 @@ class Tracked(LoopTransport):
 
 @pytest.fixture
 def loop(tmp_path: Path) -> Iterator[Tracked]:
-    transport = Tracked()
+    transport = Tracked(tmp_path)
     try:
         yield transport
     finally:
@@ -131,7 +158,7 @@ def test_attach_binds_the_file_with_direct_io_and_no_autoclear(
     if not accepts_o_direct(path):
         pytest.skip("tmp_path's filesystem refuses O_DIRECT")
     dev = loop.attach(path, readonly=False)
-    assert dev == BlockDevice(dev.path, path, False, "loop")
+    assert dev == BlockDevice(VOLUME, dev.path, path, False, "loop")
     assert sysfs(dev.path, "loop", "backing_file") == path
     assert sysfs(dev.path, "loop", "dio") == "1"
     assert sysfs(dev.path, "loop", "autoclear") == "0"  # outlives every fd and the agent
@@ -172,7 +199,7 @@ def test_a_fresh_transport_lists_the_same_device(loop: Tracked, tmp_path: Path) 
     path = sparse(tmp_path / "f.img")
     dev = loop.attach(path, readonly=False)
     assert dev in loop.list_devices()
-    restarted = LoopTransport()  # as after an agent restart: nothing in memory
+    restarted = LoopLayer(tmp_path)  # as after an agent restart: nothing in memory
     assert dev in restarted.list_devices()
     numbers = [int(d.path.removeprefix("/dev/loop")) for d in restarted.list_devices()]
     assert numbers == sorted(numbers)

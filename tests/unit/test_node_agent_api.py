@@ -13,39 +13,67 @@ from node_agent.api import create_app
 from node_agent.pools import Pool
 from node_agent.transports import BlockDevice, Transport, available_transports
 from tessera.ids import new_volume_id
+from tessera.errors import NotFound
+from tessera.models import Connection
 
 MiB = 1024**2
 TOKEN = "s3cret"
 
 
 class FakeTransport:
-    """A kernel stand-in: devices live in a dict, sizes are frozen until refreshed."""
+    """A kernel stand-in: devices live in a dict, sizes are frozen until extended."""
 
     name = "loop"
 
-    def __init__(self) -> None:
-        self.devices: dict[str, BlockDevice] = {}
+    def __init__(self, pools: dict[str, Pool] | None = None) -> None:
+        self.pools = pools or {}
+        self.by_path: dict[str, BlockDevice] = {}
         self.sizes: dict[str, int] = {}
         self.attach_calls = 0
 
-    def attach(self, volume_file: str, readonly: bool) -> BlockDevice:
+    def connect(self, volume_id: str, connection: Connection, readonly: bool) -> BlockDevice:
         self.attach_calls += 1
-        dev = BlockDevice(f"/dev/fake{len(self.devices)}", volume_file, readonly, self.name)
-        self.devices[dev.path] = dev
+        files = [p.volume_path(volume_id) for p in self.pools.values()]
+        volume_file = next((str(f) for f in files if f.is_file()), None)
+        if volume_file is None:
+            raise NotFound(f"volume {volume_id} is not in any pool on this node")
+        dev = BlockDevice(volume_id, f"/dev/fake{len(self.by_path)}", volume_file, readonly, "loop")
+        self.by_path[dev.path] = dev
         self.sizes[dev.path] = os.path.getsize(volume_file)
         return dev
 
-    def list_devices(self) -> list[BlockDevice]:
-        return list(self.devices.values())
+    def add_view(self, primary: BlockDevice, view_key: str) -> BlockDevice:
+        dev = BlockDevice(
+            primary.volume_id, f"/dev/fake{len(self.by_path)}", primary.backing, True, "loop",
+            view_key,
+        )  # fmt: skip
+        self.by_path[dev.path] = dev
+        self.sizes[dev.path] = os.path.getsize(primary.backing)
+        return dev
 
-    def detach(self, device: str) -> None:
-        self.devices.pop(device, None)
+    def devices(self) -> list[BlockDevice]:
+        return list(self.by_path.values())
 
-    def refresh_size(self, device: str) -> None:
-        self.sizes[device] = os.path.getsize(self.devices[device].backing)
+    def connection_of(self, device: BlockDevice) -> Connection:
+        return Connection()
 
-    def size_bytes(self, device: str) -> int:
-        return self.sizes[device]
+    def release(self, device: BlockDevice) -> None:
+        self.by_path.pop(device.path, None)
+
+    def disconnect(self, volume_id: str) -> None:
+        pass
+
+    def extend(self, device: BlockDevice) -> None:
+        self.sizes[device.path] = os.path.getsize(device.backing)
+
+    def size_bytes(self, device: BlockDevice) -> int:
+        return self.sizes[device.path]
+
+    def condition(self, device: BlockDevice) -> str:
+        return ""
+
+    def connections(self) -> dict[str, float]:
+        return {}
 
 
 @pytest.fixture
@@ -59,6 +87,7 @@ def agent(tmp_path: Path, fake: FakeTransport) -> Agent:
     for name in ("default", "fast"):
         (tmp_path / name).mkdir()
         pools[name] = Pool.open(name, tmp_path / name)
+    fake.pools = pools
     return Agent("node-1", pools, tmp_path / "dev", {"loop": fake})
 
 

@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from node_agent.transports.loop import LoopTransport, check_loop_device
+from node_agent.transports import BlockDevice, loops
+from node_agent.transports.loops import check_loop_device
 from tessera.errors import InvalidArgument, Unavailable
 from tessera.system import blockdev, loopdev
 
@@ -46,9 +47,9 @@ def test_only_loop_devices_reach_an_ioctl(device: str) -> None:
     with pytest.raises(InvalidArgument):
         check_loop_device(device)
     with pytest.raises(InvalidArgument):
-        LoopTransport().detach(device)
+        loops.unbind(BlockDevice("vol-1", device, "/f", False, "loop"))
     with pytest.raises(InvalidArgument):
-        LoopTransport().refresh_size(device)
+        loops.refresh(BlockDevice("vol-1", device, "/f", False, "loop"))
 
 
 def fake_loop(sys_block: Path, n: int, backing: str | None, ro: bool = False) -> None:
@@ -70,10 +71,10 @@ def test_list_devices_reads_sysfs_sorted_by_number(
     fake_loop(tmp_path, 3, None)  # exists, not bound
     (tmp_path / "sda").mkdir()
     (tmp_path / "loop-control").mkdir()
-    devices = LoopTransport().list_devices()
-    assert [(d.path, d.backing, d.readonly) for d in devices] == [
-        ("/dev/loop2", "/pool/a.img", False),
-        ("/dev/loop10", "/pool/b.img", True),
+    devices = loops.bound(lambda backing: "vol-" + Path(backing).stem, "loop")
+    assert [(d.volume_id, d.path, d.backing, d.readonly) for d in devices] == [
+        ("vol-a", "/dev/loop2", "/pool/a.img", False),
+        ("vol-b", "/dev/loop10", "/pool/b.img", True),
     ]
 
 
@@ -134,7 +135,7 @@ def test_a_free_device_still_referenced_is_never_handed_out(kernel: FakeKernel) 
 def test_busy_retries_are_bounded(kernel: FakeKernel) -> None:
     kernel.failures = {loopdev.LOOP_CONFIGURE: [errno.EBUSY] * 1000}
     with pytest.raises(Unavailable):
-        LoopTransport().attach("/f", readonly=False)
+        loops.bind("vol-1", "/f", readonly=False, transport="loop")
     assert kernel.calls.count(loopdev.LOOP_CTL_GET_FREE) == loopdev.BUSY_RETRIES
 
 

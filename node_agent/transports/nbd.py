@@ -1,0 +1,285 @@
+"""The nbd transport: a volume another node exports over NBD with TLS-PSK.
+
+Without the kernel `nbd` module (these machines have none) the client is
+userspace: `nbdfuse` runs an NBD client (`nbdkit -s nbd … tls=require
+tls-psk=<key file>`) and presents the export as one file on a FUSE mount;
+a loop device on that file is the block device, so everything above
+(format, mount, views, stats) is the same as for a local volume.
+
+State per volume, in `<state-dir>/connections/<volume-id>/` (0700):
+`record.json` (what was connected: the connection info, never the key),
+`nbdfuse.pid`, `nbdfuse.log`, and the FUSE mountpoint `fuse/`. nbdfuse
+runs in its own session, so it outlives an agent restart; the restarted
+agent finds the loop device on the FUSE file again (sysfs) and the
+record says what it came from.
+
+Growing: the NBD protocol fixes an export's size when the client
+connects, and nbdfuse presents that size for its lifetime, so a device
+on nbdfuse sees a grown volume only after it reconnects. `extend`
+reconnects when nothing holds the device; while something does, it says
+so (the kernel nbd client, where present, grows online).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from node_agent.pools import Pool
+from node_agent.transports import BlockDevice, loops
+from tessera.errors import FailedPrecondition, Internal, InvalidArgument, Unavailable
+from tessera.ids import check_node_id, check_volume_id, is_volume_id
+from tessera.models import Connection, Transport
+from tessera.system import blockdev, processes
+
+log = logging.getLogger(__name__)
+
+NBDFUSE = "nbdfuse"
+FUSERMOUNT = "fusermount3"
+FUSE_FILE = "volume"
+#: how long nbdfuse gets to connect (TLS handshake included) and mount
+CONNECT_TIMEOUT = 20.0
+#: how long the export's address gets to answer a health check
+PROBE_TIMEOUT = 1.0
+
+
+class NbdTransport:
+    name = Transport.NBD.value
+
+    def __init__(self, connections_dir: Path, key_path: Callable[[str], Path]) -> None:
+        self.dir = connections_dir
+        self.key_path = key_path
+
+    @classmethod
+    def from_state_dir(
+        cls, pools: dict[str, Pool], state_dir: Path, key_path: Callable[[str], Path]
+    ) -> NbdTransport:
+        return cls(state_dir / "connections", key_path)
+
+    # ---- connect ---------------------------------------------------------------
+
+    def connect(self, volume_id: str, connection: Connection, readonly: bool) -> BlockDevice:
+        """nbdfuse on the export (unless one from an earlier call still runs), then a loop."""
+        _check_connection(connection)
+        key = self.key_path(volume_id)
+        if not key.is_file():
+            raise FailedPrecondition(
+                f"no TLS-PSK key for volume {volume_id} on this node: management hands it over "
+                "at ControllerPublishVolume; publish the volume to this node again",
+                field="publish_context",
+            )
+        home = self._home(volume_id)
+        _write_record(home, connection, readonly)
+        if self._nbdfuse_pid(volume_id) is None:
+            self._start_nbdfuse(volume_id, connection, key, readonly)
+        return loops.bind(volume_id, str(self._fuse_file(volume_id)), readonly, self.name)
+
+    def _start_nbdfuse(
+        self, volume_id: str, connection: Connection, key: Path, readonly: bool
+    ) -> None:
+        home = self._home(volume_id)
+        mountpoint = home / "fuse"
+        mountpoint.mkdir(mode=0o700, exist_ok=True)
+        pid_file = home / "nbdfuse.pid"
+        pid_file.unlink(missing_ok=True)
+        argv = [
+            NBDFUSE,
+            "-P",
+            str(pid_file),
+            *(["-r"] if readonly else []),
+            str(mountpoint / FUSE_FILE),
+            "--command",
+            "nbdkit",
+            "-s",
+            "--exit-with-parent",
+            "nbd",
+            f"hostname={connection.host}",
+            f"port={connection.port}",
+            "tls=require",
+            f"tls-psk={key}",
+            f"tls-username={connection.psk_identity}",
+        ]
+        proc = processes.start_detached(argv, home / "nbdfuse.log")
+        self._wait_mounted(volume_id, connection, proc)
+        log.info(
+            "connected volume %s to node %s's export at %s:%d%s",
+            volume_id,
+            connection.owner_node,
+            connection.host,
+            connection.port,
+            " (read-only)" if readonly else "",
+        )
+
+    def _wait_mounted(
+        self, volume_id: str, connection: Connection, proc: subprocess.Popen[bytes]
+    ) -> None:
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._nbdfuse_pid(volume_id) is not None and self._fuse_file(volume_id).exists():
+                return
+            if proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+        self._unmount(volume_id)
+        tail = processes.log_tail(self._home(volume_id) / "nbdfuse.log")
+        raise Unavailable(
+            f"could not connect volume {volume_id} to node {connection.owner_node}'s export at "
+            f"{connection.host}:{connection.port}: {tail or 'no answer'}",
+            field="publish_context",
+        )
+
+    def add_view(self, primary: BlockDevice, view_key: str) -> BlockDevice:
+        return loops.bind(primary.volume_id, primary.backing, True, self.name, view_key)
+
+    # ---- state -----------------------------------------------------------------
+
+    def devices(self) -> list[BlockDevice]:
+        return loops.bound(self._volume_of, self.name)
+
+    def connection_of(self, device: BlockDevice) -> Connection:
+        record = _read_record(self._home(device.volume_id))
+        if record is None:
+            raise Internal(f"volume {device.volume_id} has an nbd device but no record")
+        return record[0]
+
+    def connections(self) -> dict[str, float]:
+        """Every volume with a record (devices or not): when its record was written."""
+        if not self.dir.is_dir():
+            return {}
+        found = {}
+        for entry in self.dir.iterdir():
+            record = entry / "record.json"
+            if is_volume_id(entry.name) and record.is_file():
+                found[entry.name] = record.stat().st_mtime
+        return found
+
+    def condition(self, device: BlockDevice) -> str:
+        record = _read_record(self._home(device.volume_id))
+        if record is None:
+            return "the record of this remote connection is gone"
+        connection = record[0]
+        where = f"node {connection.owner_node}'s export at {connection.host}:{connection.port}"
+        if self._nbdfuse_pid(device.volume_id) is None:
+            return f"the connection to {where} is gone (its NBD client exited)"
+        try:
+            with socket.create_connection((connection.host, connection.port), PROBE_TIMEOUT):
+                pass
+        except OSError as exc:
+            return f"cannot reach {where}: {exc.strerror or exc}"
+        return ""
+
+    def size_bytes(self, device: BlockDevice) -> int:
+        return loops.size_bytes(device)
+
+    # ---- disconnect / extend -----------------------------------------------------
+
+    def release(self, device: BlockDevice) -> None:
+        loops.unbind(device)
+
+    def disconnect(self, volume_id: str) -> None:
+        """Unmount the FUSE file (nbdfuse then exits), then drop the record."""
+        check_volume_id(volume_id)
+        home = self.dir / volume_id
+        if not home.is_dir():
+            return
+        self._unmount(volume_id)
+        for name in ("record.json", "nbdfuse.pid", "nbdfuse.log"):
+            (home / name).unlink(missing_ok=True)
+        for directory in (home / "fuse", home):
+            try:
+                directory.rmdir()  # never recursive: a mount under it must stay visible
+            except FileNotFoundError:
+                pass
+        log.info("disconnected volume %s", volume_id)
+
+    def _unmount(self, volume_id: str) -> None:
+        mountpoint = self._home(volume_id) / "fuse"
+        pid = self._nbdfuse_pid(volume_id)
+        if os.path.ismount(mountpoint):
+            done = subprocess.run(
+                [FUSERMOUNT, "-u", str(mountpoint)], capture_output=True, text=True, check=False
+            )
+            if done.returncode != 0:
+                raise FailedPrecondition(
+                    f"volume {volume_id}: cannot unmount its NBD client at {mountpoint}: "
+                    f"{done.stderr.strip()}; something still uses it",
+                    field="volume_id",
+                )
+        if pid is not None:
+            processes.terminate(pid, NBDFUSE)
+
+    def extend(self, device: BlockDevice) -> None:
+        """Reconnect, so the device shows the export's current size; refused while held."""
+        held = blockdev.holders(device.path)
+        if held:
+            raise FailedPrecondition(
+                f"volume {device.volume_id} is attached over nbdfuse, which shows a grown volume "
+                f"only after reconnecting, and {device.path} is in use ({'; '.join(held)}); "
+                "the new size appears when the volume is staged again",
+                field="volume_id",
+            )
+        connection = self.connection_of(device)
+        loops.unbind(device)
+        self._unmount(device.volume_id)
+        self.connect(device.volume_id, connection, device.readonly)
+
+    # ---- paths -------------------------------------------------------------------
+
+    def _home(self, volume_id: str) -> Path:
+        """`<connections>/<volume-id>/`, made 0700 (the FUSE file itself is mode 0666)."""
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        home = self.dir / check_volume_id(volume_id)
+        home.mkdir(mode=0o700, exist_ok=True)
+        return home
+
+    def _fuse_file(self, volume_id: str) -> Path:
+        return self.dir / volume_id / "fuse" / FUSE_FILE
+
+    def _volume_of(self, backing: str) -> str | None:
+        path = Path(backing)
+        if path.name != FUSE_FILE or path.parent.name != "fuse":
+            return None
+        home = path.parent.parent
+        return home.name if home.parent == self.dir and is_volume_id(home.name) else None
+
+    def _nbdfuse_pid(self, volume_id: str) -> int | None:
+        marker = str(self.dir / volume_id / "fuse" / FUSE_FILE)
+        return processes.running(self.dir / volume_id / "nbdfuse.pid", NBDFUSE, [marker])
+
+
+def _check_connection(connection: Connection) -> None:
+    if not connection.host or not connection.port:
+        raise InvalidArgument(
+            "publish_context of an nbd volume needs host and port (from ControllerPublishVolume)",
+            field="publish_context",
+        )
+    if any(c.isspace() or c in "=/" for c in connection.host):
+        raise InvalidArgument(
+            f"publish_context host {connection.host[:80]!r} is not a host name or address",
+            field="publish_context",
+        )
+    check_node_id(connection.psk_identity, "publish_context.pskIdentity")
+
+
+def _write_record(home: Path, connection: Connection, readonly: bool) -> None:
+    data = {"connection": connection.model_dump(mode="json"), "readonly": readonly}
+    tmp = home / "record.json.tmp"
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, home / "record.json")
+
+
+def _read_record(home: Path) -> tuple[Connection, bool] | None:
+    try:
+        data = json.loads((home / "record.json").read_text())
+        return Connection.model_validate(data["connection"]), bool(data["readonly"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
