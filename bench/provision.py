@@ -22,8 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from csi_driver._gen import csi_pb2
-from tessera.dev.csi_client import CsiClient, mount_capability
 from tessera.system.mounts import mounts_under
+from tessera_dev.csi_client import CsiClient, mount_capability
 
 GiB = 1024**3
 MiB = 1024**2

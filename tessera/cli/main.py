@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from tessera.cli import dev, inventory, reconcile, volumes
+from tessera.cli import inventory, reconcile, volumes
 from tessera.cli.failures import EXIT_FAILED, EXIT_OK, NoArgsIsHelpError, describe, report
 
 HELP = """Tessera: NVMe-backed block volumes for Kubernetes.
@@ -35,7 +35,28 @@ app = typer.Typer(
         "  tessera volume create db-data --size 10G\n\n  tessera volume show db-data -o yaml"
     ),
 )
-app.add_typer(dev.app, name="dev")
+
+
+def _add_plugins(root: typer.Typer) -> None:
+    """Sub-commands of the packages built on this one (`tessera dev` from tessera_dev).
+
+    Found through the `tessera.cli` entry-point group, so the base package
+    never imports the packages above it; one that is not installed is
+    simply absent from `tessera --help`.
+    """
+    from importlib.metadata import entry_points
+
+    for entry in sorted(entry_points(group="tessera.cli"), key=lambda e: e.name):
+        try:
+            sub_app = entry.load()
+        except ModuleNotFoundError as exc:
+            if exc.name != entry.module.partition(".")[0]:
+                raise  # the plugin is there but broken: say so
+            continue  # metadata left behind by an uninstalled package
+        root.add_typer(sub_app, name=entry.name)
+
+
+_add_plugins(app)
 app.add_typer(volumes.app, name="volume")
 app.add_typer(inventory.node_app, name="node")
 app.add_typer(inventory.pool_app, name="pool")

@@ -1,6 +1,6 @@
 """A real dev stack for the CSI fuzzer, and what "nothing leaked" means.
 
-One `tessera.dev.stack.DevStack` per session (management, node-agent with a
+One `tessera_dev.stack.DevStack` per session (management, node-agent with a
 file-backed pool, CSI plugin in `all` mode, each on a unix socket) lives in a
 fresh directory under /tmp. The fuzzer's paths point into `work/` there, or
 to `/nonexistent-tessera-fuzz/...`, never anywhere else.
@@ -27,7 +27,7 @@ import pytest
 from csi_driver._gen import csi_pb2, csi_pb2_grpc
 from sanity.support import loop_devices_backed_by, mounts_under
 from tessera.clients import ManagementClient
-from tessera.dev.stack import DevStack
+from tessera_dev.stack import DevStack
 
 NODE_ID = "fuzz-node"
 MiB = 1024**2

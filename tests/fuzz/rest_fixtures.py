@@ -21,9 +21,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tessera.clients import AgentClient, ManagementClient
-from tessera.dev import pool as dev_pool
-from tessera.dev.release import release_volumes
 from tessera.errors import TesseraError
+from tessera_dev import pool as dev_pool
+from tessera_dev.release import release_volumes
 from tests.integration.processes import spawn_module
 
 TOKEN = "rest-fuzz-token"

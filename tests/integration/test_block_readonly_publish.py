@@ -25,10 +25,10 @@ from csi_driver._gen import csi_pb2
 from csi_driver.config import Mode, PluginConfig
 from csi_driver.server import build_server
 from tessera.clients import AgentClient
-from tessera.dev.csi_client import CsiClient, block_capability
 from tessera.errors import FailedPrecondition, InvalidArgument
 from tessera.ids import new_volume_id
 from tessera.system import loopdev, mounts
+from tessera_dev.csi_client import CsiClient, block_capability
 from tests.conftest import needs_root
 from tests.integration.test_node_agent_loop import release_loops
 from tests.integration.test_node_agent_process import TOKEN, AgentProcess

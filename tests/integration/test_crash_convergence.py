@@ -17,10 +17,10 @@ import grpc
 import pytest
 
 from csi_driver._gen import csi_pb2
-from tessera.dev.csi_client import CsiClient, block_capability, mount_capability
-from tessera.dev.stack import DevStack
 from tessera.system.loopdev import bound_under
 from tessera.system.mounts import mounts_under
+from tessera_dev.csi_client import CsiClient, block_capability, mount_capability
+from tessera_dev.stack import DevStack
 from tests.conftest import needs_root
 
 pytestmark = needs_root

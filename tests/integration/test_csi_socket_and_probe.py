@@ -23,7 +23,7 @@ import pytest
 
 from csi_driver._gen import csi_pb2
 from tessera.clients import ManagementClient
-from tessera.dev.csi_client import CsiClient
+from tessera_dev.csi_client import CsiClient
 from tests.conftest import needs_root
 from tests.integration.processes import spawn_module
 

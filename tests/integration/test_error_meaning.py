@@ -24,7 +24,6 @@ import pytest
 from csi_driver._gen import csi_pb2
 from csi_driver.interceptor import status_for
 from tessera.clients import AgentClient, ManagementClient
-from tessera.dev.csi_client import CsiClient, block_capability
 from tessera.errors import (
     PROBLEM_TYPE_PREFIX,
     Misconfigured,
@@ -35,6 +34,7 @@ from tessera.errors import (
 from tessera.http import SERVICE_HEADER, JsonClient, Service
 from tessera.ids import new_volume_id
 from tessera.models import AccessMode, VolumeCreate, VolumeState
+from tessera_dev.csi_client import CsiClient, block_capability
 from tests.conftest import needs_root
 from tests.fuzz.rest_fixtures import NODE_ID, TOKEN, RestStack, free_port, running_stack
 

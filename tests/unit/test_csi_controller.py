@@ -26,8 +26,8 @@ from csi_driver._gen import csi_pb2, csi_pb2_grpc  # noqa: E402
 from csi_driver.controller import ControllerServicer  # noqa: E402
 from csi_driver.interceptor import ErrorMappingInterceptor  # noqa: E402
 from tessera.clients import ManagementClient  # noqa: E402
-from tessera.dev.csi_client import block_capability, mount_capability  # noqa: E402
 from tessera.locks import VolumeLocks  # noqa: E402
+from tessera_dev.csi_client import block_capability, mount_capability  # noqa: E402
 from tests.unit.test_csi_controller_fixtures import (  # noqa: F401 - fixtures
     TOKEN,
     GiB,

@@ -27,7 +27,7 @@ import uvicorn  # noqa: E402
 
 from csi_driver.config import Mode, PluginConfig  # noqa: E402
 from tessera.clients import ManagementClient  # noqa: E402
-from tessera.dev.csi_client import CsiClient  # noqa: E402
+from tessera_dev.csi_client import CsiClient  # noqa: E402
 
 TOKEN = "csi-test-token-0123456789"
 GiB = 1024**3

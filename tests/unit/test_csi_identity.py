@@ -28,8 +28,8 @@ from csi_driver.identity import IdentityServicer  # noqa: E402
 from csi_driver.interceptor import ErrorMappingInterceptor  # noqa: E402
 from csi_driver.server import build_server, socket_path  # noqa: E402
 from tessera.clients import AgentClient, ManagementClient  # noqa: E402
-from tessera.dev.csi_client import CsiClient  # noqa: E402
 from tessera.models import AgentNode, Registration  # noqa: E402
+from tessera_dev.csi_client import CsiClient  # noqa: E402
 from tests.unit.test_csi_controller_fixtures import (  # noqa: F401 - fixtures
     TOKEN,
     Stack,

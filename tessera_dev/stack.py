@@ -27,8 +27,8 @@ from pathlib import Path
 import grpc
 
 from tessera.clients import AgentClient, ManagementClient
-from tessera.dev import pool as dev_pool
-from tessera.dev.release import release_volumes
+from tessera_dev import pool as dev_pool
+from tessera_dev.release import release_volumes
 
 READY_TIMEOUT = 60.0
 

@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.table import Table
 
 from csi_driver._gen import csi_pb2
-from tessera.dev.csi_client import CsiClient, mount_capability
-from tessera.dev.stack import StackInfo
+from tessera_dev.csi_client import CsiClient, mount_capability
+from tessera_dev.stack import StackInfo
 
 GiB = 1024**3
 PAYLOAD_BYTES = 4 * 1024 * 1024

@@ -43,7 +43,7 @@ def dev_up(
     Runs until Ctrl-C or SIGTERM, then stops everything and leaves no loop
     devices, mounts or processes behind; volumes stay in the state directory.
     """
-    from tessera.dev.stack import DevStack
+    from tessera_dev.stack import DevStack
 
     size = _pool_size(pool_size)
     if os.geteuid() != 0:
@@ -58,7 +58,7 @@ def dev_up(
         info = stack.start()
         _print_stack(info)
         if demo or exit_after_demo:
-            from tessera.dev.demo import run_demo
+            from tessera_dev.demo import run_demo
 
             run_demo(info, console)
         if exit_after_demo:
