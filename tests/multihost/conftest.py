@@ -1,0 +1,67 @@
+"""One three-node stack per test module (network namespaces n1..n3, each with
+its own pool, agent and CSI node plugin), and a per-test Kube that cleans up
+what the test made. The module's teardown asserts the machine is as clean as
+before: no namespaces, mounts, loop devices or processes left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tessera.system.loopdev import bound_under
+from tessera.system.mounts import mounts_under
+from tests.multihost.support import Cluster, Kube, netns_names, processes_mentioning
+
+POOL_SIZE = 2 * 1024**3
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: network namespaces, loop devices, FUSE and mounts")
+    from tessera_dev.multinode import MultiNodeStack  # noqa: PLC0415 - only when root
+
+    # Short paths: unix sockets live below the state directory (~107 bytes max).
+    state = Path(tempfile.mkdtemp(prefix="tmh-"))
+    work = Path(tempfile.mkdtemp(prefix="tmh-k-"))
+    stack = MultiNodeStack(state, nodes=3, pool_size=POOL_SIZE)
+    namespaces: set[str] = set()
+    cluster = None
+    try:
+        info = stack.start()
+        namespaces = {n.netns for n in info.nodes}
+        cluster = Cluster(stack, info, work, Path(info.token_file).read_text().strip())
+        yield cluster
+    finally:
+        if cluster is not None:
+            cluster.close()
+        stack.stop()
+        assert_nothing_left(state, work, namespaces)
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def assert_nothing_left(state: Path, work: Path, namespaces: set[str]) -> None:
+    """What `stop()` and the tests' own cleanup must have undone."""
+    left = {
+        "namespaces": sorted(namespaces & netns_names()),
+        "mounts": [m.mountpoint for d in (state, work) for m in mounts_under(d)],
+        "loop devices": [b.path for d in (state, work) for b in bound_under(d)],
+        "processes": processes_mentioning(state, work),
+    }
+    assert not any(left.values()), f"left behind after the stack stopped: {left}"
+
+
+@pytest.fixture
+def kube(cluster: Cluster) -> Iterator[Kube]:
+    k = Kube(cluster)
+    try:
+        yield k
+    finally:
+        k.cleanup()

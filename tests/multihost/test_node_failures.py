@@ -1,0 +1,133 @@
+"""What a user sees when a node's agent dies or the node drops off the network.
+
+A writer process in n2's network namespace writes and fsyncs block after
+block of a volume that lives on n1, logging each write whose fsync returned:
+those are the writes that must survive anything that follows. The cut-off
+test runs last in this module: it leaves n2 fenced.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+
+from tessera.models import NodeState
+from tests.multihost.support import (
+    BLOCK,
+    Cluster,
+    Code,
+    Kube,
+    MiB,
+    assert_code,
+    block_cap,
+    call_error,
+    errno_name,
+    logged,
+    needs_root,
+    needs_tools,
+    stop_process,
+    wait_until,
+)
+
+pytestmark = [needs_root, needs_tools]
+
+#: the writer cycles over the first 16 MiB of the 64 MiB volume
+BLOCKS = 16 * MiB // BLOCK
+#: far from the writer's blocks: where the fenced node tries one last write
+FENCED_WRITE_AT = 32 * MiB
+
+
+def fsynced(log: Path) -> int:
+    return sum(1 for line in logged(log) if line.isdigit())
+
+
+def errors_in(log: Path) -> list[str]:
+    return [line for line in log.read_text().splitlines() if line.startswith("errno")]
+
+
+def agent_lists(cluster: Cluster, node_id: str, vid: str, exports: bool) -> bool:
+    """Whether the node's (respawned) agent answers and lists the volume."""
+    agent = cluster.agent(node_id)
+    try:
+        if not agent.healthy():
+            return False
+        if exports:
+            return any(e.volume_id == vid for e in agent.list_exports())
+        return any(a.volume_id == vid for a in agent.list_attachments())
+    except Exception:  # noqa: BLE001 - not up yet: asked again until the deadline
+        return False
+    finally:
+        agent.close()
+
+
+@pytest.mark.parametrize("victim", ["n2", "n1"], ids=["consumer-agent", "owner-agent"])
+def test_io_continues_while_an_agent_is_killed_and_the_restarted_agent_readopts(
+    cluster: Cluster, kube: Kube, tmp_path: Path, victim: str
+) -> None:
+    vid = kube.create(block_cap(), on="n1")
+    pub = kube.publish(vid, "n2", block_cap())
+    log = tmp_path / "writes.log"
+    writer = cluster.start_writer("n2", str(pub.target), log, BLOCKS)
+    try:
+        wait_until(lambda: fsynced(log) >= 20, "the writer's first fsync'd writes")
+        cluster.stack.kill_agent(victim, signal.SIGKILL)
+        before = fsynced(log)
+        wait_until(lambda: fsynced(log) >= before + 50 or writer.poll() is not None,
+                   f"writes to go on with the {victim} agent dead")  # fmt: skip
+        assert writer.poll() is None, f"the writer stopped: {errors_in(log)}"
+        cluster.stack.respawn_agent(victim)
+        wait_until(lambda: agent_lists(cluster, victim, vid, exports=victim == "n1"),
+                   f"the respawned {victim} agent to list the volume it serves")  # fmt: skip
+        resumed = fsynced(log)
+        wait_until(lambda: fsynced(log) >= resumed + 20, "writes to go on after the respawn")
+    finally:
+        stop_process(writer)
+    assert errors_in(log) == []
+    assert cluster.io("n2", "verify", pub.target, log, BLOCKS) == "ok"
+    kube.unpublish(pub)  # the respawned agents tear down what their predecessors set up
+
+
+def node_state_in_cli(cluster: Cluster, node_id: str) -> str:
+    res = cluster.tessera("node", "list", "-o", "json")
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    rows = data["items"] if isinstance(data, dict) else data
+    return next(row["state"] for row in rows if row["id"] == node_id)
+
+
+def test_a_cut_off_node_is_fenced_before_its_volume_moves_and_cannot_write_any_more(
+    cluster: Cluster, kube: Kube, tmp_path: Path
+) -> None:
+    vid = kube.create(block_cap(), on="n1")
+    old = kube.publish(vid, "n2", block_cap())
+    log = tmp_path / "writes.log"
+    writer = cluster.start_writer("n2", str(old.target), log, BLOCKS)
+    try:
+        wait_until(lambda: fsynced(log) >= 20, "the writer's first fsync'd writes")
+        cluster.stack.cut_off("n2")
+        try:
+            wait_until(lambda: cluster.mgmt.get_node("n2").state == NodeState.UNREACHABLE,
+                       "management to see n2 unreachable")  # fmt: skip
+            assert node_state_in_cli(cluster, "n2") == "unreachable"
+            # Not fenced yet: n2 may still be writing, so nobody else may take the volume.
+            err = call_error(lambda: kube.controller_publish(vid, "n3", block_cap()))
+            assert_code(err, Code.FAILED_PRECONDITION, "n2")
+
+            fence = cluster.tessera("node", "fence", "n2")
+            assert fence.returncode == 0, fence.stdout + fence.stderr
+            assert cluster.mgmt.get_node("n2").state == NodeState.FENCED
+            new = kube.publish(vid, "n3", block_cap())
+            assert cluster.io("n3", "verify", new.target, log, BLOCKS) == "ok"
+            untouched = cluster.io("n3", "read", new.target, FENCED_WRITE_AT, BLOCK)
+        finally:
+            cluster.stack.restore("n2")
+        # Back on the network, n2's old client finds its export closed.
+        answer = cluster.io("n2", "trywrite", old.target, FENCED_WRITE_AT, timeout=120)
+        assert errno_name(answer) in {"EIO", "ENXIO"}, f"n2's old client wrote: {answer}"
+        assert cluster.io("n3", "read", new.target, FENCED_WRITE_AT, BLOCK) == untouched
+        assert cluster.io("n3", "verify", new.target, log, BLOCKS) == "ok"
+    finally:
+        stop_process(writer)
