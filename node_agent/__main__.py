@@ -1,29 +1,39 @@
-"""`tessera-node-agent`: serve the local API on a unix socket.
+"""`tessera-node-agent`: serve the agent's API on a unix socket, and on TCP for peers.
 
-Start-up order matters: recover first (re-adopt devices that outlived the
-previous agent), then serve, and register with management in the
-background so a missing control plane never blocks the data plane.
-SIGTERM stops serving but never detaches volumes: pods keep their I/O.
+Start-up order matters: recover first (re-adopt devices and exports that
+outlived the previous agent), then serve, and register with management in
+the background so a missing control plane never blocks the data plane.
+SIGTERM stops serving but never detaches volumes nor closes exports: pods
+keep their I/O, here and on the nodes this one serves.
+
+The unix socket (plain HTTP, mode 0600) is for the local CSI plugin; with
+--listen the same API is also served on TCP for management and peer
+nodes, HTTPS with --tls-cert/--tls-key. Both are uvicorn servers on one
+event loop; every /v1 route on either needs the bearer token.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
 import os
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
 
-from node_agent.agent import Agent
+from node_agent.agent import DEFAULT_STATE_DIR, Agent
 from node_agent.api import create_app
 from node_agent.attachments import DEFAULT_DEV_DIR
+from node_agent.exports import DEFAULT_PORTS, parse_port_range
 from node_agent.pools import DEFAULT_RESERVE, Pool, Reserve, parse_overcommit, parse_pool_spec
-from node_agent.registration import Registrar
+from node_agent.registration import HEARTBEAT_SECONDS, Follower, Registrar
 from tessera.clients import ManagementClient
 from tessera.errors import TesseraError
 from tessera.http import read_token
@@ -44,7 +54,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--socket", required=True, help="unix socket path for the local API")
     p.add_argument("--dev-dir", default=str(DEFAULT_DEV_DIR))
     p.add_argument("--max-volumes", type=int, default=0, help="0 means no limit")
-    p.add_argument("--advertise-url", default="", help="default: unix://<socket>")
+    p.add_argument(
+        "--listen",
+        default="",
+        metavar="HOST:PORT",
+        help="also serve the API on TCP, for management and peer nodes (bearer token)",
+    )
+    p.add_argument(
+        "--advertise",
+        default="",
+        metavar="ADDR",
+        help="the address management and peers use for this node (default: the --listen host)",
+    )
+    p.add_argument("--tls-cert", default="", metavar="FILE", help="serve HTTPS on --listen")
+    p.add_argument("--tls-key", default="", metavar="FILE")
+    p.add_argument(
+        "--ca-bundle", default="", metavar="FILE", help="CA certificates to trust for https"
+    )
+    p.add_argument(
+        "--advertise-url",
+        default="",
+        help="the agent_url to register, verbatim (default: from --listen/--advertise, "
+        "else unix://<socket>)",
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help="exports/, keys/ and connections/ live here (one directory per agent)",
+    )
+    p.add_argument(
+        "--export-address",
+        default="",
+        metavar="ADDR",
+        help="where NBD exports listen (default: the --advertise host)",
+    )
+    p.add_argument(
+        "--export-ports",
+        type=parse_port_range,
+        default=DEFAULT_PORTS,
+        metavar="LO-HI",
+        help=f"ports for NBD exports (default {DEFAULT_PORTS[0]}-{DEFAULT_PORTS[1]})",
+    )
+    p.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=HEARTBEAT_SECONDS,
+        metavar="SECONDS",
+        help="seconds between heartbeats to management",
+    )
     p.add_argument("--no-register", action="store_true", help="serve locally only")
     p.add_argument("--log-level", default="info")
     p.add_argument("--access-log", action="store_true", help="log every request line")
@@ -105,21 +163,109 @@ def bind_socket(path: Path) -> socket.socket:
     return sock
 
 
+@dataclass(frozen=True)
+class Network:
+    """Where the agent serves on TCP and what it tells others (from --listen/--advertise)."""
+
+    host: str
+    port: int
+    advertise: str
+    tls: bool
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.advertise}:{self.port}"
+
+
+def network_of(args: argparse.Namespace) -> Network | None:
+    """The TCP side from the flags, checked before anything starts; None without --listen."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("tessera-node-agent: --tls-cert and --tls-key go together")
+    if not args.listen:
+        if args.tls_cert:
+            raise SystemExit(
+                "tessera-node-agent: --tls-cert needs --listen (the unix socket is plain)"
+            )
+        return None
+    host, sep, port = args.listen.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SystemExit(f"tessera-node-agent: --listen {args.listen!r} is not HOST:PORT")
+    advertise = args.advertise or host
+    if advertise in ("0.0.0.0", "::"):
+        raise SystemExit(
+            f"tessera-node-agent: --listen {args.listen} listens on every address; "
+            "say which one others reach this node at with --advertise"
+        )
+    if ":" in advertise:
+        raise SystemExit("tessera-node-agent: --advertise an IPv6 address by a host name")
+    return Network(host, int(port), advertise, bool(args.tls_cert))
+
+
+def bind_tcp(network: Network) -> socket.socket:
+    try:
+        return socket.create_server(
+            (network.host, network.port),
+            family=socket.AF_INET6 if ":" in network.host else socket.AF_INET,
+            backlog=128,
+        )
+    except OSError as err:
+        raise SystemExit(
+            f"tessera-node-agent: cannot listen on {network.host}:{network.port}: {err}"
+        ) from err
+
+
+class _Listener(uvicorn.Server):
+    """A uvicorn server that leaves signals to `serve` (it stops every listener at once)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 def serve(
     agent: Agent,
     token: str,
-    sock: socket.socket,
+    listeners: list[tuple[socket.socket, dict[str, str]]],
     log_level: str,
     access_log: bool,
     registration: Callable[[], Registration],
 ) -> None:
-    config = uvicorn.Config(
-        create_app(agent, token, registration),
-        log_level=log_level,
-        timeout_graceful_shutdown=5,
-        **server_options(access_log),
-    )
-    uvicorn.Server(config).run(sockets=[sock])
+    """Serve the API on every (socket, TLS options) until SIGTERM/SIGINT stops them all."""
+    app = create_app(agent, token, registration)
+    servers = [
+        (
+            _Listener(
+                uvicorn.Config(
+                    app,
+                    log_level=log_level,
+                    timeout_graceful_shutdown=5,
+                    **tls,  # type: ignore[arg-type]
+                    **server_options(access_log),
+                )
+            ),
+            sock,
+        )
+        for sock, tls in listeners
+    ]
+    asyncio.run(_serve_all(servers))
+
+
+async def _serve_all(servers: list[tuple[uvicorn.Server, socket.socket]]) -> None:
+    def stop(signum: int) -> None:
+        log.info("stopping on signal %d; volumes stay attached, exports stay open", signum)
+        for server, _ in servers:
+            server.should_exit = True
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop, signum)
+    tasks = [asyncio.create_task(server.serve(sockets=[sock])) for server, sock in servers]
+    # one listener ending (it failed to start, say) ends the others: never half served
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for server, _ in servers:
+        server.should_exit = True
+    await asyncio.gather(*tasks)
 
 
 def registration_of(registrar: Registrar | None) -> Callable[[], Registration]:
@@ -131,9 +277,19 @@ def registration_of(registrar: Registrar | None) -> Callable[[], Registration]:
     )
 
 
-def _ignore_replayed_signal(signum: int, _frame: object) -> None:
-    """uvicorn re-raises SIGTERM after its graceful stop; we have already stopped."""
-    log.info("stopping on signal %d; volumes stay attached", signum)
+def start_agent(args: argparse.Namespace, network: Network | None) -> Agent:
+    export_address = args.export_address or (network.advertise if network else args.advertise)
+    agent = Agent(
+        args.node_id,
+        open_pools(args),
+        Path(args.dev_dir),
+        state_dir=args.state_dir.resolve(),
+        export_address=export_address,
+        export_ports=args.export_ports,
+    )
+    agent.recover()
+    agent.recover_exports()
+    return agent
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,33 +297,40 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    network = network_of(args)
     try:
-        agent = Agent(args.node_id, open_pools(args), Path(args.dev_dir))
         token = read_token(args.token_file)
-        agent.recover()
+        agent = start_agent(args, network)
     except (TesseraError, OSError, ValueError) as err:
         print(f"tessera-node-agent: {err}", file=sys.stderr)
         return 2
+    listeners: list[tuple[socket.socket, dict[str, str]]] = []
+    if network is not None:  # first: a taken port must not leave the unix socket claimed
+        tls = {"ssl_certfile": args.tls_cert, "ssl_keyfile": args.tls_key} if network.tls else {}
+        listeners.append((bind_tcp(network), tls))
+        log.info("serving peers on %s", network.url)
     socket_path = Path(args.socket).resolve()
-    sock = bind_socket(socket_path)
+    listeners.append((bind_socket(socket_path), {}))
     registrar = None
     if not args.no_register:
+        agent_url = args.advertise_url or (network.url if network else f"unix://{socket_path}")
         registrar = Registrar(
-            ManagementClient(args.management, token),
+            ManagementClient(args.management, token, ca_file=args.ca_bundle or None),
             agent.node_id,
-            args.advertise_url or f"unix://{socket_path}",
+            agent_url,
             agent.pool_capacities,
             args.max_volumes,
+            heartbeat_seconds=args.heartbeat_interval,
+            follower=Follower(agent),
         )
         registrar.start()
-    signal.signal(signal.SIGTERM, _ignore_replayed_signal)
-    signal.signal(signal.SIGINT, _ignore_replayed_signal)
     try:
-        serve(agent, token, sock, args.log_level, args.access_log, registration_of(registrar))
+        serve(agent, token, listeners, args.log_level, args.access_log, registration_of(registrar))
     finally:
         if registrar is not None:
             registrar.stop()
-        sock.close()
+        for sock, _ in listeners:
+            sock.close()
         socket_path.unlink(missing_ok=True)
     return 0
 

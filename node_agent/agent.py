@@ -12,12 +12,22 @@ from pathlib import Path
 
 from node_agent import volumes
 from node_agent.attachments import DEFAULT_DEV_DIR, AttachmentManager
+from node_agent.exports import DEFAULT_PORTS, Exports
+from node_agent.keys import KeyStore
 from node_agent.pools import Pool
 from node_agent.transports import Transport, build_transports
 from tessera.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
 from tessera.ids import check_node_id, check_volume_id
 from tessera.locks import VolumeLocks
-from tessera.models import AgentAttachment, AgentView, AgentVolume, Connection
+from tessera.models import (
+    AgentAttachment,
+    AgentExport,
+    AgentExportCreate,
+    AgentKey,
+    AgentView,
+    AgentVolume,
+    Connection,
+)
 
 #: where exports, keys and remote connections keep their records
 DEFAULT_STATE_DIR = Path("/var/lib/tessera/node-agent")
@@ -33,11 +43,16 @@ class Agent:
         dev_dir: Path = DEFAULT_DEV_DIR,
         transports: dict[str, Transport] | None = None,
         state_dir: Path = DEFAULT_STATE_DIR,
+        export_address: str = "",
+        export_ports: tuple[int, int] = DEFAULT_PORTS,
     ) -> None:
         self.node_id = check_node_id(node_id)
         self.pools = pools
         self.dev_dir = dev_dir
         self.state_dir = state_dir
+        #: consumer side: keys to reach remote volumes; owner side: NBD exports
+        self.keys = KeyStore(state_dir / "keys")
+        self.exports = Exports(state_dir / "exports", export_address, export_ports)
         self.transports = (
             transports
             if transports is not None
@@ -89,6 +104,12 @@ class Agent:
                     f"volume {volume_id} is attached on this node as "
                     f"{', '.join(d.path for d in devices)}; detach first"
                 )
+            exported = self.exports.of_volume(volume_id)
+            if exported:
+                raise FailedPrecondition(
+                    f"volume {volume_id} is exported to node(s) "
+                    f"{', '.join(e.client_node for e in exported)}; close the exports first"
+                )
             for pool in self.pools.values():
                 volumes.delete(pool, volume_id)
 
@@ -125,7 +146,7 @@ class Agent:
 
     def key_path(self, volume_id: str) -> Path:
         """Where the TLS-PSK key to reach a remote volume is (docs/data-path.md, Keys)."""
-        return self.state_dir / "keys" / f"{check_volume_id(volume_id)}.psk"
+        return self.keys.path(volume_id)
 
     def forget_unwanted(self, wanted: set[str], asked_at: float) -> list[str]:
         """Release remote volumes management no longer attaches here; see AttachmentManager."""
@@ -179,6 +200,49 @@ class Agent:
         for att in adopted:
             log.info("re-adopted %s on %s", att.volume_id, att.backing_device)
         return adopted
+
+    # ---- exports (owner side) and keys (consumer side) ------------------------------
+
+    def export(self, volume_id: str, client_node: str, req: AgentExportCreate) -> AgentExport:
+        """Serve the volume to `client_node` over NBD with TLS-PSK (docs/data-path.md)."""
+        check_volume_id(volume_id)
+        with self.locks.hold(volume_id):
+            pool = self._require_holder(volume_id)
+            return self.exports.open(volume_id, client_node, pool.volume_path(volume_id), req)
+
+    def close_export(self, volume_id: str, client_node: str) -> None:
+        """Stop serving the volume to `client_node` and drop its key: revocation."""
+        check_volume_id(volume_id)
+        with self.locks.hold(volume_id):
+            self.exports.close(volume_id, client_node)
+
+    def reap_exports(self, wanted: set[tuple[str, str]], mark: int) -> list[tuple[str, str]]:
+        """Close exports opened before `mark` that management's heartbeat did not list."""
+        closed = []
+        for volume_id, client_node in self.exports.unwanted(wanted, mark):
+            try:
+                with self.locks.hold(volume_id):
+                    if self.exports.reap(volume_id, client_node, mark):
+                        closed.append((volume_id, client_node))
+            except Aborted:
+                continue  # busy: an export call is working on it; the next heartbeat looks again
+        return closed
+
+    def recover_exports(self) -> list[AgentExport]:
+        """At start: re-adopt live exports, restart dead ones (never kill a live one)."""
+        return self.exports.recover(
+            lambda volume_id: (
+                pool.volume_path(volume_id) if (pool := self._holder(volume_id)) else None
+            )
+        )
+
+    # Keys take no volume lock: each write is one atomic rename, and a retried
+    # PUT from management must not be refused while NodeStage attaches.
+    def put_key(self, volume_id: str, key: AgentKey) -> None:
+        self.keys.put(volume_id, key.psk_identity, key.psk_key)
+
+    def delete_key(self, volume_id: str) -> None:
+        self.keys.delete(volume_id)
 
     def pool_capacities(self) -> dict[str, int]:
         return {name: pool.capacity_bytes() for name, pool in self.pools.items()}

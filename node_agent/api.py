@@ -1,4 +1,4 @@
-"""The node-agent's local HTTP API (served on a unix socket).
+"""The node-agent's HTTP API: on a unix socket for the local CSI plugin, on TCP for peers.
 
 Exactly the table in docs/contracts.md. Errors leave as problem+json via
 `tessera.rest`, the same as management's, so clients rebuild the same
@@ -21,6 +21,9 @@ from tessera.http import Service
 from tessera.models import (
     AgentAttach,
     AgentAttachment,
+    AgentExport,
+    AgentExportCreate,
+    AgentKey,
     AgentNode,
     AgentView,
     AgentVolume,
@@ -126,6 +129,37 @@ def create_app(
     )
     def release_view(volume_id: str, view_key: ViewKey) -> Response:
         agent.release_view(volume_id, view_key)
+        return Response(status_code=204)
+
+    # ---- owner side: NBD exports; consumer side: keys -------------------------------
+    # Bodies carry TLS-PSK keys: routes log the volume and node only, and
+    # validation errors never echo input (tessera.rest).
+
+    @app.put(
+        "/v1/exports/{volume_id}/{client_node}",
+        response_model=AgentExport,
+        responses=problems(409, 507),
+    )
+    def export(volume_id: str, client_node: str, body: AgentExportCreate) -> Response:
+        return json_response(agent.export(volume_id, client_node, body))
+
+    @app.delete("/v1/exports/{volume_id}/{client_node}", status_code=204, responses=problems(409))
+    def close_export(volume_id: str, client_node: str) -> Response:
+        agent.close_export(volume_id, client_node)
+        return Response(status_code=204)
+
+    @app.get("/v1/exports")
+    def list_exports() -> dict[str, list[AgentExport]]:
+        return {"items": agent.exports.list()}
+
+    @app.put("/v1/keys/{volume_id}", status_code=204)
+    def put_key(volume_id: str, body: AgentKey) -> Response:
+        agent.put_key(volume_id, body)
+        return Response(status_code=204)
+
+    @app.delete("/v1/keys/{volume_id}", status_code=204)
+    def delete_key(volume_id: str) -> Response:
+        agent.delete_key(volume_id)
         return Response(status_code=204)
 
     return app

@@ -12,17 +12,31 @@ the pool can really give, and management must place against that number,
 not the one seen at start. Changes below 1/256 of the capacity are not
 sent: the pool's reserve (default 2%) absorbs them, and a capacity that
 twitches with every journal block would make GetCapacity answers noisy.
+
+Each heartbeat's answer says what management still wants of this node:
+the remote attachments of volumes it owns (`exports`) and the remote
+volumes attached here (`attachments`). What it no longer wants (a fenced
+or detached node's export, a volume management took back) is cleaned up,
+but only what existed before the heartbeat was sent: an attach racing
+the heartbeat is not in a reply computed before it, and must not be
+undone by it (`Follower`).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from tessera.clients import ManagementClient
 from tessera.errors import NotFound, TesseraError
+from tessera.models import HeartbeatReply
 from tessera.topology import TOPOLOGY_KEY
+
+if TYPE_CHECKING:
+    from node_agent.agent import Agent
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +45,27 @@ BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
 #: a re-measured capacity is sent when it moved by more than this fraction
 REPORT_TOLERANCE = 1 / 256
+
+
+class Follower:
+    """Applies a heartbeat reply to the agent: closes what management no longer wants."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def mark(self) -> tuple[int, float]:
+        """Taken just before the heartbeat is sent: what existed by then may be cleaned up."""
+        return self.agent.exports.mark(), time.time()
+
+    def follow(self, reply: HeartbeatReply, mark: tuple[int, float]) -> None:
+        export_mark, sent_at = mark
+        wanted = {(e.volume_id, e.client_node) for e in reply.exports}
+        for volume_id, client_node in self.agent.reap_exports(wanted, export_mark):
+            log.info("closed the export of volume %s to node %s", volume_id, client_node)
+        # consumer side: the attachments' owner adds `forget_unwanted`
+        forget = getattr(self.agent, "forget_unwanted", None)
+        if forget is not None:
+            forget(set(reply.attachments), sent_at)
 
 
 class Registrar:
@@ -42,6 +77,7 @@ class Registrar:
         capacities: Callable[[], dict[str, int]],
         max_volumes: int = 0,
         heartbeat_seconds: float = HEARTBEAT_SECONDS,
+        follower: Follower | None = None,
     ) -> None:
         self.client = client
         self.node_id = node_id
@@ -49,6 +85,7 @@ class Registrar:
         self.capacities = capacities
         self.max_volumes = max_volumes
         self.heartbeat_seconds = heartbeat_seconds
+        self.follower = follower
         self.registered = threading.Event()
         #: capacity last accepted by management, by pool
         self._reported: dict[str, int] = {}
@@ -101,8 +138,7 @@ class Registrar:
     def _heartbeat_until_forgotten(self) -> None:
         while not self._stop.wait(self.heartbeat_seconds):
             try:
-                self.client.heartbeat(self.node_id)
-                self.report_pools()
+                self.beat()
             except NotFound:
                 log.warning("management forgot node %s; registering again", self.node_id)
                 self.registered.clear()
@@ -111,3 +147,11 @@ class Registrar:
                 log.warning("heartbeat failed: %s", err)
             except Exception:  # noqa: BLE001
                 log.exception("heartbeat failed")
+
+    def beat(self) -> None:
+        """One heartbeat: say alive, follow what the answer wants, report changed capacities."""
+        mark = self.follower.mark() if self.follower is not None else None
+        reply = self.client.heartbeat(self.node_id)
+        if self.follower is not None and mark is not None:
+            self.follower.follow(reply, mark)
+        self.report_pools()

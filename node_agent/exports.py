@@ -1,0 +1,466 @@
+"""NBD exports of this node's volumes to other nodes (the owner side).
+
+One `nbdkit` per (volume, client node), TLS-PSK with the attachment's
+key, so closing one export (revocation) never touches another node's
+connection, and a key is good for exactly one volume on one node:
+
+    nbdkit --tls=require --tls-psk=<psk file> [-r] -i <address> -p <port>
+           --pidfile <pid file> [--filter=ip] file file=<volume file>
+           [allow=<client address> deny=all]
+
+nbdkit forks into the background once it listens (no `-f`), so when the
+start command returns the port is open, and a non-zero exit is a start
+that failed (most often "address in use": the next port is tried). It runs
+in its own session: an agent restart or crash never takes live I/O along.
+
+State, per export, in `<state-dir>/exports/<volume_id>/<client_node>.*`:
+`json` (what was exported; written before nbdkit starts, so no nbdkit of
+ours ever runs without a record that finds it again), `psk` (the key, 0600)
+and `pid` (nbdkit's pid file). At start the agent re-adopts every export
+whose pid is nbdkit on that volume file with that key file (/proc cmdline:
+a pid alone proves nothing after a reboot) and restarts the dead ones on
+their old port when it is free; what no attachment wants any more is
+reaped after management's heartbeat reply says so (`unwanted`).
+
+A resize is not announced: NBD has no resize notice, so a connected client
+keeps the size it negotiated and sees the new size when it reconnects (the
+consumer side reconnects to grow).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import json
+import logging
+import socket
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from node_agent.keys import holds_key, psk_line, write_private
+from tessera.errors import FailedPrecondition, Internal, InvalidArgument, ResourceExhausted
+from tessera.ids import check_node_id, check_volume_id, is_volume_id
+from tessera.models import AgentExport, AgentExportCreate
+from tessera.system import processes
+
+log = logging.getLogger(__name__)
+
+NBDKIT = "nbdkit"
+#: the default --export-ports range (10809 is NBD's registered port)
+DEFAULT_PORTS = (10809, 10999)
+#: SIGTERM, then SIGKILL after this long: a closed export must stop serving now
+CLOSE_GRACE = 2.0
+START_TIMEOUT = 30.0
+
+Key = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class ExportRecord:
+    """What `<client_node>.json` says: enough to find, compare and restart the export."""
+
+    volume_id: str
+    client_node: str
+    host: str
+    port: int
+    readonly: bool
+    client_address: str
+    volume_file: str
+    psk_identity: str
+
+    def model(self) -> AgentExport:
+        return AgentExport(
+            volume_id=self.volume_id,
+            client_node=self.client_node,
+            host=self.host,
+            port=self.port,
+            readonly=self.readonly,
+        )
+
+
+def parse_port_range(text: str) -> tuple[int, int]:
+    """`LO-HI` (inclusive) as given to --export-ports."""
+    lo, sep, hi = text.partition("-")
+    try:
+        low, high = int(lo), int(hi if sep else lo)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a port range LO-HI") from None
+    if not 1 <= low <= high <= 65535:
+        raise ValueError(f"{text!r} is not a port range LO-HI within 1-65535")
+    return low, high
+
+
+def check_client_address(value: str) -> str:
+    """An IP address or empty: it becomes an nbdkit argument, so nothing else gets through."""
+    if not value:
+        return value
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise InvalidArgument(
+            "client_address must be an IP address (or empty: any address)",
+            field="client_address",
+        ) from None
+
+
+class Exports:
+    """The exports of this node; the caller (Agent) holds the volume's lock around changes."""
+
+    def __init__(self, directory: Path, address: str, ports: tuple[int, int] = DEFAULT_PORTS):
+        self.directory = directory
+        #: where exports listen and what AgentExport.host says (the node's data address)
+        self.address = address
+        self.ports = ports
+        #: exports opened by this process and when, by a counter (see `mark`)
+        self._born: dict[Key, int] = {}
+        self._serial = 0
+        self._serial_lock = threading.Lock()
+        #: choosing a port and starting nbdkit on it: one at a time
+        self._start_lock = threading.Lock()
+        self._ip_filter: bool | None = None
+
+    # ---- paths and records ---------------------------------------------------------
+
+    def _file(self, volume_id: str, client_node: str, suffix: str) -> Path:
+        return self.directory / volume_id / f"{client_node}.{suffix}"
+
+    def _read(self, volume_id: str, client_node: str) -> ExportRecord | None:
+        return _load(self._file(volume_id, client_node, "json"))
+
+    def _records(self, volume_id: str | None = None) -> Iterator[ExportRecord]:
+        if not self.directory.is_dir():
+            return
+        dirs = [self.directory / volume_id] if volume_id else sorted(self.directory.iterdir())
+        for vdir in dirs:
+            if not is_volume_id(vdir.name) or not vdir.is_dir():
+                continue
+            for path in sorted(vdir.glob("*.json")):
+                record = _load(path)
+                if record is not None:
+                    yield record
+
+    def _pid(self, record: ExportRecord) -> int | None:
+        """nbdkit's pid while it is the process serving this record (key file and volume file)."""
+        psk = self._file(record.volume_id, record.client_node, "psk")
+        markers = [f"--tls-psk={psk}", f"file={record.volume_file}"]
+        return processes.running(
+            self._file(record.volume_id, record.client_node, "pid"), NBDKIT, markers
+        )
+
+    # ---- the heartbeat's view of time --------------------------------------------------
+
+    def mark(self) -> int:
+        """A point in time: exports opened after it are never reaped by `unwanted(…, mark)`.
+
+        Taken before a heartbeat is sent. An attach racing that heartbeat
+        opens its export after the mark, so a reply computed before the
+        attachment existed cannot close it.
+        """
+        with self._serial_lock:
+            return self._serial
+
+    def _stamp(self, key: Key) -> None:
+        with self._serial_lock:
+            self._serial += 1
+            self._born[key] = self._serial
+
+    def _older_than(self, key: Key, mark: int) -> bool:
+        """Opened at or before `mark` (exports found at start are older than any mark)."""
+        with self._serial_lock:
+            return self._born.get(key, 0) <= mark
+
+    def unwanted(self, wanted: set[Key], mark: int) -> list[Key]:
+        """Exports older than `mark` that are not in `wanted` (volume id, client node)."""
+        keys = [(r.volume_id, r.client_node) for r in self._records()]
+        return [k for k in keys if k not in wanted and self._older_than(k, mark)]
+
+    def reap(self, volume_id: str, client_node: str, mark: int) -> bool:
+        """Close the export if it is still older than `mark` (it may have been replaced)."""
+        if not self._older_than((volume_id, client_node), mark):
+            return False
+        if self._read(volume_id, client_node) is None:
+            return False
+        self.close(volume_id, client_node)
+        log.info("volume %s to node %s was not wanted by management", volume_id, client_node)
+        return True
+
+    # ---- the API's operations ------------------------------------------------------------
+
+    def list(self) -> list[AgentExport]:
+        return [r.model() for r in self._records()]
+
+    def of_volume(self, volume_id: str) -> list[AgentExport]:
+        return [r.model() for r in self._records(volume_id)]
+
+    def open(
+        self, volume_id: str, client_node: str, volume_file: Path, req: AgentExportCreate
+    ) -> AgentExport:
+        """Export the volume to `client_node`; the same key and flags again: the running one."""
+        check_volume_id(volume_id)
+        check_node_id(client_node, "client_node")
+        client_address = check_client_address(req.client_address)
+        if not self.address:
+            raise FailedPrecondition(
+                "this agent has no address to export on: start it with --export-address "
+                "(or --listen/--advertise)"
+            )
+        key = (volume_id, client_node)
+        self._stamp(key)  # before anything is written: see `mark`
+        old = self._read(volume_id, client_node)
+        if old is not None and self._serves(old, volume_file, req, client_address):
+            return old.model()
+        if old is not None:
+            self._stop(old)  # another key or flags: the old nbdkit must not serve a moment longer
+        record = ExportRecord(
+            volume_id=volume_id,
+            client_node=client_node,
+            host=self.address,
+            port=old.port if old is not None else 0,
+            readonly=req.readonly,
+            client_address=client_address,
+            volume_file=str(volume_file),
+            psk_identity=req.psk_identity,
+        )
+        write_private(
+            self._file(volume_id, client_node, "psk"), psk_line(req.psk_identity, req.psk_key)
+        )
+        started = self._start(record)
+        log.info(
+            "exported volume %s to node %s on %s:%d%s",
+            volume_id, client_node, started.host, started.port,
+            " read-only" if started.readonly else "",
+        )  # fmt: skip
+        return started.model()
+
+    def close(self, volume_id: str, client_node: str) -> None:
+        """Stop serving (every connection of the client drops) and forget the key; idempotent."""
+        check_volume_id(volume_id)
+        check_node_id(client_node, "client_node")
+        record = self._read(volume_id, client_node)
+        if record is not None:
+            self._stop(record)
+        else:
+            # a record lost after its nbdkit started cannot happen (the record
+            # comes first), but a key file alone must not outlive a close either
+            self._kill_by_key_file(volume_id, client_node)
+        self._remove(volume_id, client_node)
+        with self._serial_lock:
+            self._born.pop((volume_id, client_node), None)
+        if record is not None:
+            log.info("closed export of volume %s to node %s", volume_id, client_node)
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    def recover(self, volume_file_of: Callable[[str], Path | None]) -> list[AgentExport]:
+        """At start: re-adopt live exports, restart dead ones; never kill a live one."""
+        kept = []
+        for record in list(self._records()):
+            self._sweep_temporaries(record.volume_id)
+            if self._pid(record) is not None:
+                log.info(
+                    "re-adopted export of volume %s to node %s",
+                    record.volume_id,
+                    record.client_node,
+                )
+                kept.append(record.model())
+                continue
+            restarted = self._restart(record, volume_file_of(record.volume_id))
+            if restarted is not None:
+                kept.append(restarted.model())
+        return kept
+
+    def _restart(self, record: ExportRecord, volume_file: Path | None) -> ExportRecord | None:
+        """Bring a dead export back (the attachment may still want it); drop it if it cannot be."""
+        key_file = self._file(record.volume_id, record.client_node, "psk")
+        if volume_file is None or not key_file.is_file():
+            log.warning(
+                "dropped the record of the dead export of volume %s to node %s: %s",
+                record.volume_id, record.client_node,
+                "the volume is not on this node" if volume_file is None else "its key is gone",
+            )  # fmt: skip
+            self._remove(record.volume_id, record.client_node)
+            return None
+        moved = ExportRecord(
+            **{**asdict(record), "volume_file": str(volume_file), "host": self.address}
+        )
+        try:
+            started = self._start(moved)
+        except (Internal, ResourceExhausted) as err:
+            log.warning(
+                "could not restart the export of volume %s to node %s: %s",
+                record.volume_id, record.client_node, err.message,
+            )  # fmt: skip
+            return None
+        log.info(
+            "restarted the dead export of volume %s to node %s on port %d",
+            record.volume_id, record.client_node, started.port,
+        )  # fmt: skip
+        return started
+
+    # ---- nbdkit ------------------------------------------------------------------------
+
+    def _serves(
+        self, record: ExportRecord, volume_file: Path, req: AgentExportCreate, client_address: str
+    ) -> bool:
+        """Whether the running export is exactly what `req` asks for."""
+        return (
+            record.readonly == req.readonly
+            and record.client_address == client_address
+            and record.volume_file == str(volume_file)
+            and record.host == self.address
+            and holds_key(
+                self._file(record.volume_id, record.client_node, "psk"),
+                req.psk_identity,
+                req.psk_key,
+            )
+            and self._pid(record) is not None
+        )
+
+    def _start(self, record: ExportRecord) -> ExportRecord:
+        """Start nbdkit for `record` on its old port if free, else the first free one."""
+        with self._start_lock:
+            for port in self._candidate_ports(record):
+                placed = ExportRecord(**{**asdict(record), "port": port})
+                # the record first: a crash after nbdkit started still finds it
+                write_private(
+                    self._file(record.volume_id, record.client_node, "json"),
+                    json.dumps(asdict(placed)).encode(),
+                )
+                self._file(record.volume_id, record.client_node, "pid").unlink(missing_ok=True)
+                result = self._run_nbdkit(placed)
+                if result.returncode == 0 and self._pid(placed) is not None:
+                    return placed
+                if result.returncode == 0:  # it started, yet its pid file does not find it
+                    self._kill_by_key_file(record.volume_id, record.client_node)
+                if b"in use" in result.stderr:
+                    continue  # someone took the port since the bind test
+                self._remove(record.volume_id, record.client_node)
+                detail = result.stderr.decode(errors="replace").strip()[-400:]
+                raise Internal(
+                    f"nbdkit could not export volume {record.volume_id} to node "
+                    f"{record.client_node} (exit {result.returncode}): {detail or 'no message'}"
+                )
+            self._remove(record.volume_id, record.client_node)
+        low, high = self.ports
+        raise ResourceExhausted(f"no free port for an export in --export-ports {low}-{high}")
+
+    def _run_nbdkit(self, record: ExportRecord) -> subprocess.CompletedProcess[bytes]:
+        psk = self._file(record.volume_id, record.client_node, "psk")
+        pid = self._file(record.volume_id, record.client_node, "pid")
+        argv = [NBDKIT, "--tls=require", f"--tls-psk={psk}"]
+        if record.readonly:
+            argv.append("-r")
+        argv += ["-i", record.host, "-p", str(record.port), "--pidfile", str(pid)]
+        allow = self._ip_filter_args(record.client_address)
+        if allow:
+            argv.append("--filter=ip")
+        argv += ["file", f"file={record.volume_file}", *allow]
+        try:
+            return subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,  # outlives the agent, and a SIGINT to the agent's group
+                close_fds=True,
+                timeout=START_TIMEOUT,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as err:
+            self._remove(record.volume_id, record.client_node)
+            raise Internal(f"could not run nbdkit: {err}") from err
+
+    def _ip_filter_args(self, client_address: str) -> list[str]:
+        """`allow=<client> deny=all` when nbdkit's ip filter can parse addresses.
+
+        nbdkit 1.32's ip filter rejects every literal address ("don't know
+        how to parse rule"); there the export relies on TLS-PSK alone, which
+        is the real access control anyway (a per-attachment key).
+        """
+        if not client_address:
+            return []
+        if self._ip_filter is None:
+            probe = [NBDKIT, "--filter=ip", "null", "allow=127.0.0.1", "deny=all", "--dump-plugin"]
+            try:
+                done = subprocess.run(
+                    probe, capture_output=True, timeout=START_TIMEOUT, check=False
+                )
+                self._ip_filter = done.returncode == 0
+            except (OSError, subprocess.TimeoutExpired):
+                self._ip_filter = False
+            if not self._ip_filter:
+                log.warning(
+                    "this nbdkit's ip filter cannot restrict exports to an address; "
+                    "exports rely on their TLS-PSK key alone"
+                )
+        return [f"allow={client_address}", "deny=all"] if self._ip_filter else []
+
+    def _candidate_ports(self, record: ExportRecord) -> Iterator[int]:
+        low, high = self.ports
+        held = {
+            r.port
+            for r in self._records()
+            if (r.volume_id, r.client_node) != (record.volume_id, record.client_node)
+        }
+        order = [record.port] if low <= record.port <= high else []
+        order += [p for p in range(low, high + 1) if p != record.port]
+        for port in order:
+            if port not in held and _bindable(record.host, port):
+                yield port
+
+    def _stop(self, record: ExportRecord) -> None:
+        pid = self._pid(record)
+        if pid is not None:
+            processes.terminate(pid, NBDKIT, grace=CLOSE_GRACE)
+
+    def _kill_by_key_file(self, volume_id: str, client_node: str) -> None:
+        psk = self._file(volume_id, client_node, "psk")
+        pid_file = self._file(volume_id, client_node, "pid")
+        pid = processes.running(pid_file, NBDKIT, [f"--tls-psk={psk}"])
+        if pid is not None:
+            processes.terminate(pid, NBDKIT, grace=CLOSE_GRACE)
+
+    def _remove(self, volume_id: str, client_node: str) -> None:
+        """Delete the export's files, the record last (it is what finds the others)."""
+        for suffix in ("psk", "pid", "json"):
+            self._file(volume_id, client_node, suffix).unlink(missing_ok=True)
+        try:
+            (self.directory / volume_id).rmdir()
+        except OSError:
+            pass  # other clients' exports of the volume remain (or it is gone)
+
+    def _sweep_temporaries(self, volume_id: str) -> None:
+        for tmp in (self.directory / volume_id).glob(".tmp-*"):
+            tmp.unlink(missing_ok=True)
+
+
+def _load(path: Path) -> ExportRecord | None:
+    try:
+        data = json.loads(path.read_text())
+        return ExportRecord(**data)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError) as err:
+        log.warning("ignored the unreadable export record %s: %s", path, err)
+        return None
+
+
+def _bindable(host: str, port: int) -> bool:
+    """Whether nothing listens on host:port now (nbdkit may still lose a race: retried)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as err:
+            if err.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+                return False
+            raise
+    return True
