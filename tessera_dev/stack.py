@@ -15,19 +15,15 @@ Layout of the state directory:
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import grpc
-
 from tessera.clients import AgentClient, ManagementClient
 from tessera_dev import pool as dev_pool
+from tessera_dev import supervise
 from tessera_dev.release import release_volumes
 
 READY_TIMEOUT = 60.0
@@ -74,28 +70,18 @@ class DevStack:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "logs").mkdir(exist_ok=True)
         self._stack_file.unlink(missing_ok=True)
-        token = self._ensure_token()
+        token = supervise.ensure_token(Path(self.info.token_file))
         dev_pool.ensure_pool(self.dir / "pool.img", Path(self.info.pool_dir), self.pool_size)
         self._spawn("management", self._management_args())
         self._spawn("node-agent", self._agent_args())
         self._spawn("csi", self._csi_args())
         self._wait_ready(token)
-        tmp = self._stack_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self.info), indent=2) + "\n")
-        tmp.replace(self._stack_file)
+        supervise.write_json(self._stack_file, asdict(self.info))
         return self.info
 
     @property
     def _stack_file(self) -> Path:
         return self.dir / "stack.json"
-
-    def _ensure_token(self) -> str:
-        path = Path(self.info.token_file)
-        if not path.exists():
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_urlsafe(32) + "\n")
-        return path.read_text().strip()
 
     def _management_args(self) -> list[str]:
         return [
@@ -145,17 +131,7 @@ class DevStack:
         ]
 
     def _spawn(self, name: str, module_args: list[str]) -> None:
-        log = open(self.dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
-        # A new session: Ctrl-C in the terminal reaches `dev up`, which then
-        # stops the children in order instead of all at once.
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", *module_args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        log.close()
+        self.procs[name] = supervise.spawn(module_args, self.dir / "logs" / f"{name}.log")
 
     def _wait_ready(self, token: str) -> None:
         mgmt = ManagementClient(self.info.management_url, token)
@@ -168,7 +144,8 @@ class DevStack:
                 # moment `dev up` returns finds a pool. The plugin's Probe says the
                 # same at start, but stays ready once it was, so after a respawn
                 # the peers are asked here directly.
-                if mgmt.healthy() and agent.registered() and self._csi_ready():
+                csi_ready = supervise.csi_ready(self.info.csi_endpoint)
+                if mgmt.healthy() and agent.registered() and csi_ready:
                     return
                 time.sleep(0.1)
         finally:
@@ -177,18 +154,6 @@ class DevStack:
         raise RuntimeError(
             f"the stack did not become ready in {READY_TIMEOUT:.0f}s; see {self.dir}/logs"
         )
-
-    def _csi_ready(self) -> bool:
-        from csi_driver._gen import csi_pb2, csi_pb2_grpc
-
-        if not Path(self.info.csi_endpoint.removeprefix("unix://")).is_socket():
-            return False
-        with grpc.insecure_channel(self.info.csi_endpoint) as channel:
-            try:
-                reply = csi_pb2_grpc.IdentityStub(channel).Probe(csi_pb2.ProbeRequest(), timeout=2)
-            except grpc.RpcError:
-                return False
-        return not reply.HasField("ready") or reply.ready.value
 
     def _check_alive(self) -> None:
         for name, proc in self.procs.items():
@@ -226,15 +191,7 @@ class DevStack:
         """Stop processes (CSI first, management last), then release the data path."""
         self._stack_file.unlink(missing_ok=True)
         for name in ("csi", "node-agent", "management"):
-            proc = self.procs.get(name)
-            if proc is None or proc.poll() is not None:
-                continue
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+            supervise.stop(self.procs.get(name))
         release_volumes(Path(self.info.pool_dir))
         dev_pool.release_pool(self.dir / "pool.img", Path(self.info.pool_dir))
         for sock in ("csi.sock", "agent.sock", "management.sock"):
