@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 import uvicorn
 
 from management.app import create_app
-from management.context import DEFAULT_HEARTBEAT_TIMEOUT
+from management.context import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_MISSES
 from management.reconcile import PeriodicReconciler
 from tessera.http import read_token
 from tessera.rest import server_options
@@ -29,16 +30,43 @@ def parse_listen(listen: str) -> dict[str, object]:
     return {"host": host.strip("[]") or "127.0.0.1", "port": int(port)}
 
 
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tessera-management", description=__doc__)
     p.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT or unix:///path.sock")
     p.add_argument("--db", default="sqlite:///./tessera.db", help="SQLAlchemy database URL")
     p.add_argument("--token-file", required=True, help="file holding the API bearer token")
     p.add_argument(
-        "--heartbeat-timeout",
-        type=float,
-        default=DEFAULT_HEARTBEAT_TIMEOUT,
-        help="seconds without a heartbeat before a node is offline",
+        "--heartbeat-interval",
+        type=_positive,
+        default=DEFAULT_HEARTBEAT_INTERVAL,
+        metavar="SECONDS",
+        help="how often the node-agents heartbeat (theirs is 10 s)",
+    )
+    p.add_argument(
+        "--heartbeat-misses",
+        type=_positive_int,
+        default=DEFAULT_HEARTBEAT_MISSES,
+        metavar="N",
+        help="a node missing this many beats in a row is unreachable (see docs/liveness.md)",
+    )
+    p.add_argument(
+        "--ca-bundle",
+        metavar="FILE",
+        help="CA certificates that signed the node-agents' https certificates",
     )
     p.add_argument("--access-log", action="store_true", help="log every request line")
     p.add_argument(
@@ -59,9 +87,17 @@ def main(argv: list[str] | None = None) -> None:
         bind = parse_listen(args.listen)
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))
+    if args.ca_bundle and not os.access(args.ca_bundle, os.R_OK):
+        parser.error(f"--ca-bundle {args.ca_bundle}: not a readable file")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     token = read_token(args.token_file)
-    app = create_app(args.db, token, heartbeat_timeout=args.heartbeat_timeout)
+    app = create_app(
+        args.db,
+        token,
+        heartbeat_interval=args.heartbeat_interval,
+        heartbeat_misses=args.heartbeat_misses,
+        ca_file=args.ca_bundle,
+    )
     reconciler = None
     if args.reconcile_interval > 0:
         reconciler = PeriodicReconciler(app.state.ctx, args.reconcile_interval)

@@ -13,8 +13,10 @@ from tessera.clients import AgentClient
 
 
 class AgentClients:
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, ca_file: str | None = None) -> None:
         self._token = token
+        #: CA bundle that signed the agents' https certificates (None: the system's)
+        self._ca_file = ca_file
         self._clients: dict[str, AgentClient] = {}
         self._lock = threading.Lock()
 
@@ -25,7 +27,7 @@ class AgentClients:
         with self._lock:
             client = self._clients.get(agent_url)
             if client is None:
-                client = AgentClient(agent_url, self._token)
+                client = AgentClient(agent_url, self._token, ca_file=self._ca_file)
                 self._clients[agent_url] = client
             return client
 

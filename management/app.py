@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from management import problems
 from management.agents import AgentClients
-from management.context import DEFAULT_HEARTBEAT_TIMEOUT, Context
+from management.context import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_MISSES, Context
 from management.db import Database
 from management.inventory import ensure_default_vpg
 from management.routes import health, v1_router
@@ -24,7 +24,9 @@ def create_app(
     db_url: str,
     token: str,
     *,
-    heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+    heartbeat_misses: int = DEFAULT_HEARTBEAT_MISSES,
+    ca_file: str | None = None,
 ) -> FastAPI:
     """Build the management API.
 
@@ -37,7 +39,12 @@ def create_app(
         raise ValueError("an API token is required")
     db = Database(db_url)
     db.create_tables()
-    ctx = Context(db=db, agents=AgentClients(token), heartbeat_timeout=heartbeat_timeout)
+    ctx = Context(
+        db=db,
+        agents=AgentClients(token, ca_file),
+        heartbeat_interval=heartbeat_interval,
+        heartbeat_misses=heartbeat_misses,
+    )
     ensure_default_vpg(ctx)
 
     @asynccontextmanager

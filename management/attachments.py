@@ -1,37 +1,76 @@
-"""Attachments (ControllerPublish) and the cross-node access-mode rules.
+"""Attachments (ControllerPublish / ControllerUnpublish) and the cross-node access-mode rules.
 
 The rules are checked and the record inserted in one write transaction
 (BEGIN IMMEDIATE on SQLite, the volume row locked FOR UPDATE elsewhere) so
 two nodes attaching at once cannot both pass a single-writer check.
+
+A consumer on the owner's node reaches the file directly (`loop`). Any
+other consumer gets an NBD export from the owner, protected by a TLS-PSK
+key per attachment (docs/data-path.md): the row is recorded `pending` with
+a fresh key first, the two agent calls run after that transaction commits
+(a slow agent must not hold the database write lock), and a last short
+transaction marks it `ready` with the export's address. A retry of a
+pending attachment re-drives the same idempotent calls with the same key,
+so a crash at any point converges. The key never leaves management except
+to those two agents: not in an answer, a log line or an error.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+import logging
+import secrets
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
+from management import liveness
 from management.context import Context
 from management.inventory import get_node_row
-from management.schema import AttachmentRow, VolumeRow
+from management.schema import AttachmentRow, NodeRow, VolumeRow
 from tessera import ids
 from tessera.access_modes import READ_ONLY_MODES, SINGLE_NODE_MODES
 from tessera.errors import (
+    Aborted,
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    TesseraError,
 )
-from tessera.models import AccessMode, Attachment, AttachmentCreate, VolumeState
+from tessera.models import (
+    AccessMode,
+    AgentExportCreate,
+    AgentKey,
+    Attachment,
+    AttachmentCreate,
+    Connection,
+    NodeState,
+    Transport,
+    VolumeState,
+)
+
+log = logging.getLogger(__name__)
+
+PENDING = "pending"
+READY = "ready"
 
 
-def attachment_model(row: AttachmentRow) -> Attachment:
+def attachment_model(row: AttachmentRow, owner: str) -> Attachment:
+    """The wire model: the connection the consumer needs, never the key."""
+    connection = Connection(transport=Transport(row.transport), owner_node=owner)
+    if row.transport == Transport.NBD:
+        connection.host, connection.port = row.host, row.port
+        connection.psk_identity = row.psk_identity
     return Attachment(
         volume_id=row.volume_id,
         node_id=row.node_id,
         access_mode=AccessMode(row.access_mode),
         readonly=row.readonly,
         created_at=row.created_at,
+        connection=connection,
     )
 
 
@@ -67,43 +106,181 @@ def check_mode_rules(
             )
 
 
+# ---- attach ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _ExportPlan:
+    """The agent calls a remote attachment still owes (the key rides along, never shown)."""
+
+    volume_id: str
+    consumer: str
+    owner: str
+    owner_url: str
+    consumer_url: str
+    readonly: bool
+    psk_identity: str
+    psk_key: str
+
+    def __repr__(self) -> str:  # a traceback or a debug log must not show the key
+        return f"_ExportPlan({self.volume_id} on {self.consumer}, owner {self.owner})"
+
+
 def attach(ctx: Context, volume_id: str, node_id: str, req: AttachmentCreate) -> Attachment:
     ids.check_volume_id(volume_id)
     ids.check_node_id(node_id)
     with ctx.db.write() as s:
         volume = _lock_volume(s, volume_id)
-        node = get_node_row(s, node_id)
+        consumer = get_node_row(s, node_id)
         existing = s.get(AttachmentRow, (volume_id, node_id))
         if existing is not None:
-            if existing.access_mode == req.access_mode.value and existing.readonly == req.readonly:
-                return attachment_model(existing)
-            raise AlreadyExists(
-                f"volume {volume_id} is already attached to {node_id} as "
-                f"{existing.access_mode} readonly={existing.readonly}",
-                field="access_mode",
-            )
-        if volume.state != VolumeState.AVAILABLE:
-            raise FailedPrecondition(
-                f"volume {volume_id} is {volume.state}, not available", field="volume_id"
-            )
-        others = list(
-            s.scalars(
-                select(AttachmentRow)
-                .where(AttachmentRow.volume_id == volume_id)
-                .order_by(AttachmentRow.node_id)
-            )
+            _check_same_request(existing, req)
+            if existing.state == READY:
+                return attachment_model(existing, volume.node_id)
+        else:
+            existing = _record(ctx, s, volume, consumer, req)
+        if existing.state == READY:  # local: nothing to drive
+            return attachment_model(existing, volume.node_id)
+        plan = _plan(ctx, s, volume, consumer, existing)
+    return _drive_export(ctx, plan)
+
+
+def _check_same_request(existing: AttachmentRow, req: AttachmentCreate) -> None:
+    if existing.access_mode == req.access_mode.value and existing.readonly == req.readonly:
+        return
+    raise AlreadyExists(
+        f"volume {existing.volume_id} is already attached to {existing.node_id} as "
+        f"{existing.access_mode} readonly={existing.readonly}",
+        field="access_mode",
+    )
+
+
+def _record(
+    ctx: Context, s: Session, volume: VolumeRow, consumer: NodeRow, req: AttachmentCreate
+) -> AttachmentRow:
+    """Check everything and insert the row: ready for a local consumer, pending for a remote one."""
+    liveness.require_online(
+        ctx, consumer, "node", "nothing can be attached to it until its agent heartbeats again"
+    )
+    if volume.state != VolumeState.AVAILABLE:
+        raise FailedPrecondition(
+            f"volume {volume.id} is {volume.state}, not available", field="volume_id"
         )
-        check_mode_rules(req.access_mode, req.readonly, node_id, others)
-        _check_node_limit(s, node_id, node.max_volumes)
-        row = AttachmentRow(
-            volume_id=volume_id,
-            node_id=node_id,
-            access_mode=req.access_mode.value,
-            readonly=req.readonly,
-            created_at=ctx.clock(),
+    others = list(
+        s.scalars(
+            select(AttachmentRow)
+            .where(AttachmentRow.volume_id == volume.id)
+            .order_by(AttachmentRow.node_id)
         )
-        s.add(row)
-        return attachment_model(row)
+    )
+    try:
+        check_mode_rules(req.access_mode, req.readonly, consumer.id, others)
+    except FailedPrecondition as err:
+        raise FailedPrecondition(
+            err.message + _fence_hint(ctx, s, others), field=err.field
+        ) from None
+    _check_node_limit(s, consumer.id, consumer.max_volumes)
+    remote = consumer.id != volume.node_id
+    if remote:
+        owner = s.get(NodeRow, volume.node_id)
+        if owner is not None:  # nodes are never deleted while they own volumes
+            liveness.require_online(
+                ctx, owner, "owner node", f"it holds the data of volume {volume.id}"
+            )
+    row = AttachmentRow(
+        volume_id=volume.id,
+        node_id=consumer.id,
+        access_mode=req.access_mode.value,
+        readonly=req.readonly,
+        created_at=ctx.clock(),
+        transport=(Transport.NBD if remote else Transport.LOOP).value,
+        state=PENDING if remote else READY,
+        psk_identity=consumer.id if remote else "",
+        psk_key=secrets.token_hex(32) if remote else "",
+        host="",
+        port=0,
+    )
+    s.add(row)
+    s.flush()
+    return row
+
+
+def _fence_hint(ctx: Context, s: Session, others: list[AttachmentRow]) -> str:
+    """Why a holder that stopped heartbeating still blocks, and what unblocks it."""
+    hints = []
+    for other in others:
+        node = s.get(NodeRow, other.node_id)
+        if node is not None and liveness.node_state(ctx, node) == NodeState.UNREACHABLE:
+            hints.append(
+                f"; node {node.id} is unreachable ({liveness.last_seen(ctx, node)}): once it "
+                f"is really down or cut off, fence it (tessera node fence {node.id}) to release "
+                "its attachments"
+            )
+    return "".join(hints)
+
+
+def _plan(
+    ctx: Context, s: Session, volume: VolumeRow, consumer: NodeRow, row: AttachmentRow
+) -> _ExportPlan:
+    """What a pending row still owes; the owner and consumer must be heartbeating for it."""
+    owner = get_node_row(s, volume.node_id)
+    why = "the remote attachment cannot be completed until it heartbeats again"
+    liveness.require_online(ctx, consumer, "node", why)
+    liveness.require_online(ctx, owner, "owner node", why)
+    return _ExportPlan(
+        volume_id=volume.id,
+        consumer=consumer.id,
+        owner=owner.id,
+        owner_url=owner.agent_url,
+        consumer_url=consumer.agent_url,
+        readonly=row.readonly,
+        psk_identity=row.psk_identity,
+        psk_key=row.psk_key,
+    )
+
+
+def _client_address(agent_url: str) -> str:
+    """The consumer's advertised host: the one address the owner's export lets in."""
+    if agent_url.startswith("unix:"):
+        return ""  # a node on this machine (tests, --nodes 1): no address to pin
+    return urlsplit(agent_url).hostname or ""
+
+
+def _drive_export(ctx: Context, plan: _ExportPlan) -> Attachment:
+    """Owner exports, consumer gets the key, then the row is ready. Idempotent throughout."""
+    request = AgentExportCreate(
+        psk_identity=plan.psk_identity,
+        psk_key=plan.psk_key,
+        readonly=plan.readonly,
+        client_address=_client_address(plan.consumer_url),
+    )
+    export = ctx.agents.get(plan.owner_url).export(plan.volume_id, plan.consumer, request)
+    key = AgentKey(psk_identity=plan.psk_identity, psk_key=plan.psk_key)
+    ctx.agents.get(plan.consumer_url).put_key(plan.volume_id, key)
+    with ctx.db.write() as s:
+        done = s.execute(
+            update(AttachmentRow)
+            .where(
+                AttachmentRow.volume_id == plan.volume_id,
+                AttachmentRow.node_id == plan.consumer,
+                AttachmentRow.psk_key == plan.psk_key,
+            )
+            .values(host=export.host, port=export.port, state=READY)
+        )
+        row = s.get(AttachmentRow, (plan.volume_id, plan.consumer)) if done.rowcount else None
+        if row is not None:
+            log.info(
+                "volume %s attached to %s over nbd from %s (%s:%d)",
+                plan.volume_id, plan.consumer, plan.owner, export.host, export.port,
+            )  # fmt: skip
+            return attachment_model(row, plan.owner)
+    # Detached (or fenced) while the agents were called: take back what we just made.
+    _close_export(ctx, plan.volume_id, plan.consumer, plan.owner_url, plan.consumer_url)
+    raise Aborted(
+        f"the attachment of volume {plan.volume_id} to {plan.consumer} was removed while it "
+        "was being made (a detach or fence ran meanwhile); retry",
+        field="node_id",
+    )
 
 
 def _lock_volume(s: Session, volume_id: str) -> VolumeRow:
@@ -126,24 +303,91 @@ def _check_node_limit(s: Session, node_id: str, max_volumes: int) -> None:
         )
 
 
-def detach(ctx: Context, volume_id: str, node_id: str) -> None:
-    """Idempotent: an attachment that is not there is already detached."""
+# ---- detach ------------------------------------------------------------------------------
+
+
+def detach(ctx: Context, volume_id: str, node_id: str) -> bool:
+    """Release the attachment; True if there was one. Idempotent.
+
+    A remote attachment's export is closed by the owner (its nbdkit ends,
+    so every connection from the consumer drops, and its key is deleted)
+    BEFORE the row goes: once the row is gone another node may become the
+    writer, and the old one must no longer reach the data by then. An
+    owner that is fenced is skipped (it serves nothing any more); one that
+    is merely unreachable makes the detach 503 (retried) rather than risk
+    two writers.
+    """
     ids.check_volume_id(volume_id)
     ids.check_node_id(node_id)
-    with ctx.db.write() as s:
+    with ctx.db.read() as s:
         row = s.get(AttachmentRow, (volume_id, node_id))
-        if row is not None:
-            s.delete(row)
+        if row is None:
+            return False
+        key = row.psk_key
+        if row.transport == Transport.NBD:
+            volume = s.get(VolumeRow, volume_id)
+            owner = s.get(NodeRow, volume.node_id) if volume is not None else None
+            consumer = s.get(NodeRow, node_id)
+            if owner is not None:
+                _revoke(ctx, volume_id, owner, consumer)
+    with ctx.db.write() as s:
+        s.execute(
+            delete(AttachmentRow).where(
+                AttachmentRow.volume_id == volume_id,
+                AttachmentRow.node_id == node_id,
+                AttachmentRow.psk_key == key,
+            )
+        )
+    log.info("volume %s detached from %s", volume_id, node_id)
+    return True
+
+
+def _revoke(ctx: Context, volume_id: str, owner: NodeRow, consumer: NodeRow | None) -> None:
+    """The owner closes the consumer's export (unless fenced); the consumer forgets the key."""
+    consumer_id = consumer.id if consumer is not None else ""
+    owner_state = liveness.node_state(ctx, owner)
+    if owner_state != NodeState.FENCED:
+        liveness.require_online(
+            ctx,
+            owner,
+            "owner node",
+            f"it must close the export of volume {volume_id} to {consumer_id} before the "
+            "attachment is released (or fence the owner too)",
+        )
+        ctx.agents.get(owner.agent_url).close_export(volume_id, consumer_id)
+    if consumer is not None and liveness.node_state(ctx, consumer) == NodeState.ONLINE:
+        _forget_key(ctx, volume_id, consumer.id, consumer.agent_url)
+
+
+def _forget_key(ctx: Context, volume_id: str, node_id: str, agent_url: str) -> None:
+    """Best effort: with the export closed, the key opens nothing any more."""
+    try:
+        ctx.agents.get(agent_url).delete_key(volume_id)
+    except TesseraError as err:
+        log.warning("volume %s: node %s could not delete its key: %s", volume_id, node_id, err)
+
+
+def _close_export(
+    ctx: Context, volume_id: str, consumer: str, owner_url: str, consumer_url: str
+) -> None:
+    """Undo a remote attachment's agent calls after its row went away meanwhile."""
+    try:
+        ctx.agents.get(owner_url).close_export(volume_id, consumer)
+    except TesseraError as err:
+        # the owner's heartbeat reply no longer lists it, so the owner reaps it
+        log.warning("volume %s: could not close the export to %s: %s", volume_id, consumer, err)
+    _forget_key(ctx, volume_id, consumer, consumer_url)
 
 
 def list_attachments(ctx: Context, volume_id: str) -> list[Attachment]:
     ids.check_volume_id(volume_id)
     with ctx.db.read() as s:
-        if s.get(VolumeRow, volume_id) is None:
+        volume = s.get(VolumeRow, volume_id)
+        if volume is None:
             raise NotFound(f"volume {volume_id} does not exist", field="volume_id")
         rows = s.scalars(
             select(AttachmentRow)
             .where(AttachmentRow.volume_id == volume_id)
             .order_by(AttachmentRow.node_id)
         )
-        return [attachment_model(r) for r in rows]
+        return [attachment_model(r, volume.node_id) for r in rows]

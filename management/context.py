@@ -9,16 +9,26 @@ from dataclasses import dataclass, field
 from management.agents import AgentClients
 from management.db import Database
 
-DEFAULT_HEARTBEAT_TIMEOUT = 30.0
+#: seconds between two heartbeats of an agent (node_agent.registration beats every 10 s)
+DEFAULT_HEARTBEAT_INTERVAL = 10.0
+#: beats a node may miss before it is unreachable
+DEFAULT_HEARTBEAT_MISSES = 3
 
 
 @dataclass
 class Context:
     db: Database
     agents: AgentClients
-    #: a node is online when its last heartbeat is at most this many seconds old
-    heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
+    #: how often the agents beat (management's --heartbeat-interval)
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
+    #: a node is unreachable after this many intervals without a beat
+    heartbeat_misses: int = DEFAULT_HEARTBEAT_MISSES
     clock: Callable[[], float] = field(default=time.time)
+
+    @property
+    def heartbeat_timeout(self) -> float:
+        """Seconds without a heartbeat after which a node is unreachable."""
+        return self.heartbeat_interval * self.heartbeat_misses
 
     def online_since(self) -> float:
         """Oldest heartbeat that still counts as online."""

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Column, Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
@@ -87,7 +87,10 @@ class Database:
         self._write = sessionmaker(bind=self._write_engine, expire_on_commit=False)
 
     def create_tables(self) -> None:
+        """Create what is missing, and bring a database an older version made up to date."""
         Base.metadata.create_all(self.engine)
+        with self.engine.begin() as conn:
+            upgrade_schema(conn)
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -130,3 +133,47 @@ class Database:
                 self._writer_conn.close()
                 self._writer_conn = None
         self.engine.dispose()
+
+
+class SchemaTooOld(RuntimeError):
+    """The database lacks a column this version cannot add by itself."""
+
+
+def upgrade_schema(conn: Connection) -> None:
+    """Add the columns and rows a database made by an older version lacks.
+
+    `create_all` creates missing tables but never touches existing ones, so
+    without this an upgraded management would fail on its first query (or,
+    worse, read an old volume as having no legs and so no space in use).
+    Every later column has a server default, so adding it is one ALTER
+    TABLE; volumes made before legs existed get their one leg from their
+    own node, pool and size. Each step only does what is missing, so a
+    crash midway is finished by the next start.
+    """
+    inspector = inspect(conn)
+    for table in Base.metadata.sorted_tables:
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present:
+                _add_column(conn, table.name, column)
+    conn.execute(
+        text(
+            "INSERT INTO volume_legs (volume_id, position, node_id, pool, size_bytes) "
+            "SELECT id, 0, node_id, pool, size_bytes FROM volumes "
+            "WHERE id NOT IN (SELECT volume_id FROM volume_legs)"
+        )
+    )
+
+
+def _add_column(conn: Connection, table: str, column: Column[Any]) -> None:
+    default = column.server_default
+    if default is None or not hasattr(default, "arg"):
+        raise SchemaTooOld(
+            f"the database's table {table!r} has no column {column.name!r} and this version "
+            "cannot add it by itself: upgrade through the release that introduced it"
+        )
+    kind = column.type.compile(dialect=conn.dialect)
+    value = default.arg.text if hasattr(default.arg, "text") else str(default.arg)
+    conn.execute(
+        text(f'ALTER TABLE {table} ADD COLUMN "{column.name}" {kind} NOT NULL DEFAULT {value}')
+    )

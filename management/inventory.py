@@ -2,7 +2,8 @@
 
 Node-agents register themselves and their pools (upserts, so an agent can
 simply re-register after every restart) and heartbeat; a node counts as
-online while its heartbeat is fresh, and only online nodes get new volumes.
+online while its heartbeat is fresh and it is not fenced (management.liveness),
+and only online nodes get new volumes.
 """
 
 from __future__ import annotations
@@ -13,18 +14,24 @@ from sqlalchemy.orm import Session
 
 from management.context import Context
 from management.limits import check_bytes, check_count, check_text
+from management.liveness import node_state
 from management.pagination import fetch_page
 from management.placement import PoolSpace, allocated_by_pool, pool_space
-from management.schema import NodeRow, PoolRow, VpgRow
+from management.schema import AttachmentRow, NodeRow, PoolRow, VolumeRow, VpgRow
 from tessera import ids
 from tessera.errors import AlreadyExists, InvalidArgument, NotFound
 from tessera.models import (
     Capacity,
+    ExportRef,
+    HeartbeatReply,
+    Locality,
     Node,
     NodeRegistration,
+    NodeState,
     Page,
     Pool,
     PoolRegistration,
+    Transport,
     Vpg,
     VpgCreate,
 )
@@ -38,13 +45,16 @@ DEFAULT_VPG = "default"
 
 
 def node_model(ctx: Context, row: NodeRow) -> Node:
+    state = node_state(ctx, row)
     return Node(
         id=row.id,
         agent_url=row.agent_url,
         topology=dict(row.topology or {}),
         max_volumes=row.max_volumes,
         last_heartbeat=row.last_heartbeat,
-        online=row.last_heartbeat >= ctx.online_since(),
+        online=state == NodeState.ONLINE,
+        state=state,
+        fenced_at=row.fenced_at or 0.0,
     )
 
 
@@ -64,6 +74,7 @@ def register_node(ctx: Context, node_id: str, reg: NodeRegistration) -> Node:
         row.topology = dict(reg.topology)
         row.max_volumes = reg.max_volumes
         row.last_heartbeat = ctx.clock()
+        row.fenced_at = 0.0  # back after a fence: its attachments were released then
         s.flush()
         return node_model(ctx, row)
 
@@ -77,13 +88,38 @@ def _check_agent_url(url: str) -> None:
         )
 
 
-def heartbeat(ctx: Context, node_id: str) -> None:
+def heartbeat(ctx: Context, node_id: str) -> HeartbeatReply:
+    """Record the beat and tell the node what management still wants of it.
+
+    A node that was fenced (or cut off long enough for its attachments to
+    be released) holds devices and exports nothing wants any more; the reply
+    lists what is still wanted, so the agent tears down the rest. The lists
+    come from the same transaction that records the beat, so an attachment
+    made after it is never missing from a later reply.
+    """
     ids.check_node_id(node_id)
     with ctx.db.write() as s:
         row = s.get(NodeRow, node_id)
         if row is None:
             raise NotFound(f"node {node_id!r} is not registered", field="node_id")
         row.last_heartbeat = ctx.clock()
+        row.fenced_at = 0.0  # a fenced node that beats again is back (docs/liveness.md)
+        attached = s.scalars(
+            select(AttachmentRow.volume_id)
+            .where(AttachmentRow.node_id == node_id)
+            .order_by(AttachmentRow.volume_id)
+        )
+        exports = s.execute(
+            select(AttachmentRow.volume_id, AttachmentRow.node_id)
+            .join(VolumeRow, VolumeRow.id == AttachmentRow.volume_id)
+            .where(VolumeRow.node_id == node_id, AttachmentRow.transport == Transport.NBD.value)
+            .order_by(AttachmentRow.volume_id, AttachmentRow.node_id)
+        )
+        return HeartbeatReply(
+            state=NodeState.ONLINE,
+            attachments=list(attached),
+            exports=[ExportRef(volume_id=v, client_node=n) for v, n in exports],
+        )
 
 
 def get_node_row(s: Session, node_id: str) -> NodeRow:
@@ -202,8 +238,14 @@ def list_vpgs(ctx: Context, page_token: str, max_entries: int) -> Page[Vpg]:
 # ---- capacity ------------------------------------------------------------------------
 
 
-def capacity(ctx: Context, vpg: str, node_id: str) -> Capacity:
-    """What a new volume could get right now: the most free space in one eligible pool.
+def capacity(ctx: Context, vpg: str, node_id: str, locality: Locality = Locality.ANY) -> Capacity:
+    """What a new volume reachable from `node_id` could get now: the most free space in one pool.
+
+    With locality `required` the volume must be on `node_id` itself, so only
+    its pools count. Otherwise (`any`, `preferred`) a volume placed on any
+    online node is reachable from every node over the network, so every
+    online pool counts; `node_id` must still be a node management knows
+    (an unknown one gets 0, as it would get no attachment).
 
     A concat volume lives in a single pool, so the sum over pools would
     promise space no single volume can have. Free space is exactly what
@@ -215,6 +257,8 @@ def capacity(ctx: Context, vpg: str, node_id: str) -> Capacity:
     with ctx.db.read() as s:
         check_vpg_exists(s, vpg)
         node_ids = [ids.check_node_id(node_id)] if node_id else None
+        if node_id and locality != Locality.REQUIRED:
+            node_ids = None if s.get(NodeRow, node_id) is not None else []
         pools = pool_space(s, online_since=ctx.online_since(), node_ids=node_ids)
     best = max((p.free_bytes for p in pools), default=0)
     return Capacity(available_bytes=best, maximum_volume_bytes=best)

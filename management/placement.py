@@ -1,7 +1,7 @@
 """Where a volume goes, and how much room pools have.
 
 Free space is derived, never stored: capacity minus the sizes of the
-volumes in the pool, written or not. The capacity is what the agent
+volume legs in the pool, written or not. The capacity is what the agent
 measured the pool's filesystem can really give to volumes (see
 node_agent.pools.Pool.capacity_bytes), so every placed byte can be written.
 
@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import Connection, Select, bindparam, func, select
 from sqlalchemy.orm import Session
 
-from management.schema import NodeRow, PoolRow, VolumeRow
+from management.schema import NodeRow, PoolRow, VolumeLegRow
 from tessera.errors import OutOfRange, ResourceExhausted
 from tessera.models import Locality
 from tessera.units import format_size
@@ -40,17 +40,16 @@ class PoolSpace:
 
 
 def allocated_by_pool(session: Session, node_id: str | None = None) -> dict[tuple[str, str], int]:
-    stmt = select(VolumeRow.node_id, VolumeRow.pool, func.sum(VolumeRow.size_bytes)).group_by(
-        VolumeRow.node_id, VolumeRow.pool
-    )
+    leg = VolumeLegRow
+    stmt = select(leg.node_id, leg.pool, func.sum(leg.size_bytes)).group_by(leg.node_id, leg.pool)
     if node_id is not None:
-        stmt = stmt.where(VolumeRow.node_id == node_id)
+        stmt = stmt.where(leg.node_id == node_id)
     return {(n, p): int(total or 0) for n, p, total in session.execute(stmt)}
 
 
 _ALLOCATED = (
-    select(func.coalesce(func.sum(VolumeRow.size_bytes), 0))
-    .where(VolumeRow.node_id == PoolRow.node_id, VolumeRow.pool == PoolRow.name)
+    select(func.coalesce(func.sum(VolumeLegRow.size_bytes), 0))
+    .where(VolumeLegRow.node_id == PoolRow.node_id, VolumeLegRow.pool == PoolRow.name)
     .correlate(PoolRow)
     .scalar_subquery()
 )
@@ -60,7 +59,7 @@ def _pool_space_statement(by_node: bool, lock: bool) -> Select[Any]:
     stmt = (
         select(PoolRow.node_id, PoolRow.name, PoolRow.capacity_bytes, _ALLOCATED, NodeRow.agent_url)
         .join(NodeRow, NodeRow.id == PoolRow.node_id)
-        .where(NodeRow.last_heartbeat >= bindparam("online_since"))
+        .where(NodeRow.last_heartbeat >= bindparam("online_since"), NodeRow.fenced_at == 0)
         .order_by(PoolRow.node_id, PoolRow.name)
     )
     if by_node:
@@ -87,6 +86,9 @@ def pool_space(
     lock: bool = False,
 ) -> list[PoolSpace]:
     """Pools (optionally only of online nodes / given nodes) with their allocation.
+
+    A fenced node's pools are never listed: nothing new goes to a node that
+    was cut off until it beats again.
 
     With `lock`, PostgreSQL first locks the pool rows FOR UPDATE and only
     then sums their volumes, in a second statement: under READ COMMITTED

@@ -18,6 +18,10 @@ a user's data (management never deletes a file without a `deleting` row
 for it), a missing file needs a human, and attached devices are never
 detached (a pod may be using them).
 
+A node's files are its volume legs (a concat volume has one, on its
+owner); its devices are its own attachments, local or remote (a remote
+attachment's device is on the consumer, its export on the owner).
+
 Each node is read agent first, rows second: a volume's row is committed
 before its file is made, so a file the agent listed without a row is not a
 create in flight. A candidate orphan file or attachment is confirmed by a
@@ -34,10 +38,10 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Select, delete, select, update
 
 from management.context import Context
-from management.schema import AttachmentRow, NodeRow, VolumeRow
+from management.schema import AttachmentRow, NodeRow, VolumeLegRow, VolumeRow
 from tessera.clients import AgentClient
 from tessera.errors import NotFound, TesseraError
 from tessera.models import (
@@ -97,12 +101,17 @@ def _read_node(ctx: Context, node_id: str, agent_url: str) -> NodeView:
     files = {v.id: v for v in agent.list_volumes()}
     devices = {a.volume_id: a for a in agent.list_attachments()}
     with ctx.db.read() as s:
-        rows = {r.id: r for r in s.scalars(select(VolumeRow).where(VolumeRow.node_id == node_id))}
+        rows = {r.id: r for r in s.scalars(_volumes_with_a_leg_on(node_id))}
         records = select(AttachmentRow.volume_id, AttachmentRow.created_at).where(
             AttachmentRow.node_id == node_id
         )
         attached = {volume_id: created_at for volume_id, created_at in s.execute(records)}
     return NodeView(node_id, agent, files, devices, rows, attached, judged_before)
+
+
+def _volumes_with_a_leg_on(node_id: str) -> Select[tuple[VolumeRow]]:
+    legs = select(VolumeLegRow.volume_id).where(VolumeLegRow.node_id == node_id)
+    return select(VolumeRow).where(VolumeRow.id.in_(legs))
 
 
 # ---- volume files ----------------------------------------------------------------------
@@ -247,7 +256,9 @@ def _confirm_orphan_file(
         return _unchecked(view, file.id, f"its file {file.path} has no row", err)
     with ctx.db.read() as s:
         row = s.get(VolumeRow, file.id)
-    if row is not None and row.node_id == view.node_id:
+        here = s.scalar(_volumes_with_a_leg_on(view.node_id).where(VolumeRow.id == file.id))
+        placed_here = here is not None
+    if placed_here:
         return None  # created meanwhile; not an orphan
     held = (
         f"holds {file.allocated_bytes} bytes of data" if file.allocated_bytes else "holds no data"

@@ -11,7 +11,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from management import attachments, inventory, reconcile, volumes
+from management import attachments, fencing, inventory, reconcile, volumes
 from management.context import Context
 from tessera.models import (
     MAX_VOLUME_NAME,
@@ -20,6 +20,9 @@ from tessera.models import (
     Attachment,
     AttachmentCreate,
     Capacity,
+    FenceReport,
+    FenceRequest,
+    HeartbeatReply,
     Locality,
     Name,
     Node,
@@ -77,10 +80,23 @@ def v1_router(ctx: Context) -> APIRouter:
     def register_node(node_id: NodeId, body: NodeRegistration) -> Response:
         return json_response(inventory.register_node(ctx, node_id, body))
 
-    @r.post("/nodes/{node_id}/heartbeat", status_code=204, tags=["nodes"])
+    @r.post(
+        "/nodes/{node_id}/heartbeat",
+        response_model=HeartbeatReply,
+        tags=["nodes"],
+        responses=problems(404),
+    )
     def heartbeat(node_id: NodeId) -> Response:
-        inventory.heartbeat(ctx, node_id)
-        return Response(status_code=204)
+        return json_response(inventory.heartbeat(ctx, node_id))
+
+    @r.post(
+        "/nodes/{node_id}/fence",
+        response_model=FenceReport,
+        tags=["nodes"],
+        responses=problems(404, 409, 502, 503, 504),
+    )
+    def fence_node(node_id: NodeId, body: FenceRequest | None = None) -> Response:
+        return json_response(fencing.fence(ctx, node_id, body or FenceRequest()))
 
     @r.get("/nodes", response_model=Page[Node], tags=["nodes"])
     def list_nodes(page_token: PageToken = "", max_entries: MaxEntries = 0) -> Response:
@@ -121,7 +137,7 @@ def v1_router(ctx: Context) -> APIRouter:
     def capacity(
         vpg: str = "default", node_id: OptionalNodeId = "", locality: Locality = Locality.ANY
     ) -> Response:
-        return json_response(inventory.capacity(ctx, vpg, node_id))
+        return json_response(inventory.capacity(ctx, vpg, node_id, locality))
 
     # ---- volumes ----
     @r.post(
@@ -172,12 +188,17 @@ def v1_router(ctx: Context) -> APIRouter:
         "/volumes/{volume_id}/attachments/{node_id}",
         response_model=Attachment,
         tags=["attach"],
-        responses=problems(409, 507),
+        responses=problems(404, 409, 502, 503, 504, 507),
     )
     def attach(volume_id: str, node_id: NodeId, body: AttachmentCreate) -> Response:
         return json_response(attachments.attach(ctx, volume_id, node_id, body))
 
-    @r.delete("/volumes/{volume_id}/attachments/{node_id}", status_code=204, tags=["attach"])
+    @r.delete(
+        "/volumes/{volume_id}/attachments/{node_id}",
+        status_code=204,
+        tags=["attach"],
+        responses=problems(502, 503, 504),
+    )
     def detach(volume_id: str, node_id: NodeId) -> Response:
         attachments.detach(ctx, volume_id, node_id)
         return Response(status_code=204)

@@ -2,8 +2,12 @@
 
 Portable column types only (SQLite by default, PostgreSQL for HA): sizes
 are BigInteger, timestamps are epoch seconds as Float, free-form maps are
-JSON. Space accounting is derived (capacity minus the sum of volume sizes)
-rather than stored, so it can never drift from the volumes that use it.
+JSON. Space accounting is derived (capacity minus the sum of the legs
+placed in a pool) rather than stored, so it can never drift from the volumes that use it.
+
+Columns added after the first release carry a `server_default`:
+`management.db.upgrade_schema` adds them to a database an older version
+made (see docs/operations.md, "Upgrading").
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -36,6 +41,8 @@ class NodeRow(Base):
     topology: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     max_volumes: Mapped[int] = mapped_column(Integer, default=0)
     last_heartbeat: Mapped[float] = mapped_column(Float, default=0.0)
+    #: when an admin (or ControllerUnpublish via `tessera node fence`) fenced it; 0: not fenced
+    fenced_at: Mapped[float] = mapped_column(Float, default=0.0, server_default=text("0"))
 
 
 class PoolRow(Base):
@@ -75,6 +82,31 @@ class VolumeRow(Base):
     created_at: Mapped[float] = mapped_column(Float)
 
 
+class VolumeLegRow(Base):
+    """One piece of a volume: a file in one node's pool.
+
+    A concat volume has one leg (position 0); striped and mirrored layouts
+    add more without another schema change. The first leg's node is the
+    volume's owner (`VolumeRow.node_id`/`pool` repeat it, so the many
+    queries that only need the owner need no join). Space accounting and
+    placement count legs.
+    """
+
+    __tablename__ = "volume_legs"
+    __table_args__ = (
+        ForeignKeyConstraint(["node_id", "pool"], ["pools.node_id", "pools.name"]),
+        Index("ix_volume_legs_pool", "node_id", "pool"),
+    )
+
+    volume_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("volumes.id", ondelete="CASCADE"), primary_key=True
+    )
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node_id: Mapped[str] = mapped_column(String(128))
+    pool: Mapped[str] = mapped_column(String(128))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+
+
 class AttachmentRow(Base):
     __tablename__ = "attachments"
 
@@ -87,3 +119,14 @@ class AttachmentRow(Base):
     access_mode: Mapped[str] = mapped_column(String(32))
     readonly: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[float] = mapped_column(Float)
+    #: `loop` (the consumer owns the file) or `nbd` (the owner exports it to the consumer)
+    transport: Mapped[str] = mapped_column(
+        String(16), default="loop", server_default=text("'loop'")
+    )
+    #: `pending` until the owner's export and the consumer's key are in place, then `ready`
+    state: Mapped[str] = mapped_column(String(16), default="ready", server_default=text("'ready'"))
+    psk_identity: Mapped[str] = mapped_column(String(128), default="", server_default=text("''"))
+    #: the TLS-PSK key of a remote attachment: never in an answer, a log line or an error
+    psk_key: Mapped[str] = mapped_column(String(64), default="", server_default=text("''"))
+    host: Mapped[str] = mapped_column(String(255), default="", server_default=text("''"))
+    port: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))

@@ -16,12 +16,13 @@ from sqlalchemy import Connection, Row, bindparam, case, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from management import liveness
 from management.context import Context
 from management.inventory import check_vpg_exists
 from management.limits import check_text, sized_within_limit
 from management.pagination import fetch_page
 from management.placement import choose_pool, pool_space
-from management.schema import AttachmentRow, NodeRow, VolumeRow
+from management.schema import AttachmentRow, NodeRow, VolumeLegRow, VolumeRow
 from tessera import ids
 from tessera.errors import (
     Aborted,
@@ -30,13 +31,16 @@ from tessera.errors import (
     NotFound,
     OutOfRange,
     ResourceExhausted,
+    Unavailable,
 )
-from tessera.models import Page, Volume, VolumeCreate, VolumeExpand, VolumeState
+from tessera.models import Leg, Page, Volume, VolumeCreate, VolumeExpand, VolumeState
 from tessera.topology import candidate_nodes
 from tessera.units import format_size
 
 
-def volume_model(row: VolumeRow | Row[Any], published: list[str]) -> Volume:
+def volume_model(
+    row: VolumeRow | Row[Any], published: list[str], legs: list[Leg], condition: str = ""
+) -> Volume:
     """The wire model of an ORM row or a Core row (they share attribute names)."""
     return Volume(
         id=row.id,
@@ -49,6 +53,8 @@ def volume_model(row: VolumeRow | Row[Any], published: list[str]) -> Volume:
         parameters=dict(row.parameters or {}),
         created_at=row.created_at,
         published_nodes=published,
+        legs=legs,
+        condition=condition,
     )
 
 
@@ -66,6 +72,57 @@ def _published(s: Session | Connection, volume_ids: list[str]) -> dict[str, list
     return out
 
 
+def _legs(s: Session | Connection, volume_ids: list[str]) -> dict[str, list[Leg]]:
+    if not volume_ids:
+        return {}
+    leg = VolumeLegRow
+    stmt = (
+        select(leg.volume_id, leg.node_id, leg.pool, leg.size_bytes)
+        .where(leg.volume_id.in_(volume_ids))
+        .order_by(leg.volume_id, leg.position)
+    )
+    out: dict[str, list[Leg]] = {}
+    for vid, node_id, pool, size in s.execute(stmt):
+        out.setdefault(vid, []).append(Leg(node_id=node_id, pool=pool, size_bytes=size))
+    return out
+
+
+def _condition(
+    ctx: Context, nodes: dict[str, Row[Any]], legs: list[Leg], attached: list[str]
+) -> str:
+    """What keeps the volume's data path from working, naming each node; "" when nothing."""
+    problems = []
+    for i, leg in enumerate(legs):
+        node = nodes.get(leg.node_id)
+        if node is not None:
+            problems.append(liveness.describe(ctx, node, "owner node" if i == 0 else "leg node"))
+    for node_id in attached:
+        node = nodes.get(node_id)
+        if node is not None and all(leg.node_id != node_id for leg in legs):
+            problems.append(liveness.describe(ctx, node, "attached node"))
+    return "; ".join(p for p in problems if p)
+
+
+def _models(ctx: Context, s: Session | Connection, rows: list[Any]) -> list[Volume]:
+    """Wire models of volume rows with their attachments, legs and condition."""
+    volume_ids = [r.id for r in rows]
+    published = _published(s, volume_ids)
+    legs = _legs(s, volume_ids)
+    wanted = {leg.node_id for ls in legs.values() for leg in ls}
+    wanted.update(n for ns in published.values() for n in ns)
+    nodes = {}
+    if wanted:
+        stmt = select(NodeRow.id, NodeRow.last_heartbeat, NodeRow.fenced_at).where(
+            NodeRow.id.in_(sorted(wanted))
+        )
+        nodes = {n.id: n for n in s.execute(stmt)}
+    out = []
+    for r in rows:
+        attached, pieces = published.get(r.id, []), legs.get(r.id, [])
+        out.append(volume_model(r, attached, pieces, _condition(ctx, nodes, pieces, attached)))
+    return out
+
+
 def _load(s: Session, volume_id: str) -> VolumeRow:
     ids.check_volume_id(volume_id)
     row = s.get(VolumeRow, volume_id)
@@ -74,13 +131,13 @@ def _load(s: Session, volume_id: str) -> VolumeRow:
     return row
 
 
-def _snapshot(s: Session, row: VolumeRow) -> Volume:
-    return volume_model(row, _published(s, [row.id]).get(row.id, []))
+def _snapshot(ctx: Context, s: Session, row: VolumeRow) -> Volume:
+    return _models(ctx, s, [row])[0]
 
 
 def get_volume(ctx: Context, volume_id: str) -> Volume:
     with ctx.db.read() as s:
-        return _snapshot(s, _load(s, volume_id))
+        return _snapshot(ctx, s, _load(s, volume_id))
 
 
 def list_volumes(ctx: Context, page_token: str, max_entries: int, name: str = "") -> Page[Volume]:
@@ -93,10 +150,8 @@ def list_volumes(ctx: Context, page_token: str, max_entries: int, name: str = ""
             rows, token = list(s.scalars(select(VolumeRow).where(VolumeRow.name == name))), ""
         else:
             rows, token = fetch_page(s, VolumeRow, [VolumeRow.id], page_token, max_entries)
-        published = _published(s, [r.id for r in rows])
-    return Page[Volume](
-        items=[volume_model(r, published.get(r.id, [])) for r in rows], next_token=token
-    )
+        items = _models(ctx, s, list(rows))
+    return Page[Volume](items=items, next_token=token)
 
 
 # ---- create --------------------------------------------------------------------------
@@ -146,9 +201,16 @@ def _place(ctx: Context, conn: Connection, req: VolumeCreate, size: int) -> tupl
         state=VolumeState.CREATING,
         parameters=dict(req.parameters),
         created_at=ctx.clock(),
+        legs=[Leg(node_id=chosen.node_id, pool=chosen.name, size_bytes=size)],
     )
     row = volume.model_dump(include=_INSERTED, mode="json")
     conn.execute(_INSERT, [{**row, "agent_size_bytes": 0}])
+    # concat: one leg, the whole volume in the chosen pool
+    legs = [
+        {"volume_id": volume.id, "position": i, **leg.model_dump()}
+        for i, leg in enumerate(volume.legs)
+    ]
+    conn.execute(_INSERT_LEG, legs)
     return volume, chosen.agent_url
 
 
@@ -156,6 +218,7 @@ def _place(ctx: Context, conn: Connection, req: VolumeCreate, size: int) -> tupl
 _BY_NAME = select(VolumeRow.__table__).where(VolumeRow.name == bindparam("name"))
 _AGENT_URL = select(NodeRow.agent_url).where(NodeRow.id == bindparam("node_id"))
 _INSERT = insert(VolumeRow)
+_INSERT_LEG = insert(VolumeLegRow)
 _INSERTED = {column.key for column in VolumeRow.__table__.columns} - {"agent_size_bytes"}
 _CREATED = (
     update(VolumeRow)
@@ -187,7 +250,7 @@ def create_volume(ctx: Context, req: VolumeCreate) -> tuple[Volume, bool]:
                 volume, agent_url = _place(ctx, conn, req, size)
             else:
                 _check_compatible(row, req)
-                volume = volume_model(row, _published(conn, [row.id]).get(row.id, []))
+                volume = _models(ctx, conn, [row])[0]
                 agent_url = _agent_url(conn, row.node_id)
     except IntegrityError:
         # A concurrent create of the same name won the race (PostgreSQL; on
@@ -214,7 +277,7 @@ def _drive_create(ctx: Context, agent_url: str, volume: Volume) -> Volume:
             current = row.first()
             if current is None:
                 raise NotFound(f"volume {volume.id} does not exist", field="volume_id")
-            return volume_model(current, _published(conn, [volume.id]).get(volume.id, []))
+            return _models(ctx, conn, [current])[0]
     return volume.model_copy(update={"state": VolumeState.AVAILABLE})
 
 
@@ -257,32 +320,46 @@ def expand_volume(ctx: Context, volume_id: str, req: VolumeExpand) -> Volume:
         if req.size_bytes > row.size_bytes:
             _reserve_growth(ctx, s, row, new_size)
         if row.agent_size_bytes >= row.size_bytes:
-            return _snapshot(s, row)
+            return _snapshot(ctx, s, row)
         target = row.size_bytes
         agent_url = _agent_url(s, row.node_id)
     ctx.agents.get(agent_url).resize_volume(volume_id, target)
     with ctx.db.write() as s:
         row = _load(s, volume_id)
         row.agent_size_bytes = max(row.agent_size_bytes, target)
-        return _snapshot(s, row)
+        return _snapshot(ctx, s, row)
 
 
 def _reserve_growth(ctx: Context, s: Session, row: VolumeRow, new_size: int) -> None:
-    pools = pool_space(s, node_ids=[row.node_id], lock=True)
-    pool = next(p for p in pools if p.name == row.pool)
+    """Grow the volume's last leg (a concat volume's only one) into its pool's free space."""
+    leg = s.scalars(
+        select(VolumeLegRow)
+        .where(VolumeLegRow.volume_id == row.id)
+        .order_by(VolumeLegRow.position.desc())
+        .limit(1)
+    ).one()
+    pools = pool_space(s, node_ids=[leg.node_id], lock=True)
+    pool = next((p for p in pools if p.name == leg.pool), None)
+    if pool is None:  # only a fenced node's pools are left out
+        raise Unavailable(
+            f"node {leg.node_id!r}, which holds the volume, is fenced: it cannot grow the "
+            "volume's file until its agent heartbeats again",
+            field="volume_id",
+        )
     growth = new_size - row.size_bytes
-    if new_size > pool.capacity_bytes:
+    if leg.size_bytes + growth > pool.capacity_bytes:
         # Retrying cannot help: the pool could never hold it, even empty.
         raise OutOfRange(
-            f"size_bytes {format_size(new_size)} is larger than pool {row.pool!r} on node "
-            f"{row.node_id!r} ({format_size(pool.capacity_bytes)}); "
+            f"size_bytes {format_size(new_size)} is larger than pool {leg.pool!r} on node "
+            f"{leg.node_id!r} ({format_size(pool.capacity_bytes)}); "
             "a volume cannot outgrow its pool",
             field="size_bytes",
         )
     if growth > pool.free_bytes:
         raise ResourceExhausted(
-            f"pool {row.pool!r} on node {row.node_id!r} has {format_size(pool.free_bytes)} free; "
+            f"pool {leg.pool!r} on node {leg.node_id!r} has {format_size(pool.free_bytes)} free; "
             f"growing to {format_size(new_size)} needs {format_size(growth)} more",
             field="size_bytes",
         )
+    leg.size_bytes += growth
     row.size_bytes = new_size

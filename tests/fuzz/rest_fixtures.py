@@ -67,7 +67,7 @@ class RestStack:
              "--token-file", str(self.token_file),
              # nodes the fuzzers register never heartbeat; were they to go offline
              # mid-run, the same request would be answered differently later
-             "--heartbeat-timeout", "86400"],
+             "--heartbeat-interval", "86400"],
         )  # fmt: skip
         self.spawn(
             "node-agent",

@@ -1,9 +1,11 @@
 """Fixtures for the management tests: a real app on a SQLite file and a real agent.
 
-The node-agent is built in parallel, so `FakeAgent` is a small but real
-agent-compatible HTTP server (uvicorn on a unix socket, in a thread) that
-implements the volume part of the agent API with real sparse files. It can
-be told to fail, to exercise management's retry convergence.
+`FakeAgent` is a small but real agent-compatible HTTP server (uvicorn on a
+unix socket, in a thread) that implements the volume part of the agent API
+with real sparse files, and the export and key routes of docs/data-path.md
+as records (the real node-agent's exports were being built alongside
+management's side of the contract; these keep to the same routes and
+bodies). It can be told to fail, to exercise management's retry convergence.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +35,14 @@ from tessera.errors import (
     to_problem,
 )
 from tessera.http import Service
-from tessera.models import AgentVolume, AgentVolumeCreate, AgentVolumeResize
+from tessera.models import (
+    AgentExport,
+    AgentExportCreate,
+    AgentKey,
+    AgentVolume,
+    AgentVolumeCreate,
+    AgentVolumeResize,
+)
 from tessera.rest import announce_service
 
 TOKEN = "test-token-0123456789"
@@ -50,6 +59,13 @@ class FakeAgent:
     token: str = TOKEN
     fail: set[str] = field(default_factory=set)
     calls: list[tuple[str, str]] = field(default_factory=list)
+    #: open exports: (volume id, client node) -> what management asked for
+    exports: dict[tuple[str, str], AgentExportCreate] = field(default_factory=dict)
+    ports: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: keys this node holds for remote volumes
+    keys: dict[str, AgentKey] = field(default_factory=dict)
+    #: the raw request bodies of export and key calls (where a key may travel)
+    bodies: list[bytes] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -113,7 +129,49 @@ class FakeAgent:
                 path.unlink()
             return Response(status_code=204)
 
+        self._export_routes(app, guard)
         return app
+
+    def _export_routes(self, app: FastAPI, guard: Callable[[Request, str, str], None]) -> None:
+        """Owner and consumer routes of docs/data-path.md "Keys (TLS-PSK)"."""
+
+        @app.put("/v1/exports/{volume_id}/{client_node}")
+        async def export(request: Request, volume_id: str, client_node: str) -> AgentExport:
+            guard(request, "export", f"{volume_id}/{client_node}")
+            raw = await request.body()
+            self.bodies.append(raw)
+            body = AgentExportCreate.model_validate_json(raw)
+            key = (volume_id, client_node)
+            if self.exports.get(key) != body:  # another key or flags replace the export
+                self.ports[key] = 10809 + len(self.ports)
+            self.exports[key] = body
+            return AgentExport(
+                volume_id=volume_id,
+                client_node=client_node,
+                host="192.0.2.1",
+                port=self.ports[key],
+                readonly=body.readonly,
+            )
+
+        @app.delete("/v1/exports/{volume_id}/{client_node}")
+        def close_export(request: Request, volume_id: str, client_node: str) -> Response:
+            guard(request, "close_export", f"{volume_id}/{client_node}")
+            self.exports.pop((volume_id, client_node), None)
+            return Response(status_code=204)
+
+        @app.put("/v1/keys/{volume_id}")
+        async def put_key(request: Request, volume_id: str) -> Response:
+            guard(request, "put_key", volume_id)
+            raw = await request.body()
+            self.bodies.append(raw)
+            self.keys[volume_id] = AgentKey.model_validate_json(raw)
+            return Response(status_code=204)
+
+        @app.delete("/v1/keys/{volume_id}")
+        def delete_key(request: Request, volume_id: str) -> Response:
+            guard(request, "delete_key", volume_id)
+            self.keys.pop(volume_id, None)
+            return Response(status_code=204)
 
 
 def serve_agent(agent: FakeAgent) -> Iterator[FakeAgent]:

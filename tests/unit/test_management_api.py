@@ -169,7 +169,7 @@ def test_creating_a_vpg_is_idempotent(api):
 
 
 def test_registered_node_is_online_until_heartbeats_stop(db_url, agent):
-    app = create_app(db_url, TOKEN, heartbeat_timeout=30)
+    app = create_app(db_url, TOKEN, heartbeat_interval=10, heartbeat_misses=3)
     ctx = app.state.ctx
     now = [1000.0]
     ctx.clock = lambda: now[0]
@@ -177,11 +177,13 @@ def test_registered_node_is_online_until_heartbeats_stop(db_url, agent):
     add_node(client, "n1", agent.url, {"p": GiB})
     assert client.get("/v1/nodes/n1").json()["online"] is True
     now[0] += 31
-    assert client.get("/v1/nodes/n1").json()["online"] is False
+    node = client.get("/v1/nodes/n1").json()
+    assert node["online"] is False and node["state"] == "unreachable"
     assert client.post("/v1/volumes", json={"name": "v", "size_bytes": 1}).status_code == 507
-    assert client.post("/v1/nodes/n1/heartbeat").status_code == 204
+    assert client.post("/v1/nodes/n1/heartbeat").status_code == 200
     node = client.get("/v1/nodes/n1").json()
     assert node["online"] is True and node["last_heartbeat"] == now[0]
+    assert node["state"] == "online"
 
 
 def test_heartbeat_of_unknown_node_is_404(api):

@@ -293,7 +293,6 @@ def test_capacity_is_the_largest_single_pool_free_space(cluster):
     assert cap["available_bytes"] == 10 * GiB and cap["maximum_volume_bytes"] == 10 * GiB
     create(cluster, "a", 8 * GiB)
     assert cluster.get("/v1/capacity").json()["available_bytes"] == 4 * GiB
-    assert cluster.get("/v1/capacity", params={"node_id": "n1"}).json()["available_bytes"] == (
-        2 * GiB
-    )
+    on_n1 = {"node_id": "n1", "locality": "required"}
+    assert cluster.get("/v1/capacity", params=on_n1).json()["available_bytes"] == 2 * GiB
     assert cluster.get("/v1/capacity", params={"vpg": "nope"}).status_code == 404
