@@ -38,11 +38,15 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import psutil
 
 from csi_driver._gen import csi_pb2
 from tessera.clients import AgentClient
 from tessera.system.mounts import mounts_under
+from tessera_dev.csi_client import CsiClient
+from tessera_dev.multinode import MultiNodeStack
+from tessera_dev.netns import in_netns
 
 MiB = 1024**2
 TOPOLOGY_KEY = "topology.tessera.io/node"
@@ -70,7 +74,7 @@ class Node:
     """What the bench needs of one node of the stack."""
 
     node_id: str
-    netns: str  # "" when the node runs in the root namespace
+    netns: str
     address: str
     csi_endpoint: str
     agent_socket: str
@@ -95,12 +99,10 @@ def run(args: list[str], timeout: float = 120) -> str:
     return res.stdout
 
 
-def in_netns(node: Node, argv: list[str]) -> list[str]:
+def in_node(node: Node, argv: list[str]) -> list[str]:
     """argv in the node's network namespace only: the mount namespace stays the
     host's, so a FUSE mount made there is where losetup and fio look for it."""
-    if not node.netns:
-        return argv
-    return ["nsenter", f"--net=/run/netns/{node.netns}", *argv]
+    return in_netns(node.netns, argv)
 
 
 def fio(device: str, job: Job, runtime: int) -> float:
@@ -208,7 +210,7 @@ def bare_nbd(owner: Node, consumer: Node, size: int, work: Path) -> Iterator[Bar
     mnt.mkdir()
     with ExitStack() as undo:
         undo.callback(image.unlink)
-        run(in_netns(owner, [
+        run(in_node(owner, [
             "nbdkit", "--tls=require", f"--tls-psk={psk}", "-i", owner.address,
             "-p", str(BARE_PORT), "--pidfile", str(server_pidfile), "file", str(image),
         ]))  # fmt: skip
@@ -217,7 +219,7 @@ def bare_nbd(owner: Node, consumer: Node, size: int, work: Path) -> Iterator[Bar
         server_pid = int(server_pidfile.read_text())
         undo.callback(stop_pid, server_pid)
         client = subprocess.Popen(
-            in_netns(consumer, [
+            in_node(consumer, [
                 "nbdfuse", "-P", str(client_pidfile), str(mnt), "--command", "nbdkit", "-s",
                 "--exit-with-parent", "nbd", f"hostname={owner.address}", f"port={BARE_PORT}",
                 "tls=require", f"tls-psk={psk}", f"tls-username={consumer.node_id}",
@@ -267,11 +269,6 @@ class Csi:
     """The controller plugin plus each node's plugin, as kubelet and the sidecars use them."""
 
     def __init__(self, controller_endpoint: str, nodes: list[Node]) -> None:
-        try:
-            from tessera_dev.csi_client import CsiClient  # noqa: PLC0415 - moving there
-        except ImportError:
-            from tessera.dev.csi_client import CsiClient  # type: ignore[no-redef]  # noqa: PLC0415
-
         self.clients = [CsiClient(controller_endpoint)]
         self.controller = self.clients[0].controller
         self.node_stub = {}
@@ -400,6 +397,7 @@ class Report:
     rss_attachment: float = 0.0
     rss_bare_server: float = 0.0
     rss_bare_client: float = 0.0
+    remote_error: str = ""
 
 
 def bench_local(csi: Csi, node: Node, opts: Opts, work: Path, report_pub: list[float]) -> Results:
@@ -441,36 +439,16 @@ def bench_remote(
 # ---- the stack -------------------------------------------------------------------
 
 
-def _import_dev() -> tuple[type, type | None]:
-    """(single-node DevStack, MultiNodeStack or None while it is not built)."""
-    try:
-        from tessera_dev.stack import DevStack  # noqa: PLC0415
-    except ImportError:
-        from tessera.dev.stack import DevStack  # type: ignore[no-redef]  # noqa: PLC0415
-    try:
-        from tessera_dev.multinode import MultiNodeStack  # noqa: PLC0415
-    except ImportError:
-        return DevStack, None
-    return DevStack, MultiNodeStack
-
-
 @contextmanager
 def started_stack(state: Path, pool_size: int) -> Iterator[tuple[str, str, list[Node]]]:
-    """(controller endpoint, token file, nodes): two nodes, or one without MultiNodeStack."""
-    dev_stack, multi = _import_dev()
-    if multi is None:
-        stack = dev_stack(state, pool_size=pool_size, node_id="n1")
-    else:
-        stack = multi(state, nodes=2, pool_size=pool_size)
-    try:  # stop() also undoes a start that failed half way (pool mounted, some processes up)
+    """(controller endpoint, token file, nodes) of a two-node stack."""
+    stack = MultiNodeStack(state, nodes=2, pool_size=pool_size)
+    try:  # stop() also undoes a start that failed half way
         info = stack.start()
-        if multi is None:
-            nodes = [Node("n1", "", "", info.csi_endpoint, info.agent_socket, info.pool_dir)]
-        else:
-            nodes = [
-                Node(n.node_id, n.netns, n.address, n.csi_endpoint, n.agent_socket, n.pool_dir)
-                for n in info.nodes
-            ]
+        nodes = [
+            Node(n.node_id, n.netns, n.address, n.csi_endpoint, n.agent_socket, n.pool_dir)
+            for n in info.nodes
+        ]
         yield info.csi_endpoint, info.token_file, nodes
     finally:
         stack.stop()
@@ -518,7 +496,7 @@ def print_report(report: Report) -> None:
     print()
     verdict("local >= 0.97 of bare loop", worst_local >= LOCAL_TARGET, f"worst {worst_local:.3f}")
     if worst_remote is None:
-        print("SKIP  remote: tessera_dev.multinode.MultiNodeStack is not available")
+        print(f"FAIL  remote: the remote run failed: {report.remote_error}")
         return
     verdict(
         "remote >= 0.95 of bare nbd", worst_remote >= REMOTE_TARGET, f"worst {worst_remote:.3f}"
@@ -565,8 +543,10 @@ def main() -> int:
                 pub: list[float] = []
                 report = Report(local=bench_local(csi, nodes[0], opts, work, pub))
                 report.publish_local = pub[0]
-                if len(nodes) > 1:
+                try:
                     report.remote = bench_remote(csi, nodes[0], nodes[1], token, opts, work, report)
+                except (grpc.RpcError, RuntimeError, OSError) as exc:  # still print (a)
+                    report.remote_error = f"{type(exc).__name__}: {exc}"[:600]
             finally:
                 csi.close()
     finally:

@@ -16,6 +16,8 @@ import pytest
 
 from tessera.system.loopdev import bound_under
 from tessera.system.mounts import mounts_under
+from tessera_dev import netns
+from tessera_dev.multinode import MultiNodeStack
 from tests.multihost.support import Cluster, Kube, netns_names, processes_mentioning
 
 POOL_SIZE = 2 * 1024**3
@@ -25,8 +27,6 @@ POOL_SIZE = 2 * 1024**3
 def cluster() -> Iterator[Cluster]:
     if os.geteuid() != 0:
         pytest.skip("needs root: network namespaces, loop devices, FUSE and mounts")
-    from tessera_dev.multinode import MultiNodeStack  # noqa: PLC0415 - only when root
-
     # Short paths: unix sockets live below the state directory (~107 bytes max).
     state = Path(tempfile.mkdtemp(prefix="tmh-"))
     work = Path(tempfile.mkdtemp(prefix="tmh-k-"))
@@ -41,16 +41,41 @@ def cluster() -> Iterator[Cluster]:
     finally:
         if cluster is not None:
             cluster.close()
+        # Before stop(): it sweeps whatever it finds, which would hide a leak of ours.
+        in_use = data_path_in_use(state, work)
         stack.stop()
         assert_nothing_left(state, work, namespaces)
+        assert not any(in_use.values()), f"the tests' volumes left behind: {in_use}"
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(state, ignore_errors=True)
+
+
+def data_path_in_use(state: Path, work: Path) -> dict[str, list[str]]:
+    """What is still attached once every test cleaned up: only the pools may be."""
+    pools = [Path(p).resolve() for p in state.glob("nodes/*/pool")]
+    return {
+        "mounts": [
+            m.mountpoint
+            for d in (state, work)
+            for m in mounts_under(d)
+            if Path(m.mountpoint) not in pools
+        ],
+        "loop devices": [
+            f"{b.path} ({b.backing})"
+            for b in bound_under(state)
+            if not b.backing.endswith("/pool.img")
+        ],
+        "data-path processes": [
+            p for p in processes_mentioning(state) if " nbdkit " in f" {p} " or "nbdfuse" in p
+        ],
+    }
 
 
 def assert_nothing_left(state: Path, work: Path, namespaces: set[str]) -> None:
     """What `stop()` and the tests' own cleanup must have undone."""
     left = {
         "namespaces": sorted(namespaces & netns_names()),
+        "links": netns.links(netns.tag_of(state)),
         "mounts": [m.mountpoint for d in (state, work) for m in mounts_under(d)],
         "loop devices": [b.path for d in (state, work) for b in bound_under(d)],
         "processes": processes_mentioning(state, work),

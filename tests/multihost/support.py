@@ -28,6 +28,7 @@ import pytest
 
 from csi_driver._gen import csi_pb2, csi_pb2_grpc
 from tessera.clients import AgentClient, ManagementClient
+from tessera_dev.netns import in_netns
 
 REPO = Path(__file__).resolve().parents[2]
 TOPOLOGY_KEY = "topology.tessera.io/node"
@@ -97,13 +98,6 @@ def errno_name(answer: str) -> str:
 # ---- the cluster ---------------------------------------------------------------------
 
 
-def netns_argv(netns: str, argv: list[str]) -> list[str]:
-    """argv in a node's network namespace only; the mount namespace stays the
-    host's, where the node plugins publish."""
-    path = netns if netns.startswith("/") else f"/run/netns/{netns}"
-    return ["nsenter", f"--net={path}", *argv]
-
-
 @dataclass
 class Cluster:
     """A started MultiNodeStack and a client for each of its sockets."""
@@ -141,7 +135,8 @@ class Cluster:
         return AgentClient(f"unix://{self.node(node_id).agent_socket}", self.token)
 
     def argv_on(self, node_id: str, argv: list[str]) -> list[str]:
-        return netns_argv(self.node(node_id).netns, argv)
+        """argv in the node's network namespace; mounts stay shared with the host."""
+        return in_netns(self.node(node_id).netns, argv)
 
     def io(self, node_id: str, *args: object, timeout: float = SETTLE) -> str:
         """One blockio command run on the node; its one-line answer."""
