@@ -1,0 +1,442 @@
+"""Remote attachments, liveness and fencing: management driving real node-agents.
+
+Three real node-agent apps (node_agent.api over node_agent.agent.Agent)
+serve on unix sockets in this process: n1 holds the pool, n2 and n3 are
+consumers. A remote attachment makes n1 start a real `nbdkit` export on
+127.0.0.1 and n2 store the key file, over the agents' real routes. Time is
+management's injected clock, so "unreachable" needs no sleeping; nodes
+beat through the real heartbeat route.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from management.app import create_app
+from management.schema import AttachmentRow
+from tests.unit.management_fixtures import TOKEN, GiB, MiB
+
+pytestmark = pytest.mark.skipif(shutil.which("nbdkit") is None, reason="needs nbdkit")
+
+NODES = ("n1", "n2", "n3")
+
+
+@dataclass
+class Node:
+    agent: object  # node_agent.agent.Agent
+    url: str
+    state_dir: Path
+
+
+@dataclass
+class Cluster:
+    api: TestClient
+    nodes: dict[str, Node]
+    now: list[float]
+
+    @property
+    def ctx(self):  # noqa: ANN201 - management.context.Context
+        return self.api.app.state.ctx  # type: ignore[attr-defined]
+
+    def beat(self, *nodes: str) -> list[dict]:
+        replies = []
+        for node in nodes:
+            resp = self.api.post(f"/v1/nodes/{node}/heartbeat")
+            assert resp.status_code == 200, resp.text
+            replies.append(resp.json())
+        return replies
+
+    def pass_time(self, seconds: float, *still_beating: str) -> None:
+        self.now[0] += seconds
+        self.beat(*still_beating)
+
+    def attach(self, volume_id: str, node: str, mode: str = "SINGLE_NODE_WRITER", ro: bool = False):  # noqa: ANN201
+        body = {"access_mode": mode, "readonly": ro}
+        return self.api.put(f"/v1/volumes/{volume_id}/attachments/{node}", json=body)
+
+    def exports(self, node: str) -> set[tuple[str, str]]:
+        return {(e.volume_id, e.client_node) for e in self.nodes[node].agent.exports.list()}  # type: ignore[attr-defined]
+
+    def key_file(self, node: str, volume_id: str) -> Path:
+        return self.nodes[node].state_dir / "keys" / f"{volume_id}.psk"
+
+    def stored_key(self, volume_id: str, node: str) -> str:
+        with self.ctx.db.read() as s:
+            row = s.scalar(
+                select(AttachmentRow).where(
+                    AttachmentRow.volume_id == volume_id, AttachmentRow.node_id == node
+                )
+            )
+            return row.psk_key if row is not None else ""
+
+    def volume(self, name: str = "pvc") -> str:
+        body = {"name": name, "size_bytes": 4 * MiB, "requisite_nodes": ["n1"]}
+        resp = self.api.post("/v1/volumes", json=body)
+        assert resp.status_code == 201, resp.text
+        return resp.json()["id"]
+
+
+def _serve(app: object, socket: Path) -> tuple[uvicorn.Server, threading.Thread]:
+    server = uvicorn.Server(uvicorn.Config(app, uds=str(socket), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError(f"agent on {socket} did not start")
+        time.sleep(0.01)
+    return server, thread
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    from node_agent.agent import Agent
+    from node_agent.api import create_app as agent_app
+    from node_agent.pools import Pool
+
+    sock_dir = Path(tempfile.mkdtemp(prefix="tsr-"))
+    servers = []
+    nodes: dict[str, Node] = {}
+    first_port = random.randrange(20000, 60000, 100)
+    try:
+        for i, node_id in enumerate(NODES):
+            pools = {}
+            if node_id == "n1":
+                (tmp_path / "pool").mkdir()
+                pools["p"] = Pool.open("p", tmp_path / "pool")
+            state_dir = tmp_path / f"state-{node_id}"
+            agent = Agent(
+                node_id,
+                pools,
+                dev_dir=tmp_path / f"dev-{node_id}",
+                transports={},
+                state_dir=state_dir,
+                export_address="127.0.0.1",
+                export_ports=(first_port + 30 * i, first_port + 30 * i + 29),
+            )
+            socket = sock_dir / f"{node_id}.sock"
+            servers.append(_serve(agent_app(agent, TOKEN), socket))
+            nodes[node_id] = Node(agent, f"unix://{socket}", state_dir)
+        app = create_app(f"sqlite:///{tmp_path / 'm.db'}", TOKEN)
+        now = [1_000_000.0]
+        app.state.ctx.clock = lambda: now[0]
+        with TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"}) as api:
+            for node_id, node in nodes.items():
+                body = {"agent_url": node.url, "topology": {}}
+                assert api.put(f"/v1/nodes/{node_id}", json=body).status_code == 200
+            resp = api.put("/v1/nodes/n1/pools/p", json={"capacity_bytes": GiB})
+            assert resp.status_code == 200, resp.text
+            yield Cluster(api, nodes, now)
+    finally:
+        for node in nodes.values():  # no nbdkit outlives the test
+            for export in node.agent.exports.list():  # type: ignore[attr-defined]
+                node.agent.close_export(export.volume_id, export.client_node)  # type: ignore[attr-defined]
+        for server, thread in servers:
+            server.should_exit = True
+            thread.join(timeout=10)
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def kind(resp) -> str:  # noqa: ANN001
+    return resp.json()["type"].rsplit("/", 1)[1]
+
+
+# ---- attach ------------------------------------------------------------------------------
+
+
+def test_remote_attach_has_the_owner_export_and_the_consumer_hold_the_key(cluster):
+    vol = cluster.volume()
+    resp = cluster.attach(vol, "n2")
+    assert resp.status_code == 200, resp.text
+    conn = resp.json()["connection"]
+    assert conn["transport"] == "nbd" and conn["owner_node"] == "n1"
+    assert conn["host"] == "127.0.0.1" and conn["port"] > 0 and conn["psk_identity"] == "n2"
+    assert cluster.exports("n1") == {(vol, "n2")}
+    key = cluster.stored_key(vol, "n2")
+    assert len(key) == 64
+    assert cluster.key_file("n2", vol).read_text().strip() == f"n2:{key}"
+    # a retry answers the same connection and starts nothing new
+    again = cluster.attach(vol, "n2")
+    assert again.json() == resp.json()
+    assert cluster.exports("n1") == {(vol, "n2")}
+
+
+def test_attach_on_the_owner_node_is_a_local_loop_with_no_export(cluster):
+    vol = cluster.volume()
+    resp = cluster.attach(vol, "n1")
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["connection"] == {
+        "transport": "loop",
+        "owner_node": "n1",
+        "host": "",
+        "port": 0,
+        "psk_identity": "",
+    }
+    assert cluster.exports("n1") == set()
+
+
+def test_single_node_volume_attached_to_one_node_is_refused_on_another_naming_it(cluster):
+    vol = cluster.volume()
+    assert cluster.attach(vol, "n2").status_code == 200
+    resp = cluster.attach(vol, "n3")
+    assert resp.status_code == 409 and kind(resp) == "failed-precondition"
+    assert "n2" in resp.json()["detail"]
+    assert cluster.exports("n1") == {(vol, "n2")}
+    assert not cluster.key_file("n3", vol).exists()
+
+
+def test_multi_node_single_writer_refuses_a_second_writer_but_takes_readers(cluster):
+    vol = cluster.volume()
+    mode = "MULTI_NODE_SINGLE_WRITER"
+    assert cluster.attach(vol, "n2", mode).status_code == 200
+    resp = cluster.attach(vol, "n3", mode)
+    assert resp.status_code == 409 and kind(resp) == "failed-precondition"
+    assert "n2" in resp.json()["detail"] and resp.json()["field"] == "readonly"
+    assert cluster.attach(vol, "n3", mode, ro=True).status_code == 200
+    exports = cluster.nodes["n1"].agent.exports.list()  # type: ignore[attr-defined]
+    assert {(e.client_node, e.readonly) for e in exports} == {("n2", False), ("n3", True)}
+
+
+def test_attach_to_an_unknown_node_is_not_found_naming_the_node_field(cluster):
+    resp = cluster.attach(cluster.volume(), "ghost")
+    assert resp.status_code == 404 and resp.json()["field"] == "node_id"
+
+
+def test_attach_to_an_unreachable_node_is_unavailable_naming_its_last_heartbeat(cluster):
+    vol = cluster.volume()
+    cluster.pass_time(31, "n1", "n3")
+    resp = cluster.attach(vol, "n2")
+    assert resp.status_code == 503 and kind(resp) == "unavailable"
+    detail = resp.json()["detail"]
+    assert "node n2 is unreachable" in detail and "last heartbeat" in detail
+    assert "31 s ago" in detail
+    assert cluster.api.get(f"/v1/volumes/{vol}").json()["published_nodes"] == []
+
+
+def test_attach_to_a_fenced_node_is_unavailable(cluster):
+    vol = cluster.volume()
+    cluster.pass_time(31, "n1", "n3")
+    assert cluster.api.post("/v1/nodes/n2/fence", json={}).status_code == 200
+    resp = cluster.attach(vol, "n2")
+    assert resp.status_code == 503 and "node n2 is fenced" in resp.json()["detail"]
+
+
+def test_remote_attach_with_the_owner_unreachable_is_unavailable_naming_the_owner(cluster):
+    vol = cluster.volume()
+    cluster.pass_time(31, "n2", "n3")
+    resp = cluster.attach(vol, "n2")
+    assert resp.status_code == 503
+    assert "owner node n1 is unreachable" in resp.json()["detail"]
+    assert cluster.api.get(f"/v1/volumes/{vol}").json()["published_nodes"] == []
+
+
+def test_a_retried_attach_finishes_a_half_made_one_with_the_same_key(cluster, tmp_path):
+    vol = cluster.volume()
+    # n2 is registered at a socket nobody serves: the key cannot be handed over
+    body = {"agent_url": f"unix://{tmp_path / 'gone.sock'}", "topology": {}}
+    assert cluster.api.put("/v1/nodes/n2", json=body).status_code == 200
+    resp = cluster.attach(vol, "n2")
+    assert resp.status_code == 503 and kind(resp) == "unavailable"
+    key = cluster.stored_key(vol, "n2")
+    (export,) = cluster.nodes["n1"].agent.exports.list()  # type: ignore[attr-defined]
+    assert cluster.api.get(f"/v1/volumes/{vol}").json()["published_nodes"] == ["n2"]
+    # the agent is back at its real address: the retry converges on the same key and port
+    body = {"agent_url": cluster.nodes["n2"].url, "topology": {}}
+    assert cluster.api.put("/v1/nodes/n2", json=body).status_code == 200
+    resp = cluster.attach(vol, "n2")
+    assert resp.status_code == 200, resp.text
+    assert cluster.stored_key(vol, "n2") == key
+    assert resp.json()["connection"]["port"] == export.port
+    assert cluster.key_file("n2", vol).read_text().strip() == f"n2:{key}"
+
+
+# ---- detach ------------------------------------------------------------------------------
+
+
+def test_detach_closes_the_export_and_revokes_the_key_and_is_idempotent(cluster):
+    vol = cluster.volume()
+    assert cluster.attach(vol, "n2").status_code == 200
+    assert cluster.api.delete(f"/v1/volumes/{vol}/attachments/n2").status_code == 204
+    assert cluster.exports("n1") == set()
+    assert not cluster.key_file("n2", vol).exists()
+    assert cluster.api.get(f"/v1/volumes/{vol}").json()["published_nodes"] == []
+    assert cluster.api.delete(f"/v1/volumes/{vol}/attachments/n2").status_code == 204
+
+
+def test_detach_keeps_the_attachment_while_the_owner_cannot_close_its_export(cluster):
+    vol = cluster.volume()
+    assert cluster.attach(vol, "n2").status_code == 200
+    cluster.pass_time(31, "n2", "n3")
+    resp = cluster.api.delete(f"/v1/volumes/{vol}/attachments/n2")
+    assert resp.status_code == 503 and "owner node n1 is unreachable" in resp.json()["detail"]
+    assert cluster.api.get(f"/v1/volumes/{vol}").json()["published_nodes"] == ["n2"]
+    cluster.beat("n1")
+    assert cluster.api.delete(f"/v1/volumes/{vol}/attachments/n2").status_code == 204
+    assert cluster.exports("n1") == set()
+
+
+# ---- fencing -----------------------------------------------------------------------------
+
+
+def test_fence_refuses_an_online_node_unless_forced(cluster):
+    vol = cluster.volume()
+    assert cluster.attach(vol, "n2").status_code == 200
+    resp = cluster.api.post("/v1/nodes/n2/fence", json={"force": False})
+    assert resp.status_code == 409 and kind(resp) == "failed-precondition"
+    assert resp.json()["field"] == "force" and "online" in resp.json()["detail"]
+    assert cluster.api.get("/v1/nodes/n2").json()["state"] == "online"
+    assert cluster.exports("n1") == {(vol, "n2")}
+    forced = cluster.api.post("/v1/nodes/n2/fence", json={"force": True})
+    assert forced.status_code == 200 and forced.json()["released"] == [vol]
+
+
+def test_fence_closes_exports_then_releases_so_another_node_can_take_a_single_writer(cluster):
+    vol = cluster.volume()
+    assert cluster.attach(vol, "n2").status_code == 200
+    cluster.pass_time(31, "n1", "n3")
+    blocked = cluster.attach(vol, "n3")
+    assert blocked.status_code == 409 and "tessera node fence n2" in blocked.json()["detail"]
+    report = cluster.api.post("/v1/nodes/n2/fence", json={})
+    assert report.status_code == 200, report.text
+    assert report.json() == {"node_id": "n2", "state": "fenced", "released": [vol]}
+    assert cluster.exports("n1") == set()  # n2's old connection cannot read any more
+    node = cluster.api.get("/v1/nodes/n2").json()
+    assert node["state"] == "fenced" and node["fenced_at"] == cluster.now[0]
+    assert cluster.attach(vol, "n3").status_code == 200
+    assert cluster.exports("n1") == {(vol, "n3")}
+    again = cluster.api.post("/v1/nodes/n2/fence", json={})
+    assert again.json() == {"node_id": "n2", "state": "fenced", "released": []}
+
+
+def test_fence_releases_nothing_while_the_owner_cannot_close_the_export(cluster):
+    vol = cluster.volume()
+    assert cluster.attach(vol, "n2").status_code == 200
+    cluster.pass_time(31, "n3")  # n1 (the owner) and n2 both unreachable
+    resp = cluster.api.post("/v1/nodes/n2/fence", json={})
+    assert resp.status_code == 503 and "owner node n1" in resp.json()["detail"]
+    assert cluster.api.get(f"/v1/volumes/{vol}").json()["published_nodes"] == ["n2"]
+    assert cluster.api.get("/v1/nodes/n2").json()["state"] == "fenced"
+    # the owner is back: the retried fence finishes the release
+    cluster.beat("n1")
+    assert cluster.api.post("/v1/nodes/n2/fence", json={}).json()["released"] == [vol]
+    assert cluster.exports("n1") == set()
+
+
+def test_fencing_the_owner_lets_its_remote_consumers_detach(cluster):
+    vol = cluster.volume()
+    assert cluster.attach(vol, "n2").status_code == 200
+    cluster.pass_time(31, "n2", "n3")
+    assert cluster.api.post("/v1/nodes/n1/fence", json={}).json()["released"] == []
+    assert cluster.api.delete(f"/v1/volumes/{vol}/attachments/n2").status_code == 204
+    assert not cluster.key_file("n2", vol).exists()
+
+
+def test_fence_of_an_unknown_node_is_not_found(cluster):
+    resp = cluster.api.post("/v1/nodes/ghost/fence", json={})
+    assert resp.status_code == 404 and resp.json()["field"] == "node_id"
+
+
+# ---- heartbeat ---------------------------------------------------------------------------
+
+
+def test_heartbeat_reply_lists_what_each_node_still_holds(cluster):
+    vol = cluster.volume()
+    other = cluster.volume("other")
+    assert cluster.attach(vol, "n2", "MULTI_NODE_READER_ONLY", ro=True).status_code == 200
+    assert cluster.attach(vol, "n3", "MULTI_NODE_READER_ONLY", ro=True).status_code == 200
+    assert cluster.attach(other, "n1").status_code == 200
+    n1, n2, n3 = cluster.beat("n1", "n2", "n3")
+    assert n1 == {
+        "state": "online",
+        "attachments": [other],
+        "exports": [
+            {"volume_id": vol, "client_node": "n2"},
+            {"volume_id": vol, "client_node": "n3"},
+        ],
+    }
+    assert n2 == {"state": "online", "attachments": [vol], "exports": []}
+    assert n3["attachments"] == [vol]
+
+
+def test_a_fenced_node_that_beats_again_is_online_and_told_it_holds_nothing(cluster):
+    vol = cluster.volume()
+    assert cluster.attach(vol, "n2").status_code == 200
+    cluster.pass_time(31, "n1", "n3")
+    assert cluster.api.post("/v1/nodes/n2/fence", json={}).status_code == 200
+    (reply,) = cluster.beat("n2")
+    assert reply == {"state": "online", "attachments": [], "exports": []}
+    node = cluster.api.get("/v1/nodes/n2").json()
+    assert node["state"] == "online" and node["fenced_at"] == 0
+
+
+# ---- what volumes show -------------------------------------------------------------------
+
+
+def test_volume_condition_names_an_unreachable_attached_node_then_the_owner(cluster):
+    vol = cluster.volume()
+    assert cluster.api.get(f"/v1/volumes/{vol}").json()["condition"] == ""
+    assert cluster.attach(vol, "n2").status_code == 200
+    cluster.pass_time(31, "n1", "n3")
+    condition = cluster.api.get(f"/v1/volumes/{vol}").json()["condition"]
+    assert condition.startswith("attached node n2 is unreachable (last heartbeat")
+    cluster.pass_time(31, "n2", "n3")
+    listed = cluster.api.get("/v1/volumes").json()["items"][0]["condition"]
+    assert listed.startswith("owner node n1 is unreachable")
+    cluster.beat("n1")
+    assert cluster.api.get(f"/v1/volumes/{vol}").json()["condition"] == ""
+
+
+def test_the_volume_answer_lists_its_legs_and_an_expand_grows_the_leg(cluster):
+    vol = cluster.volume()
+    got = cluster.api.get(f"/v1/volumes/{vol}").json()
+    assert got["legs"] == [{"node_id": "n1", "pool": "p", "size_bytes": 4 * MiB}]
+    grown = cluster.api.post(f"/v1/volumes/{vol}/expand", json={"size_bytes": 8 * MiB})
+    assert grown.json()["legs"] == [{"node_id": "n1", "pool": "p", "size_bytes": 8 * MiB}]
+    pools = cluster.api.get("/v1/pools").json()["items"]
+    assert pools[0]["allocated_bytes"] == 8 * MiB
+
+
+# ---- the key stays secret ----------------------------------------------------------------
+
+
+def test_the_psk_key_never_appears_in_an_answer_or_a_log_line(cluster, caplog):
+    caplog.set_level(logging.DEBUG)
+    vol = cluster.volume()
+    api = cluster.api
+    answers = [cluster.attach(vol, "n2")]
+    key = cluster.stored_key(vol, "n2")
+    assert key
+    answers += [
+        cluster.attach(vol, "n2"),
+        cluster.attach(vol, "n2", "MULTI_NODE_MULTI_WRITER"),  # 409 naming the existing one
+        api.get(f"/v1/volumes/{vol}/attachments"),
+        api.get(f"/v1/volumes/{vol}"),
+        api.get("/v1/volumes"),
+        api.get("/v1/nodes"),
+        api.get("/v1/nodes/n2"),
+        api.post("/v1/nodes/n1/heartbeat"),
+        api.post("/v1/nodes/n2/heartbeat"),
+        api.post("/v1/reconcile", json={"fix": False}),
+        api.post("/v1/nodes/n2/fence", json={}),  # 409: online
+        api.post("/v1/nodes/n2/fence", json={"force": True}),
+        api.delete(f"/v1/volumes/{vol}/attachments/n2"),
+    ]
+    for resp in answers:
+        assert resp.status_code < 500, resp.text
+        assert key not in resp.text
+    assert key not in caplog.text
+    assert key not in json.dumps([r.getMessage() for r in caplog.records])
