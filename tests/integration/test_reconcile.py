@@ -237,7 +237,7 @@ def test_a_device_attached_without_a_record_is_reported_and_left_attached(
 
 
 def test_an_old_attachment_record_without_a_device_is_reported(cluster: Cluster) -> None:
-    vid = cluster.volume("a")
+    vid = cluster.volume("a", node="n2")  # a local attachment: these agents export nothing
     cluster.mgmt.attach(vid, "n2", AccessMode.SINGLE_NODE_WRITER, readonly=False)
     assert cluster.mgmt.reconcile().findings == []  # young: NodeStage may be on its way
     cluster.age(vid)
