@@ -16,11 +16,14 @@ Spec points where we had to choose (CSI v1.12):
   passes limit_bytes), which management reports.
 - DeleteVolume / ControllerUnpublishVolume of an unknown or foreign volume
   ID answer OK: the volume is gone, so it is deleted / unpublished.
-- ControllerPublishVolume to a node other than the volume's owner records
-  the attachment (management enforces the access mode across nodes) and
-  answers publish_context transport=nbd. The node side of remote attach is
-  the next transport; until it lands NodeStage on such a node answers
-  FAILED_PRECONDITION, and accessible_topology names the owner node only.
+- ControllerPublishVolume asks management to attach: it enforces the access
+  mode across nodes and, for a node other than the volume's owner, has the
+  owner export the volume to that node (docs/data-path.md). The answer's
+  connection info, never a key, is publish_context.
+- accessible_topology tells the truth: a volume of locality `any` or
+  `preferred` is reachable from every node (over the network when remote),
+  so it carries no constraint; `required` names its node, where it stays
+  local. GetCapacity answers per topology segment the same way.
 """
 
 from __future__ import annotations
@@ -37,14 +40,17 @@ from csi_driver._gen import csi_pb2, csi_pb2_grpc
 from csi_driver.capabilities import parse_capabilities
 from csi_driver.parameters import (
     CONTEXT_FS_TYPE,
+    CONTEXT_LOCALITY,
     CONTEXT_MKFS_OPTIONS,
     StorageParameters,
     parse_parameters,
 )
+from csi_driver.publish_context import to_publish_context
 from tessera.clients import ManagementClient
 from tessera.errors import (
     Aborted,
     AlreadyExists,
+    FailedPrecondition,
     Internal,
     InvalidArgument,
     NotFound,
@@ -52,6 +58,7 @@ from tessera.errors import (
 from tessera.locks import VolumeLocks
 from tessera.models import (
     AccessType,
+    Locality,
     Volume,
     VolumeCreate,
     VolumeState,
@@ -91,11 +98,26 @@ def csi_volume(volume: Volume) -> csi_pb2.Volume:
         volume_id=volume.id,
         capacity_bytes=volume.size_bytes,
         volume_context=volume_context(volume),
-        accessible_topology=[csi_pb2.Topology(segments={TOPOLOGY_KEY: volume.node_id})],
+        accessible_topology=accessible_topology(volume),
     )
 
 
+def accessible_topology(volume: Volume) -> list[csi_pb2.Topology]:
+    """Where the volume can be used: its own node for locality=required, else anywhere.
+
+    The spec reads an empty list as "accessible from all nodes", which is
+    what remote attach makes true; a locality=required volume is never
+    exported, so it is accessible on the nodes of its legs only.
+    """
+    if volume.parameters.get(CONTEXT_LOCALITY, Locality.ANY.value) != Locality.REQUIRED.value:
+        return []
+    nodes = dict.fromkeys(leg.node_id for leg in volume.legs) or {volume.node_id: None}
+    return [csi_pb2.Topology(segments={TOPOLOGY_KEY: node}) for node in nodes]
+
+
 def volume_condition(volume: Volume) -> csi_pb2.VolumeCondition:
+    if volume.condition:
+        return csi_pb2.VolumeCondition(abnormal=True, message=volume.condition)
     if volume.state == VolumeState.ERROR:
         return csi_pb2.VolumeCondition(
             abnormal=True,
@@ -167,18 +189,12 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             volume = self.mgmt.get_volume(args.volume_id)
             node = self.mgmt.get_node(args.node_id)
             _check_filesystem(volume, request.volume_capability)
-            # Another node gets an attachment record too, so the access-mode
-            # rules hold across nodes; its NodeStage needs the nbd transport.
-            local = volume.node_id == node.id
+            _check_reachable(volume, node.id)
             attachment = self.mgmt.attach(
                 args.volume_id, node.id, args.capability.access_mode, args.readonly
             )
         return csi_pb2.ControllerPublishVolumeResponse(
-            publish_context={
-                "transport": "loop" if local else "nbd",
-                "ownerNode": volume.node_id,
-                "readonly": "true" if attachment.readonly else "false",
-            }
+            publish_context=to_publish_context(attachment.connection, attachment.readonly)
         )
 
     def ControllerUnpublishVolume(
@@ -266,7 +282,9 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             return csi_pb2.GetCapacityResponse(available_capacity=0)
         with _vpg_is_a_parameter():
             try:
-                cap = self.mgmt.capacity(vpg=params.vpg, node_id=nodes[0] if nodes else "")
+                cap = self.mgmt.capacity(
+                    vpg=params.vpg, node_id=nodes[0] if nodes else "", locality=params.locality
+                )
             except NotFound as err:
                 if err.field == "node_id":
                     return csi_pb2.GetCapacityResponse(available_capacity=0)
@@ -316,6 +334,18 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
 
 
 # ---- helpers -----------------------------------------------------------------------
+
+
+def _check_reachable(volume: Volume, node_id: str) -> None:
+    """A locality=required volume is used on its own node only: it is never exported."""
+    if node_id in (leg.node_id for leg in volume.legs) or node_id == volume.node_id:
+        return
+    if volume.parameters.get(CONTEXT_LOCALITY) == Locality.REQUIRED.value:
+        raise FailedPrecondition(
+            f"volume {volume.id} has locality=required and lives on node {volume.node_id}; "
+            f"it is not accessible from node {node_id}",
+            field="node_id",
+        )
 
 
 def _check_filesystem(volume: Volume, cap: csi_pb2.VolumeCapability) -> None:

@@ -64,18 +64,10 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         args = validation.node_stage_volume(request)
         volume_id, staging, cap = args.volume_id, args.staging_target_path, args.capability
         staging = mounts.mount_point(staging, "staging_target_path")  # as mountinfo spells it
-        ctx = request.publish_context
+        readonly = args.readonly
         with self.locks.hold(volume_id):
-            if ctx.get("transport", "loop") != "loop":
-                raise FailedPrecondition(
-                    f"volume {volume_id} lives on node {ctx.get('ownerNode', '?')}; attaching it "
-                    f"on {self.config.node_id} needs the {ctx['transport']} transport, which "
-                    "this node-agent does not offer yet",
-                    field="publish_context",
-                )
-            readonly = cap.read_only_mode or ctx.get("readonly") == "true"
             fresh = self._attachment_or_none(volume_id) is None
-            attachment = self.agent.attach(volume_id, readonly)
+            attachment = self.agent.attach(volume_id, readonly, args.connection)
             try:
                 if cap.access_type == AccessType.BLOCK and mounts.is_mount(staging):
                     raise AlreadyExists(
@@ -378,6 +370,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             return csi_pb2.VolumeCondition(
                 abnormal=True, message="the volume's block device is gone from this node"
             )
+        if attachment.condition:
+            return csi_pb2.VolumeCondition(abnormal=True, message=attachment.condition)
         return csi_pb2.VolumeCondition(abnormal=False, message="ok")
 
     # ---- expand ---------------------------------------------------------------------
@@ -399,8 +393,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             mount, device = self._check_path_belongs(volume_id, path, attachment)
             block = mounts.binds_device(mount, device)
             _check_expand_capability(args.capability, block, path)
-            # Attaching again is how the agent lets the loop device see the new size.
-            attachment = self.agent.attach(volume_id, attachment.readonly)
+            # Attaching again is how the agent lets the device see the new size.
+            attachment = self.agent.attach(volume_id, attachment.readonly, attachment.connection)
             device = attachment.backing_device
             size = filesystems.device_size(device)
             _check_expand_range(volume_id, size, args.size, args.limit)

@@ -31,9 +31,10 @@ from google.protobuf.message import Message
 from csi_driver._gen import csi_pb2
 from csi_driver.capabilities import Capability, parse_capability
 from csi_driver.parameters import StorageParameters, parse_parameters
+from csi_driver.publish_context import from_publish_context
 from tessera import ids
 from tessera.errors import FailedPrecondition, InvalidArgument, NotFound
-from tessera.models import GiB, Locality
+from tessera.models import Connection, GiB, Locality
 from tessera.topology import TOPOLOGY_KEY, candidate_nodes
 
 #: CSI "Size Limits": strings 128 bytes, maps 4 KiB, unless a field says otherwise
@@ -380,6 +381,9 @@ class NodeStage:
     volume_id: str
     staging_target_path: str
     capability: Capability
+    connection: Connection
+    #: the attachment is read-only (publish_context readonly, or a read-only access mode)
+    readonly: bool
 
 
 @dataclass(frozen=True)
@@ -569,9 +573,11 @@ def node_stage_volume(r: csi_pb2.NodeStageVolumeRequest) -> NodeStage:
     staging = path_form(r.staging_target_path, "staging_target_path")
     cap = capability_form(r.volume_capability, "volume_capability")
     map_form(r.publish_context, "publish_context")
+    connection, readonly = from_publish_context(r.publish_context)
     map_form(r.volume_context, "volume_context")
     secrets_form(r.secrets)
-    return NodeStage(known_volume(volume_id), staging, cap)
+    readonly = readonly or cap.read_only_mode
+    return NodeStage(known_volume(volume_id), staging, cap, connection, readonly)
 
 
 def node_unstage_volume(r: csi_pb2.NodeUnstageVolumeRequest) -> NodeUnstage:

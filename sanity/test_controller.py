@@ -207,17 +207,18 @@ def test_the_volume_size_honours_the_capacity_range(csi: Csi, required: int, lim
     assert volume.capacity_bytes > 0
 
 
-def test_the_volume_says_which_node_it_lives_on(csi: Csi) -> None:
+def test_a_volume_reachable_over_the_network_carries_no_topology_constraint(csi: Csi) -> None:
+    """locality any (the default): every node can attach it, so a pod may go anywhere."""
     volume = csi.create_volume()
-    segments = [dict(t.segments) for t in volume.accessible_topology]
-    assert any(s.get(TOPOLOGY_KEY) == NODE_ID for s in segments), segments
+    assert list(volume.accessible_topology) == []
 
 
-def test_a_volume_lands_on_the_node_the_topology_requires(csi: Csi) -> None:
+def test_a_local_only_volume_lands_on_the_node_the_topology_requires(csi: Csi) -> None:
     req = create_request(
+        parameters={"locality": "required"},
         accessibility_requirements=csi_pb2.TopologyRequirement(
             requisite=[node_topology()], preferred=[node_topology()]
-        )
+        ),
     )
     volume = csi.create(req).volume
     assert [dict(t.segments) for t in volume.accessible_topology] == [{TOPOLOGY_KEY: NODE_ID}]

@@ -270,7 +270,7 @@ def test_create_volume_reports_where_the_volume_is_reachable_and_how_to_format_i
     )
     assert dict(volume.volume_context) == {"fsType": "xfs", "mkfsOptions": "-m crc=1"}
     stored = stack.mgmt.get_volume(volume.volume_id)
-    assert [dict(t.segments) for t in volume.accessible_topology] == [{TOPO: stored.node_id}]
+    assert list(volume.accessible_topology) == []  # locality any: reachable from every node
     assert stored.parameters["fsType"] == "xfs"
     assert stored.parameters["csi.storage.k8s.io/pvc/name"] == "data"
 
@@ -301,7 +301,7 @@ def test_create_volume_places_the_volume_on_a_requisite_node(stack: Stack) -> No
         preferred=[csi_pb2.Topology(segments={TOPO: "n2"})],
     )
     volume = create(stack, "pvc-n2", accessibility_requirements=topo)
-    assert [dict(t.segments) for t in volume.accessible_topology] == [{TOPO: "n2"}]
+    assert stack.mgmt.get_volume(volume.volume_id).node_id == "n2"
 
 
 def test_locality_required_puts_the_volume_on_the_consumer_node(stack: Stack) -> None:
@@ -412,16 +412,6 @@ def test_controller_publish_tells_the_node_how_to_reach_the_volume(stack: Stack)
         "readonly": "false",
     }
     assert stack.mgmt.get_volume(volume.volume_id).published_nodes == ["n1"]
-
-
-def test_publishing_on_another_node_is_recorded_and_uses_the_nbd_transport(
-    stack: Stack,
-) -> None:
-    volume = create(stack, "pvc-remote", accessibility_requirements=_on("n1"))
-    resp = stack.csi.controller.ControllerPublishVolume(publish_req(volume.volume_id, node_id="n2"))
-    assert resp.publish_context["transport"] == "nbd"
-    assert resp.publish_context["ownerNode"] == "n1"
-    assert stack.mgmt.get_volume(volume.volume_id).published_nodes == ["n2"]
 
 
 def test_a_single_node_volume_published_elsewhere_is_refused_on_a_second_node(
@@ -622,19 +612,25 @@ def test_get_volume_of_an_unknown_volume_is_not_found(stack: Stack) -> None:
 # ---- GetCapacity ----------------------------------------------------------------------------
 
 
-def test_get_capacity_reports_room_for_one_volume_per_node(stack: Stack) -> None:
-    everywhere = stack.csi.controller.GetCapacity(csi_pb2.GetCapacityRequest())
-    on_n2 = stack.csi.controller.GetCapacity(
-        csi_pb2.GetCapacityRequest(
-            accessible_topology=csi_pb2.Topology(segments={TOPO: "n2"}),
-            parameters={"vpg": "default"},
-            volume_capabilities=[mount_capability()],
+def test_get_capacity_reports_room_for_one_volume_per_topology_segment(stack: Stack) -> None:
+    """A volume of locality any can go on any node and be reached from n2; required cannot."""
+
+    def on_n2(locality: str) -> csi_pb2.GetCapacityResponse:
+        return stack.csi.controller.GetCapacity(
+            csi_pb2.GetCapacityRequest(
+                accessible_topology=csi_pb2.Topology(segments={TOPO: "n2"}),
+                parameters={"vpg": "default", "locality": locality},
+                volume_capabilities=[mount_capability()],
+            )
         )
-    )
+
+    everywhere = stack.csi.controller.GetCapacity(csi_pb2.GetCapacityRequest())
     assert everywhere.available_capacity == 10 * GiB
-    assert on_n2.available_capacity == 4 * GiB
-    assert on_n2.maximum_volume_size.value == 4 * GiB
-    assert on_n2.minimum_volume_size.value == MiB
+    assert on_n2("any").available_capacity == 10 * GiB
+    local = on_n2("required")
+    assert local.available_capacity == 4 * GiB
+    assert local.maximum_volume_size.value == 4 * GiB
+    assert local.minimum_volume_size.value == MiB
 
 
 def test_get_capacity_is_zero_for_capabilities_no_volume_can_have(stack: Stack) -> None:

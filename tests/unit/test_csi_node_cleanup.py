@@ -22,7 +22,7 @@ from csi_driver.node import NodeServicer
 from tessera.clients import AgentClient
 from tessera.errors import FailedPrecondition, NotFound, Unavailable
 from tessera.ids import new_volume_id
-from tessera.models import AgentAttachment, AgentView
+from tessera.models import AgentAttachment, AgentView, Connection
 
 GONE = "node-agent at unix:///run/tessera/agent.sock did not answer"
 
@@ -40,7 +40,9 @@ class AgentGoneAfterAttach:
             raise NotFound(f"volume {volume_id} is not attached")
         return self.attachment
 
-    def attach(self, volume_id: str, readonly: bool = False) -> AgentAttachment:
+    def attach(
+        self, volume_id: str, readonly: bool = False, connection: Connection | None = None
+    ) -> AgentAttachment:
         self.attached = True
         return self.attachment
 
