@@ -10,6 +10,7 @@ import uvicorn
 
 from management.app import create_app
 from management.context import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_MISSES
+from management.db import SchemaTooOld
 from management.reconcile import PeriodicReconciler
 from tessera.http import read_token
 from tessera.rest import server_options
@@ -91,13 +92,16 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--ca-bundle {args.ca_bundle}: not a readable file")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     token = read_token(args.token_file)
-    app = create_app(
-        args.db,
-        token,
-        heartbeat_interval=args.heartbeat_interval,
-        heartbeat_misses=args.heartbeat_misses,
-        ca_file=args.ca_bundle,
-    )
+    try:
+        app = create_app(
+            args.db,
+            token,
+            heartbeat_interval=args.heartbeat_interval,
+            heartbeat_misses=args.heartbeat_misses,
+            ca_file=args.ca_bundle,
+        )
+    except SchemaTooOld as exc:
+        parser.exit(1, f"tessera-management: {exc}\n")
     reconciler = None
     if args.reconcile_interval > 0:
         reconciler = PeriodicReconciler(app.state.ctx, args.reconcile_interval)

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 import management.db
-from management.db import Database
+from management.db import Database, SchemaTooOld
 
 
 def test_writes_resume_after_another_process_held_the_database_lock(
@@ -68,4 +68,71 @@ def test_every_connection_fsyncs_each_commit_so_an_answered_create_survives_powe
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     with db.read() as s:
         assert s.connection().exec_driver_sql("PRAGMA synchronous").scalar() == 2
+    db.dispose()
+
+
+#: what the release before volume legs and node liveness created (its create_all)
+OLD_SCHEMA = """
+CREATE TABLE nodes (id VARCHAR(128) NOT NULL, agent_url VARCHAR(1024) NOT NULL,
+    topology JSON NOT NULL, max_volumes INTEGER NOT NULL, last_heartbeat FLOAT NOT NULL,
+    PRIMARY KEY (id));
+CREATE TABLE vpgs (name VARCHAR(63) NOT NULL, layout VARCHAR(32) NOT NULL, PRIMARY KEY (name));
+CREATE TABLE pools (node_id VARCHAR(128) NOT NULL, name VARCHAR(128) NOT NULL,
+    capacity_bytes BIGINT NOT NULL, PRIMARY KEY (node_id, name),
+    FOREIGN KEY(node_id) REFERENCES nodes (id) ON DELETE CASCADE);
+CREATE TABLE volumes (id VARCHAR(64) NOT NULL, name VARCHAR(128) NOT NULL,
+    size_bytes BIGINT NOT NULL, agent_size_bytes BIGINT NOT NULL, vpg VARCHAR(63) NOT NULL,
+    node_id VARCHAR(128) NOT NULL, pool VARCHAR(128) NOT NULL, state VARCHAR(16) NOT NULL,
+    parameters JSON NOT NULL, created_at FLOAT NOT NULL, PRIMARY KEY (id),
+    FOREIGN KEY(node_id, pool) REFERENCES pools (node_id, name), UNIQUE (name),
+    FOREIGN KEY(vpg) REFERENCES vpgs (name));
+CREATE TABLE attachments (volume_id VARCHAR(64) NOT NULL, node_id VARCHAR(128) NOT NULL,
+    access_mode VARCHAR(32) NOT NULL, readonly BOOLEAN NOT NULL, created_at FLOAT NOT NULL,
+    PRIMARY KEY (volume_id, node_id),
+    FOREIGN KEY(volume_id) REFERENCES volumes (id) ON DELETE CASCADE,
+    FOREIGN KEY(node_id) REFERENCES nodes (id));
+INSERT INTO vpgs VALUES ('default', 'concat');
+INSERT INTO nodes VALUES ('n1', 'unix:///nowhere.sock', '{}', 0, 9e12);
+INSERT INTO pools VALUES ('n1', 'p', 1073741824);
+INSERT INTO volumes VALUES ('vol-00000000000000000000000000000001', 'old', 268435456,
+    268435456, 'default', 'n1', 'p', 'available', '{}', 1.0);
+INSERT INTO attachments VALUES ('vol-00000000000000000000000000000001', 'n1',
+    'SINGLE_NODE_WRITER', 0, 2.0);
+"""
+
+
+def test_a_database_made_by_the_previous_version_is_upgraded_at_start(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from management.app import create_app
+
+    path = tmp_path / "m.db"
+    old = sqlite3.connect(path)
+    old.executescript(OLD_SCHEMA)
+    old.close()
+    for _ in range(2):  # a second start finds nothing left to do
+        app = create_app(f"sqlite:///{path}", "t0ken")
+        with TestClient(app, headers={"Authorization": "Bearer t0ken"}) as api:
+            vol = api.get("/v1/volumes/vol-00000000000000000000000000000001").json()
+            assert vol["legs"] == [{"node_id": "n1", "pool": "p", "size_bytes": 256 * 1024**2}]
+            pool = api.get("/v1/pools").json()["items"][0]
+            assert pool["allocated_bytes"] == 256 * 1024**2  # the old volume still takes space
+            node = api.get("/v1/nodes/n1").json()
+            assert node["state"] == "online" and node["fenced_at"] == 0
+            (att,) = api.get(f"/v1/volumes/{vol['id']}/attachments").json()["items"]
+            assert att["connection"]["transport"] == "loop"
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM volume_legs").fetchone() == (1,)
+
+
+def test_a_column_this_version_cannot_add_stops_the_start_with_a_clear_message(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "m.db"
+    ancient = sqlite3.connect(path)
+    ancient.executescript(OLD_SCHEMA.replace("max_volumes INTEGER NOT NULL, ", "", 1).split(";")[0])
+    ancient.close()
+    db = Database(f"sqlite:///{path}")
+    with pytest.raises(SchemaTooOld, match="'nodes' has no column 'max_volumes'"):
+        db.create_tables()
     db.dispose()

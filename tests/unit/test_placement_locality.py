@@ -6,7 +6,7 @@ with a 4 GiB pool, so "most free space" and "the preferred node" differ.
 
 from __future__ import annotations
 
-from tests.unit.management_fixtures import GiB, create, is_problem
+from tests.unit.management_fixtures import GiB, add_node, create, is_problem
 
 pytest_plugins = ["tests.unit.management_fixtures"]
 
@@ -70,3 +70,45 @@ def test_required_with_a_consumer_outside_requisite_is_refused_naming_the_field(
     assert resp.status_code == 422 and is_problem(resp)
     assert resp.json()["field"] == "preferred_nodes"
     assert cluster.get("/v1/volumes").json()["items"] == []
+
+
+# ---- capacity as seen from a consumer node (CSI GetCapacity per topology segment) ----------
+
+
+def capacity(api, **params) -> int:  # noqa: ANN001
+    resp = api.get("/v1/capacity", params=params)
+    assert resp.status_code == 200, resp.text
+    return resp.json()["available_bytes"]
+
+
+def test_capacity_required_counts_only_the_consumer_nodes_pools(cluster):
+    create(cluster, "a", GiB, requisite_nodes=["n2"])
+    assert capacity(cluster, node_id="n2", locality="required") == 3 * GiB
+    assert capacity(cluster, node_id="n1", locality="required") == 10 * GiB
+
+
+def test_capacity_any_or_preferred_counts_every_online_pool_a_consumer_can_reach(cluster, agent):
+    add_node(cluster, "client", agent.url, {})  # no pool of its own
+    for locality in ("any", "preferred"):
+        assert capacity(cluster, node_id="client", locality=locality) == 10 * GiB
+        assert capacity(cluster, node_id="n2", locality=locality) == 10 * GiB
+    assert capacity(cluster, node_id="client", locality="required") == 0
+
+
+def test_capacity_for_an_unknown_node_is_zero_whatever_the_locality(cluster):
+    for locality in ("any", "preferred", "required"):
+        assert capacity(cluster, node_id="ghost", locality=locality) == 0
+
+
+def test_capacity_leaves_out_pools_of_unreachable_and_fenced_nodes(cluster):
+    ctx = cluster.app.state.ctx
+    now = [ctx.clock() + 60]  # both nodes missed their beats
+    ctx.clock = lambda: now[0]
+    assert cluster.post("/v1/nodes/n2/heartbeat").status_code == 200
+    assert capacity(cluster, node_id="n2") == 4 * GiB  # n1 unreachable
+    assert cluster.post("/v1/nodes/n1/heartbeat").status_code == 200
+    assert capacity(cluster, node_id="n2") == 10 * GiB
+    now[0] += 60
+    assert cluster.post("/v1/nodes/n2/heartbeat").status_code == 200
+    assert cluster.post("/v1/nodes/n1/fence", json={}).status_code == 200
+    assert capacity(cluster, node_id="n2") == 4 * GiB
