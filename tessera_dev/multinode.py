@@ -121,9 +121,9 @@ class MultiNodeStack:
 
     def start(self) -> MultiStackInfo:
         """Everything up and answering, or everything torn down and StackError raised."""
-        self._prepare_dirs()
         self._take_lock()
         try:
+            self._prepare_dirs()
             self._clean_leftovers()
             self.network = netns.network_for(self.dir)
             self.info = self._describe(self.network)
@@ -158,6 +158,7 @@ class MultiNodeStack:
         self._stack_file.unlink(missing_ok=True)
 
     def _take_lock(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
         lock = open(self.dir / "lock", "wb")  # noqa: SIM115 - held until stop()
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
