@@ -1,15 +1,23 @@
-"""`tessera node list` and `tessera pool list`: what management knows of the hardware."""
+"""`tessera node list|fence` and `tessera pool list`: what management knows of the hardware.
+
+`node list` shows each node's liveness (online, UNREACHABLE, FENCED: see
+docs/liveness.md) and how long ago it last beat. `node fence` cuts a node
+off so its single-writer volumes can move: management has the owners close
+its exports before it releases its attachments, and refuses a node that
+still heartbeats unless `--force`.
+"""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from tessera.cli.connect import Management, StateDir, TokenFile, all_items, connect
-from tessera.cli.output import Column, Output, OutputOpt, examples, print_list
+from tessera.cli.output import Column, Output, OutputOpt, console, dump, examples, print_list
+from tessera.cli.volumes import check_ref
 from tessera.units import format_size
 
 if TYPE_CHECKING:
@@ -18,7 +26,7 @@ if TYPE_CHECKING:
 node_app = typer.Typer(
     help="Nodes: the machines whose agents serve pools.",
     no_args_is_help=True,
-    epilog=examples("tessera node list"),
+    epilog=examples("tessera node list", "tessera node fence n2"),
 )
 pool_app = typer.Typer(
     help="Pools: where volumes live, with their capacity.",
@@ -28,10 +36,9 @@ pool_app = typer.Typer(
 
 NODE_COLUMNS = [
     Column("ID", lambda n: n.id, fold=True),
-    Column("ONLINE", lambda n: "yes" if n.online else "NO"),
-    Column(
-        "LAST HEARTBEAT", lambda n: f"{max(time.time() - n.last_heartbeat, 0):.0f}s ago", drop=2
-    ),
+    # upper case where a person must act: an unreachable node blocks its volumes
+    Column("STATE", lambda n: n.state.value if n.online else n.state.value.upper()),
+    Column("LAST HEARTBEAT", lambda n: _age(n.last_heartbeat), drop=2),
     Column("MAX VOLUMES", lambda n: str(n.max_volumes or "-"), drop=3),
     Column("AGENT", lambda n: n.agent_url, drop=4, fold=True),
     Column("TOPOLOGY", lambda n: _topology(n), wide_only=True),
@@ -53,10 +60,44 @@ def node_list(
     management: Management = None,
     token_file: TokenFile = None,
 ) -> None:
-    """List nodes and whether they are heartbeating."""
+    """List nodes, their state (online, unreachable, fenced) and their last heartbeat."""
     with connect(state_dir, management, token_file) as client:
         nodes = all_items(client.list_nodes)
     print_list(nodes, NODE_COLUMNS, output, noun="nodes")
+
+
+@node_app.command(
+    "fence",
+    epilog=examples("tessera node fence n2", "tessera node fence n2 --force -o json"),
+)
+def node_fence(
+    node: Annotated[str, typer.Argument(help="the node to cut off")],
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="fence a node that still heartbeats (it may still be writing: be sure it is "
+            "cut off from its volumes)",
+        ),
+    ] = False,
+    output: OutputOpt = Output.TABLE,
+    state_dir: StateDir = Path(".state"),
+    management: Management = None,
+    token_file: TokenFile = None,
+) -> None:
+    """Fence a node: its exports are closed and its attachments released (idempotent)."""
+    check_ref(node, what="NODE")
+    with connect(state_dir, management, token_file) as client:
+        report = client.fence_node(node, force=force)
+    if output in (Output.JSON, Output.YAML):
+        dump(report.model_dump(mode="json"), output)
+        return
+    released = ", ".join(report.released) or "none"
+    console.print(
+        f"node {report.node_id} is {report.state.value}; attachments released: {released}",
+        markup=False,
+        soft_wrap=True,
+    )
 
 
 @pool_app.command("list", epilog=examples("tessera pool list", "tessera pool list -o json"))
@@ -73,7 +114,7 @@ def pool_list(
 
 
 def _age(ts: float) -> str:
-    return f"{max(time.time() - ts, 0):.0f}s ago"
+    return f"{max(time.time() - ts, 0):.0f}s ago" if ts else "never"
 
 
 def _topology(n: Node) -> str:

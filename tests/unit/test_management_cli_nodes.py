@@ -1,0 +1,103 @@
+"""`tessera node list` and `tessera node fence` as an admin runs them, against a real management.
+
+Management runs as its own process on a unix socket; the CLI runs through
+the installed `tessera` console script in an 80-column terminal, and the
+tests read what a person reads: exit code, stdout, stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tessera.clients import ManagementClient
+from tests.integration.processes import spawn_module
+
+TOKEN = "cli-node-token-0123456789"
+TESSERA = Path(sys.executable).parent / "tessera"
+
+
+@pytest.fixture
+def management(tmp_path: Path) -> Iterator[tuple[ManagementClient, dict[str, str]]]:
+    sock_dir = Path(tempfile.mkdtemp(prefix="tsn-"))
+    sock = sock_dir / "m.sock"
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    url = f"unix://{sock}"
+    args = ["management", "--listen", url, "--db", f"sqlite:///{tmp_path / 'm.db'}"]
+    proc = spawn_module([*args, "--token-file", str(token_file)], tmp_path / "management.log")
+    client = ManagementClient(url, TOKEN)
+    try:
+        deadline = time.monotonic() + 20
+        while not client.healthy():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
+        env.update(COLUMNS="80", TESSERA_MANAGEMENT=url, TESSERA_TOKEN_FILE=str(token_file))
+        for node in ("n1", "n2"):
+            client.register_node(node, f"unix://{sock_dir}/{node}.sock", {})
+        yield client, env
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(timeout=10)
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def tessera(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(TESSERA), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_fencing_a_node_that_still_heartbeats_is_refused_and_says_to_pass_force(management):
+    _client, env = management
+    run = tessera(env, "node", "fence", "n1")
+    assert run.returncode == 1 and run.stdout == ""
+    assert len(run.stderr.splitlines()) == 1
+    assert "node n1 is online" in run.stderr and "--force" in run.stderr
+    listed = tessera(env, "node", "list", "-o", "json")
+    states = {n["id"]: n["state"] for n in json.loads(listed.stdout)["items"]}
+    assert states == {"n1": "online", "n2": "online"}
+
+
+def test_forced_fence_reports_the_node_fenced_and_node_list_shows_it(management):
+    _client, env = management
+    run = tessera(env, "node", "fence", "n2", "--force")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "node n2 is fenced; attachments released: none"
+    again = tessera(env, "node", "fence", "n2", "-o", "json")  # idempotent, no --force needed
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout) == {"node_id": "n2", "state": "fenced", "released": []}
+    table = tessera(env, "node", "list")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:4] == ["ID", "STATE", "LAST", "HEARTBEAT"]
+    rows = {line.split()[0]: line.split()[1] for line in lines[1:]}
+    assert rows == {"n1": "online", "n2": "FENCED"}
+
+
+def test_fencing_an_unknown_node_fails_naming_it(management):
+    _client, env = management
+    run = tessera(env, "node", "fence", "ghost")
+    assert run.returncode == 1 and "ghost" in run.stderr and "not registered" in run.stderr
+
+
+def test_an_empty_node_name_is_a_usage_error_that_changes_nothing(management):
+    _client, env = management
+    run = tessera(env, "node", "fence", " ")
+    assert run.returncode == 2 and "NODE must not be empty" in run.stderr
