@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--export-ports",
-        type=parse_port_range,
+        type=_port_range,
         default=DEFAULT_PORTS,
         metavar="LO-HI",
         help=f"ports for NBD exports (default {DEFAULT_PORTS[0]}-{DEFAULT_PORTS[1]})",
@@ -128,6 +128,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="thin provisioning: promise RATIO times the pool's usable space (default 1.0)",
     )
     return p.parse_args(argv)
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    try:
+        return parse_port_range(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def open_pools(args: argparse.Namespace) -> dict[str, Pool]:

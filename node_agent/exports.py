@@ -36,6 +36,7 @@ import logging
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,6 +55,8 @@ DEFAULT_PORTS = (10809, 10999)
 #: SIGTERM, then SIGKILL after this long: a closed export must stop serving now
 CLOSE_GRACE = 2.0
 START_TIMEOUT = 30.0
+#: how long the forked nbdkit may take to write its pid file
+PIDFILE_WAIT = 5.0
 
 Key = tuple[str, str]
 
@@ -331,7 +334,7 @@ class Exports:
                 )
                 self._file(record.volume_id, record.client_node, "pid").unlink(missing_ok=True)
                 result = self._run_nbdkit(placed)
-                if result.returncode == 0 and self._pid(placed) is not None:
+                if result.returncode == 0 and self._wait_for_pid(placed):
                     return placed
                 if result.returncode == 0:  # it started, yet its pid file does not find it
                     self._kill_by_key_file(record.volume_id, record.client_node)
@@ -346,6 +349,15 @@ class Exports:
             self._remove(record.volume_id, record.client_node)
         low, high = self.ports
         raise ResourceExhausted(f"no free port for an export in --export-ports {low}-{high}")
+
+    def _wait_for_pid(self, record: ExportRecord) -> bool:
+        """nbdkit's daemon writes its pid file just after its parent exits: give it a moment."""
+        deadline = time.monotonic() + PIDFILE_WAIT
+        while self._pid(record) is None:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
 
     def _run_nbdkit(self, record: ExportRecord) -> subprocess.CompletedProcess[bytes]:
         psk = self._file(record.volume_id, record.client_node, "psk")
