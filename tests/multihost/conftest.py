@@ -54,12 +54,7 @@ def data_path_in_use(state: Path, work: Path) -> dict[str, list[str]]:
     """What is still attached once every test cleaned up: only the pools may be."""
     pools = [Path(p).resolve() for p in state.glob("nodes/*/pool")]
     return {
-        "mounts": [
-            m.mountpoint
-            for d in (state, work)
-            for m in mounts_under(d)
-            if Path(m.mountpoint) not in pools
-        ],
+        "mounts": [m for d in (state, work) for m in mounts_under(d) if Path(m) not in pools],
         "loop devices": [
             f"{b.path} ({b.backing})"
             for b in bound_under(state)
@@ -76,7 +71,7 @@ def assert_nothing_left(state: Path, work: Path, namespaces: set[str]) -> None:
     left = {
         "namespaces": sorted(namespaces & netns_names()),
         "links": netns.links(netns.tag_of(state)),
-        "mounts": [m.mountpoint for d in (state, work) for m in mounts_under(d)],
+        "mounts": [m for d in (state, work) for m in mounts_under(d)],
         "loop devices": [b.path for d in (state, work) for b in bound_under(d)],
         "processes": processes_mentioning(state, work),
     }

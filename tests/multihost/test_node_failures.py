@@ -116,8 +116,9 @@ def test_a_cut_off_node_is_fenced_before_its_volume_moves_and_cannot_write_any_m
             err = call_error(lambda: kube.controller_publish(vid, "n3", block_cap()))
             assert_code(err, Code.FAILED_PRECONDITION, "n2")
 
-            fence = cluster.tessera("node", "fence", "n2")
-            assert fence.returncode == 0, fence.stdout + fence.stderr
+            report = cluster.mgmt.fence_node("n2")
+            assert report.state == NodeState.FENCED
+            assert vid in report.released, report
             assert cluster.mgmt.get_node("n2").state == NodeState.FENCED
             new = kube.publish(vid, "n3", block_cap())
             assert cluster.io("n3", "verify", new.target, log, BLOCKS) == "ok"
@@ -127,6 +128,8 @@ def test_a_cut_off_node_is_fenced_before_its_volume_moves_and_cannot_write_any_m
         # Back on the network, n2's old client finds its export closed.
         answer = cluster.io("n2", "trywrite", old.target, FENCED_WRITE_AT, timeout=120)
         assert errno_name(answer) in {"EIO", "ENXIO"}, f"n2's old client wrote: {answer}"
+        wait_until(lambda: writer.poll() is not None, "n2's old writer to fail")
+        assert errors_in(log), "n2's old writer stopped without a write error"
         assert cluster.io("n3", "read", new.target, FENCED_WRITE_AT, BLOCK) == untouched
         assert cluster.io("n3", "verify", new.target, log, BLOCKS) == "ok"
     finally:

