@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+import pytest
 
 from tessera.system.loopdev import bound_under
 from tessera.system.mounts import mounts_under
 from tests.conftest import needs_root
+from tests.integration.test_dev_multinode import leftovers
 
-pytestmark = needs_root
+REPO = Path(__file__).resolve().parents[2]
+#: the packages built on the shared base `tessera`
+ABOVE_THE_BASE = {"csi_driver", "node_agent", "management", "tessera_dev"}
 
 
 def start_dev_up(state: Path, *extra: str) -> subprocess.Popen[str]:
@@ -33,6 +41,7 @@ def wait_for_stack(state: Path, proc: subprocess.Popen[str]) -> dict[str, str]:
     return json.loads((state / "stack.json").read_text())
 
 
+@needs_root
 def test_sigterm_stops_everything_and_leaves_nothing_behind(tmp_path: Path) -> None:
     state = tmp_path / "state"
     proc = start_dev_up(state)
@@ -46,6 +55,7 @@ def test_sigterm_stops_everything_and_leaves_nothing_behind(tmp_path: Path) -> N
     assert not (state / "stack.json").exists()
 
 
+@needs_root
 def test_demo_writes_and_reads_back_intact_data(tmp_path: Path) -> None:
     state = tmp_path / "state"
     proc = start_dev_up(state, "--exit-after-demo")
@@ -56,6 +66,7 @@ def test_demo_writes_and_reads_back_intact_data(tmp_path: Path) -> None:
     assert mounts_under(state) == []
 
 
+@needs_root
 def test_restart_keeps_volumes(tmp_path: Path) -> None:
     state = tmp_path / "state"
     proc = start_dev_up(state)
@@ -80,3 +91,64 @@ def test_restart_keeps_volumes(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
     assert proc.returncode == 0
+
+
+@needs_root
+def test_ctrl_c_stops_a_three_node_stack_and_leaves_nothing_behind() -> None:
+    state = Path(tempfile.mkdtemp(prefix="tds-"))  # unix socket paths under it stay short
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tessera.cli", "dev", "up", "--state-dir", str(state),
+         "--nodes", "3", "--pool-size", "512M"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        info = wait_for_stack(state, proc)
+        assert [n["node_id"] for n in info["nodes"]] == ["n1", "n2", "n3"]
+        listing = subprocess.run(
+            [sys.executable, "-m", "tessera.cli", "node", "list", "--state-dir", str(state)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        for node in info["nodes"]:
+            assert node["agent_url"] in listing.stdout, listing.stdout + listing.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert leftovers(state) == []
+    assert mounts_under(state) == []
+    shutil.rmtree(state)
+
+
+@pytest.mark.parametrize(
+    "extra, complaint",
+    [(["--node-id", "a"], "--node-id is for --nodes 1"), (["--demo"], "--demo runs on --nodes 1"),
+     (["--nodes", "0"], "--nodes")],
+    ids=["node id", "demo", "no nodes"],
+)  # fmt: skip
+def test_options_that_do_not_fit_several_nodes_are_usage_errors_and_start_nothing(
+    tmp_path: Path, extra: list[str], complaint: str
+) -> None:
+    nodes = [] if "--nodes" in extra else ["--nodes", "2"]
+    res = subprocess.run(
+        [sys.executable, "-m", "tessera.cli", "dev", "up", "--state-dir", str(tmp_path / "s"),
+         *nodes, *extra],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert complaint in res.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_the_shared_base_imports_none_of_the_packages_built_on_it() -> None:
+    offenders = []
+    for path in sorted((REPO / "tessera").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            for name in names:
+                if name.partition(".")[0] in ABOVE_THE_BASE:
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno} imports {name}")
+    assert offenders == []
