@@ -12,7 +12,7 @@ fi
 apt_packages=(
   python3 python3-venv python3-pip
   util-linux mount e2fsprogs xfsprogs
-  nbdkit libnbd-bin fuse3 fio psmisc kmod
+  nbdkit libnbd-bin fuse3 fio psmisc kmod iproute2
 )
 missing=()
 for p in "${apt_packages[@]}"; do
