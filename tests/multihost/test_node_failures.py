@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tessera.models import NodeState
+from tessera.models import FenceReport, NodeState
 from tests.multihost.support import (
     BLOCK,
     Cluster,
@@ -116,9 +116,10 @@ def test_a_cut_off_node_is_fenced_before_its_volume_moves_and_cannot_write_any_m
             err = call_error(lambda: kube.controller_publish(vid, "n3", block_cap()))
             assert_code(err, Code.FAILED_PRECONDITION, "n2")
 
-            report = cluster.mgmt.fence_node("n2")
-            assert report.state == NodeState.FENCED
-            assert vid in report.released, report
+            fence = cluster.tessera("node", "fence", "n2", "-o", "json")
+            assert fence.returncode == 0, fence.stdout + fence.stderr
+            report = FenceReport.model_validate_json(fence.stdout)
+            assert (report.state, report.released) == (NodeState.FENCED, [vid]), report
             assert cluster.mgmt.get_node("n2").state == NodeState.FENCED
             new = kube.publish(vid, "n3", block_cap())
             assert cluster.io("n3", "verify", new.target, log, BLOCKS) == "ok"
