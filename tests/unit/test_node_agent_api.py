@@ -12,8 +12,8 @@ from node_agent.agent import Agent
 from node_agent.api import create_app
 from node_agent.pools import Pool
 from node_agent.transports import BlockDevice, Transport, available_transports
-from tessera.ids import new_volume_id
 from tessera.errors import NotFound
+from tessera.ids import new_volume_id
 from tessera.models import Connection
 
 MiB = 1024**2
@@ -198,3 +198,77 @@ def test_recover_repairs_links_and_drops_stale_ones(
     assert (agent.dev_dir / "unrelated").read_text() == "left alone"
     assert fake.attach_calls == 1
     fresh.detach(vid)
+
+
+# ---- exports and keys: validation and the key store (no nbdkit needed) -------------------
+
+
+@pytest.fixture
+def stateful(tmp_path: Path, fake: FakeTransport) -> tuple[Agent, TestClient]:
+    """An agent whose state directory (keys, exports) is under tmp_path."""
+    (tmp_path / "p").mkdir()
+    pools = {"default": Pool.open("default", tmp_path / "p")}
+    fake.pools = pools
+    agent = Agent(
+        "node-1", pools, tmp_path / "dev", {"loop": fake}, state_dir=tmp_path / "state",
+        export_address="127.0.0.1",
+    )  # fmt: skip
+    client = TestClient(create_app(agent, TOKEN), headers={"Authorization": f"Bearer {TOKEN}"})
+    return agent, client
+
+
+KEY = "0123456789abcdef" * 4
+
+
+def test_keys_are_stored_0600_as_identity_colon_key_and_deleted(
+    stateful: tuple[Agent, TestClient],
+) -> None:
+    agent, client = stateful
+    vid = new_volume_id()
+    body = {"psk_identity": "node-2", "psk_key": KEY}
+    assert client.put(f"/v1/keys/{vid}", json=body).status_code == 204
+    assert client.put(f"/v1/keys/{vid}", json=body).status_code == 204  # a retry
+    path = agent.keys.path(vid)
+    assert path.read_text() == f"node-2:{KEY}\n"
+    assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+    assert agent.keys.exists(vid)
+    assert client.delete(f"/v1/keys/{vid}").status_code == 204
+    assert client.delete(f"/v1/keys/{vid}").status_code == 204  # already gone
+    assert not agent.keys.exists(vid)
+
+
+def test_bad_keys_and_export_bodies_are_refused_naming_the_field_never_the_key(
+    stateful: tuple[Agent, TestClient],
+) -> None:
+    _, client = stateful
+    vid = new_volume_id()
+    client.put(f"/v1/volumes/{vid}", json={"pool": "default", "size_bytes": MiB})
+    short = KEY[:-1]
+    cases = [
+        (f"/v1/keys/{vid}", {"psk_identity": "node-2", "psk_key": short}, "psk_key"),
+        (f"/v1/keys/{vid}", {"psk_identity": "../x", "psk_key": KEY}, "psk_identity"),
+        ("/v1/keys/not-a-volume", {"psk_identity": "node-2", "psk_key": KEY}, "volume_id"),
+        (f"/v1/exports/{vid}/node-2", {"psk_identity": "node-2", "psk_key": short}, "psk_key"),
+        (
+            f"/v1/exports/{vid}/node-2",
+            {"psk_identity": "node-2", "psk_key": KEY, "client_address": "all,deny=x"},
+            "client_address",
+        ),
+        (f"/v1/exports/{vid}/-bad", {"psk_identity": "node-2", "psk_key": KEY}, "client_node"),
+    ]
+    for path, body, field in cases:
+        resp = client.put(path, json=body)
+        assert resp.status_code == 422, (path, resp.text)
+        assert resp.json()["field"] == field
+        assert KEY not in resp.text and short not in resp.text
+    assert client.get("/v1/exports").json() == {"items": []}
+
+
+def test_exporting_a_volume_this_node_does_not_hold_is_not_found(
+    stateful: tuple[Agent, TestClient],
+) -> None:
+    _, client = stateful
+    body = {"psk_identity": "node-2", "psk_key": KEY}
+    resp = client.put(f"/v1/exports/{new_volume_id()}/node-2", json=body)
+    assert resp.status_code == 404 and KEY not in resp.text
+    assert client.delete(f"/v1/exports/{new_volume_id()}/node-2").status_code == 204
