@@ -4,7 +4,8 @@
 - `failures`: exit codes and one-line errors
 - `connect`: where management is (`--state-dir` or `--management`) and the client
 - `output`: tables that never cut an ID, `-o wide|json|yaml`
-- `volumes`, `inventory`, `reconcile`, `dev`: the commands
+- `volumes`, `inventory`, `reconcile`: the commands; `dev` comes from tessera_dev,
+  found through the `tessera.cli` entry-point group (see `main`)
 """
 
 from tessera.cli.main import app, main
