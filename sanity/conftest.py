@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -233,10 +234,12 @@ def csi(stack: Stack, tmp_path: Path) -> Iterator[Csi]:
 
 
 class SecondNode:
-    """A second node, registered with management over REST, with no agent behind it.
+    """A second node: a real node-agent on loopback TCP, registered over REST.
 
-    Enough for the controller side: ControllerPublish decisions across
-    nodes are made by management from its attachment records.
+    Enough for cross-node ControllerPublish: management decides by its
+    attachment records, has the stack's node export the volume (nbdkit on
+    127.0.0.1) and hands this agent the key. Its CSI node plugin is not
+    needed: staging on a second node is what tests/multihost does.
     """
 
     def __init__(self, stack: Stack, node_id: str = SECOND_NODE_ID, max_volumes: int = 0) -> None:
@@ -252,11 +255,46 @@ class SecondNode:
             )
         else:
             self.http = httpx.Client(base_url=url, headers=headers, timeout=30)
+        self.port = _free_port()
+        self.dir = stack.state_dir / node_id
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """The agent serves locally only (--no-register): register() says where it is."""
+        for sub in ("pool", "state", "dev"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        args = [
+            sys.executable, "-m", "node_agent", "--node-id", self.id,
+            "--management", self._stack.info["management_url"],
+            "--token-file", self._stack.info["token_file"],
+            "--pool", f"default={self.dir / 'pool'}", "--socket", str(self.dir / "agent.sock"),
+            "--dev-dir", str(self.dir / "dev"), "--state-dir", str(self.dir / "state"),
+            "--listen", f"127.0.0.1:{self.port}", "--no-register",
+        ]  # fmt: skip
+        with open(self.dir / "agent.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while not (self.dir / "agent.sock").is_socket() or not self._answers():
+            assert self.proc.poll() is None, _tail(self.dir / "agent.log")
+            assert time.monotonic() < deadline, _tail(self.dir / "agent.log")
+            time.sleep(0.05)
+
+    def _answers(self) -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=2).is_success
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        self.http.close()
+        if self.proc is not None:
+            assert _stop(self.proc) == 0, _tail(self.dir / "agent.log")
 
     def register(self) -> None:
         body = {
-            # nobody listens here: this node only exists for the controller's decisions
-            "agent_url": "http://127.0.0.1:9",
+            "agent_url": f"http://127.0.0.1:{self.port}",
             "topology": {TOPOLOGY_KEY: self.id},
             "max_volumes": self._max_volumes,
         }
@@ -269,9 +307,21 @@ class SecondNode:
         assert resp.status_code in (200, 204), f"heartbeat of {self.id}: {resp.text}"
 
 
-@pytest.fixture
-def second_node(stack: Stack) -> Iterator[SecondNode]:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def second_agent(stack: Stack) -> Iterator[SecondNode]:
     node = SecondNode(stack)
-    node.register()
+    node.start()
     yield node
-    node.http.close()
+    node.stop()
+
+
+@pytest.fixture
+def second_node(second_agent: SecondNode) -> SecondNode:
+    second_agent.register()
+    return second_agent

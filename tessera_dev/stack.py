@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tessera.clients import AgentClient, ManagementClient
 from tessera_dev import pool as dev_pool
-from tessera_dev import supervise
+from tessera_dev import supervise, teardown
 from tessera_dev.release import release_volumes
 
 READY_TIMEOUT = 60.0
@@ -109,6 +109,13 @@ class DevStack:
             self.info.agent_socket,
             "--max-volumes",
             str(self.max_volumes),
+            # its own records (exports, keys, connections), not the machine's default
+            "--state-dir",
+            str(self.dir / "agent-state"),
+            # a lone node can still export to a node-agent on this host (sanity's
+            # second node): loopback only, never reachable from elsewhere
+            "--export-address",
+            "127.0.0.1",
         ]
 
     def _csi_args(self) -> list[str]:
@@ -192,6 +199,8 @@ class DevStack:
         self._stack_file.unlink(missing_ok=True)
         for name in ("csi", "node-agent", "management"):
             supervise.stop(self.procs.get(name))
+        # exports to another agent on this host (nbdkit on volume files) hold the pool
+        teardown.release_data_path(self.dir, keep={str(self.dir / "pool.img")})
         release_volumes(Path(self.info.pool_dir))
         dev_pool.release_pool(self.dir / "pool.img", Path(self.info.pool_dir))
         for sock in ("csi.sock", "agent.sock", "management.sock"):
