@@ -22,8 +22,9 @@ import pytest
 from csi_driver._gen import csi_pb2
 from tessera.clients import AgentClient, ManagementClient
 from tessera.system import filesystems, loopdev, mounts
+from tessera.topology import TOPOLOGY_KEY
 from tessera_dev import netns, teardown
-from tessera_dev.csi_client import CsiClient
+from tessera_dev.csi_client import CsiClient, mount_capability
 from tessera_dev.multinode import MultiNodeStack, MultiStackInfo, StackError
 from tests.conftest import needs_root
 
@@ -218,16 +219,70 @@ def crashed_remote_attachment(stack: MultiNodeStack) -> Iterator[tuple[Path, str
         staging.rmdir()
 
 
-def test_stop_leaves_no_namespace_link_mount_loop_or_process_of_a_remote_attachment(
+def publish_remotely(stack: MultiNodeStack, work: Path) -> list[Path]:
+    """A volume on n1 mounted by a pod on n2 (over NBD), as Kubernetes would; its mounts."""
+    cap = mount_capability("ext4")
+    with CsiClient(info_of(stack).csi_endpoint) as csi:
+        volume = csi.controller.CreateVolume(
+            csi_pb2.CreateVolumeRequest(
+                name="stop-while-in-use",
+                capacity_range=csi_pb2.CapacityRange(required_bytes=64 * 1024**2),
+                volume_capabilities=[cap],
+                parameters={"locality": "preferred"},
+                accessibility_requirements=csi_pb2.TopologyRequirement(
+                    preferred=[csi_pb2.Topology(segments={TOPOLOGY_KEY: "n1"})]
+                ),
+            ),
+            timeout=60,
+        ).volume
+        context = csi.controller.ControllerPublishVolume(
+            csi_pb2.ControllerPublishVolumeRequest(
+                volume_id=volume.volume_id, node_id="n2", volume_capability=cap
+            ),
+            timeout=60,
+        ).publish_context
+    assert context["transport"] == "nbd", dict(context)
+    staging, target = work / "staging", work / "target"
+    staging.mkdir()
+    with CsiClient(info_of(stack).node("n2").csi_endpoint) as csi:
+        csi.node.NodeStageVolume(
+            csi_pb2.NodeStageVolumeRequest(
+                volume_id=volume.volume_id, publish_context=context,
+                staging_target_path=str(staging), volume_capability=cap,
+            ),
+            timeout=60,
+        )  # fmt: skip
+        csi.node.NodePublishVolume(
+            csi_pb2.NodePublishVolumeRequest(
+                volume_id=volume.volume_id, publish_context=context,
+                staging_target_path=str(staging), target_path=str(target),
+                volume_capability=cap,
+            ),
+            timeout=60,
+        )  # fmt: skip
+    return [staging, target]
+
+
+def test_stop_while_volumes_are_in_use_leaves_no_namespace_link_mount_loop_or_process(
     stack: MultiNodeStack,
 ) -> None:
-    with crashed_remote_attachment(stack) as (staging, device):
-        assert leftovers(stack.dir), "the test made nothing to clean up"
+    """Ctrl-C with a pod using a remote volume, and a crashed agent's leftovers beside it."""
+    work = short_dir("tdm-work-")
+    try:
+        in_use = publish_remotely(stack, work)
+        with crashed_remote_attachment(stack) as (staging, device):
+            assert all(mounts.is_mount(str(m)) for m in in_use)
+            exports = teardown.stack_processes(stack.dir, ("nbdkit",))
+            assert len(exports) >= 2, "an export of the agent's and the crashed one's"
+            stack.stop()
+            assert not mounts.is_mount(str(staging))
+            assert device not in [b.path for b in loopdev.bound_devices()]
+            assert [m for m in in_use if mounts.is_mount(str(m))] == []
+            assert leftovers(stack.dir) == []
+            assert not (stack.dir / "stack.json").exists()
+    finally:
         stack.stop()
-        assert not mounts.is_mount(str(staging))
-        assert device not in [b.path for b in loopdev.bound_devices()]
-        assert leftovers(stack.dir) == []
-        assert not (stack.dir / "stack.json").exists()
+        remove(work)
 
 
 def test_a_failed_start_leaves_nothing_behind() -> None:
