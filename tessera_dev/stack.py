@@ -199,9 +199,11 @@ class DevStack:
         self._stack_file.unlink(missing_ok=True)
         for name in ("csi", "node-agent", "management"):
             supervise.stop(self.procs.get(name))
-        # exports to another agent on this host (nbdkit on volume files) hold the pool
-        teardown.release_data_path(self.dir, keep={str(self.dir / "pool.img")})
+        # The pool's volumes first: release_volumes also removes their /dev/tessera
+        # links, which it finds through the loop devices it detaches.
         release_volumes(Path(self.info.pool_dir))
+        # then exports to another agent on this host (nbdkit on volume files hold the pool)
+        teardown.release_data_path(self.dir, keep={str(self.dir / "pool.img")})
         dev_pool.release_pool(self.dir / "pool.img", Path(self.info.pool_dir))
         for sock in ("csi.sock", "agent.sock", "management.sock"):
             path = self.dir / sock

@@ -14,8 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from csi_driver._gen import csi_pb2
 from tessera.system.loopdev import bound_under
 from tessera.system.mounts import mounts_under
+from tessera_dev.csi_client import CsiClient, mount_capability
+from tessera_dev.release import DEV_DIR
+from tessera_dev.stack import DevStack
 from tests.conftest import needs_root
 from tests.integration.test_dev_multinode import leftovers
 
@@ -152,3 +156,35 @@ def test_the_shared_base_imports_none_of_the_packages_built_on_it() -> None:
                 if name.partition(".")[0] in ABOVE_THE_BASE:
                     offenders.append(f"{path.relative_to(REPO)}:{node.lineno} imports {name}")
     assert offenders == []
+
+
+@needs_root
+def test_stop_with_a_staged_volume_detaches_it_and_removes_its_dev_link(tmp_path: Path) -> None:
+    stack = DevStack(tmp_path / "state", pool_size=1024**3, node_id="it-node")
+    info = stack.start()
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    try:
+        with CsiClient(info.csi_endpoint) as csi:
+            volume = csi.controller.CreateVolume(
+                csi_pb2.CreateVolumeRequest(
+                    name="staged-at-stop",
+                    capacity_range=csi_pb2.CapacityRange(required_bytes=64 * 1024**2),
+                    volume_capabilities=[mount_capability("ext4")],
+                ),
+                timeout=60,
+            ).volume
+            csi.node.NodeStageVolume(
+                csi_pb2.NodeStageVolumeRequest(
+                    volume_id=volume.volume_id, staging_target_path=str(staging),
+                    volume_capability=mount_capability("ext4"),
+                ),
+                timeout=60,
+            )  # fmt: skip
+        link = DEV_DIR / volume.volume_id
+        assert link.is_symlink() and mounts_under(staging)
+    finally:
+        stack.stop()
+    assert not link.is_symlink(), f"{link} left pointing at a detached loop device"
+    assert mounts_under(staging) == [] and mounts_under(tmp_path) == []
+    assert bound_under(tmp_path) == []
