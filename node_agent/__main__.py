@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -206,7 +207,26 @@ def network_of(args: argparse.Namespace) -> Network | None:
         )
     if ":" in advertise:
         raise SystemExit("tessera-node-agent: --advertise an IPv6 address by a host name")
+    if args.tls_cert:
+        check_tls_files(args.tls_cert, args.tls_key)
     return Network(host, int(port), advertise, bool(args.tls_cert))
+
+
+def check_tls_files(cert: str, key: str) -> None:
+    """Load the certificate and key now: a bad file must stop the start, not a listener later."""
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as err:
+        raise SystemExit(f"tessera-node-agent: --tls-cert/--tls-key: {err}") from err
+
+
+def check_ca_bundle(path: str) -> None:
+    if not path:
+        return
+    try:
+        ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError) as err:
+        raise SystemExit(f"tessera-node-agent: --ca-bundle {path}: {err}") from err
 
 
 def bind_tcp(network: Network) -> socket.socket:
@@ -305,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     network = network_of(args)
+    check_ca_bundle(args.ca_bundle)
     try:
         token = read_token(args.token_file)
         agent = start_agent(args, network)

@@ -218,6 +218,8 @@ def _registered_url(mgmt: ManagementClient, node_id: str) -> str:
         (["--listen", "0.0.0.0:1"], "--advertise"),
         (["--listen", "nonsense"], "HOST:PORT"),
         (["--export-ports", "20-10"], "port range"),
+        (["--listen", "127.0.0.1:1", "--tls-cert", "c.pem", "--tls-key", "k.pem"], "--tls-cert"),
+        (["--ca-bundle", "missing.pem"], "--ca-bundle"),
     ],
 )
 def test_flags_that_cannot_work_are_refused_at_start(
