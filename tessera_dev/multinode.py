@@ -416,6 +416,7 @@ class MultiNodeStack:
         teardown.kill_stack_processes(self.dir)
         pools = {str(p.resolve()) for p in self.dir.glob("nodes/*/pool.img")}
         problems = teardown.release_data_path(self.dir, keep=pools)
+        teardown.remove_device_links(self.dir)
         tag = netns.tag_of(self.dir)
         for name in netns.namespaces(tag):
             teardown.kill_all(netns.pids_in(name))

@@ -123,6 +123,16 @@ def _unmount_fuse(state_dir: Path) -> list[str]:
     return problems
 
 
+def remove_device_links(state_dir: Path) -> None:
+    """The nodes' /dev/tessera links: once every device is detached they point at nothing.
+
+    Symlinks only; a restarted agent makes them again when it attaches.
+    """
+    for link in state_dir.glob("nodes/*/dev/*"):
+        if link.is_symlink():
+            link.unlink()
+
+
 def kill_all(pids: list[int]) -> None:
     """SIGKILL what is still inside our namespaces after the orderly stop."""
     for pid in pids:

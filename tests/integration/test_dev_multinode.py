@@ -49,6 +49,7 @@ def leftovers(state: Path) -> list[str]:
     found += [f"loop {b.path} on {b.backing}" for b in loopdev.bound_under(state)]
     programs = teardown.DATA_PATH + teardown.MODULES
     found += [f"process {pid}" for pid in teardown.stack_processes(state, programs)]
+    found += [f"device link {p}" for p in state.glob("nodes/*/dev/*") if p.is_symlink()]
     return found
 
 
