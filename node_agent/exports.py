@@ -216,7 +216,10 @@ class Exports:
         if old is not None and self._serves(old, volume_file, req, client_address):
             return old.model()
         if old is not None:
-            self._stop(old)  # another key or flags: the old nbdkit must not serve a moment longer
+            # Another key or flags: the old nbdkit must not serve a moment longer, and
+            # none of its files may survive to mix with the new ones after a crash.
+            self._stop(volume_id, client_node)
+            self._remove(volume_id, client_node)
         record = ExportRecord(
             volume_id=volume_id,
             client_node=client_node,
@@ -227,10 +230,7 @@ class Exports:
             volume_file=str(volume_file),
             psk_identity=req.psk_identity,
         )
-        write_private(
-            self._file(volume_id, client_node, "psk"), psk_line(req.psk_identity, req.psk_key)
-        )
-        started = self._start(record)
+        started = self._start(record, psk_line(req.psk_identity, req.psk_key))
         log.info(
             "exported volume %s to node %s on %s:%d%s",
             volume_id, client_node, started.host, started.port,
@@ -243,12 +243,7 @@ class Exports:
         check_volume_id(volume_id)
         check_node_id(client_node, "client_node")
         record = self._read(volume_id, client_node)
-        if record is not None:
-            self._stop(record)
-        else:
-            # a record lost after its nbdkit started cannot happen (the record
-            # comes first), but a key file alone must not outlive a close either
-            self._kill_by_key_file(volume_id, client_node)
+        self._stop(volume_id, client_node)
         self._remove(volume_id, client_node)
         with self._serial_lock:
             self._born.pop((volume_id, client_node), None)
@@ -322,22 +317,30 @@ class Exports:
             and self._pid(record) is not None
         )
 
-    def _start(self, record: ExportRecord) -> ExportRecord:
-        """Start nbdkit for `record` on its old port if free, else the first free one."""
+    def _start(self, record: ExportRecord, psk: bytes | None = None) -> ExportRecord:
+        """Start nbdkit for `record` on its old port if free, else the first free one.
+
+        The record is written first, then the key (`psk`; None: already in
+        place), then nbdkit starts: a crash in between leaves a record
+        without a key (dropped at start) or a complete one (restarted at
+        start), never an nbdkit no record finds.
+        """
         with self._start_lock:
             for port in self._candidate_ports(record):
                 placed = ExportRecord(**{**asdict(record), "port": port})
-                # the record first: a crash after nbdkit started still finds it
                 write_private(
                     self._file(record.volume_id, record.client_node, "json"),
                     json.dumps(asdict(placed)).encode(),
                 )
+                if psk is not None:
+                    write_private(self._file(record.volume_id, record.client_node, "psk"), psk)
+                    psk = None
                 self._file(record.volume_id, record.client_node, "pid").unlink(missing_ok=True)
                 result = self._run_nbdkit(placed)
                 if result.returncode == 0 and self._wait_for_pid(placed):
                     return placed
                 if result.returncode == 0:  # it started, yet its pid file does not find it
-                    self._kill_by_key_file(record.volume_id, record.client_node)
+                    self._stop(record.volume_id, record.client_node)
                 if b"in use" in result.stderr:
                     continue  # someone took the port since the bind test
                 self._remove(record.volume_id, record.client_node)
@@ -423,12 +426,8 @@ class Exports:
             if port not in held and _bindable(record.host, port):
                 yield port
 
-    def _stop(self, record: ExportRecord) -> None:
-        pid = self._pid(record)
-        if pid is not None:
-            processes.terminate(pid, NBDKIT, grace=CLOSE_GRACE)
-
-    def _kill_by_key_file(self, volume_id: str, client_node: str) -> None:
+    def _stop(self, volume_id: str, client_node: str) -> None:
+        """Stop the nbdkit serving with this export's key file, whatever volume file it has."""
         psk = self._file(volume_id, client_node, "psk")
         pid_file = self._file(volume_id, client_node, "pid")
         pid = processes.running(pid_file, NBDKIT, [f"--tls-psk={psk}"])

@@ -517,3 +517,20 @@ def test_no_port_left_in_the_range_is_resource_exhausted(
     with pytest.raises(TesseraError) as err:
         _local_export(local_agent)
     assert err.value.http_status == 507 and f"{lo}-{lo}" in err.value.message
+
+
+def test_a_record_left_without_its_key_by_a_crash_is_dropped_not_restarted(
+    local_agent: Agent,
+) -> None:
+    kept = _local_export(local_agent)
+    lost = _local_export(local_agent)
+    state = local_agent.state_dir / "exports"
+    for volume_id in (kept, lost):  # the node rebooted: no nbdkit survived
+        pid = processes.read_pid(state / volume_id / f"{CLIENT}.pid")
+        assert pid is not None
+        processes.terminate(pid, "nbdkit", 1.0)
+    (state / lost / f"{CLIENT}.psk").unlink()  # a crash between the record and the key
+    recovered = local_agent.recover_exports()
+    assert [e.volume_id for e in recovered] == [kept]
+    assert [e.volume_id for e in local_agent.exports.list()] == [kept]
+    assert not (state / lost).exists()
