@@ -124,7 +124,7 @@ def _run_multi(
 
     try:
         stack = MultiNodeStack(
-            state_dir, nodes=nodes, pool_size=size, max_volumes_per_node=max_volumes
+            state_dir, nodes=nodes, pool_size=size, max_volumes_per_node=max_volumes, cancel=stop
         )
     except StackError as exc:
         raise usage(str(exc)) from None

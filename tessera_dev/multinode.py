@@ -28,6 +28,7 @@ import fcntl
 import json
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -102,6 +103,7 @@ class MultiNodeStack:
         pool_size: int = 2 * 1024**3,
         max_volumes_per_node: int = 0,
         extra_args: dict[str, list[str]] | None = None,
+        cancel: threading.Event | None = None,
     ) -> None:
         if not 1 <= nodes <= netns.MAX_NODES:
             raise StackError(f"--nodes must be between 1 and {netns.MAX_NODES}, not {nodes}")
@@ -110,6 +112,8 @@ class MultiNodeStack:
         self.pool_size = pool_size
         self.max_volumes = max_volumes_per_node
         self.extra_args = extra_args or {}
+        #: set (by Ctrl-C) while starting: stop starting and tear down what is up
+        self.cancel = cancel or threading.Event()
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         #: processes stopped on purpose (kill_agent, cut_off): not failures
         self.down: set[str] = set()
@@ -131,6 +135,7 @@ class MultiNodeStack:
             token = supervise.ensure_token(self.dir / "token")
             netns.create(self.network, self.count)
             for node in self.info.nodes:
+                self._check_cancelled()
                 self._ensure_pool(node)
             self._spawn("management", self._management_args())
             for node in self.info.nodes:
@@ -281,6 +286,7 @@ class MultiNodeStack:
         deadline = time.monotonic() + READY_TIMEOUT
         try:
             while time.monotonic() < deadline:
+                self._check_cancelled()
                 self._check_alive()
                 if not mgmt.healthy():
                     time.sleep(0.1)
@@ -310,6 +316,10 @@ class MultiNodeStack:
         finally:
             agent.close()
         return supervise.csi_ready(node.csi_endpoint)
+
+    def _check_cancelled(self) -> None:
+        if self.cancel.is_set():
+            raise StackError("interrupted while starting; everything started was stopped")
 
     def _check_alive(self) -> None:
         name = self.failed_process()

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -306,3 +307,17 @@ def wait_for(condition: object, what: str, timeout: float = 20.0) -> None:
     while not condition():  # type: ignore[operator]
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
+
+
+def test_ctrl_c_while_starting_stops_the_start_and_leaves_nothing_behind() -> None:
+    state = short_dir("tdm-cancel-")
+    cancel = threading.Event()
+    cancel.set()  # as `dev up`'s signal handler does on Ctrl-C
+    stack = MultiNodeStack(state, nodes=2, pool_size=POOL_SIZE, cancel=cancel)
+    try:
+        with pytest.raises(StackError, match="interrupted"):
+            stack.start()
+        assert leftovers(state) == []
+    finally:
+        stack.stop()
+        remove(state)
