@@ -59,13 +59,10 @@ class Follower:
 
     def follow(self, reply: HeartbeatReply, mark: tuple[int, float]) -> None:
         export_mark, sent_at = mark
-        wanted = {(e.volume_id, e.client_node) for e in reply.exports}
-        for volume_id, client_node in self.agent.reap_exports(wanted, export_mark):
-            log.info("closed the export of volume %s to node %s", volume_id, client_node)
-        # consumer side: the attachments' owner adds `forget_unwanted`
-        forget = getattr(self.agent, "forget_unwanted", None)
-        if forget is not None:
-            forget(set(reply.attachments), sent_at)
+        # owner side: exports no attachment wants (each close is logged)
+        self.agent.reap_exports({(e.volume_id, e.client_node) for e in reply.exports}, export_mark)
+        # consumer side: remote volumes management no longer attaches here
+        self.agent.forget_unwanted(set(reply.attachments), sent_at)
 
 
 class Registrar:
@@ -153,5 +150,8 @@ class Registrar:
         mark = self.follower.mark() if self.follower is not None else None
         reply = self.client.heartbeat(self.node_id)
         if self.follower is not None and mark is not None:
-            self.follower.follow(reply, mark)
+            try:
+                self.follower.follow(reply, mark)
+            except Exception:  # noqa: BLE001 - capacity reports and the next beat go on
+                log.exception("cleaning up after the heartbeat reply failed")
         self.report_pools()
