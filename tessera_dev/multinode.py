@@ -405,8 +405,14 @@ class MultiNodeStack:
         """CSI plugins, agents, management, then the data path, pools and network.
 
         Each step runs whatever the ones before it managed; the problems are
-        returned together at the end.
+        returned together at the end. Only with DIR's lock: a `stop()` of a
+        stack whose start was refused must not tear down the one running.
         """
+        if self._lock is None:
+            try:
+                self._take_lock()
+            except StackError:
+                return []  # another `dev up` owns DIR and everything in it
         self._stack_file.unlink(missing_ok=True)
         order = sorted(self.procs, key=_stop_rank)
         for name in order:

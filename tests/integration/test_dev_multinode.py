@@ -160,20 +160,19 @@ def test_killed_agent_respawns_and_registers_again(stack: MultiNodeStack) -> Non
     stack.kill_agent("n2")
     assert stack.procs["n2-agent"].poll() is not None
     stack.respawn_agent("n2")
-    agent = AgentClient(info_of(stack).node("n2").agent_url, token(stack))
-    try:
-        assert agent.registered()
-    finally:
-        agent.close()
+    assert ready(stack, "n2")
 
 
 def test_a_second_dev_up_on_the_same_dir_is_refused_and_leaves_the_first_running(
     stack: MultiNodeStack,
 ) -> None:
+    second = MultiNodeStack(stack.dir, nodes=1)
     with pytest.raises(StackError, match="another"):
-        MultiNodeStack(stack.dir, nodes=1).start()
+        second.start()
+    second.stop()  # as `dev up` does after a failed start: must not touch the first
     assert (stack.dir / "stack.json").exists()
     assert stack.failed_process() is None
+    assert [n.node_id for n in info_of(stack).nodes if not ready(stack, n.node_id)] == []
 
 
 @contextmanager
@@ -285,6 +284,14 @@ def test_stop_while_volumes_are_in_use_leaves_no_namespace_link_mount_loop_or_pr
     finally:
         stack.stop()
         remove(work)
+
+
+def ready(stack: MultiNodeStack, node_id: str) -> bool:
+    agent = AgentClient(info_of(stack).node(node_id).agent_url, token(stack))
+    try:
+        return agent.registered()
+    finally:
+        agent.close()
 
 
 def test_a_failed_start_leaves_nothing_behind() -> None:
