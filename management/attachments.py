@@ -181,12 +181,6 @@ def _record(
         ) from None
     _check_node_limit(s, consumer.id, consumer.max_volumes)
     remote = consumer.id != volume.node_id
-    if remote:
-        owner = s.get(NodeRow, volume.node_id)
-        if owner is not None:  # nodes are never deleted while they own volumes
-            liveness.require_online(
-                ctx, owner, "owner node", f"it holds the data of volume {volume.id}"
-            )
     row = AttachmentRow(
         volume_id=volume.id,
         node_id=consumer.id,
@@ -222,11 +216,15 @@ def _fence_hint(ctx: Context, s: Session, others: list[AttachmentRow]) -> str:
 def _plan(
     ctx: Context, s: Session, volume: VolumeRow, consumer: NodeRow, row: AttachmentRow
 ) -> _ExportPlan:
-    """What a pending row still owes; the owner and consumer must be heartbeating for it."""
+    """What a pending row still owes; the owner and consumer must be heartbeating for it.
+
+    Raising here rolls back the caller's transaction, so a new attachment
+    whose owner is silent leaves no pending row behind.
+    """
     owner = get_node_row(s, volume.node_id)
     why = "the remote attachment cannot be completed until it heartbeats again"
     liveness.require_online(ctx, consumer, "node", why)
-    liveness.require_online(ctx, owner, "owner node", why)
+    liveness.require_online(ctx, owner, "owner node", f"it holds the data of volume {volume.id}")
     return _ExportPlan(
         volume_id=volume.id,
         consumer=consumer.id,
