@@ -373,7 +373,7 @@ class AgentExportCreate(Strict):
     """Export a volume to one client node over NBD with TLS-PSK (owner side)."""
 
     psk_identity: NodeId
-    psk_key: PskKey = Field(description="256-bit key, hex; never logged, never echoed")
+    psk_key: PskKey = Field(description="256-bit key, hex; never logged, never echoed", repr=False)
     readonly: bool = False
     client_address: str = Field(
         default="", max_length=255, description="only this address may connect; empty: any"
@@ -392,7 +392,7 @@ class AgentKey(Strict):
     """A TLS-PSK key for connecting to a remote volume (consumer side)."""
 
     psk_identity: NodeId
-    psk_key: PskKey
+    psk_key: PskKey = Field(repr=False)  # a repr (in a log line, a traceback) hides it
 
 
 class AgentAttachment(BaseModel):
