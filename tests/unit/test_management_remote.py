@@ -28,6 +28,7 @@ from sqlalchemy import select
 
 from management.app import create_app
 from management.schema import AttachmentRow
+from tessera.models import AgentExportCreate, AgentKey
 from tests.unit.management_fixtures import TOKEN, GiB, MiB
 
 pytestmark = pytest.mark.skipif(shutil.which("nbdkit") is None, reason="needs nbdkit")
@@ -440,3 +441,6 @@ def test_the_psk_key_never_appears_in_an_answer_or_a_log_line(cluster, caplog):
         assert key not in resp.text
     assert key not in caplog.text
     assert key not in json.dumps([r.getMessage() for r in caplog.records])
+    # nor where a model is shown whole (a debug line, a traceback's locals)
+    assert key not in repr(AgentKey(psk_identity="n2", psk_key=key))
+    assert key not in repr(AgentExportCreate(psk_identity="n2", psk_key=key))
