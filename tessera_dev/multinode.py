@@ -24,7 +24,6 @@ earlier run left behind is torn down before a start.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import signal
 import subprocess
@@ -163,14 +162,10 @@ class MultiNodeStack:
         self._stack_file.unlink(missing_ok=True)
 
     def _take_lock(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        lock = open(self.dir / "lock", "wb")  # noqa: SIM115 - held until stop()
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            raise StackError(f"another `tessera dev up` is running on {self.dir}") from None
-        self._lock = lock
+            self._lock = supervise.lock_state_dir(self.dir)
+        except supervise.StateDirBusy as exc:
+            raise StackError(str(exc)) from None
 
     def _describe(self, network: netns.Network) -> MultiStackInfo:
         nodes = []

@@ -20,6 +20,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import IO
 
 from tessera.clients import AgentClient, ManagementClient
 from tessera_dev import pool as dev_pool
@@ -54,6 +55,7 @@ class DevStack:
         self.node_id = node_id
         self.max_volumes = max_volumes_per_node
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._lock: IO[bytes] | None = None
         self.info = StackInfo(
             state_dir=str(self.dir),
             node_id=node_id,
@@ -67,7 +69,7 @@ class DevStack:
     # ---- start -------------------------------------------------------------
 
     def start(self) -> StackInfo:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = supervise.lock_state_dir(self.dir)
         (self.dir / "logs").mkdir(exist_ok=True)
         self._stack_file.unlink(missing_ok=True)
         token = supervise.ensure_token(Path(self.info.token_file))
@@ -195,7 +197,23 @@ class DevStack:
     # ---- stop --------------------------------------------------------------
 
     def stop(self) -> None:
-        """Stop processes (CSI first, management last), then release the data path."""
+        """Stop processes (CSI first, management last), then release the data path.
+
+        Only with the state dir's lock: after a start refused because another
+        `dev up` runs there, this leaves that one alone.
+        """
+        if self._lock is None:
+            try:
+                self._lock = supervise.lock_state_dir(self.dir)
+            except supervise.StateDirBusy:
+                return
+        try:
+            self._stop()
+        finally:
+            self._lock.close()
+            self._lock = None
+
+    def _stop(self) -> None:
         self._stack_file.unlink(missing_ok=True)
         for name in ("csi", "node-agent", "management"):
             supervise.stop(self.procs.get(name))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import IO
 
 import grpc
 
@@ -75,3 +77,25 @@ def write_json(path: Path, data: object) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
+
+
+class StateDirBusy(RuntimeError):
+    """Another `dev up` holds the state directory."""
+
+
+def lock_state_dir(state_dir: Path) -> IO[bytes]:
+    """An exclusive lock on DIR for a stack's lifetime (closing the file releases it).
+
+    Without it a second `dev up` on the same directory, refused at start,
+    would tear down the first one's pool and processes in its stop().
+    The fd is not inherited (Python's default), so a leftover child never
+    keeps the directory locked.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(state_dir / "lock", "wb")  # noqa: SIM115 - held until the stack stops
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise StateDirBusy(f"another `tessera dev up` is running on {state_dir}") from None
+    return lock

@@ -17,6 +17,7 @@ import pytest
 from csi_driver._gen import csi_pb2
 from tessera.system.loopdev import bound_under
 from tessera.system.mounts import mounts_under
+from tessera_dev import supervise
 from tessera_dev.csi_client import CsiClient, mount_capability
 from tessera_dev.release import DEV_DIR
 from tessera_dev.stack import DevStack
@@ -46,11 +47,18 @@ def wait_for_stack(state: Path, proc: subprocess.Popen[str]) -> dict[str, str]:
 
 
 @needs_root
-def test_sigterm_stops_everything_and_leaves_nothing_behind(tmp_path: Path) -> None:
+def test_sigterm_stops_everything_and_leaves_nothing_behind_and_a_second_dev_up_is_refused(
+    tmp_path: Path,
+) -> None:
     state = tmp_path / "state"
     proc = start_dev_up(state)
     info = wait_for_stack(state, proc)
     assert Path(info["csi_endpoint"].removeprefix("unix://")).is_socket()
+    second = start_dev_up(state)
+    out, _ = second.communicate(timeout=60)
+    assert second.returncode == 1 and "another `tessera dev up` is running" in out, out
+    assert proc.poll() is None and (state / "stack.json").exists(), "the refused one stopped it"
+    assert supervise.csi_ready(info["csi_endpoint"])
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
