@@ -77,17 +77,19 @@ def tag_of(state_dir: Path) -> str:
 def network_for(state_dir: Path) -> Network:
     """The state dir's network: the one it used before, else a free /24 derived from it.
 
-    The subnet is recorded in `network.json` so a restart (and the teardown
-    after a crash) uses the same one; a derived one that overlaps an address
-    or route already on this machine moves to the next free slot.
+    The subnet is recorded in `network.json` so a restart uses the same
+    addresses while it is free; a derived one that overlaps an address or
+    route already on this machine moves to the next free slot.
     """
     tag = tag_of(state_dir)
     record = state_dir / "network.json"
+    taken = _networks_in_use()
     if record.exists():
         data = json.loads(record.read_text())
-        if data.get("tag") == tag:
-            return Network(tag, ipaddress.IPv4Network(data["subnet"]))
-    taken = _networks_in_use()
+        subnet = ipaddress.IPv4Network(data["subnet"])
+        # Called once this DIR's own bridge is gone: an overlap is someone else's now.
+        if data.get("tag") == tag and not any(subnet.overlaps(net) for net in taken):
+            return Network(tag, subnet)
     first = int(tag, 16) % SUBNET_SLOTS
     for step in range(SUBNET_SLOTS):
         slot = (first + step) % SUBNET_SLOTS

@@ -328,3 +328,27 @@ def test_ctrl_c_while_starting_stops_the_start_and_leaves_nothing_behind() -> No
     finally:
         stack.stop()
         remove(state)
+
+
+def test_two_state_dirs_never_share_a_namespace_an_interface_or_a_subnet(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    net_a, net_b = netns.network_for(a), netns.network_for(b)
+    assert net_a.tag != net_b.tag and not net_a.subnet.overlaps(net_b.subnet)
+    assert net_a.netns(1) != net_b.netns(1) and net_a.bridge != net_b.bridge
+    names = [net_a.bridge, net_a.veth(netns.MAX_NODES), net_b.veth(netns.MAX_NODES)]
+    assert max(len(n) for n in names) <= 15, names  # IFNAMSIZ - 1
+    assert netns.network_for(a) == net_a, "a restart keeps its addresses"
+
+
+def test_a_recorded_subnet_taken_meanwhile_by_another_network_is_given_up(tmp_path: Path) -> None:
+    recorded = netns.network_for(tmp_path)
+    squatter = f"tsq-{recorded.tag}"
+    # a veth pair: this kernel has no dummy interfaces; deleting one end deletes both
+    netns.ip("link", "add", squatter, "type", "veth", "peer", "name", f"tsr-{recorded.tag}")
+    try:
+        netns.ip("addr", "add", f"{recorded.address(5)}/24", "dev", squatter)
+        moved = netns.network_for(tmp_path)
+        assert not moved.subnet.overlaps(recorded.subnet)
+    finally:
+        netns.ip("link", "del", squatter)
