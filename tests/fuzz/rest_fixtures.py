@@ -73,7 +73,8 @@ class RestStack:
             "node-agent",
             ["node_agent", "--node-id", NODE_ID, "--management", self.url,
              "--token-file", str(self.token_file), "--pool", f"{POOL}={self.pool_dir}",
-             "--socket", str(self.agent_socket), "--dev-dir", str(self.dir / "dev")],
+             "--socket", str(self.agent_socket), "--dev-dir", str(self.dir / "dev"),
+             "--state-dir", str(self.dir / "agent-state")],
         )  # fmt: skip
         self.wait_ready()
 
