@@ -132,16 +132,14 @@ def attach(ctx: Context, volume_id: str, node_id: str, req: AttachmentCreate) ->
     with ctx.db.write() as s:
         volume = _lock_volume(s, volume_id)
         consumer = get_node_row(s, node_id)
-        existing = s.get(AttachmentRow, (volume_id, node_id))
-        if existing is not None:
-            _check_same_request(existing, req)
-            if existing.state == READY:
-                return attachment_model(existing, volume.node_id)
+        row = s.get(AttachmentRow, (volume_id, node_id))
+        if row is None:
+            row = _record(ctx, s, volume, consumer, req)
         else:
-            existing = _record(ctx, s, volume, consumer, req)
-        if existing.state == READY:  # local: nothing to drive
-            return attachment_model(existing, volume.node_id)
-        plan = _plan(ctx, s, volume, consumer, existing)
+            _check_same_request(row, req)
+        if row.state == READY:  # local, or a remote one already made: nothing to drive
+            return attachment_model(row, volume.node_id)
+        plan = _plan(ctx, s, volume, consumer, row)
     return _drive_export(ctx, plan)
 
 
