@@ -64,8 +64,8 @@ class FakeAgent:
     ports: dict[tuple[str, str], int] = field(default_factory=dict)
     #: keys this node holds for remote volumes
     keys: dict[str, AgentKey] = field(default_factory=dict)
-    #: the raw request bodies of export and key calls (where a key may travel)
-    bodies: list[bytes] = field(default_factory=list)
+    #: run when an operation arrives, before it is carried out (to interleave other calls)
+    hooks: dict[str, Callable[[], object]] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -92,6 +92,8 @@ class FakeAgent:
             if request.headers.get("authorization") != f"Bearer {self.token}":
                 raise Unauthenticated("bad token")
             self.calls.append((op, volume_id))
+            if op in self.hooks:
+                self.hooks.pop(op)()
             if op in self.fail:
                 raise Unavailable(f"injected failure of {op}")
 
@@ -136,11 +138,10 @@ class FakeAgent:
         """Owner and consumer routes of docs/data-path.md "Keys (TLS-PSK)"."""
 
         @app.put("/v1/exports/{volume_id}/{client_node}")
-        async def export(request: Request, volume_id: str, client_node: str) -> AgentExport:
+        def export(
+            request: Request, volume_id: str, client_node: str, body: AgentExportCreate
+        ) -> AgentExport:
             guard(request, "export", f"{volume_id}/{client_node}")
-            raw = await request.body()
-            self.bodies.append(raw)
-            body = AgentExportCreate.model_validate_json(raw)
             key = (volume_id, client_node)
             if self.exports.get(key) != body:  # another key or flags replace the export
                 self.ports[key] = 10809 + len(self.ports)
@@ -160,11 +161,9 @@ class FakeAgent:
             return Response(status_code=204)
 
         @app.put("/v1/keys/{volume_id}")
-        async def put_key(request: Request, volume_id: str) -> Response:
+        def put_key(request: Request, volume_id: str, body: AgentKey) -> Response:
             guard(request, "put_key", volume_id)
-            raw = await request.body()
-            self.bodies.append(raw)
-            self.keys[volume_id] = AgentKey.model_validate_json(raw)
+            self.keys[volume_id] = body
             return Response(status_code=204)
 
         @app.delete("/v1/keys/{volume_id}")

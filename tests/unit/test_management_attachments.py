@@ -177,3 +177,21 @@ def test_capacity_unaffected_by_attachments(cluster, vol):
     attach(cluster, vol, "n3", "SINGLE_NODE_WRITER")
     assert cluster.get("/v1/capacity").json() == before
     assert before["available_bytes"] == 10 * GiB - MiB
+
+
+def test_an_attachment_detached_while_its_export_was_made_is_undone_and_answers_aborted(
+    cluster, vol, agent
+):
+    """A detach that runs between the row's insert and its `ready` leaves no export or key."""
+    detached: list[int] = []
+    agent.hooks["put_key"] = lambda: detached.append(
+        cluster.delete(f"/v1/volumes/{vol}/attachments/n3").status_code
+    )
+    resp = attach(cluster, vol, "n3", "SINGLE_NODE_WRITER")
+    assert detached == [204]
+    assert resp.status_code == 409 and kind(resp) == "aborted"
+    assert agent.exports == {} and agent.keys == {}
+    assert cluster.get(f"/v1/volumes/{vol}").json()["published_nodes"] == []
+    # the CO's retry attaches afresh
+    assert attach(cluster, vol, "n3", "SINGLE_NODE_WRITER").status_code == 200
+    assert set(agent.exports) == {(vol, "n3")} and set(agent.keys) == {vol}
