@@ -10,6 +10,7 @@ writes use O_DIRECT, so this node's page cache cannot answer for the volume.
     trywrite DEV OFFSET            one 4 KiB pwrite + fsync; prints ok or errno N
     writer DEV LOG BLOCKS          forever: block i (i mod BLOCKS), fsync, then log i
     verify DEV LOG BLOCKS          every logged block holds its pattern (O_DIRECT); prints ok
+    size DEV                       the device's size in bytes
     fwrite DIR NAME SIZE SEED      a file, fsync'd (file and directory); prints sha256
     fread DIR NAME                 prints the file's sha256
     tryfwrite DIR                  create a file; prints ok or errno N
@@ -129,6 +130,12 @@ def main(argv: list[str]) -> int:
         answer = try_write(args[0], int(args[1]))
     elif cmd == "verify":
         answer = verify(args[0], args[1], int(args[2]))
+    elif cmd == "size":
+        fd = os.open(args[0], os.O_RDONLY)
+        try:
+            answer = str(os.lseek(fd, 0, os.SEEK_END))
+        finally:
+            os.close(fd)
     elif cmd == "fwrite":
         answer = file_write(args[0], args[1], int(args[2]), int(args[3]))
     elif cmd == "fread":

@@ -41,9 +41,12 @@ def cluster() -> Iterator[Cluster]:
     finally:
         if cluster is not None:
             cluster.close()
-        # Before stop(): it sweeps whatever it finds, which would hide a leak of ours.
-        in_use = data_path_in_use(state, work)
-        stack.stop()
+        # Looked at before stop(), which sweeps whatever it finds and would hide
+        # a leak of ours; asserted after it, so the machine is clean either way.
+        try:
+            in_use = data_path_in_use(state, work)
+        finally:
+            stack.stop()
         assert_nothing_left(state, work, namespaces)
         assert not any(in_use.values()), f"the tests' volumes left behind: {in_use}"
         shutil.rmtree(work, ignore_errors=True)

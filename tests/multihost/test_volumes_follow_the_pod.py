@@ -10,7 +10,9 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+from csi_driver._gen import csi_pb2
 from tests.multihost.support import (
+    RPC_TIMEOUT,
     Cluster,
     Code,
     Kube,
@@ -97,6 +99,35 @@ def test_single_node_volume_in_use_on_n2_is_refused_on_n3_naming_n2(
     assert_code(err, Code.FAILED_PRECONDITION, "n2")
     # A retry of the publish that holds it still answers OK (idempotent).
     kube.controller_publish(vid, "n2", block_cap())
+
+
+def test_publish_to_a_node_management_does_not_know_is_not_found(
+    cluster: Cluster, kube: Kube
+) -> None:
+    vid = kube.create(block_cap(), on="n1")
+    err = call_error(lambda: kube.controller_publish(vid, "n9", block_cap()))
+    assert_code(err, Code.NOT_FOUND, "n9")
+
+
+def test_remote_volume_grown_while_published_shows_its_new_size_once_staged_again(
+    cluster: Cluster, kube: Kube
+) -> None:
+    vid = kube.create(block_cap(), on="n1")
+    pub = kube.publish(vid, "n2", block_cap())
+    data = cluster.io("n2", "write", pub.target, 0, MiB, 6)
+    reply = cluster.controller.ControllerExpandVolume(
+        csi_pb2.ControllerExpandVolumeRequest(
+            volume_id=vid,
+            capacity_range=csi_pb2.CapacityRange(required_bytes=96 * MiB),
+            volume_capability=block_cap(),
+        ),
+        timeout=RPC_TIMEOUT,
+    )
+    assert reply.capacity_bytes >= 96 * MiB
+    kube.unpublish(pub)
+    again = kube.publish(vid, "n2", block_cap())
+    assert int(cluster.io("n2", "size", again.target)) == reply.capacity_bytes
+    assert cluster.io("n2", "read", again.target, 0, MiB) == data
 
 
 def nbd_read_size(
