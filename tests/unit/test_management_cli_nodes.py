@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -28,13 +29,22 @@ TESSERA = Path(sys.executable).parent / "tessera"
 
 @pytest.fixture
 def management(tmp_path: Path) -> Iterator[tuple[ManagementClient, dict[str, str]]]:
+    with started(tmp_path) as stack:
+        yield stack
+
+
+@contextmanager
+def started(tmp_path: Path, *flags: str) -> Iterator[tuple[ManagementClient, dict[str, str]]]:
+    """Management with `flags`, nodes n1 and n2 registered; a client and the CLI's environment."""
     sock_dir = Path(tempfile.mkdtemp(prefix="tsn-"))
     sock = sock_dir / "m.sock"
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
     url = f"unix://{sock}"
     args = ["management", "--listen", url, "--db", f"sqlite:///{tmp_path / 'm.db'}"]
-    proc = spawn_module([*args, "--token-file", str(token_file)], tmp_path / "management.log")
+    proc = spawn_module(
+        [*args, "--token-file", str(token_file), *flags], tmp_path / "management.log"
+    )
     client = ManagementClient(url, TOKEN)
     try:
         deadline = time.monotonic() + 20
@@ -101,3 +111,19 @@ def test_an_empty_node_name_is_a_usage_error_that_changes_nothing(management):
     _client, env = management
     run = tessera(env, "node", "fence", " ")
     assert run.returncode == 2 and "NODE must not be empty" in run.stderr
+
+
+def test_node_list_shows_a_node_that_stopped_beating_as_unreachable(tmp_path):
+    # beats are due every 50 ms and one miss counts: the nodes registered here never beat
+    with started(tmp_path, "--heartbeat-interval", "0.05", "--heartbeat-misses", "1") as (
+        client,
+        env,
+    ):
+        deadline = time.monotonic() + 30
+        while client.get_node("n1").state.value != "unreachable":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        table = tessera(env, "node", "list")
+        assert table.returncode == 0, table.stderr
+        rows = {line.split()[0]: line.split()[1:] for line in table.stdout.splitlines()[1:]}
+        assert rows["n1"][0] == "UNREACHABLE" and rows["n1"][2] == "ago"
