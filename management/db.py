@@ -11,12 +11,13 @@ tried to upgrade. On PostgreSQL the same code locks the rows it reads
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
-from sqlalchemy import Column, Connection, Engine, create_engine, event, inspect, text
+from sqlalchemy import Column, Connection, Engine, create_engine, event, inspect, make_url, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
@@ -31,6 +32,7 @@ def make_engine(url: str) -> Engine:
     """One engine per process; SQLite gets WAL and explicit transaction control."""
     if not url.startswith("sqlite"):
         return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    _private_file(make_url(url).database)
     kwargs: dict[str, Any] = {
         # Sessions are short and never shared, but FastAPI runs sync handlers
         # in a threadpool, so a pooled connection may move between threads.
@@ -43,6 +45,21 @@ def make_engine(url: str) -> Engine:
     engine = create_engine(url, **kwargs)
     _install_sqlite_hooks(engine)
     return engine
+
+
+def _private_file(path: str | None) -> None:
+    """The database holds every remote attachment's TLS-PSK key: readable by its owner only.
+
+    SQLite creates the -wal and -shm files with the database file's mode,
+    so making the file 0600 before the first connection covers all three.
+    """
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
 
 
 def _install_sqlite_hooks(engine: Engine) -> None:

@@ -136,3 +136,18 @@ def test_a_column_this_version_cannot_add_stops_the_start_with_a_clear_message(
     with pytest.raises(SchemaTooOld, match="'nodes' has no column 'max_volumes'"):
         db.create_tables()
     db.dispose()
+
+
+def test_the_database_holding_the_attachment_keys_is_readable_by_its_owner_only(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "m.db"
+    path.write_bytes(b"")
+    path.chmod(0o644)  # e.g. made by an earlier version under a lax umask
+    db = Database(f"sqlite:///{path}")
+    db.create_tables()
+    with db.write_connection() as conn:
+        conn.exec_driver_sql("SELECT 1")
+    for name in ("m.db", "m.db-wal", "m.db-shm"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o600, name
+    db.dispose()
