@@ -432,9 +432,21 @@ def test_the_psk_key_never_appears_in_an_answer_or_a_log_line(cluster, caplog):
         api.post("/v1/nodes/n1/heartbeat"),
         api.post("/v1/nodes/n2/heartbeat"),
         api.post("/v1/reconcile", json={"fix": False}),
+        api.post("/v1/volumes", json={"name": "pvc", "size_bytes": 4 * MiB}),
+        api.post(f"/v1/volumes/{vol}/expand", json={"size_bytes": 8 * MiB}),
+        api.get("/v1/capacity", params={"node_id": "n2"}),
+        api.get("/v1/pools"),
+        api.get("/v1/vpgs"),
+        api.post("/v1/vpgs", json={"name": "default"}),
+        api.put("/v1/nodes/n3", json={"agent_url": cluster.nodes["n3"].url}),
+        api.put("/v1/nodes/n1/pools/p", json={"capacity_bytes": GiB}),
+        api.get("/openapi.json"),
+        api.get("/healthz"),
+        api.delete(f"/v1/volumes/{vol}"),  # 409: still attached
         api.post("/v1/nodes/n2/fence", json={}),  # 409: online
         api.post("/v1/nodes/n2/fence", json={"force": True}),
         api.delete(f"/v1/volumes/{vol}/attachments/n2"),
+        api.delete(f"/v1/volumes/{vol}"),
     ]
     for resp in answers:
         assert resp.status_code < 500, resp.text
