@@ -29,6 +29,7 @@ from tessera.models import (
     AgentVolume,
     AgentVolumeCreate,
     AgentVolumeResize,
+    NodeId,
     Registration,
     ViewKey,
     VolumeId,
@@ -140,11 +141,11 @@ def create_app(
         response_model=AgentExport,
         responses=problems(409, 507),
     )
-    def export(volume_id: str, client_node: str, body: AgentExportCreate) -> Response:
+    def export(volume_id: VolumeId, client_node: NodeId, body: AgentExportCreate) -> Response:
         return json_response(agent.export(volume_id, client_node, body))
 
     @app.delete("/v1/exports/{volume_id}/{client_node}", status_code=204, responses=problems(409))
-    def close_export(volume_id: str, client_node: str) -> Response:
+    def close_export(volume_id: VolumeId, client_node: NodeId) -> Response:
         agent.close_export(volume_id, client_node)
         return Response(status_code=204)
 
@@ -153,12 +154,12 @@ def create_app(
         return {"items": agent.exports.list()}
 
     @app.put("/v1/keys/{volume_id}", status_code=204)
-    def put_key(volume_id: str, body: AgentKey) -> Response:
+    def put_key(volume_id: VolumeId, body: AgentKey) -> Response:
         agent.put_key(volume_id, body)
         return Response(status_code=204)
 
     @app.delete("/v1/keys/{volume_id}", status_code=204)
-    def delete_key(volume_id: str) -> Response:
+    def delete_key(volume_id: VolumeId) -> Response:
         agent.delete_key(volume_id)
         return Response(status_code=204)
 

@@ -33,6 +33,7 @@ import errno
 import ipaddress
 import json
 import logging
+import re
 import socket
 import subprocess
 import threading
@@ -44,7 +45,7 @@ from pathlib import Path
 from node_agent.keys import holds_key, psk_line, write_private
 from tessera.errors import FailedPrecondition, Internal, InvalidArgument, ResourceExhausted
 from tessera.ids import check_node_id, check_volume_id, is_volume_id
-from tessera.models import AgentExport, AgentExportCreate
+from tessera.models import CLIENT_ADDRESS_PATTERN, AgentExport, AgentExportCreate
 from tessera.system import processes
 
 log = logging.getLogger(__name__)
@@ -97,16 +98,35 @@ def parse_port_range(text: str) -> tuple[int, int]:
 
 
 def check_client_address(value: str) -> str:
-    """An IP address or empty: it becomes an nbdkit argument, so nothing else gets through."""
-    if not value:
+    """Empty, an IP address or a host name (AgentExportCreate's pattern says the same)."""
+    if not value or _is_ip(value):
         return value
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
+    if not re.fullmatch(CLIENT_ADDRESS_PATTERN, value):
         raise InvalidArgument(
-            "client_address must be an IP address (or empty: any address)",
+            "client_address must be empty (any address), a host name or an IP address",
             field="client_address",
-        ) from None
+        )
+    return value
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _addresses_of(client_address: str) -> list[str]:
+    """The IP addresses `client_address` stands for: itself, or what its name resolves to."""
+    if _is_ip(client_address):
+        return [client_address]
+    try:
+        infos = socket.getaddrinfo(client_address, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return []
+    # only what ipaddress accepts reaches nbdkit's command line
+    return sorted({str(info[4][0]) for info in infos if _is_ip(str(info[4][0]))})
 
 
 class Exports:
@@ -389,11 +409,13 @@ class Exports:
             raise Internal(f"could not run nbdkit: {err}") from err
 
     def _ip_filter_args(self, client_address: str) -> list[str]:
-        """`allow=<client> deny=all` when nbdkit's ip filter can parse addresses.
+        """`allow=<client's addresses> deny=all` when nbdkit's ip filter can parse addresses.
 
-        nbdkit 1.32's ip filter rejects every literal address ("don't know
-        how to parse rule"); there the export relies on TLS-PSK alone, which
-        is the real access control anyway (a per-attachment key).
+        The filter is defence in depth; the access control is the
+        per-attachment TLS-PSK key. So where it cannot work the export
+        relies on the key alone, with a warning: nbdkit 1.32's filter
+        rejects every literal address ("don't know how to parse rule"), and
+        a client host name may not resolve here.
         """
         if not client_address:
             return []
@@ -411,7 +433,16 @@ class Exports:
                     "this nbdkit's ip filter cannot restrict exports to an address; "
                     "exports rely on their TLS-PSK key alone"
                 )
-        return [f"allow={client_address}", "deny=all"] if self._ip_filter else []
+        if not self._ip_filter:
+            return []
+        addresses = _addresses_of(client_address)
+        if not addresses:
+            log.warning(
+                "client address %s does not resolve here; the export relies on its key alone",
+                client_address,
+            )
+            return []
+        return [f"allow={','.join(addresses)}", "deny=all"]
 
     def _candidate_ports(self, record: ExportRecord) -> Iterator[int]:
         low, high = self.ports

@@ -34,6 +34,18 @@ AGENT_URL_PATTERN = (
 OPTIONAL_NODE_ID_PATTERN = "^$|" + NODE_ID_PATTERN
 #: a TLS-PSK key: 256 bits as lower-case hex
 PSK_KEY_PATTERN = r"^[0-9a-f]{64}$"
+_H = r"[0-9A-Fa-f]{1,4}"
+#: empty, a host name or IPv4 address, or an IPv6 address: what the node-agent
+#: hands nbdkit's ip filter (resolved), so nothing else may get through
+CLIENT_ADDRESS_PATTERN = (
+    r"^$|^("
+    + _HOST
+    + rf"|({_H}:){{7}}{_H}|({_H}:){{1,7}}:|({_H}:){{1,6}}:{_H}"
+    + rf"|({_H}:){{1,5}}(:{_H}){{1,2}}|({_H}:){{1,4}}(:{_H}){{1,3}}"
+    + rf"|({_H}:){{1,3}}(:{_H}){{1,4}}|({_H}:){{1,2}}(:{_H}){{1,5}}"
+    + rf"|{_H}:(:{_H}){{1,6}}|:((:{_H}){{1,7}}|:)"
+    + r")$"
+)
 FORM_RULES = {
     OPTIONAL_NODE_ID_PATTERN: "must be empty or a node ID (letters, digits, '.', '_', '-')",
     TEXT_PATTERN: "must not contain control characters",
@@ -42,6 +54,7 @@ FORM_RULES = {
     VOLUME_ID_PATTERN: "must be a Tessera volume ID (vol-<hex>)",
     VIEW_KEY_PATTERN: "must be 1-40 characters of a-z, 0-9 and '-'",
     PSK_KEY_PATTERN: "must be 64 lower-case hex digits (a 256-bit key)",
+    CLIENT_ADDRESS_PATTERN: "must be empty (any address), a host name or an IP address",
     AGENT_URL_PATTERN: "must be unix:///path/to.sock or http(s)://host[:port][/prefix] "
     "(an IPv6 address by a host name)",
 }
@@ -376,7 +389,10 @@ class AgentExportCreate(Strict):
     psk_key: PskKey = Field(description="256-bit key, hex; never logged, never echoed", repr=False)
     readonly: bool = False
     client_address: str = Field(
-        default="", max_length=255, description="only this address may connect; empty: any"
+        default="",
+        max_length=255,
+        pattern=CLIENT_ADDRESS_PATTERN,
+        description="only this address (an IP address or a host name) may connect; empty: any",
     )
 
 

@@ -10,9 +10,10 @@ from fastapi.testclient import TestClient
 
 from node_agent.agent import Agent
 from node_agent.api import create_app
+from node_agent.exports import _addresses_of, check_client_address
 from node_agent.pools import Pool
 from node_agent.transports import BlockDevice, Transport, available_transports
-from tessera.errors import NotFound
+from tessera.errors import InvalidArgument, NotFound
 from tessera.ids import new_volume_id
 from tessera.models import Connection
 
@@ -272,3 +273,13 @@ def test_exporting_a_volume_this_node_does_not_hold_is_not_found(
     resp = client.put(f"/v1/exports/{new_volume_id()}/node-2", json=body)
     assert resp.status_code == 404 and KEY not in resp.text
     assert client.delete(f"/v1/exports/{new_volume_id()}/node-2").status_code == 204
+
+
+def test_a_client_named_by_host_name_is_pinned_to_the_addresses_it_resolves_to() -> None:
+    assert "127.0.0.1" in _addresses_of("localhost")
+    assert _addresses_of("10.1.2.3") == ["10.1.2.3"]
+    assert _addresses_of("no-such-host.invalid") == []
+    assert check_client_address("node-2.example") == "node-2.example"
+    for bad in ("all,anyipv6", "a b", "x\n"):
+        with pytest.raises(InvalidArgument):
+            check_client_address(bad)
