@@ -12,7 +12,9 @@ they are built from, measured in one run on the same pool filesystem.
 
 Each fio job (4k random read IOPS, 1 MiB sequential read and write, direct
 I/O, libaio) is the same argument list for bare and ours; rounds alternate
-which goes first so neither always gets the warmer cache. Also prints the
+which goes first, and the ratio is the median of per-round ratios (each
+from two runs back to back, so other load on the machine hits both sides
+alike; the "bare spread" column shows how noisy the machine was). Also prints the
 publish time (ControllerPublish -> NodeStage -> NodePublish) remote vs
 local and the RSS of each export and each remote attachment.
 
@@ -111,7 +113,7 @@ def fio(device: str, job: Job, runtime: int) -> float:
         [
             "fio", "--output-format=json", "--name=bench", f"--filename={device}",
             "--direct=1", "--ioengine=libaio", "--time_based", f"--runtime={runtime}",
-            "--ramp_time=1", "--numjobs=1", *job.args,
+            "--ramp_time=500ms", "--numjobs=1", *job.args,
         ],
         timeout=runtime + 60,
     )  # fmt: skip
@@ -353,21 +355,40 @@ class Csi:
 # ---- measuring -------------------------------------------------------------------
 
 
-Results = dict[str, tuple[float, float]]  # job name -> (bare, ours)
+@dataclass(frozen=True)
+class Outcome:
+    bare: float  # median
+    ours: float  # median
+    ratio: float  # median of the per-round ratios: each pair ran back to back
+    noise: float  # spread of the bare runs, (max - min) / median
+
+
+Results = dict[str, Outcome]  # job name -> outcome
 
 
 def compare(bare: str, ours: str, opts: Opts) -> Results:
-    """Each job on both devices, alternating which goes first; medians."""
+    """Each job on both devices, alternating which goes first.
+
+    The ratio is taken per round, from two runs made back to back, so load
+    from other processes on a small machine hits both sides of a ratio alike.
+    """
     prefill(bare)
     prefill(ours)
     results: Results = {}
     for job in JOBS:
-        b, o = [], []
+        b: list[float] = []
+        o: list[float] = []
         for i in range(opts.rounds):
             order = ((b, bare), (o, ours)) if i % 2 == 0 else ((o, ours), (b, bare))
             for sink, device in order:
                 sink.append(fio(device, job, opts.runtime))
-        results[job.name] = (statistics.median(b), statistics.median(o))
+        mid = statistics.median(b)
+        results[job.name] = Outcome(
+            bare=mid,
+            ours=statistics.median(o),
+            ratio=statistics.median(x / y for x, y in zip(o, b, strict=True) if y),
+            noise=(max(b) - min(b)) / mid if mid else 0.0,
+        )
     return results
 
 
@@ -459,13 +480,17 @@ def started_stack(state: Path, pool_size: int) -> Iterator[tuple[str, str, list[
 
 def print_results(title: str, results: Results, bare_name: str) -> float:
     print(f"{title}")
-    print(f"  {'job':<12} {'bare ' + bare_name:>28} {'tessera':>12} {'ratio':>7}")
+    print(
+        f"  {'job':<12} {'bare ' + bare_name:>28} {'tessera':>12} {'ratio':>7} {'bare spread':>12}"
+    )
     worst = float("inf")
     for job in JOBS:
-        bare, ours = results[job.name]
-        ratio = ours / bare if bare else 0.0
-        worst = min(worst, ratio)
-        print(f"  {job.name:<12} {bare:>22.0f} {job.unit:<5} {ours:>12.0f} {ratio:>7.3f}")
+        r = results[job.name]
+        worst = min(worst, r.ratio)
+        print(
+            f"  {job.name:<12} {r.bare:>22.0f} {job.unit:<5} {r.ours:>12.0f} {r.ratio:>7.3f} "
+            f"{r.noise * 100:>11.0f}%"
+        )
     return worst
 
 
@@ -511,8 +536,8 @@ def parse_args() -> Opts:
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run: small, short, once")
     parser.add_argument("--size-mib", type=int, default=512, help="volume and bare file size")
-    parser.add_argument("--runtime", type=int, default=4, help="seconds per fio job")
-    parser.add_argument("--rounds", type=int, default=2, help="runs per job and pipeline")
+    parser.add_argument("--runtime", type=int, default=3, help="seconds per fio job")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per job and pipeline")
     args = parser.parse_args()
     if args.quick:
         return Opts(size=64 * MiB, runtime=1, rounds=1, publish_rounds=1)

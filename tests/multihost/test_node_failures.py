@@ -48,17 +48,13 @@ def errors_in(log: Path) -> list[str]:
     return [line for line in log.read_text().splitlines() if line.startswith("errno")]
 
 
-def agent_lists(cluster: Cluster, node_id: str, vid: str, exports: bool) -> bool:
-    """Whether the node's (respawned) agent answers and lists the volume."""
+def served_by(cluster: Cluster, node_id: str, owner: bool) -> set[str]:
+    """Volumes the node's agent lists: its exports (owner) or its attachments (consumer)."""
     agent = cluster.agent(node_id)
     try:
-        if not agent.healthy():
-            return False
-        if exports:
-            return any(e.volume_id == vid for e in agent.list_exports())
-        return any(a.volume_id == vid for a in agent.list_attachments())
-    except Exception:  # noqa: BLE001 - not up yet: asked again until the deadline
-        return False
+        if owner:
+            return {e.volume_id for e in agent.list_exports()}
+        return {a.volume_id for a in agent.list_attachments()}
     finally:
         agent.close()
 
@@ -78,9 +74,8 @@ def test_io_continues_while_an_agent_is_killed_and_the_restarted_agent_readopts(
         wait_until(lambda: fsynced(log) >= before + 50 or writer.poll() is not None,
                    f"writes to go on with the {victim} agent dead")  # fmt: skip
         assert writer.poll() is None, f"the writer stopped: {errors_in(log)}"
-        cluster.stack.respawn_agent(victim)
-        wait_until(lambda: agent_lists(cluster, victim, vid, exports=victim == "n1"),
-                   f"the respawned {victim} agent to list the volume it serves")  # fmt: skip
+        cluster.stack.respawn_agent(victim)  # returns once management has it registered
+        assert vid in served_by(cluster, victim, owner=victim == "n1")
         resumed = fsynced(log)
         wait_until(lambda: fsynced(log) >= resumed + 20, "writes to go on after the respawn")
     finally:
