@@ -110,7 +110,7 @@ def _models(ctx: Context, s: Session | Connection, rows: list[Any]) -> list[Volu
     legs = _legs(s, volume_ids)
     wanted = {leg.node_id for ls in legs.values() for leg in ls}
     wanted.update(n for ns in published.values() for n in ns)
-    nodes = {}
+    nodes: dict[str, Row[Any]] = {}
     if wanted:
         stmt = select(NodeRow.id, NodeRow.last_heartbeat, NodeRow.fenced_at).where(
             NodeRow.id.in_(sorted(wanted))
