@@ -196,3 +196,12 @@ def test_stop_with_a_staged_volume_detaches_it_and_removes_its_dev_link(tmp_path
     assert not link.is_symlink(), f"{link} left pointing at a detached loop device"
     assert mounts_under(staging) == [] and mounts_under(tmp_path) == []
     assert bound_under(tmp_path) == []
+
+
+def test_python_dash_m_tessera_dev_is_tessera_dev() -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "tessera_dev", "up", "--help"],
+        capture_output=True, text=True, timeout=60, env={"COLUMNS": "200", "PATH": "/usr/bin"},
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "--nodes" in res.stdout and "tessera dev up" in res.stdout
