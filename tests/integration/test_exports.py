@@ -538,3 +538,22 @@ def test_a_record_left_without_its_key_by_a_crash_is_dropped_not_restarted(
     assert [e.volume_id for e in recovered] == [kept]
     assert [e.volume_id for e in local_agent.exports.list()] == [kept]
     assert not (state / lost).exists()
+
+
+def test_a_grown_volume_keeps_serving_and_a_reconnecting_client_sees_the_new_size(
+    tmp_path: Path, owner: AgentNode
+) -> None:
+    client = owner.start()
+    vid = new_volume(client, owner, 8 * MiB)
+    key = new_key()
+    host, port = owner.export(client, vid, key)
+    with nbd_client(tmp_path, host, port, key) as data:
+        assert data.stat().st_size == 8 * MiB
+        client.resize_volume(vid, 16 * MiB)
+        # NBD has no resize notice: the connected client keeps its size and its I/O
+        assert (
+            read_range(data, 7 * MiB, MiB) == owner.volume_file(vid).read_bytes()[7 * MiB : 8 * MiB]
+        )
+    assert [e.port for e in client.list_exports()] == [port]
+    with nbd_client(tmp_path, host, port, key) as data:
+        assert data.stat().st_size == 16 * MiB
