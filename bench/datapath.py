@@ -478,32 +478,42 @@ def started_stack(state: Path, pool_size: int) -> Iterator[tuple[str, str, list[
 # ---- output ----------------------------------------------------------------------
 
 
-def print_results(title: str, results: Results, bare_name: str) -> float:
+def print_results(title: str, results: Results, bare_name: str) -> None:
     print(f"{title}")
     print(
         f"  {'job':<12} {'bare ' + bare_name:>28} {'tessera':>12} {'ratio':>7} {'bare spread':>12}"
     )
-    worst = float("inf")
     for job in JOBS:
         r = results[job.name]
-        worst = min(worst, r.ratio)
         print(
             f"  {job.name:<12} {r.bare:>22.0f} {job.unit:<5} {r.ours:>12.0f} {r.ratio:>7.3f} "
             f"{r.noise * 100:>11.0f}%"
         )
-    return worst
 
 
 def verdict(name: str, ok: bool, detail: str) -> None:
     print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}")
 
 
+def ratio_verdict(name: str, results: Results, target: float) -> None:
+    """PASS/FAIL, unless the bare runs alone varied more than the margin being judged:
+    then the machine was too busy to tell (other load on a 2-core box), and says so."""
+    worst = min(r.ratio for r in results.values())
+    noise = max(r.noise for r in results.values())
+    detail = f"worst {worst:.3f}, bare spread up to {noise * 100:.0f}%"
+    if noise > 2 * (1 - target):
+        print(f"NOISY {name}: {detail}: too noisy to judge a {(1 - target) * 100:.0f}% margin; "
+              "run again on an idle machine")  # fmt: skip
+        return
+    verdict(name, worst >= target, detail)
+
+
 def print_report(report: Report) -> None:
-    print()
-    worst_local = print_results("(a) local volume vs bare loop", report.local, "losetup")
-    worst_remote = None
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"\nload average at the end: {load} ({os.cpu_count()} CPUs)")
+    print_results("(a) local volume vs bare loop", report.local, "losetup")
     if report.remote is not None:
-        worst_remote = print_results(
+        print_results(
             "(b) remote volume vs bare nbdkit+nbdfuse+loop", report.remote, "nbd pipeline"
         )
     print("publish (ControllerPublish -> NodeStage -> NodePublish, block, median)")
@@ -519,13 +529,11 @@ def print_report(report: Report) -> None:
     else:
         print()
     print()
-    verdict("local >= 0.97 of bare loop", worst_local >= LOCAL_TARGET, f"worst {worst_local:.3f}")
-    if worst_remote is None:
+    ratio_verdict("local >= 0.97 of bare loop", report.local, LOCAL_TARGET)
+    if report.remote is None:
         print(f"FAIL  remote: the remote run failed: {report.remote_error}")
         return
-    verdict(
-        "remote >= 0.95 of bare nbd", worst_remote >= REMOTE_TARGET, f"worst {worst_remote:.3f}"
-    )
+    ratio_verdict("remote >= 0.95 of bare nbd", report.remote, REMOTE_TARGET)
     for what, mib in (("export", report.rss_export), ("remote attachment", report.rss_attachment)):
         verdict(f"RSS per {what} < 16 MiB", 0 < mib < RSS_TARGET_MIB, f"{mib:.1f} MiB")
 
