@@ -548,7 +548,7 @@ def parse_args() -> Opts:
     parser.add_argument("--rounds", type=int, default=3, help="runs per job and pipeline")
     args = parser.parse_args()
     if args.quick:
-        return Opts(size=64 * MiB, runtime=1, rounds=1, publish_rounds=1)
+        return Opts(size=64 * MiB, runtime=1, rounds=2, publish_rounds=1)
     return Opts(
         size=args.size_mib * MiB, runtime=args.runtime, rounds=args.rounds, publish_rounds=3
     )
