@@ -49,6 +49,7 @@ COLUMNS = [
     Column("CREATED", lambda v: when(v.created_at), drop=5),
     Column("VPG", lambda v: v.vpg, wide_only=True),
     Column("PARAMETERS", lambda v: _parameters(v), wide_only=True),
+    Column("CONDITION", lambda v: v.condition or "ok", wide_only=True),
 ]
 
 
@@ -192,9 +193,18 @@ def _display(v: Volume) -> dict[str, str]:
         "node": v.node_id,
         "pool": v.pool,
         "published on": ", ".join(v.published_nodes) or "-",
+        "legs": _legs(v),
+        "condition": v.condition or "ok",
         "parameters": _parameters(v),
         "created": when(v.created_at),
     }
+
+
+def _legs(v: Volume) -> str:
+    return (
+        ", ".join(f"{leg.node_id}/{leg.pool} {format_size(leg.size_bytes)}" for leg in v.legs)
+        or "-"
+    )
 
 
 def _parameters(v: Volume) -> str:
