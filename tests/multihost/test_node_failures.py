@@ -9,18 +9,22 @@ test runs last in this module: it leaves n2 fenced.
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 
 import pytest
 
+from csi_driver._gen import csi_pb2
 from tessera.models import FenceReport, NodeState
 from tests.multihost.support import (
     BLOCK,
+    RPC_TIMEOUT,
     Cluster,
     Code,
     Kube,
     MiB,
+    Published,
     assert_code,
     block_cap,
     call_error,
@@ -85,6 +89,36 @@ def test_io_continues_while_an_agent_is_killed_and_the_restarted_agent_readopts(
     kube.unpublish(pub)  # the respawned agents tear down what their predecessors set up
 
 
+def test_a_dead_export_shows_as_an_abnormal_volume_naming_the_owner_and_writes_fail(
+    cluster: Cluster, kube: Kube
+) -> None:
+    vid = kube.create(block_cap(), on="n1")
+    pub = kube.publish(vid, "n2", block_cap())
+    assert not volume_stats_condition(cluster, pub).abnormal
+    # The export's nbdkit dies (the owner's data path, not its agent).
+    pid_file = Path(cluster.node("n1").state_dir) / "exports" / vid / "n2.pid"
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    assert errno_name(cluster.io("n2", "trywrite", pub.target, 0)) == "EIO"
+    condition = volume_stats_condition(cluster, pub)
+    assert condition.abnormal and "n1" in condition.message, condition
+    kube.unpublish(pub)  # a dead connection still tears down
+
+
+def volume_stats_condition(cluster: Cluster, pub: Published) -> csi_pb2.VolumeCondition:
+    reply = cluster.node_csi[pub.node_id].NodeGetVolumeStats(
+        csi_pb2.NodeGetVolumeStatsRequest(volume_id=pub.volume_id, volume_path=str(pub.target)),
+        timeout=RPC_TIMEOUT,
+    )
+    return reply.volume_condition
+
+
+def controller_condition(cluster: Cluster, vid: str) -> csi_pb2.VolumeCondition:
+    reply = cluster.controller.ControllerGetVolume(
+        csi_pb2.ControllerGetVolumeRequest(volume_id=vid), timeout=RPC_TIMEOUT
+    )
+    return reply.status.volume_condition
+
+
 def node_state_in_cli(cluster: Cluster, node_id: str) -> str:
     res = cluster.tessera("node", "list", "-o", "json")
     assert res.returncode == 0, res.stderr
@@ -107,6 +141,8 @@ def test_a_cut_off_node_is_fenced_before_its_volume_moves_and_cannot_write_any_m
             wait_until(lambda: cluster.mgmt.get_node("n2").state == NodeState.UNREACHABLE,
                        "management to see n2 unreachable")  # fmt: skip
             assert node_state_in_cli(cluster, "n2") == "unreachable"
+            condition = controller_condition(cluster, vid)
+            assert condition.abnormal and "n2" in condition.message, condition
             # Not fenced yet: n2 may still be writing, so nobody else may take the volume.
             err = call_error(lambda: kube.controller_publish(vid, "n3", block_cap()))
             assert_code(err, Code.FAILED_PRECONDITION, "n2", "fence")
