@@ -65,6 +65,21 @@ def test_block_volume_shared_by_two_nodes_shows_each_nodes_writes_to_the_other(
     assert cluster.io("n3", "read", b.target, 0, MiB) == again
 
 
+def test_block_single_writer_volume_has_one_writer_node_and_readers_elsewhere(
+    cluster: Cluster, kube: Kube
+) -> None:
+    mnsw = block_cap("MULTI_NODE_SINGLE_WRITER")
+    vid = kube.create(mnsw, on="n1")
+    writer = kube.publish(vid, "n2", mnsw)
+    err = call_error(lambda: kube.controller_publish(vid, "n3", mnsw))
+    assert_code(err, Code.FAILED_PRECONDITION, "n2")
+    reader = kube.publish(vid, "n3", mnsw, readonly=True)
+    data = cluster.io("n2", "write", writer.target, 0, MiB, 7)
+    assert cluster.io("n3", "read", reader.target, 0, MiB) == data
+    answer = cluster.io("n3", "trywrite", reader.target, 0)
+    assert errno_name(answer) in {"EROFS", "EPERM", "EACCES"}, f"the reader wrote: {answer}"
+
+
 def test_filesystem_shared_read_only_reads_everywhere_and_refuses_writes_everywhere(
     cluster: Cluster, kube: Kube
 ) -> None:
