@@ -28,6 +28,7 @@ import pytest
 
 from csi_driver._gen import csi_pb2, csi_pb2_grpc
 from tessera.clients import AgentClient, ManagementClient
+from tessera_dev.multinode import MultiNodeStack, MultiStackInfo, NodeInfo
 from tessera_dev.netns import in_netns
 
 REPO = Path(__file__).resolve().parents[2]
@@ -102,8 +103,8 @@ def errno_name(answer: str) -> str:
 class Cluster:
     """A started MultiNodeStack and a client for each of its sockets."""
 
-    stack: Any
-    info: Any
+    stack: MultiNodeStack
+    info: MultiStackInfo
     work: Path  # where "kubelet" puts staging and target paths, one directory per node
     token: str
     controller: csi_pb2_grpc.ControllerStub = field(init=False)
@@ -127,8 +128,8 @@ class Cluster:
         for channel in self.channels:
             channel.close()
 
-    def node(self, node_id: str) -> Any:
-        return next(n for n in self.info.nodes if n.node_id == node_id)
+    def node(self, node_id: str) -> NodeInfo:
+        return self.info.node(node_id)
 
     def agent(self, node_id: str) -> AgentClient:
         """The node's agent on its local socket (the caller closes it)."""
@@ -168,7 +169,8 @@ class Cluster:
 
 
 def logged(log: Path) -> list[str]:
-    return log.read_text().split() if log.exists() else []
+    """The writer's log lines: a block number per fsync'd write, or `errno N` at the end."""
+    return log.read_text().splitlines() if log.exists() else []
 
 
 def wait_until(check: Callable[[], bool], what: str, timeout: float = SETTLE) -> None:

@@ -49,7 +49,7 @@ def fsynced(log: Path) -> int:
 
 
 def errors_in(log: Path) -> list[str]:
-    return [line for line in log.read_text().splitlines() if line.startswith("errno")]
+    return [line for line in logged(log) if line.startswith("errno")]
 
 
 def served_by(cluster: Cluster, node_id: str, owner: bool) -> set[str]:
