@@ -7,6 +7,7 @@ n2 and n3 through the CSI sockets, so every byte crosses an NBD export
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -156,7 +157,15 @@ def nbd_read_size(
     )  # fmt: skip
 
 
-def test_an_export_refuses_a_wrong_key_another_node_and_a_revoked_key(
+def private_file(path: Path, text: str) -> Path:
+    """A key file as nbdinfo wants it: 0600 from the moment it exists."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
+
+
+def test_only_the_consumer_holds_the_key_and_a_wrong_or_revoked_key_cannot_read_the_export(
     cluster: Cluster, kube: Kube, tmp_path: Path
 ) -> None:
     vid = kube.create(block_cap(), on="n1")
@@ -164,16 +173,14 @@ def test_an_export_refuses_a_wrong_key_another_node_and_a_revoked_key(
     assert ctx.get("pskIdentity") == "n2", ctx
     key_file = Path(cluster.node("n2").state_dir) / "keys" / f"{vid}.psk"
     assert key_file.stat().st_mode & 0o077 == 0, "the key file must be readable by root only"
-    good = tmp_path / "good.psk"
-    good.write_text(key_file.read_text())
-    good.chmod(0o600)
+    key_line = key_file.read_text()
+    assert not any(key_line.split(":")[-1].strip() in v for v in ctx.values()), "key in context"
+    good = private_file(tmp_path / "good.psk", key_line)
     ok = nbd_read_size(cluster, "n2", ctx, "n2", good)
     assert ok.returncode == 0, f"n2's own key must read the export: {ok.stderr}"
     assert int(ok.stdout.strip()) >= 64 * MiB
 
-    wrong = tmp_path / "wrong.psk"
-    wrong.write_text("n2:" + "ab" * 32 + "\n")
-    wrong.chmod(0o600)
+    wrong = private_file(tmp_path / "wrong.psk", "n2:" + "ab" * 32 + "\n")
     assert nbd_read_size(cluster, "n2", ctx, "n2", wrong).returncode != 0, "a wrong key read it"
     # The key is the access control (nbdkit 1.32's ip filter cannot parse an
     # address): it goes to the consumer only, never to another node.
