@@ -11,6 +11,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from csi_driver._gen import csi_pb2
 from tests.multihost.support import (
     RPC_TIMEOUT,
@@ -33,20 +35,29 @@ pytestmark = [needs_root, needs_tools]
 CONTEXT_KEYS = {"transport", "ownerNode", "readonly", "host", "port", "pskIdentity"}
 
 
+@pytest.mark.parametrize("kind", ["block", "ext4"])
 def test_data_written_on_one_node_is_intact_after_the_volume_moves_to_a_third(
-    cluster: Cluster, kube: Kube
+    cluster: Cluster, kube: Kube, kind: str
 ) -> None:
-    vid = kube.create(block_cap(), on="n1")
+    cap = block_cap() if kind == "block" else mount_cap()
+    vid = kube.create(cap, on="n1")
     assert cluster.mgmt.get_volume(vid).node_id == "n1"
-    on_n2 = kube.publish(vid, "n2", block_cap())
+    on_n2 = kube.publish(vid, "n2", cap)
     ctx = on_n2.publish_context
     assert (ctx.get("transport"), ctx.get("ownerNode")) == ("nbd", "n1"), ctx
     assert set(ctx) <= CONTEXT_KEYS, f"publish_context carries undocumented keys: {ctx}"
-    written = cluster.io("n2", "write", on_n2.target, 0, 4 * MiB, 1)
+    if kind == "block":
+        written = cluster.io("n2", "write", on_n2.target, 0, 4 * MiB, 1)
+    else:
+        written = cluster.io("n2", "fwrite", on_n2.target, "data.bin", 4 * MiB, 1)
     kube.unpublish(on_n2)
 
-    on_n3 = kube.publish(vid, "n3", block_cap())
-    assert cluster.io("n3", "read", on_n3.target, 0, 4 * MiB) == written
+    # n3 stages the filesystem n2 made (never formats it again) and reads the same bytes.
+    on_n3 = kube.publish(vid, "n3", cap)
+    if kind == "block":
+        assert cluster.io("n3", "read", on_n3.target, 0, 4 * MiB) == written
+    else:
+        assert cluster.io("n3", "fread", on_n3.target, "data.bin") == written
 
 
 def test_block_volume_shared_by_two_nodes_shows_each_nodes_writes_to_the_other(
