@@ -10,19 +10,17 @@ beat through the real heartbeat route.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
 import shutil
 import tempfile
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
@@ -30,6 +28,7 @@ from management.app import create_app
 from management.schema import AttachmentRow
 from tessera.models import AgentExportCreate, AgentKey
 from tests.unit.management_fixtures import TOKEN, GiB, MiB
+from tests.unit.test_csi_controller_fixtures import serving
 
 pytestmark = pytest.mark.skipif(shutil.which("nbdkit") is None, reason="needs nbdkit")
 
@@ -91,18 +90,6 @@ class Cluster:
         return resp.json()["id"]
 
 
-def _serve(app: object, socket: Path) -> tuple[uvicorn.Server, threading.Thread]:
-    server = uvicorn.Server(uvicorn.Config(app, uds=str(socket), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError(f"agent on {socket} did not start")
-        time.sleep(0.01)
-    return server, thread
-
-
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     from node_agent.agent import Agent
@@ -110,7 +97,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     from node_agent.pools import Pool
 
     sock_dir = Path(tempfile.mkdtemp(prefix="tsr-"))
-    servers = []
+    servers = contextlib.ExitStack()
     nodes: dict[str, Node] = {}
     first_port = random.randrange(20000, 60000, 100)
     try:
@@ -130,7 +117,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
                 export_ports=(first_port + 30 * i, first_port + 30 * i + 29),
             )
             socket = sock_dir / f"{node_id}.sock"
-            servers.append(_serve(agent_app(agent, TOKEN), socket))
+            servers.enter_context(serving(agent_app(agent, TOKEN), socket))
             nodes[node_id] = Node(agent, f"unix://{socket}", state_dir)
         app = create_app(f"sqlite:///{tmp_path / 'm.db'}", TOKEN)
         now = [1_000_000.0]
@@ -146,9 +133,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         for node in nodes.values():  # no nbdkit outlives the test
             for export in node.agent.exports.list():  # type: ignore[attr-defined]
                 node.agent.close_export(export.volume_id, export.client_node)  # type: ignore[attr-defined]
-        for server, thread in servers:
-            server.should_exit = True
-            thread.join(timeout=10)
+        servers.close()
         shutil.rmtree(sock_dir, ignore_errors=True)
 
 
