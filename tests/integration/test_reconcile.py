@@ -275,11 +275,16 @@ def test_the_periodic_check_logs_findings_and_never_fixes(tmp_path: Path) -> Non
             cluster.sql("UPDATE volumes SET state = 'creating' WHERE id = ?", stuck)
             orphan = new_volume_id()
             cluster.agents["n2"].create_volume(orphan, "p", MiB)
+            # a run may have read the rows before the update and the files after the
+            # orphan appeared: wait for a run that saw both, however they interleave
+            expected = [
+                f"orphan_file on node n2 volume {orphan}",
+                f"stuck_creating on node n1 volume {stuck}",
+            ]
             deadline = time.monotonic() + 20
-            while f"orphan_file on node n2 volume {orphan}" not in procs.log("management"):
+            while not all(line in procs.log("management") for line in expected):
                 assert time.monotonic() < deadline, procs.log("management")[-3000:]
                 time.sleep(0.1)
-            assert f"stuck_creating on node n1 volume {stuck}" in procs.log("management")
             assert cluster.state(stuck) == "creating"
             assert cluster.file("n2", orphan).exists()
     finally:
