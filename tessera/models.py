@@ -170,6 +170,11 @@ class HeartbeatReply(BaseModel):
     """What management wants of the node, so a node that was cut off can clean up."""
 
     state: NodeState
+    epoch: str = Field(
+        default="",
+        description="identity of management's database: a node acts on a reply only while it "
+        "is the database it registered with (a lost or replaced one knows nothing of its exports)",
+    )
     attachments: list[str] = Field(
         default_factory=list, description="volumes attached to this node (its consumer role)"
     )
