@@ -394,7 +394,9 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             block = mounts.binds_device(mount, device)
             _check_expand_capability(args.capability, block, path)
             # Attaching again is how the agent lets the device see the new size.
-            attachment = self.agent.attach(volume_id, attachment.readonly, attachment.connection)
+            attachment = self.agent.attach(
+                volume_id, attachment.readonly, attachment.connection, min_size_bytes=args.size
+            )
             device = attachment.backing_device
             size = filesystems.device_size(device)
             _check_expand_range(volume_id, size, args.size, args.limit)

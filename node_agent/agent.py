@@ -138,11 +138,15 @@ class Agent:
     # ---- attachments -----------------------------------------------------------
 
     def attach(
-        self, volume_id: str, readonly: bool, connection: Connection | None = None
+        self,
+        volume_id: str,
+        readonly: bool,
+        connection: Connection | None = None,
+        min_size_bytes: int = 0,
     ) -> AgentAttachment:
         check_volume_id(volume_id)
         with self.locks.hold(volume_id):
-            return self.attachments.attach(volume_id, readonly, connection)
+            return self.attachments.attach(volume_id, readonly, connection, min_size_bytes)
 
     def key_path(self, volume_id: str) -> Path:
         """Where the TLS-PSK key to reach a remote volume is (docs/data-path.md, Keys)."""
@@ -154,7 +158,8 @@ class Agent:
         for volume_id in self.attachments.forgettable(wanted, asked_at):
             try:
                 with self.locks.hold(volume_id):
-                    if self.attachments.forget(volume_id):
+                    if self.attachments.forget(volume_id, asked_at):
+                        self.keys.delete(volume_id)  # its export is closed: the key opens nothing
                         released.append(volume_id)
             except Aborted:
                 continue  # busy: an RPC is working on it; the next heartbeat looks again

@@ -102,7 +102,9 @@ def create_app(
         "/v1/attachments/{volume_id}", response_model=AgentAttachment, responses=problems(409, 507)
     )
     def attach(volume_id: str, body: AgentAttach) -> Response:
-        return json_response(agent.attach(volume_id, body.readonly, body.connection))
+        return json_response(
+            agent.attach(volume_id, body.readonly, body.connection, body.min_size_bytes)
+        )
 
     @app.get("/v1/attachments")
     def list_attachments() -> dict[str, list[AgentAttachment]]:

@@ -129,30 +129,61 @@ class AttachmentManager:
     # ---- attach / detach ---------------------------------------------------
 
     def attach(
-        self, volume_id: str, readonly: bool, connection: Connection | None = None
+        self,
+        volume_id: str,
+        readonly: bool,
+        connection: Connection | None = None,
+        min_size_bytes: int = 0,
     ) -> AgentAttachment:
         """Connect (or re-adopt) the volume; again with the same flags is a no-op.
 
         Without a `connection` the volume is local (loop), or already attached
-        and this only lets its devices see a grown volume.
+        and this only lets its devices see a grown volume; `min_size_bytes`
+        asks for that growth even where it costs a reconnect.
         """
         device, views = self._split(volume_id, self.devices_of(volume_id))
+        if device is not None and connection is not None:
+            device, views = self._drop_if_stale(device, views, connection)
         if device is None:
             connection = connection or Connection()
             transport = check_transport(connection.transport.value, self.transports)
             device = transport.connect(volume_id, connection, readonly)
         else:
             _check_same(device, readonly, connection)
-        for each in (device, *views):
-            self.transports[each.transport].extend(each)
+            transport = self.transports[device.transport]
+            transport.extend(device, min_size_bytes)
+            for view in views:
+                transport.extend(view)
         device, views = self._split(volume_id, self.devices_of(volume_id))
         if device is None:
             raise NotFound(f"volume {volume_id} went away while it was attached")
         self._ensure_link(volume_id, device.path)
         return self._describe(device, views)
 
+    def _drop_if_stale(
+        self, device: BlockDevice, views: list[BlockDevice], connection: Connection
+    ) -> tuple[BlockDevice | None, list[BlockDevice]]:
+        """A device made from an older publish (the owner exported anew: another port, a
+        new key) reaches a closed export: replace it, unless something still uses it."""
+        had = self.transports[device.transport].connection_of(device)
+        if had.endpoint() == connection.endpoint():
+            return device, views
+        for each in (device, *views):
+            _refuse_if_held(
+                f"volume {device.volume_id} (connected from an older publish, "
+                f"{had.host}:{had.port})",
+                each,
+            )
+        log.warning(
+            "volume %s: replacing the device of an older publish (%s:%d)",
+            device.volume_id, had.host, had.port,
+        )  # fmt: skip
+        self.detach(device.volume_id)
+        return None, []
+
     def refresh(self, volume_id: str) -> None:
-        """After a resize: let every attached device (views too) see the new size."""
+        """After a resize: let every attached device (views too) see the new size, where
+        that needs no reconnect (a remote device grows at NodeExpandVolume or its next stage)."""
         for device in self.devices_of(volume_id):
             self.transports[device.transport].extend(device)
 
@@ -195,12 +226,16 @@ class AttachmentManager:
             if since < asked_at and volume_id not in wanted
         )
 
-    def forget(self, volume_id: str) -> bool:
+    def forget(self, volume_id: str, asked_at: float) -> bool:
         """Disconnect a volume management took back, unless something uses it.
 
-        A mounted device stays until kubelet unstages it: its export is
-        closed, so it can no longer write anyway.
+        Looked at again under the volume's lock: a stage that finished since
+        `forgettable` answered is newer than the heartbeat and stays. A
+        mounted device stays until kubelet unstages it: its export is closed,
+        so it can no longer write anyway.
         """
+        if volume_id not in self.forgettable(set(), asked_at):
+            return False
         try:
             self.detach(volume_id)
         except FailedPrecondition as err:
@@ -224,7 +259,8 @@ class AttachmentManager:
         view = next((v for v in views if v.view_key == key), None)
         if view is None:
             view = transport.add_view(primary, key)
-        transport.extend(view)
+        else:
+            transport.extend(view)
         return AgentView(volume_id=volume_id, key=key, device=view.path)
 
     def release_view(self, volume_id: str, key: str) -> None:

@@ -93,6 +93,10 @@ class ManagementClient(_TypedClient):
         data = self._c.request("POST", f"/v1/nodes/{node_id}/fence", json={"force": force})
         return self._parse(FenceReport, data)
 
+    def unfence_node(self, node_id: str) -> Node:
+        """Lift a fence once the node was repaired (idempotent); only an admin does this."""
+        return self._parse(Node, self._c.request("POST", f"/v1/nodes/{node_id}/unfence"))
+
     def register_pool(self, node_id: str, pool: str, capacity_bytes: int) -> Pool:
         body = {"capacity_bytes": capacity_bytes}
         data = self._c.request("PUT", f"/v1/nodes/{node_id}/pools/{pool}", json=body)
@@ -235,12 +239,18 @@ class AgentClient(_TypedClient):
         self._c.request("DELETE", f"/v1/volumes/{volume_id}")
 
     def attach(
-        self, volume_id: str, readonly: bool = False, connection: Connection | None = None
+        self,
+        volume_id: str,
+        readonly: bool = False,
+        connection: Connection | None = None,
+        min_size_bytes: int = 0,
     ) -> AgentAttachment:
         """Connect the volume on this node: local loop, or the export `connection` names."""
         body: dict[str, Any] = {"readonly": readonly}
         if connection is not None:
             body["connection"] = connection.model_dump(mode="json")
+        if min_size_bytes:
+            body["min_size_bytes"] = min_size_bytes
         data = self._c.request("PUT", f"/v1/attachments/{volume_id}", json=body)
         return self._parse(AgentAttachment, data)
 

@@ -283,6 +283,11 @@ class Connection(BaseModel):
     port: int = Field(default=0, ge=0, le=65535)
     psk_identity: str = ""
 
+    def endpoint(self) -> tuple[str, str, int, str]:
+        """What a device made from this connection talks to: two publishes of one volume
+        to one node differ here when the owner exported it anew (another port, a new key)."""
+        return (self.transport.value, self.host, self.port, self.psk_identity)
+
 
 class Attachment(BaseModel):
     volume_id: str
@@ -381,6 +386,13 @@ class AgentAttach(Strict):
         default=None,
         description="publish_context as management answered it; none: the local file "
         "(loop), or whatever is attached already",
+    )
+    min_size_bytes: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_BYTES,
+        description="NodeExpandVolume: the device must show at least this size (a remote "
+        "device reconnects for it when nothing uses it); 0: only pick up growth cheaply",
     )
 
 

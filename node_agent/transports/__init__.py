@@ -77,8 +77,9 @@ class Transport(Protocol):
         """
         ...
 
-    def extend(self, device: BlockDevice) -> None:
-        """Make the device show the volume's current size."""
+    def extend(self, device: BlockDevice, min_size_bytes: int = 0) -> None:
+        """Let the device show the volume's current size where that is cheap; with
+        `min_size_bytes` above its size, whatever it takes (a remote device reconnects)."""
         ...
 
     def size_bytes(self, device: BlockDevice) -> int:

@@ -42,9 +42,8 @@ class LoopTransport:
     def disconnect(self, volume_id: str) -> None:
         """Nothing lives under a loop device but the file, which stays."""
 
-    def extend(self, device: BlockDevice) -> None:
-        if loops.size_bytes(device) < os.stat(device.backing).st_size:
-            loops.refresh(device)
+    def extend(self, device: BlockDevice, min_size_bytes: int = 0) -> None:
+        loops.refresh_if_grown(device)
 
     def size_bytes(self, device: BlockDevice) -> int:
         return loops.size_bytes(device)

@@ -11,6 +11,7 @@ NodeStageVolume path, and each losetup process cost 5-10 ms.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 from collections.abc import Callable
@@ -99,6 +100,17 @@ def refresh(device: BlockDevice) -> None:
         loopdev.set_capacity(check_loop_device(device.path))
     except OSError as exc:
         raise Internal(f"could not refresh the size of {device.path}: {exc}") from exc
+
+
+def refresh_if_grown(device: BlockDevice) -> None:
+    """Refresh when the backing file is larger than the device (a no-op otherwise)."""
+    try:
+        file_size = os.stat(device.backing).st_size
+    except OSError as exc:  # a remote client gone: the attachment's condition says so
+        log.warning("cannot see the size of %s behind %s: %s", device.backing, device.path, exc)
+        return
+    if size_bytes(device) < file_size:
+        refresh(device)
 
 
 def size_bytes(device: BlockDevice) -> int:

@@ -75,6 +75,9 @@ class NbdTransport:
                 field="publish_context",
             )
         home = self._home(volume_id)
+        before = _read_record(home)
+        if before is not None and before != (connection, readonly):
+            self._unmount(volume_id)  # a client of an older publish: its export is closed
         _write_record(home, connection, readonly)
         if self._nbdfuse_pid(volume_id) is None:
             self._start_nbdfuse(volume_id, connection, key, readonly)
@@ -217,8 +220,16 @@ class NbdTransport:
         if pid is not None:
             processes.terminate(pid, NBDFUSE)
 
-    def extend(self, device: BlockDevice) -> None:
-        """Reconnect, so the device shows the export's current size; refused while held."""
+    def extend(self, device: BlockDevice, min_size_bytes: int = 0) -> None:
+        """Reconnect when a size above the device's is asked for; refused while held.
+
+        Without `min_size_bytes` (every stage, views, the owner's refresh)
+        there is nothing cheap to do: the FUSE file keeps the size nbdfuse
+        connected with, so asking the export would cost a TLS handshake.
+        """
+        if device.view_key or min_size_bytes <= loops.size_bytes(device):
+            loops.refresh_if_grown(device)
+            return
         held = blockdev.holders(device.path)
         if held:
             raise FailedPrecondition(

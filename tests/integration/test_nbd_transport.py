@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from node_agent.attachments import AttachmentManager
 from node_agent.transports.nbd import NbdTransport
 from tessera.errors import FailedPrecondition, Unavailable
 from tessera.models import Connection, Transport
@@ -211,13 +212,15 @@ def test_growing_reconnects_an_idle_device_and_refuses_a_held_one(
 ) -> None:
     device = transport.connect(VOLUME, export.connection(), readonly=False)
     os.truncate(export.volume_file, 48 * MiB)
+    transport.extend(device)  # a plain re-stage never reconnects
+    assert transport.devices() == [device] and transport.size_bytes(device) == 32 * MiB
     held = os.open(device.path, os.O_RDONLY | os.O_EXCL)
     try:
         with pytest.raises(FailedPrecondition, match="staged again"):
-            transport.extend(device)
+            transport.extend(device, 48 * MiB)
     finally:
         os.close(held)
-    transport.extend(device)
+    transport.extend(device, 48 * MiB)
     (grown,) = transport.devices()
     assert transport.size_bytes(grown) == 48 * MiB
 
@@ -227,3 +230,46 @@ def test_a_read_only_connection_refuses_writes(export: Export, transport: NbdTra
     assert device.readonly
     with pytest.raises(OSError):
         write_block(device.path, b"no")
+
+
+def test_a_new_publish_replaces_the_client_of_an_older_one(
+    export: Export, transport: NbdTransport, tmp_path: Path
+) -> None:
+    """Re-published to this node (the owner exported anew on another port): a client
+    left from the old publish (a crash after its loop device went) is never reused."""
+    transport.release(transport.connect(VOLUME, export.connection(), readonly=False))
+    stale = processes.read_pid(transport.dir / VOLUME / "nbdfuse.pid")
+    assert stale is not None and processes.cmdline(stale)
+    again = Export(export.volume_file, export.psk_file, tmp_path / "owner" / "2.pid", free_port())
+    again.start()
+    try:
+        device = transport.connect(VOLUME, again.connection(), readonly=False)
+        assert transport.connection_of(device) == again.connection()
+        assert not processes.cmdline(stale), "the old publish's client still runs"
+        write_block(device.path, b"new publish")
+        assert read_file(export.volume_file, 11) == b"new publish"
+        transport.release(device)
+        transport.disconnect(VOLUME)
+    finally:
+        again.kill()
+
+
+def test_staging_a_remote_volume_again_reuses_its_connection_and_views_work(
+    export: Export, transport: NbdTransport, tmp_path: Path
+) -> None:
+    """kubelet stages again after it restarts: same device, same client, no reconnect."""
+    manager = AttachmentManager({}, tmp_path / "dev", {"nbd": transport})
+    first = manager.attach(VOLUME, False, export.connection())
+    client = processes.read_pid(transport.dir / VOLUME / "nbdfuse.pid")
+    held = os.open(first.backing_device, os.O_RDONLY | os.O_EXCL)  # mounted, say
+    try:
+        again = manager.attach(VOLUME, False, export.connection())
+        assert again.backing_device == first.backing_device
+        assert processes.read_pid(transport.dir / VOLUME / "nbdfuse.pid") == client
+        view = manager.attach_view(VOLUME, "pod-a")
+        assert manager.get(VOLUME).views == {"pod-a": view.device}
+        manager.release_view(VOLUME, "pod-a")
+    finally:
+        os.close(held)
+    manager.detach(VOLUME)
+    assert transport.devices() == [] and not (transport.dir / VOLUME).exists()

@@ -64,7 +64,7 @@ class FakeTransport:
     def disconnect(self, volume_id: str) -> None:
         pass
 
-    def extend(self, device: BlockDevice) -> None:
+    def extend(self, device: BlockDevice, min_size_bytes: int = 0) -> None:
         self.sizes[device.path] = os.path.getsize(device.backing)
 
     def size_bytes(self, device: BlockDevice) -> int:
