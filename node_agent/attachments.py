@@ -95,7 +95,7 @@ class AttachmentManager:
         primary, views = self._split(volume_id, devices)
         if primary is None:
             raise NotFound(f"volume {volume_id} is not attached on this node")
-        return self._describe(primary, views)
+        return self._describe(primary, views, probe=True)
 
     def list(self) -> list[AgentAttachment]:
         found = []
@@ -111,7 +111,9 @@ class AttachmentManager:
             found.setdefault(device.volume_id, []).append(device)
         return found
 
-    def _describe(self, device: BlockDevice, views: list[BlockDevice]) -> AgentAttachment:
+    def _describe(
+        self, device: BlockDevice, views: list[BlockDevice], probe: bool = False
+    ) -> AgentAttachment:
         transport = self.transports[device.transport]
         return AgentAttachment(
             volume_id=device.volume_id,
@@ -122,7 +124,7 @@ class AttachmentManager:
             size_bytes=transport.size_bytes(device),
             blank=_never_written(device),
             views={v.view_key: v.path for v in views},
-            condition=transport.condition(device),
+            condition=transport.condition(device, probe),
             connection=transport.connection_of(device),
         )
 

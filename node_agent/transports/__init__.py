@@ -86,8 +86,13 @@ class Transport(Protocol):
         """The device's size as the kernel currently sees it."""
         ...
 
-    def condition(self, device: BlockDevice) -> str:
-        """Empty when the data path works; else why not, naming the node at fault."""
+    def condition(self, device: BlockDevice, probe: bool = False) -> str:
+        """Empty when the data path works; else why not, naming the node at fault.
+
+        `probe`: also ask the far end (a network round trip, up to a second
+        against a host that drops packets): for one volume's stats, never
+        for listing every attachment.
+        """
         ...
 
     def connections(self) -> dict[str, float]:

@@ -48,7 +48,7 @@ class LoopTransport:
     def size_bytes(self, device: BlockDevice) -> int:
         return loops.size_bytes(device)
 
-    def condition(self, device: BlockDevice) -> str:
+    def condition(self, device: BlockDevice, probe: bool = False) -> str:
         if not os.path.exists(device.backing):
             return f"the volume file {device.backing} is gone"
         return ""

@@ -165,7 +165,7 @@ class NbdTransport:
                 found[entry.name] = record.stat().st_mtime
         return found
 
-    def condition(self, device: BlockDevice) -> str:
+    def condition(self, device: BlockDevice, probe: bool = False) -> str:
         record = _read_record(self._home(device.volume_id))
         if record is None:
             return "the record of this remote connection is gone"
@@ -173,6 +173,8 @@ class NbdTransport:
         where = f"node {connection.owner_node}'s export at {connection.host}:{connection.port}"
         if self._nbdfuse_pid(device.volume_id) is None:
             return f"the connection to {where} is gone (its NBD client exited)"
+        if not probe:
+            return ""
         try:
             with socket.create_connection((connection.host, connection.port), PROBE_TIMEOUT):
                 pass

@@ -194,7 +194,7 @@ def test_a_closed_export_shows_as_an_abnormal_condition_naming_the_owner(
     export.kill()  # what revocation does on the owner
     with pytest.raises(OSError):
         write_block(device.path, b"after the fence")
-    condition = transport.condition(device)
+    condition = transport.condition(device, probe=True)
     assert "n1" in condition and str(export.port) in condition
 
 

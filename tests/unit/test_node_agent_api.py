@@ -70,7 +70,7 @@ class FakeTransport:
     def size_bytes(self, device: BlockDevice) -> int:
         return self.sizes[device.path]
 
-    def condition(self, device: BlockDevice) -> str:
+    def condition(self, device: BlockDevice, probe: bool = False) -> str:
         return ""
 
     def connections(self) -> dict[str, float]:
