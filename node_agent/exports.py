@@ -19,8 +19,9 @@ ours ever runs without a record that finds it again), `psk` (the key, 0600)
 and `pid` (nbdkit's pid file). At start the agent re-adopts every export
 whose pid is nbdkit on that volume file with that key file (/proc cmdline:
 a pid alone proves nothing after a reboot) and restarts the dead ones on
-their old port when it is free; what no attachment wants any more is
-reaped after management's heartbeat reply says so (`unwanted`).
+their recorded address and port, never elsewhere: management's record and
+the consumer's connection point there. What no attachment wants any more
+is reaped after management's heartbeat reply says so (`unwanted`).
 
 A resize is not announced: NBD has no resize notice, so a connected client
 keeps the size it negotiated and sees the new size when it reconnects (the
@@ -291,7 +292,15 @@ class Exports:
         return kept
 
     def _restart(self, record: ExportRecord, volume_file: Path | None) -> ExportRecord | None:
-        """Bring a dead export back (the attachment may still want it); drop it if it cannot be."""
+        """Bring a dead export back where it was; drop it if its volume or key is gone.
+
+        Only on the recorded address and port: the consumer's connection
+        and management's record point there, so an export restarted
+        elsewhere would serve nobody while looking healthy. When that
+        address or port cannot be had, the record stays (listed, closed by
+        a detach, restarted by the next start or replaced by management's
+        next export call) and an error says what to do.
+        """
         key_file = self._file(record.volume_id, record.client_node, "psk")
         if volume_file is None or not key_file.is_file():
             log.warning(
@@ -301,22 +310,41 @@ class Exports:
             )  # fmt: skip
             self._remove(record.volume_id, record.client_node)
             return None
-        moved = ExportRecord(
-            **{**asdict(record), "volume_file": str(volume_file), "host": self.address}
-        )
-        try:
-            started = self._start(moved)
-        except (Internal, ResourceExhausted) as err:
-            log.warning(
-                "could not restart the export of volume %s to node %s: %s",
-                record.volume_id, record.client_node, err.message,
-            )  # fmt: skip
-            return None
-        log.info(
-            "restarted the dead export of volume %s to node %s on port %d",
-            record.volume_id, record.client_node, started.port,
+        moved = ExportRecord(**{**asdict(record), "volume_file": str(volume_file)})
+        with self._start_lock:
+            failure = self._relaunch(moved)
+            if failure is None:
+                log.info(
+                    "restarted the dead export of volume %s to node %s on %s:%d",
+                    record.volume_id, record.client_node, moved.host, moved.port,
+                )  # fmt: skip
+                return moved
+        log.error(
+            "could not restart the dead export of volume %s to node %s on its recorded address "
+            "%s:%d (%s); management's record and node %s's connection still point there, so it "
+            "is not served elsewhere: the volume is unreachable from node %s until the export "
+            "is opened again (unpublish and publish the volume there, or restart this agent "
+            "once the address is free)",
+            record.volume_id, record.client_node, moved.host, moved.port, failure,
+            record.client_node, record.client_node,
         )  # fmt: skip
-        return started
+        return None
+
+    def _relaunch(self, record: ExportRecord) -> str | None:
+        """`_launch` on the record's own address and port only; None when it serves."""
+        try:
+            if not _bindable(record.host, record.port):
+                return "the port is taken, or the address is not this node's any more"
+            # the pool may have moved: the record must find the nbdkit about to run
+            write_private(
+                self._file(record.volume_id, record.client_node, "json"),
+                json.dumps(asdict(record)).encode(),
+            )
+            return self._launch(record)
+        except OSError as err:
+            return str(err)
+        except Internal as err:
+            return err.message
 
     # ---- nbdkit ------------------------------------------------------------------------
 
@@ -355,23 +383,40 @@ class Exports:
                 if psk is not None:
                     write_private(self._file(record.volume_id, record.client_node, "psk"), psk)
                     psk = None
-                self._file(record.volume_id, record.client_node, "pid").unlink(missing_ok=True)
-                result = self._run_nbdkit(placed)
-                if result.returncode == 0 and self._wait_for_pid(placed):
+                try:
+                    failure = self._launch(placed)
+                except Internal:
+                    self._remove(record.volume_id, record.client_node)
+                    raise
+                if failure is None:
                     return placed
-                if result.returncode == 0:  # it started, yet its pid file does not find it
-                    self._stop(record.volume_id, record.client_node)
-                if b"in use" in result.stderr:
+                if "in use" in failure:
                     continue  # someone took the port since the bind test
                 self._remove(record.volume_id, record.client_node)
-                detail = result.stderr.decode(errors="replace").strip()[-400:]
                 raise Internal(
                     f"nbdkit could not export volume {record.volume_id} to node "
-                    f"{record.client_node} (exit {result.returncode}): {detail or 'no message'}"
+                    f"{record.client_node}: {failure}"
                 )
             self._remove(record.volume_id, record.client_node)
         low, high = self.ports
         raise ResourceExhausted(f"no free port for an export in --export-ports {low}-{high}")
+
+    def _launch(self, record: ExportRecord) -> str | None:
+        """Run nbdkit for `record` (its files in place); None when it serves, else why not.
+
+        Whatever went wrong, no nbdkit of this export is left running: one
+        that started but whose pid file never confirmed it is found by its
+        key file and stopped, since nothing else would ever find it again.
+        """
+        self._file(record.volume_id, record.client_node, "pid").unlink(missing_ok=True)
+        result = self._run_nbdkit(record)
+        if result.returncode == 0 and self._wait_for_pid(record):
+            return None
+        self._stop(record.volume_id, record.client_node)
+        if result.returncode == 0:
+            return f"nbdkit started but did not confirm within {PIDFILE_WAIT:g} s; stopped it"
+        detail = result.stderr.decode(errors="replace").strip()[-400:]
+        return f"exit {result.returncode}: {detail or 'no message'}"
 
     def _wait_for_pid(self, record: ExportRecord) -> bool:
         """nbdkit's daemon writes its pid file just after its parent exits: give it a moment."""
@@ -405,7 +450,7 @@ class Exports:
                 check=False,
             )
         except (OSError, subprocess.TimeoutExpired) as err:
-            self._remove(record.volume_id, record.client_node)
+            self._stop(record.volume_id, record.client_node)  # a hung start may have forked
             raise Internal(f"could not run nbdkit: {err}") from err
 
     def _ip_filter_args(self, client_address: str) -> list[str]:
@@ -458,12 +503,26 @@ class Exports:
                 yield port
 
     def _stop(self, volume_id: str, client_node: str) -> None:
-        """Stop the nbdkit serving with this export's key file, whatever volume file it has."""
-        psk = self._file(volume_id, client_node, "psk")
-        pid_file = self._file(volume_id, client_node, "pid")
-        pid = processes.running(pid_file, NBDKIT, [f"--tls-psk={psk}"])
-        if pid is not None:
+        """Stop every nbdkit serving with this export's key file, whatever volume file it has.
+
+        Found by the key file on its command line in /proc, not only by the
+        pid file: an nbdkit that started but never wrote its pid file (or
+        whose pid file a crash lost) must not keep serving the key.
+        """
+        for pid in self._serving_with_key(volume_id, client_node):
             processes.terminate(pid, NBDKIT, grace=CLOSE_GRACE)
+
+    def _serving_with_key(self, volume_id: str, client_node: str) -> list[int]:
+        """The nbdkit processes whose command line holds this export's key file."""
+        marker = f"--tls-psk={self._file(volume_id, client_node, 'psk')}"
+        pid = processes.running(self._file(volume_id, client_node, "pid"), NBDKIT, [marker])
+        found = {pid} if pid is not None else set()
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                args = processes.cmdline(int(entry.name))
+                if args and Path(args[0]).name == NBDKIT and marker in args:
+                    found.add(int(entry.name))
+        return sorted(found)
 
     def _remove(self, volume_id: str, client_node: str) -> None:
         """Delete the export's files, the record last (it is what finds the others)."""

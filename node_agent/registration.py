@@ -20,6 +20,21 @@ or detached node's export, a volume management took back) is cleaned up,
 but only what existed before the heartbeat was sent: an attach racing
 the heartbeat is not in a reply computed before it, and must not be
 undone by it (`Follower`).
+
+A reply is acted on only while it comes from the database this node
+registered with (`HeartbeatReply.epoch`, persisted in
+`<state-dir>/management-epoch`): a management that lost its database, or
+was restored from an old backup or replaced, answers with another epoch
+and lists nothing it does not know, and closing every export and
+connection on its word would hand every consumer EIO. Such a reply only
+keeps the node alive; an admin who replaced the database on purpose
+deletes the file and the next heartbeat adopts the new epoch.
+
+The cleanup runs in its own thread, one at a time: closing an export a
+client still uses waits for nbdkit to stop (SIGTERM, then SIGKILL), and
+many of them must not hold the next heartbeat back past management's
+unreachable threshold. A reply that arrives while the previous cleanup
+still runs is skipped; the next one says the same again.
 """
 
 from __future__ import annotations
@@ -28,8 +43,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from node_agent.keys import write_private
 from tessera.clients import ManagementClient
 from tessera.errors import NotFound, TesseraError
 from tessera.models import HeartbeatReply
@@ -45,6 +62,8 @@ BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
 #: a re-measured capacity is sent when it moved by more than this fraction
 REPORT_TOLERANCE = 1 / 256
+#: in the state directory: the epoch of the management database this node registered with
+EPOCH_FILE = "management-epoch"
 
 
 class Follower:
@@ -52,17 +71,60 @@ class Follower:
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
+        self.epoch_file: Path = agent.state_dir / EPOCH_FILE
+        #: epochs already reported as foreign: one error per distinct epoch, not one per beat
+        self._reported: set[str] = set()
 
     def mark(self) -> tuple[int, float]:
         """Taken just before the heartbeat is sent: what existed by then may be cleaned up."""
         return self.agent.exports.mark(), time.time()
 
-    def follow(self, reply: HeartbeatReply, mark: tuple[int, float]) -> None:
+    def follow(self, reply: HeartbeatReply, mark: tuple[int, float]) -> bool:
+        """Close what the reply does not list; False (nothing closed) for a foreign database."""
+        if not self.trusts(reply.epoch):
+            return False
         export_mark, sent_at = mark
         # owner side: exports no attachment wants (each close is logged)
         self.agent.reap_exports({(e.volume_id, e.client_node) for e in reply.exports}, export_mark)
         # consumer side: remote volumes management no longer attaches here
         self.agent.forget_unwanted(set(reply.attachments), sent_at)
+        return True
+
+    def trusts(self, epoch: str) -> bool:
+        """Whether a reply from the database `epoch` may close this node's exports and connections.
+
+        The first epoch seen is persisted and trusted. An empty epoch (a
+        management older than epochs) is trusted only while none is
+        persisted, as before epochs existed; once one is, an empty epoch
+        cannot prove it is the same database, so it counts as a mismatch.
+        The file is read on every reply: deleting it takes effect at once.
+        """
+        epoch = epoch.strip()  # the file holds it stripped
+        persisted = self.persisted_epoch()
+        if persisted is None:
+            if epoch:
+                write_private(self.epoch_file, f"{epoch}\n".encode())
+                log.info("management's database epoch is %s (kept in %s)", epoch, self.epoch_file)
+            return True
+        if epoch == persisted:
+            return True
+        if epoch not in self._reported:
+            self._reported.add(epoch)
+            log.error(
+                "management's database (epoch %s) is not the one this node registered with "
+                "(epoch %s): exports and connections it does not list are kept; if the database "
+                "was replaced on purpose, delete %s (the next heartbeat adopts the new one)",
+                epoch or "none: an older management", persisted, self.epoch_file,
+            )  # fmt: skip
+        return False
+
+    def persisted_epoch(self) -> str | None:
+        """The epoch in the state directory; None when there is none (or the file is empty)."""
+        try:
+            text = self.epoch_file.read_text().strip()
+        except FileNotFoundError:
+            return None
+        return text or None
 
 
 class Registrar:
@@ -88,6 +150,8 @@ class Registrar:
         self._reported: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="registrar", daemon=True)
+        #: the cleanup after the last reply (see the module's docstring); one at a time
+        self._cleanup: threading.Thread | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -96,6 +160,15 @@ class Registrar:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        self.settle(timeout)
+
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait for the cleanup after the last reply; whether none is running any more."""
+        cleanup = self._cleanup
+        if cleanup is not None:
+            cleanup.join(timeout)
+            return not cleanup.is_alive()
+        return True
 
     def register(self) -> None:
         """One full registration: the node, then each pool with its capacity."""
@@ -146,12 +219,31 @@ class Registrar:
                 log.exception("heartbeat failed")
 
     def beat(self) -> None:
-        """One heartbeat: say alive, follow what the answer wants, report changed capacities."""
+        """One heartbeat: say alive, start following the answer, report changed capacities.
+
+        Following runs in its own thread so that closing exports never
+        delays the next beat (see the module's docstring).
+        """
         mark = self.follower.mark() if self.follower is not None else None
         reply = self.client.heartbeat(self.node_id)
         if self.follower is not None and mark is not None:
-            try:
-                self.follower.follow(reply, mark)
-            except Exception:  # noqa: BLE001 - capacity reports and the next beat go on
-                log.exception("cleaning up after the heartbeat reply failed")
+            self._start_cleanup(self.follower, reply, mark)
         self.report_pools()
+
+    def _start_cleanup(
+        self, follower: Follower, reply: HeartbeatReply, mark: tuple[int, float]
+    ) -> None:
+        if self._cleanup is not None and self._cleanup.is_alive():
+            log.debug("the cleanup after the previous heartbeat still runs; skipped this reply")
+            return
+        self._cleanup = threading.Thread(
+            target=_follow, args=(follower, reply, mark), name="heartbeat-cleanup", daemon=True
+        )
+        self._cleanup.start()
+
+
+def _follow(follower: Follower, reply: HeartbeatReply, mark: tuple[int, float]) -> None:
+    try:
+        follower.follow(reply, mark)
+    except Exception:  # noqa: BLE001 - the next heartbeat's reply is followed again
+        log.exception("cleaning up after the heartbeat reply failed")

@@ -557,3 +557,74 @@ def test_a_grown_volume_keeps_serving_and_a_reconnecting_client_sees_the_new_siz
     assert [e.port for e in client.list_exports()] == [port]
     with nbd_client(tmp_path, host, port, key) as data:
         assert data.stat().st_size == 16 * MiB
+
+
+# ---- starts that fail, restarts that cannot go where they were ------------------------------
+
+
+def test_an_nbdkit_that_started_but_never_confirmed_its_pid_is_stopped_before_the_error(
+    tmp_path: Path, local_agent: Agent
+) -> None:
+    """A real nbdkit starts; its pid file is treated as never found (a slow or full disk)."""
+    local_agent.exports._wait_for_pid = lambda record: False  # type: ignore[method-assign]
+    volume_id = new_volume_id()
+    local_agent.create_volume(volume_id, "default", MiB)
+    req = AgentExportCreate(psk_identity=CLIENT, psk_key=new_key())
+    with pytest.raises(TesseraError, match="did not confirm") as err:
+        local_agent.export(volume_id, CLIENT, req)
+    assert err.value.http_status == 500
+    assert processes_under(tmp_path) == [], "the unconfirmed nbdkit still serves the key"
+    assert local_agent.exports.list() == []
+    assert not (local_agent.state_dir / "exports" / volume_id).exists()
+
+
+def _kill_nbdkit(agent: Agent, volume_id: str) -> None:
+    """The export's nbdkit dies (an OOM kill, a reboot) while the agent is down."""
+    pid = processes.read_pid(agent.state_dir / "exports" / volume_id / f"{CLIENT}.pid")
+    assert pid is not None
+    processes.terminate(pid, "nbdkit", 1.0)
+
+
+def test_a_dead_export_whose_port_was_taken_is_not_served_elsewhere_and_the_error_names_it(
+    tmp_path: Path, local_agent: Agent, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = new_key()
+    volume_id = new_volume_id()
+    local_agent.create_volume(volume_id, "default", 4 * MiB)
+    exp = local_agent.export(volume_id, CLIENT, AgentExportCreate(psk_identity=CLIENT, psk_key=key))
+    _kill_nbdkit(local_agent, volume_id)
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    squatter.bind((exp.host, exp.port))
+    squatter.listen()
+    with squatter, caplog.at_level("ERROR", logger="node_agent.exports"):
+        assert local_agent.recover_exports() == []
+    assert processes_under(tmp_path) == [], "served on another port nobody points at"
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1
+    assert volume_id in errors[0] and CLIENT in errors[0] and f":{exp.port}" in errors[0]
+    assert key not in caplog.text
+    # the record stays where management's points, and the next start brings it back there
+    assert [(e.volume_id, e.port) for e in local_agent.exports.list()] == [(volume_id, exp.port)]
+    assert [e.port for e in local_agent.recover_exports()] == [exp.port]
+    with nbd_client(tmp_path, exp.host, exp.port, key) as data:
+        assert read_range(data, 0, MiB) == _volume_bytes(local_agent, volume_id)[:MiB]
+
+
+def _volume_bytes(agent: Agent, volume_id: str) -> bytes:
+    return agent.pools["default"].volume_path(volume_id).read_bytes()
+
+
+def test_a_dead_export_comes_back_on_its_recorded_address_after_the_export_address_changed(
+    tmp_path: Path, local_agent: Agent
+) -> None:
+    key = new_key()
+    volume_id = new_volume_id()
+    local_agent.create_volume(volume_id, "default", 4 * MiB)
+    exp = local_agent.export(volume_id, CLIENT, AgentExportCreate(psk_identity=CLIENT, psk_key=key))
+    _kill_nbdkit(local_agent, volume_id)
+    local_agent.exports.address = "127.0.0.2"  # the agent restarted with another --export-address
+    recovered = local_agent.recover_exports()
+    assert [(e.host, e.port) for e in recovered] == [(exp.host, exp.port)]
+    with nbd_client(tmp_path, exp.host, exp.port, key) as data:
+        assert read_range(data, 0, MiB) == _volume_bytes(local_agent, volume_id)[:MiB]
