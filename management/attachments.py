@@ -39,6 +39,7 @@ from tessera.errors import (
     NotFound,
     ResourceExhausted,
     TesseraError,
+    Unavailable,
 )
 from tessera.models import (
     AccessMode,
@@ -158,7 +159,7 @@ def _record(
 ) -> AttachmentRow:
     """Check everything and insert the row: ready for a local consumer, pending for a remote one."""
     liveness.require_online(
-        ctx, consumer, "node", "nothing can be attached to it until its agent heartbeats again"
+        ctx, consumer, "node", "nothing can be attached to it until it is online again"
     )
     if volume.state != VolumeState.AVAILABLE:
         raise FailedPrecondition(
@@ -311,7 +312,8 @@ def detach(ctx: Context, volume_id: str, node_id: str) -> bool:
     writer, and the old one must no longer reach the data by then. An
     owner that is fenced is skipped (it serves nothing any more); one that
     is merely unreachable makes the detach 503 (retried) rather than risk
-    two writers.
+    two writers. A local (loop) attachment of a silent node is kept the
+    same way (see _require_local_release).
     """
     ids.check_volume_id(volume_id)
     ids.check_node_id(node_id)
@@ -320,6 +322,8 @@ def detach(ctx: Context, volume_id: str, node_id: str) -> bool:
         if row is None:
             return False
         key = row.psk_key
+        if row.transport == Transport.LOOP:
+            _require_local_release(ctx, s.get(NodeRow, node_id), volume_id)
         if row.transport == Transport.NBD:
             volume = s.get(VolumeRow, volume_id)
             owner = s.get(NodeRow, volume.node_id) if volume is not None else None
@@ -336,6 +340,27 @@ def detach(ctx: Context, volume_id: str, node_id: str) -> bool:
         )
     log.info("volume %s detached from %s", volume_id, node_id)
     return True
+
+
+def _require_local_release(ctx: Context, consumer: NodeRow | None, volume_id: str) -> None:
+    """Unavailable while the node using the volume locally is unreachable (not fenced).
+
+    A loop attachment's consumer is the owner: it reaches the file directly,
+    so no export can be closed from here to cut it off. Releasing the row
+    would let another node attach while the silent node's pod may still
+    have the device mounted: two writers. Only a fence (the admin's word
+    that the node is down) releases it. An online node is asking for the
+    detach itself (its CSI node plugin unstaged first).
+    """
+    if consumer is None or liveness.node_state(ctx, consumer) != NodeState.UNREACHABLE:
+        return
+    raise Unavailable(
+        f"node {consumer.id} is unreachable ({liveness.last_seen(ctx, consumer)}) and uses "
+        f"volume {volume_id} locally: nothing can cut its access from here, so the attachment "
+        f"is kept until it detaches itself; once it is really down or cut off, fence it "
+        f"(tessera node fence {consumer.id}), which releases it",
+        field="node_id",
+    )
 
 
 def _revoke(ctx: Context, volume_id: str, owner: NodeRow, consumer: NodeRow | None) -> None:

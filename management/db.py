@@ -13,27 +13,49 @@ from __future__ import annotations
 
 import os
 import threading
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
-from sqlalchemy import Column, Connection, Engine, create_engine, event, inspect, make_url, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import (
+    Column,
+    Connection,
+    Engine,
+    create_engine,
+    event,
+    inspect,
+    make_url,
+    select,
+    text,
+)
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from management.schema import Base
+from management.schema import Base, MetaRow
 
 _WRITE = "tessera_write"
 BUSY_TIMEOUT_MS = 30_000
+#: the `meta` row holding the database's identity
+EPOCH = "epoch"
 
 
 def make_engine(url: str) -> Engine:
-    """One engine per process; SQLite gets WAL and explicit transaction control."""
+    """One engine per process; SQLite gets WAL and explicit transaction control.
+
+    hide_parameters: SQLAlchemy puts a failed statement's parameters in the
+    error's text, and an attachment row's parameters include its TLS-PSK
+    key; errors are logged (management.problems, tessera.rest), so they
+    must never carry them.
+    """
     if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        return create_engine(
+            url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True
+        )
     _private_file(make_url(url).database)
     kwargs: dict[str, Any] = {
+        "hide_parameters": True,
         # Sessions are short and never shared, but FastAPI runs sync handlers
         # in a threadpool, so a pooled connection may move between threads.
         "connect_args": {"check_same_thread": False, "timeout": BUSY_TIMEOUT_MS / 1000},
@@ -108,6 +130,7 @@ class Database:
         Base.metadata.create_all(self.engine)
         with self.engine.begin() as conn:
             upgrade_schema(conn)
+        ensure_epoch(self.engine)
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -150,6 +173,34 @@ class Database:
                 self._writer_conn.close()
                 self._writer_conn = None
         self.engine.dispose()
+
+
+def ensure_epoch(engine: Engine) -> str:
+    """The database's identity: a uuid4 made once, when the database is first opened, never changed.
+
+    Agents compare it across heartbeats (HeartbeatReply.epoch): a database
+    that was lost and recreated, or replaced by another, gets a new epoch,
+    and an agent must not close exports on the word of a database that
+    knows nothing of them. A database an older version made gets its epoch
+    on upgrade. Two replicas starting at once: one insert wins, both read it.
+    """
+    with engine.begin() as conn:
+        found = read_epoch(conn)
+        if found:
+            return found
+    try:
+        with engine.begin() as conn:
+            conn.execute(MetaRow.__table__.insert().values(key=EPOCH, value=uuid.uuid4().hex))
+    except IntegrityError:
+        pass  # another replica made it first
+    with engine.begin() as conn:
+        return read_epoch(conn)
+
+
+def read_epoch(conn: Connection | Session) -> str:
+    """The epoch ensure_epoch made ("" before it ran)."""
+    found = conn.execute(select(MetaRow.value).where(MetaRow.key == EPOCH)).scalar()
+    return found or ""
 
 
 class SchemaTooOld(RuntimeError):

@@ -7,7 +7,12 @@ volume closes that node's export and revokes its key before the row goes.
 Only then may another node attach a SINGLE_NODE or single-writer volume.
 A node that still heartbeats is refused unless `force`: it may be writing.
 Idempotent, and a crash or a failing owner midway is finished by a retry
-(the node stays fenced; the remaining rows are released next time).
+(the node stays fenced; the remaining rows are released next time). One
+owner that cannot close its export does not hold up the others: every
+attachment is tried, and the answer names those still held.
+
+Fencing is sticky: only `unfence` (management.inventory.unfence_node)
+lifts it, never the node's own heartbeat.
 """
 
 from __future__ import annotations
@@ -20,9 +25,9 @@ from management import liveness
 from management.attachments import detach
 from management.context import Context
 from management.inventory import get_node_row
-from management.schema import AttachmentRow
+from management.schema import AttachmentRow, NodeRow, VolumeRow
 from tessera import ids
-from tessera.errors import FailedPrecondition
+from tessera.errors import FailedPrecondition, OutcomeUnknown, Unavailable
 from tessera.models import FenceReport, FenceRequest, NodeState
 
 log = logging.getLogger(__name__)
@@ -50,5 +55,36 @@ def fence(ctx: Context, node_id: str, req: FenceRequest) -> FenceReport:
                 .order_by(AttachmentRow.volume_id)
             )
         )
-    released = [v for v in volume_ids if detach(ctx, v, node_id)]
+    released, held = _release_all(ctx, node_id, volume_ids)
+    if held:
+        raise Unavailable(
+            f"node {node_id} is fenced and {len(released)} of its attachments were released, "
+            f"but not {'; '.join(held)}; retry the fence once those owners answer (or fence "
+            "them too)",
+            field="node_id",
+        )
     return FenceReport(node_id=node_id, state=NodeState.FENCED, released=released)
+
+
+def _release_all(ctx: Context, node_id: str, volume_ids: list[str]) -> tuple[list[str], list[str]]:
+    """Detach every attachment of the node: (released volumes, why each held one is held)."""
+    released: list[str] = []
+    held: list[str] = []
+    for volume_id in volume_ids:
+        try:
+            if detach(ctx, volume_id, node_id):
+                released.append(volume_id)
+        except (Unavailable, OutcomeUnknown) as err:  # the owner did not close the export
+            log.warning("fence of %s: volume %s not released: %s", node_id, volume_id, err)
+            held.append(f"volume {volume_id} ({_owner_of(ctx, volume_id)})")
+    return released, held
+
+
+def _owner_of(ctx: Context, volume_id: str) -> str:
+    with ctx.db.read() as s:
+        volume = s.get(VolumeRow, volume_id)
+        if volume is None:
+            return "its owner"
+        owner = s.get(NodeRow, volume.node_id)
+        state = liveness.describe(ctx, owner, "owner node") if owner is not None else ""
+        return state or f"owner node {volume.node_id} did not close the export"

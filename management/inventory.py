@@ -3,16 +3,20 @@
 Node-agents register themselves and their pools (upserts, so an agent can
 simply re-register after every restart) and heartbeat; a node counts as
 online while its heartbeat is fresh and it is not fenced (management.liveness),
-and only online nodes get new volumes.
+and only online nodes get new volumes. A fence is lifted only by an admin
+(`unfence_node`): neither a heartbeat nor a registration clears it.
 """
 
 from __future__ import annotations
+
+import logging
 
 from sqlalchemy import Connection, bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from management.context import Context
+from management.db import read_epoch
 from management.limits import check_bytes, check_count, check_text
 from management.liveness import node_state
 from management.pagination import fetch_page
@@ -39,6 +43,8 @@ from tessera.models import (
 #: layouts that exist today; striping/mirroring need dm/md on the nodes and come later
 SUPPORTED_LAYOUTS = ("concat",)
 DEFAULT_VPG = "default"
+
+log = logging.getLogger(__name__)
 
 
 # ---- nodes ---------------------------------------------------------------------------
@@ -74,8 +80,25 @@ def register_node(ctx: Context, node_id: str, reg: NodeRegistration) -> Node:
         row.topology = dict(reg.topology)
         row.max_volumes = reg.max_volumes
         row.last_heartbeat = ctx.clock()
-        row.fenced_at = 0.0  # back after a fence: its attachments were released then
+        # fenced_at stays: fencing is lifted only by an admin (unfence_node), never by
+        # the node itself, which may come back with a pod still writing to a local volume
         s.flush()
+        return node_model(ctx, row)
+
+
+def unfence_node(ctx: Context, node_id: str) -> Node:
+    """Lift a fence (an admin's decision, once the node was repaired or rebooted). Idempotent.
+
+    Only after this may the node attach, host new volumes and export again.
+    Its old attachments were released by the fence, so its heartbeat reply
+    keeps telling it to hold nothing of them.
+    """
+    ids.check_node_id(node_id)
+    with ctx.db.write() as s:
+        row = get_node_row(s, node_id)
+        if row.fenced_at:
+            log.warning("node %s unfenced (it was fenced at %s)", node_id, row.fenced_at)
+            row.fenced_at = 0.0
         return node_model(ctx, row)
 
 
@@ -96,6 +119,11 @@ def heartbeat(ctx: Context, node_id: str) -> HeartbeatReply:
     lists what is still wanted, so the agent tears down the rest. The lists
     come from the same transaction that records the beat, so an attachment
     made after it is never missing from a later reply.
+
+    A fenced node stays fenced when it beats (only unfence_node lifts it):
+    its reply says `fenced` and lists nothing, so its agent drops every
+    connection and export it still has. The epoch tells the agent which
+    database said so (management.db.ensure_epoch).
     """
     ids.check_node_id(node_id)
     with ctx.db.write() as s:
@@ -103,7 +131,9 @@ def heartbeat(ctx: Context, node_id: str) -> HeartbeatReply:
         if row is None:
             raise NotFound(f"node {node_id!r} is not registered", field="node_id")
         row.last_heartbeat = ctx.clock()
-        row.fenced_at = 0.0  # a fenced node that beats again is back (docs/liveness.md)
+        epoch = read_epoch(s)
+        if row.fenced_at:
+            return HeartbeatReply(state=NodeState.FENCED, epoch=epoch)
         attached = s.scalars(
             select(AttachmentRow.volume_id)
             .where(AttachmentRow.node_id == node_id)
@@ -117,6 +147,7 @@ def heartbeat(ctx: Context, node_id: str) -> HeartbeatReply:
         )
         return HeartbeatReply(
             state=NodeState.ONLINE,
+            epoch=epoch,
             attachments=list(attached),
             exports=[ExportRef(volume_id=v, client_node=n) for v, n in exports],
         )

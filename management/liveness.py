@@ -6,9 +6,11 @@ an observation: the node may still be running and writing (a partition,
 a stuck agent), so its attachments hold and single-writer volumes stay
 blocked until someone fences it. `fenced` is a decision (an admin, or
 ControllerUnpublish for that node after Kubernetes' out-of-service taint):
-its attachments are released once the owners closed its exports. A fenced
-node that beats again is online: what it still holds locally, the
-heartbeat reply tells it to clean up. See docs/liveness.md.
+its attachments are released once the owners closed its exports. Fencing is
+sticky: a fenced node that beats again stays fenced (the heartbeat reply
+tells it to clean up everything) until an admin unfences it, because a node
+that comes back may still have a pod writing to a local volume. See
+docs/liveness.md.
 """
 
 from __future__ import annotations
@@ -57,5 +59,11 @@ def describe(ctx: Context, node: NodeLike, role: str = "node") -> str:
 def require_online(ctx: Context, node: NodeLike, role: str, why: str) -> None:
     """Unavailable (503, CSI UNAVAILABLE: retried) unless the node heartbeats."""
     problem = describe(ctx, node, role)
-    if problem:
-        raise Unavailable(f"{problem}: {why}", field="node_id")
+    if not problem:
+        return
+    if node.fenced_at:
+        why += (
+            f"; it stays fenced until an admin lifts it once it was repaired "
+            f"(tessera node unfence {node.id})"
+        )
+    raise Unavailable(f"{problem}: {why}", field="node_id")

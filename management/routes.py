@@ -98,6 +98,15 @@ def v1_router(ctx: Context) -> APIRouter:
     def fence_node(node_id: NodeId, body: FenceRequest | None = None) -> Response:
         return json_response(fencing.fence(ctx, node_id, body or FenceRequest()))
 
+    @r.post(
+        "/nodes/{node_id}/unfence",
+        response_model=Node,
+        tags=["nodes"],
+        responses=problems(404),
+    )
+    def unfence_node(node_id: NodeId) -> Response:
+        return json_response(inventory.unfence_node(ctx, node_id))
+
     @r.get("/nodes", response_model=Page[Node], tags=["nodes"])
     def list_nodes(page_token: PageToken = "", max_entries: MaxEntries = 0) -> Response:
         return json_response(inventory.list_nodes(ctx, page_token, max_entries))

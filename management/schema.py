@@ -33,6 +33,15 @@ class Base(DeclarativeBase):
     pass
 
 
+class MetaRow(Base):
+    """Facts about the database itself: `epoch`, its identity (see management.db.ensure_epoch)."""
+
+    __tablename__ = "meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(255))
+
+
 class NodeRow(Base):
     __tablename__ = "nodes"
 

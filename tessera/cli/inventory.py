@@ -1,10 +1,11 @@
-"""`tessera node list|fence` and `tessera pool list`: what management knows of the hardware.
+"""`tessera node list|fence|unfence` and `tessera pool list`: what management knows of the hardware.
 
 `node list` shows each node's liveness (online, UNREACHABLE, FENCED: see
 docs/liveness.md) and how long ago it last beat. `node fence` cuts a node
 off so its single-writer volumes can move: management has the owners close
 its exports before it releases its attachments, and refuses a node that
-still heartbeats unless `--force`.
+still heartbeats unless `--force`. A fence is sticky: `node unfence` lifts
+it once the node was repaired (docs/liveness.md).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 node_app = typer.Typer(
     help="Nodes: the machines whose agents serve pools.",
     no_args_is_help=True,
-    epilog=examples("tessera node list", "tessera node fence n2"),
+    epilog=examples("tessera node list", "tessera node fence n2", "tessera node unfence n2"),
 )
 pool_app = typer.Typer(
     help="Pools: where volumes live, with their capacity.",
@@ -98,6 +99,32 @@ def node_fence(
         markup=False,
         soft_wrap=True,
     )
+
+
+@node_app.command(
+    "unfence",
+    epilog=examples("tessera node unfence n2", "tessera node unfence n2 -o json"),
+)
+def node_unfence(
+    node: Annotated[str, typer.Argument(help="the repaired node to let back in")],
+    output: OutputOpt = Output.TABLE,
+    state_dir: StateDir = Path(".state"),
+    management: Management = None,
+    token_file: TokenFile = None,
+) -> None:
+    """Lift a node's fence once it was repaired or rebooted (idempotent).
+
+    Only then may it attach, host new volumes and export again. Do not
+    unfence a node whose pods may still use local volumes: they could write
+    beside the node that took them over.
+    """
+    check_ref(node, what="NODE")
+    with connect(state_dir, management, token_file) as client:
+        got = client.unfence_node(node)
+    if output in (Output.JSON, Output.YAML):
+        dump(got.model_dump(mode="json"), output)
+        return
+    console.print(f"node {got.id} is {got.state.value}", markup=False, soft_wrap=True)
 
 
 @pool_app.command("list", epilog=examples("tessera pool list", "tessera pool list -o json"))

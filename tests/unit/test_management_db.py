@@ -110,9 +110,11 @@ def test_a_database_made_by_the_previous_version_is_upgraded_at_start(tmp_path: 
     old = sqlite3.connect(path)
     old.executescript(OLD_SCHEMA)
     old.close()
+    epochs = set()
     for _ in range(2):  # a second start finds nothing left to do
         app = create_app(f"sqlite:///{path}", "t0ken")
         with TestClient(app, headers={"Authorization": "Bearer t0ken"}) as api:
+            epochs.add(api.post("/v1/nodes/n1/heartbeat").json()["epoch"])
             vol = api.get("/v1/volumes/vol-00000000000000000000000000000001").json()
             assert vol["legs"] == [{"node_id": "n1", "pool": "p", "size_bytes": 256 * 1024**2}]
             pool = api.get("/v1/pools").json()["items"][0]
@@ -123,6 +125,9 @@ def test_a_database_made_by_the_previous_version_is_upgraded_at_start(tmp_path: 
             assert att["connection"]["transport"] == "loop"
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT count(*) FROM volume_legs").fetchone() == (1,)
+    # the upgraded database got its identity once, and kept it across the restart
+    (epoch,) = epochs
+    assert len(epoch) == 32
 
 
 def test_a_column_this_version_cannot_add_stops_the_start_with_a_clear_message(

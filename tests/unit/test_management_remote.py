@@ -5,7 +5,8 @@ serve on unix sockets in this process: n1 holds the pool, n2 and n3 are
 consumers. A remote attachment makes n1 start a real `nbdkit` export on
 127.0.0.1 and n2 store the key file, over the agents' real routes. Time is
 management's injected clock, so "unreachable" needs no sleeping; nodes
-beat through the real heartbeat route.
+beat through the real heartbeat route. n3 holds a pool too, so a node can
+consume volumes of two owners.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from management.app import create_app
 from management.schema import AttachmentRow
@@ -83,8 +84,8 @@ class Cluster:
             )
             return row.psk_key if row is not None else ""
 
-    def volume(self, name: str = "pvc") -> str:
-        body = {"name": name, "size_bytes": 4 * MiB, "requisite_nodes": ["n1"]}
+    def volume(self, name: str = "pvc", on: str = "n1") -> str:
+        body = {"name": name, "size_bytes": 4 * MiB, "requisite_nodes": [on]}
         resp = self.api.post("/v1/volumes", json=body)
         assert resp.status_code == 201, resp.text
         return resp.json()["id"]
@@ -103,9 +104,9 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     try:
         for i, node_id in enumerate(NODES):
             pools = {}
-            if node_id == "n1":
-                (tmp_path / "pool").mkdir()
-                pools["p"] = Pool.open("p", tmp_path / "pool")
+            if node_id in ("n1", "n3"):  # n2 only consumes
+                (tmp_path / f"pool-{node_id}").mkdir()
+                pools["p"] = Pool.open("p", tmp_path / f"pool-{node_id}")
             state_dir = tmp_path / f"state-{node_id}"
             agent = Agent(
                 node_id,
@@ -126,8 +127,9 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
             for node_id, node in nodes.items():
                 body = {"agent_url": node.url, "topology": {}}
                 assert api.put(f"/v1/nodes/{node_id}", json=body).status_code == 200
-            resp = api.put("/v1/nodes/n1/pools/p", json={"capacity_bytes": GiB})
-            assert resp.status_code == 200, resp.text
+            for owner in ("n1", "n3"):
+                resp = api.put(f"/v1/nodes/{owner}/pools/p", json={"capacity_bytes": GiB})
+                assert resp.status_code == 200, resp.text
             yield Cluster(api, nodes, now)
     finally:
         for node in nodes.values():  # no nbdkit outlives the test
@@ -275,6 +277,42 @@ def test_detach_keeps_the_attachment_while_the_owner_cannot_close_its_export(clu
     assert cluster.exports("n1") == set()
 
 
+def test_a_silent_node_keeps_its_local_attachment_until_it_is_fenced(cluster):
+    vol = cluster.volume()
+    assert cluster.attach(vol, "n1").status_code == 200
+    cluster.pass_time(31, "n2", "n3")
+    # n1 may still have the device mounted: releasing it would let n2 write beside it
+    resp = cluster.api.delete(f"/v1/volumes/{vol}/attachments/n1")
+    assert resp.status_code == 503 and kind(resp) == "unavailable"
+    detail = resp.json()["detail"]
+    assert detail.startswith("node n1 is unreachable (last heartbeat")
+    assert "31 s ago" in detail and "tessera node fence n1" in detail
+    assert cluster.api.get(f"/v1/volumes/{vol}").json()["published_nodes"] == ["n1"]
+    assert fenced_while_silent(cluster, "n1", "n2", "n3")["released"] == [vol]
+    assert cluster.api.get(f"/v1/volumes/{vol}").json()["published_nodes"] == []
+    # n1 beats again: still fenced, so it cannot export the volume to n2 behind its own pod
+    cluster.beat("n1")
+    resp = cluster.attach(vol, "n2")
+    assert resp.status_code == 503 and "owner node n1 is fenced" in resp.json()["detail"]
+    assert cluster.exports("n1") == set()
+
+
+def test_an_online_node_detaches_its_local_attachment(cluster):
+    vol = cluster.volume()
+    assert cluster.attach(vol, "n1").status_code == 200
+    assert cluster.api.delete(f"/v1/volumes/{vol}/attachments/n1").status_code == 204
+    assert cluster.api.get(f"/v1/volumes/{vol}").json()["published_nodes"] == []
+
+
+def test_a_silent_consumer_of_a_remote_volume_is_detached_by_closing_its_export(cluster):
+    vol = cluster.volume()
+    assert cluster.attach(vol, "n2").status_code == 200
+    cluster.pass_time(31, "n1", "n3")
+    assert cluster.api.delete(f"/v1/volumes/{vol}/attachments/n2").status_code == 204
+    assert cluster.exports("n1") == set()  # the owner cut n2 off
+    assert cluster.attach(vol, "n3").status_code == 200
+
+
 # ---- fencing -----------------------------------------------------------------------------
 
 
@@ -322,6 +360,27 @@ def test_fence_releases_nothing_while_the_owner_cannot_close_the_export(cluster)
     assert cluster.exports("n1") == set()
 
 
+def test_fence_releases_what_it_can_and_names_the_volumes_whose_owner_did_not_answer(cluster):
+    silent_owner = cluster.volume("on-n1")
+    live_owner = cluster.volume("on-n3", on="n3")
+    assert cluster.attach(silent_owner, "n2").status_code == 200
+    assert cluster.attach(live_owner, "n2").status_code == 200
+    cluster.pass_time(31, "n3")  # n1 (one owner) and n2 (the consumer) both silent
+    resp = cluster.api.post("/v1/nodes/n2/fence", json={})
+    assert resp.status_code == 503 and kind(resp) == "unavailable"
+    detail = resp.json()["detail"]
+    assert f"volume {silent_owner} (owner node n1 is unreachable" in detail
+    assert live_owner not in detail
+    assert cluster.exports("n3") == set()  # released although n1 did not answer
+    assert cluster.api.get(f"/v1/volumes/{live_owner}").json()["published_nodes"] == []
+    assert cluster.api.get(f"/v1/volumes/{silent_owner}").json()["published_nodes"] == ["n2"]
+    assert cluster.api.get("/v1/nodes/n2").json()["state"] == "fenced"
+    cluster.beat("n1")
+    retry = cluster.api.post("/v1/nodes/n2/fence", json={})
+    assert retry.status_code == 200 and retry.json()["released"] == [silent_owner]
+    assert cluster.exports("n1") == set()
+
+
 def test_fencing_the_owner_lets_its_remote_consumers_detach(cluster):
     vol = cluster.volume()
     assert cluster.attach(vol, "n2").status_code == 200
@@ -346,27 +405,86 @@ def test_heartbeat_reply_lists_what_each_node_still_holds(cluster):
     assert cluster.attach(vol, "n3", "MULTI_NODE_READER_ONLY", ro=True).status_code == 200
     assert cluster.attach(other, "n1").status_code == 200
     n1, n2, n3 = cluster.beat("n1", "n2", "n3")
+    epoch = n1["epoch"]
+    assert len(epoch) == 32 and n2["epoch"] == n3["epoch"] == epoch
     assert n1 == {
         "state": "online",
+        "epoch": epoch,
         "attachments": [other],
         "exports": [
             {"volume_id": vol, "client_node": "n2"},
             {"volume_id": vol, "client_node": "n3"},
         ],
     }
-    assert n2 == {"state": "online", "attachments": [vol], "exports": []}
+    assert n2 == {"state": "online", "epoch": epoch, "attachments": [vol], "exports": []}
     assert n3["attachments"] == [vol]
 
 
-def test_a_fenced_node_that_beats_again_is_online_and_told_it_holds_nothing(cluster):
+def fenced_while_silent(cluster: Cluster, node: str, *others: str) -> dict:
+    cluster.pass_time(31, *others)
+    resp = cluster.api.post(f"/v1/nodes/{node}/fence", json={})
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def test_a_fenced_node_that_beats_or_registers_again_stays_fenced_and_is_told_it_holds_nothing(
+    cluster,
+):
+    vol = cluster.volume()
+    local = cluster.volume("local")
+    idle = cluster.volume("idle")
+    assert cluster.attach(vol, "n2").status_code == 200
+    assert cluster.attach(local, "n1").status_code == 200
+    assert fenced_while_silent(cluster, "n1", "n2", "n3")["released"] == [local]
+    # n1 comes back: it still exports to n2 and may still have `local` mounted
+    (reply,) = cluster.beat("n1")
+    assert reply == {"state": "fenced", "epoch": reply["epoch"], "attachments": [], "exports": []}
+    body = {"agent_url": cluster.nodes["n1"].url, "topology": {}}
+    registered = cluster.api.put("/v1/nodes/n1", json=body).json()
+    assert registered["state"] == "fenced" and registered["fenced_at"] > 0
+    # nothing is attached to it, placed on it or exported from it
+    resp = cluster.attach(local, "n1")
+    assert resp.status_code == 503 and "tessera node unfence n1" in resp.json()["detail"]
+    resp = cluster.attach(idle, "n3")
+    assert resp.status_code == 503 and kind(resp) == "unavailable"
+    assert "owner node n1 is fenced" in resp.json()["detail"]
+    assert cluster.exports("n1") == {(vol, "n2")}  # no new export to n3
+    body = {"name": "new", "size_bytes": 4 * MiB, "requisite_nodes": ["n1"]}
+    made = cluster.api.post("/v1/volumes", json=body)
+    assert made.status_code == 507 and kind(made) == "resource-exhausted", made.text
+    assert cluster.api.get("/v1/nodes/n1").json()["state"] == "fenced"
+
+
+def test_unfence_lets_a_repaired_node_back_and_is_idempotent(cluster):
     vol = cluster.volume()
     assert cluster.attach(vol, "n2").status_code == 200
-    cluster.pass_time(31, "n1", "n3")
-    assert cluster.api.post("/v1/nodes/n2/fence", json={}).status_code == 200
+    assert fenced_while_silent(cluster, "n2", "n1", "n3")["released"] == [vol]
+    cluster.beat("n2")
+    assert cluster.api.get("/v1/nodes/n2").json()["state"] == "fenced"
+    first = cluster.api.post("/v1/nodes/n2/unfence")
+    assert first.status_code == 200, first.text
+    assert first.json()["state"] == "online" and first.json()["fenced_at"] == 0
+    again = cluster.api.post("/v1/nodes/n2/unfence")
+    assert again.status_code == 200 and again.json()["state"] == "online"
     (reply,) = cluster.beat("n2")
-    assert reply == {"state": "online", "attachments": [], "exports": []}
-    node = cluster.api.get("/v1/nodes/n2").json()
-    assert node["state"] == "online" and node["fenced_at"] == 0
+    assert reply["state"] == "online" and reply["attachments"] == []
+    assert cluster.attach(vol, "n2").status_code == 200  # it may attach again
+    missing = cluster.api.post("/v1/nodes/ghost/unfence")
+    assert missing.status_code == 404 and missing.json()["field"] == "node_id"
+
+
+def test_the_heartbeat_epoch_is_the_databases_and_survives_a_management_restart(cluster, tmp_path):
+    (before,) = cluster.beat("n1")
+    restarted = create_app(f"sqlite:///{tmp_path / 'm.db'}", TOKEN)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    with TestClient(restarted, headers=headers) as api:
+        assert api.post("/v1/nodes/n1/heartbeat").json()["epoch"] == before["epoch"]
+    other = create_app(f"sqlite:///{tmp_path / 'other.db'}", TOKEN)  # a lost or replaced one
+    with TestClient(other, headers=headers) as api:
+        body = {"agent_url": cluster.nodes["n1"].url, "topology": {}}
+        assert api.put("/v1/nodes/n1", json=body).status_code == 200
+        epoch = api.post("/v1/nodes/n1/heartbeat").json()["epoch"]
+    assert len(epoch) == 32 and epoch != before["epoch"]
 
 
 # ---- what volumes show -------------------------------------------------------------------
@@ -441,3 +559,27 @@ def test_the_psk_key_never_appears_in_an_answer_or_a_log_line(cluster, caplog):
     # nor where a model is shown whole (a debug line, a traceback's locals)
     assert key not in repr(AgentKey(psk_identity="n2", psk_key=key))
     assert key not in repr(AgentExportCreate(psk_identity="n2", psk_key=key))
+
+
+def test_a_failing_database_statement_never_shows_the_key_in_a_log_or_the_answer(cluster, caplog):
+    caplog.set_level(logging.DEBUG)
+    vol = cluster.volume()
+    seen: list[str] = []
+    engine = cluster.ctx.db.engine
+
+    def read_only(_conn, cursor, statement, parameters, _context, _many) -> None:  # noqa: ANN001
+        if statement.startswith("INSERT INTO attachments"):
+            seen.extend(p for p in parameters if isinstance(p, str) and len(p) == 64)
+            cursor.execute("PRAGMA query_only=ON")  # the insert of the row with the key fails
+
+    event.listen(engine, "before_cursor_execute", read_only)
+    try:
+        resp = cluster.attach(vol, "n2")
+    finally:
+        event.remove(engine, "before_cursor_execute", read_only)
+        engine.dispose()  # no read-only connection stays in the pool
+    (key,) = seen
+    assert resp.status_code == 503 and kind(resp) == "unavailable"
+    assert "database error" in caplog.text and "readonly" in caplog.text  # the failure was logged
+    assert key not in caplog.text and key not in resp.text
+    assert cluster.attach(vol, "n2").status_code == 200
