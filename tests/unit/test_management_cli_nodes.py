@@ -1,4 +1,4 @@
-"""`tessera node list` and `tessera node fence` as an admin runs them, against a real management.
+"""`tessera node list|fence|unfence` as an admin runs them, against a real management.
 
 Management runs as its own process on a unix socket; the CLI runs through
 the installed `tessera` console script in an 80-column terminal, and the
@@ -99,6 +99,27 @@ def test_forced_fence_reports_the_node_fenced_and_node_list_shows_it(management)
     assert lines[0].split()[:4] == ["ID", "STATE", "LAST", "HEARTBEAT"]
     rows = {line.split()[0]: line.split()[1] for line in lines[1:]}
     assert rows == {"n1": "online", "n2": "FENCED"}
+
+
+def test_a_fenced_node_stays_fenced_when_it_beats_until_the_admin_unfences_it(management):
+    client, env = management
+    assert tessera(env, "node", "fence", "n2", "--force").returncode == 0
+    assert client.heartbeat("n2").state.value == "fenced"  # its agent is told to hold nothing
+    assert client.get_node("n2").state.value == "fenced"
+    run = tessera(env, "node", "unfence", "n2")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "node n2 is online"
+    again = tessera(env, "node", "unfence", "n2", "-o", "json")  # idempotent
+    assert again.returncode == 0, again.stderr
+    node = json.loads(again.stdout)
+    assert (node["id"], node["state"], node["fenced_at"]) == ("n2", "online", 0)
+    assert client.heartbeat("n2").state.value == "online"
+
+
+def test_unfencing_an_unknown_node_fails_naming_it(management):
+    _client, env = management
+    run = tessera(env, "node", "unfence", "ghost")
+    assert run.returncode == 1 and "ghost" in run.stderr and "not registered" in run.stderr
 
 
 def test_fencing_an_unknown_node_fails_naming_it(management):
