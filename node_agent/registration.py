@@ -104,6 +104,7 @@ class Follower:
         if persisted is None:
             if epoch:
                 write_private(self.epoch_file, f"{epoch}\n".encode())
+                self._reported.clear()  # a database left behind and met again is news again
                 log.info("management's database epoch is %s (kept in %s)", epoch, self.epoch_file)
             return True
         if epoch == persisted:
