@@ -3,7 +3,8 @@
 A writer process in n2's network namespace writes and fsyncs block after
 block of a volume that lives on n1, logging each write whose fsync returned:
 those are the writes that must survive anything that follows. The cut-off
-test runs last in this module: it leaves n2 fenced.
+test runs last in this module: it fences n2, and unfences it (as an admin
+does once the node was repaired) only at its end.
 """
 
 from __future__ import annotations
@@ -161,7 +162,16 @@ def test_a_cut_off_node_is_fenced_before_its_volume_moves_and_cannot_write_any_m
             untouched = cluster.io("n3", "read", new.target, FENCED_WRITE_AT, BLOCK)
         finally:
             cluster.stack.restore("n2")
-        # Back on the network, n2's old client finds its export closed.
+        # Back on the network and beating: fencing is sticky, so n2 stays fenced (its old
+        # pod may still run) and gets nothing new until an admin lifts the fence.
+        registered_at = cluster.mgmt.get_node("n2").last_heartbeat
+        wait_until(lambda: cluster.mgmt.get_node("n2").last_heartbeat > registered_at,
+                   "n2's agent to beat again")  # fmt: skip
+        assert cluster.mgmt.get_node("n2").state == NodeState.FENCED
+        assert node_state_in_cli(cluster, "n2") == "fenced"
+        err = call_error(lambda: kube.controller_publish(other, "n2", block_cap()))
+        assert_code(err, Code.UNAVAILABLE, "n2 is fenced", "tessera node unfence n2")
+        # Its old client finds its export closed.
         answer = cluster.io("n2", "trywrite", old.target, FENCED_WRITE_AT, timeout=120)
         # EIO: the export is gone. (ENOSPC would mean the loop device under the
         # pod's bind was released, and its number could go to another volume.)
@@ -172,5 +182,12 @@ def test_a_cut_off_node_is_fenced_before_its_volume_moves_and_cannot_write_any_m
         # kubelet on the returning node tears its side down; the data on n3 is untouched.
         kube.unpublish(old)
         assert cluster.io("n3", "verify", new.target, log, BLOCKS) == "ok"
+        assert cluster.mgmt.get_node("n2").state == NodeState.FENCED
+        # The admin lifts the fence: n2 is online and may attach again.
+        unfence = cluster.tessera("node", "unfence", "n2")
+        assert unfence.returncode == 0, unfence.stdout + unfence.stderr
+        assert cluster.mgmt.get_node("n2").state == NodeState.ONLINE
+        back = kube.publish(other, "n2", block_cap())
+        kube.unpublish(back)
     finally:
         stop_process(writer)
