@@ -221,7 +221,7 @@ def _plan(
     whose owner is silent leaves no pending row behind.
     """
     owner = get_node_row(s, volume.node_id)
-    why = "the remote attachment cannot be completed until it heartbeats again"
+    why = "the remote attachment cannot be completed until it is online again"
     liveness.require_online(ctx, consumer, "node", why)
     liveness.require_online(ctx, owner, "owner node", f"it holds the data of volume {volume.id}")
     return _ExportPlan(
