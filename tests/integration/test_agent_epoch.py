@@ -20,7 +20,6 @@ import pytest
 
 from node_agent.agent import Agent
 from node_agent.exports import CLOSE_GRACE
-from node_agent.pools import Pool
 from node_agent.registration import EPOCH_FILE, Follower, Registrar
 from tessera.clients import ManagementClient
 from tessera.ids import new_volume_id
@@ -33,7 +32,6 @@ from tessera.models import (
     NodeState,
     Transport,
 )
-from tessera.system import processes
 from tests.conftest import needs_root
 from tests.integration.processes import processes as management_processes
 from tests.integration.test_exports import (
@@ -42,11 +40,11 @@ from tests.integration.test_exports import (
     AgentNode,
     MiB,
     agent_nodes,
-    export_port_range,
+    exporting_agent,
+    in_process_agent,
     nbd_client,
     new_key,
     new_volume,
-    processes_under,
     read_range,
 )
 
@@ -55,27 +53,10 @@ pytestmark = [needs_root, pytest.mark.root]
 ONLINE = NodeState.ONLINE
 
 
-def in_process_agent(tmp: Path, node_id: str, with_transports: bool) -> Agent:
-    (tmp / f"pool-{node_id}").mkdir()
-    pools = {"default": Pool.open("default", tmp / f"pool-{node_id}")}
-    return Agent(
-        node_id, pools, tmp / f"dev-{node_id}", None if with_transports else {},
-        state_dir=tmp / f"state-{node_id}", export_address="127.0.0.1",
-        export_ports=export_port_range(),
-    )  # fmt: skip
-
-
 @pytest.fixture
 def owner(tmp_path: Path) -> Iterator[Agent]:
-    agent = in_process_agent(tmp_path, "owner", with_transports=False)
-    try:
+    with exporting_agent(tmp_path) as agent:
         yield agent
-    finally:
-        for exp in agent.exports.list():
-            agent.close_export(exp.volume_id, exp.client_node)
-        for pid in processes_under(tmp_path):
-            processes.terminate(pid, "nbdkit", 1.0)
-    assert processes_under(tmp_path) == []
 
 
 def export_one(agent: Agent, key: str | None = None) -> str:

@@ -457,15 +457,21 @@ def test_an_export_management_does_not_want_is_closed_after_a_heartbeat(
         client.close()
 
 
-@pytest.fixture
-def local_agent(tmp_path: Path) -> Iterator[Agent]:
-    """An in-process agent with real nbdkit exports (the reply is handed to it directly)."""
-    (tmp_path / "pool").mkdir()
-    pools = {"default": Pool.open("default", tmp_path / "pool")}
-    agent = Agent(
-        "owner", pools, tmp_path / "dev", {}, state_dir=tmp_path / "state",
-        export_address="127.0.0.1", export_ports=export_port_range(),
+def in_process_agent(tmp: Path, node_id: str, with_transports: bool) -> Agent:
+    """An agent in this process (no API), its pool and state under `tmp`, exporting on loopback."""
+    (tmp / f"pool-{node_id}").mkdir()
+    pools = {"default": Pool.open("default", tmp / f"pool-{node_id}")}
+    return Agent(
+        node_id, pools, tmp / f"dev-{node_id}", None if with_transports else {},
+        state_dir=tmp / f"state-{node_id}", export_address="127.0.0.1",
+        export_ports=export_port_range(),
     )  # fmt: skip
+
+
+@contextmanager
+def exporting_agent(tmp_path: Path) -> Iterator[Agent]:
+    """An in-process owner with real nbdkit exports; none outlives the block."""
+    agent = in_process_agent(tmp_path, "owner", with_transports=False)
     try:
         yield agent
     finally:
@@ -474,6 +480,13 @@ def local_agent(tmp_path: Path) -> Iterator[Agent]:
         for pid in processes_under(tmp_path):
             processes.terminate(pid, "nbdkit", 1.0)
     assert processes_under(tmp_path) == []
+
+
+@pytest.fixture
+def local_agent(tmp_path: Path) -> Iterator[Agent]:
+    """An in-process agent with real nbdkit exports (the reply is handed to it directly)."""
+    with exporting_agent(tmp_path) as agent:
+        yield agent
 
 
 def _local_export(agent: Agent) -> str:
