@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 NBDFUSE = "nbdfuse"
 FUSERMOUNT = "fusermount3"
+NBD_CLIENT = "nbdkit"
 FUSE_FILE = "volume"
 #: how long nbdfuse gets to connect (TLS handshake included) and mount
 CONNECT_TIMEOUT = 20.0
@@ -220,7 +221,12 @@ class NbdTransport:
                     field="volume_id",
                 )
         if pid is not None:
+            # its NBD client (nbdkit -s) follows it on its own, but not at once:
+            # wait for both, so a detach that answered has left nothing running
+            clients = processes.children(pid)
             processes.terminate(pid, NBDFUSE)
+            for client in clients:
+                processes.terminate(client, NBD_CLIENT)
 
     def extend(self, device: BlockDevice, min_size_bytes: int = 0) -> None:
         """Reconnect when a size above the device's is asked for; refused while held.

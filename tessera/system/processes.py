@@ -49,6 +49,21 @@ def running(pid_file: Path, program: str, markers: Sequence[str]) -> int | None:
     return pid if all(m in args for m in markers) else None
 
 
+def children(pid: int) -> list[int]:
+    """The process's children now (every thread's), from /proc; none when it is gone."""
+    found: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 def start_detached(argv: Sequence[str], log_file: Path) -> subprocess.Popen[bytes]:
     """Start `argv` in its own session, output appended to `log_file`, no stdin.
 
