@@ -167,9 +167,12 @@ class AttachmentManager:
     ) -> tuple[BlockDevice | None, list[BlockDevice]]:
         """A device made from an older publish (the owner exported anew: another port, a
         new key) reaches a closed export: replace it, unless something still uses it."""
-        had = self.transports[device.transport].connection_of(device)
-        if had.endpoint() == connection.endpoint():
+        transport = self.transports[device.transport]
+        if device.transport != connection.transport.value:
+            return device, views  # _check_same refuses it, naming both
+        if transport.is_current(device, connection):
             return device, views
+        had = transport.connection_of(device)
         for each in (device, *views):
             _refuse_if_held(
                 f"volume {device.volume_id} (connected from an older publish, "

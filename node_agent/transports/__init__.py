@@ -66,6 +66,11 @@ class Transport(Protocol):
         """The connection info the primary device was made from."""
         ...
 
+    def is_current(self, device: BlockDevice, connection: Connection) -> bool:
+        """Whether the device was made from this publish (not an older one whose export,
+        or key, has since been replaced)."""
+        ...
+
     def release(self, device: BlockDevice) -> None:
         """Release one device (a view, or a primary before `disconnect`); gone is fine."""
         ...

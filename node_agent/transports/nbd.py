@@ -22,6 +22,7 @@ so (the kernel nbd client, where present, grows online).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -77,9 +78,9 @@ class NbdTransport:
             )
         home = self._home(volume_id)
         before = _read_record(home)
-        if before is not None and before != (connection, readonly):
+        if before is not None and before != (connection, readonly, _key_digest(key)):
             self._unmount(volume_id)  # a client of an older publish: its export is closed
-        _write_record(home, connection, readonly)
+        _write_record(home, connection, readonly, key)
         if self._nbdfuse_pid(volume_id) is None:
             self._start_nbdfuse(volume_id, connection, key, readonly)
         return loops.bind(volume_id, str(self._fuse_file(volume_id)), readonly, self.name)
@@ -154,6 +155,17 @@ class NbdTransport:
         if record is None:
             raise Internal(f"volume {device.volume_id} has an nbd device but no record")
         return record[0]
+
+    def is_current(self, device: BlockDevice, connection: Connection) -> bool:
+        """Made from this publish: the same export endpoint, and the key it was started
+        with is the one delivered for this publish."""
+        record = _read_record(self._home(device.volume_id))
+        if record is None:
+            return False
+        had, _, digest = record
+        return had.endpoint() == connection.endpoint() and digest == _key_digest(
+            self.key_path(device.volume_id)
+        )
 
     def connections(self) -> dict[str, float]:
         """Every volume with a record (devices or not): when its record was written."""
@@ -289,16 +301,34 @@ def _check_connection(connection: Connection) -> None:
     check_node_id(connection.psk_identity, "publish_context.pskIdentity")
 
 
-def _write_record(home: Path, connection: Connection, readonly: bool) -> None:
-    data = {"connection": connection.model_dump(mode="json"), "readonly": readonly}
+def _key_digest(key: Path) -> str:
+    """Which key a client was started with, without keeping the key: a new publish to
+    this node (after an unpublish or a fence) brings a new key, maybe on the same port."""
+    try:
+        return hashlib.sha256(key.read_bytes()).hexdigest()[:16]
+    except OSError:
+        return ""
+
+
+def _write_record(home: Path, connection: Connection, readonly: bool, key: Path) -> None:
+    data = {
+        "connection": connection.model_dump(mode="json"),
+        "readonly": readonly,
+        "key_digest": _key_digest(key),
+    }
     tmp = home / "record.json.tmp"
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, home / "record.json")
 
 
-def _read_record(home: Path) -> tuple[Connection, bool] | None:
+def _read_record(home: Path) -> tuple[Connection, bool, str] | None:
+    """(connection, readonly, key digest) of what was connected; None when unreadable."""
     try:
         data = json.loads((home / "record.json").read_text())
-        return Connection.model_validate(data["connection"]), bool(data["readonly"])
+        return (
+            Connection.model_validate(data["connection"]),
+            bool(data["readonly"]),
+            str(data.get("key_digest", "")),
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -273,3 +273,26 @@ def test_staging_a_remote_volume_again_reuses_its_connection_and_views_work(
         os.close(held)
     manager.detach(VOLUME)
     assert transport.devices() == [] and not (transport.dir / VOLUME).exists()
+
+
+def test_a_device_of_an_older_publish_in_use_is_refused_never_reused(
+    export: Export, transport: NbdTransport, tmp_path: Path
+) -> None:
+    """Unpublished (or fenced) and published here again, maybe on the same port, with a
+    new key: the old device reaches a closed export, so a stage must not take it."""
+    manager = AttachmentManager({}, tmp_path / "dev", {"nbd": transport})
+    attached = manager.attach(VOLUME, False, export.connection())
+    (device,) = transport.devices()
+    assert transport.is_current(device, export.connection())
+    other_port = export.connection().model_copy(update={"port": free_port()})
+    assert not transport.is_current(device, other_port)
+    transport.key_path(VOLUME).write_text(f"n2:{'7a' * 32}\n")  # the new publish's key
+    assert not transport.is_current(device, export.connection())
+    held = os.open(attached.backing_device, os.O_RDONLY | os.O_EXCL)
+    try:
+        with pytest.raises(FailedPrecondition, match="older publish"):
+            manager.attach(VOLUME, False, export.connection())
+    finally:
+        os.close(held)
+    assert transport.devices() == [device], "the device in use stays"
+    manager.detach(VOLUME)

@@ -58,6 +58,9 @@ class FakeTransport:
     def connection_of(self, device: BlockDevice) -> Connection:
         return Connection()
 
+    def is_current(self, device: BlockDevice, connection: Connection) -> bool:
+        return True
+
     def release(self, device: BlockDevice) -> None:
         self.by_path.pop(device.path, None)
 
