@@ -27,7 +27,7 @@ from management.context import Context
 from management.inventory import get_node_row
 from management.schema import AttachmentRow, NodeRow, VolumeRow
 from tessera import ids
-from tessera.errors import FailedPrecondition, OutcomeUnknown, Unavailable
+from tessera.errors import FailedPrecondition, OutcomeUnknown, TesseraError, Unavailable
 from tessera.models import FenceReport, FenceRequest, NodeState
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,9 @@ def _release_all(ctx: Context, node_id: str, volume_ids: list[str]) -> tuple[lis
         except (Unavailable, OutcomeUnknown) as err:  # the owner did not close the export
             log.warning("fence of %s: volume %s not released: %s", node_id, volume_id, err)
             held.append(f"volume {volume_id} ({_owner_of(ctx, volume_id)})")
+        except TesseraError as err:  # any other refusal: still try the rest, then say why
+            log.warning("fence of %s: volume %s not released: %s", node_id, volume_id, err)
+            held.append(f"volume {volume_id} ({err.message})")
     return released, held
 
 

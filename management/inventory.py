@@ -121,9 +121,11 @@ def heartbeat(ctx: Context, node_id: str) -> HeartbeatReply:
     made after it is never missing from a later reply.
 
     A fenced node stays fenced when it beats (only unfence_node lifts it):
-    its reply says `fenced` and lists nothing, so its agent drops every
-    connection and export it still has. The epoch tells the agent which
-    database said so (management.db.ensure_epoch).
+    its reply says `fenced` and lists no attachment, so its agent drops every
+    remote connection it still has. It still lists the exports of volumes
+    the node owns to other nodes: fencing cuts the fenced node off, not the
+    healthy nodes that reach their data through it. The epoch tells the
+    agent which database said so (management.db.ensure_epoch).
     """
     ids.check_node_id(node_id)
     with ctx.db.write() as s:
@@ -132,24 +134,24 @@ def heartbeat(ctx: Context, node_id: str) -> HeartbeatReply:
             raise NotFound(f"node {node_id!r} is not registered", field="node_id")
         row.last_heartbeat = ctx.clock()
         epoch = read_epoch(s)
+        exports = [
+            ExportRef(volume_id=v, client_node=n)
+            for v, n in s.execute(
+                select(AttachmentRow.volume_id, AttachmentRow.node_id)
+                .join(VolumeRow, VolumeRow.id == AttachmentRow.volume_id)
+                .where(VolumeRow.node_id == node_id, AttachmentRow.transport == Transport.NBD.value)
+                .order_by(AttachmentRow.volume_id, AttachmentRow.node_id)
+            )
+        ]
         if row.fenced_at:
-            return HeartbeatReply(state=NodeState.FENCED, epoch=epoch)
+            return HeartbeatReply(state=NodeState.FENCED, epoch=epoch, exports=exports)
         attached = s.scalars(
             select(AttachmentRow.volume_id)
             .where(AttachmentRow.node_id == node_id)
             .order_by(AttachmentRow.volume_id)
         )
-        exports = s.execute(
-            select(AttachmentRow.volume_id, AttachmentRow.node_id)
-            .join(VolumeRow, VolumeRow.id == AttachmentRow.volume_id)
-            .where(VolumeRow.node_id == node_id, AttachmentRow.transport == Transport.NBD.value)
-            .order_by(AttachmentRow.volume_id, AttachmentRow.node_id)
-        )
         return HeartbeatReply(
-            state=NodeState.ONLINE,
-            epoch=epoch,
-            attachments=list(attached),
-            exports=[ExportRef(volume_id=v, client_node=n) for v, n in exports],
+            state=NodeState.ONLINE, epoch=epoch, attachments=list(attached), exports=exports
         )
 
 
