@@ -163,9 +163,10 @@ class NbdTransport:
         if record is None:
             return False
         had, _, digest = record
-        return had.endpoint() == connection.endpoint() and digest == _key_digest(
-            self.key_path(device.volume_id)
-        )
+        if had.endpoint() != connection.endpoint():
+            return False
+        # a record from before key digests were kept can only be judged by its endpoint
+        return not digest or digest == _key_digest(self.key_path(device.volume_id))
 
     def connections(self) -> dict[str, float]:
         """Every volume with a record (devices or not): when its record was written."""
@@ -250,12 +251,14 @@ class NbdTransport:
         if device.view_key or min_size_bytes <= loops.size_bytes(device):
             loops.refresh_if_grown(device)
             return
-        held = blockdev.holders(device.path)
+        # every device on the FUSE file goes with a reconnect: the views too
+        views = [d.path for d in self.devices() if d.volume_id == device.volume_id and d != device]
+        held = blockdev.holders(device.path) + [f"read-only view {v}" for v in views]
         if held:
             raise FailedPrecondition(
                 f"volume {device.volume_id} is attached over nbdfuse, which shows a grown volume "
                 f"only after reconnecting, and {device.path} is in use ({'; '.join(held)}); "
-                "the new size appears when the volume is staged again",
+                "the new size appears once the volume is unstaged and staged again",
                 field="volume_id",
             )
         connection = self.connection_of(device)

@@ -216,7 +216,7 @@ def test_growing_reconnects_an_idle_device_and_refuses_a_held_one(
     assert transport.devices() == [device] and transport.size_bytes(device) == 32 * MiB
     held = os.open(device.path, os.O_RDONLY | os.O_EXCL)
     try:
-        with pytest.raises(FailedPrecondition, match="staged again"):
+        with pytest.raises(FailedPrecondition, match="unstaged and staged again"):
             transport.extend(device, 48 * MiB)
     finally:
         os.close(held)
@@ -295,4 +295,22 @@ def test_a_device_of_an_older_publish_in_use_is_refused_never_reused(
     finally:
         os.close(held)
     assert transport.devices() == [device], "the device in use stays"
+    manager.detach(VOLUME)
+
+
+def test_growing_a_remote_volume_with_a_read_only_view_keeps_every_device(
+    export: Export, transport: NbdTransport, tmp_path: Path
+) -> None:
+    """A view sits on the same NBD client: a reconnect would pull it from under its pod."""
+    manager = AttachmentManager({}, tmp_path / "dev", {"nbd": transport})
+    attached = manager.attach(VOLUME, False, export.connection())
+    view = manager.attach_view(VOLUME, "pod-ro")
+    os.truncate(export.volume_file, 48 * MiB)
+    with pytest.raises(FailedPrecondition, match=view.device):
+        manager.attach(VOLUME, False, export.connection(), min_size_bytes=48 * MiB)
+    assert manager.get(VOLUME).backing_device == attached.backing_device
+    assert manager.get(VOLUME).views == {"pod-ro": view.device}
+    manager.release_view(VOLUME, "pod-ro")
+    grown = manager.attach(VOLUME, False, export.connection(), min_size_bytes=48 * MiB)
+    assert grown.size_bytes == 48 * MiB
     manager.detach(VOLUME)
