@@ -40,6 +40,14 @@ def nodes(tmp_path: Path) -> Iterator[list[AgentNode]]:
         yield started
 
 
+@pytest.fixture
+def node(tmp_path: Path, nodes: list[AgentNode]) -> AgentNode:
+    """One agent node of the test (started by the test: its flags vary)."""
+    started = AgentNode(tmp_path)
+    nodes.append(started)
+    return started
+
+
 def raw_request(
     port: int, method: str, path: str, headers: dict[str, str], body: bytes = b""
 ) -> tuple[int, bytes]:
@@ -52,11 +60,7 @@ def raw_request(
         conn.close()
 
 
-def test_every_v1_route_on_tcp_needs_the_token_and_healthz_is_open(
-    tmp_path: Path, nodes: list[AgentNode]
-) -> None:
-    node = AgentNode(tmp_path)
-    nodes.append(node)
+def test_every_v1_route_on_tcp_needs_the_token_and_healthz_is_open(node: AgentNode) -> None:
     node.start().close()
     assert raw_request(node.port, "GET", "/healthz", {})[0] == 200
     for path in ("/v1/node", "/v1/exports", "/v1/volumes"):
@@ -75,10 +79,8 @@ def test_every_v1_route_on_tcp_needs_the_token_and_healthz_is_open(
 
 
 def test_a_request_meant_for_management_is_refused_unrun_over_tcp(
-    tmp_path: Path, nodes: list[AgentNode]
+    node: AgentNode,
 ) -> None:
-    node = AgentNode(tmp_path)
-    nodes.append(node)
     client = node.start()
     vid = new_volume(client, node)
     headers = {"Authorization": f"Bearer {TOKEN}", SERVICE_HEADER: "management"}
@@ -89,10 +91,8 @@ def test_a_request_meant_for_management_is_refused_unrun_over_tcp(
 
 
 def test_a_bad_export_body_is_refused_without_echoing_the_key(
-    tmp_path: Path, nodes: list[AgentNode]
+    node: AgentNode,
 ) -> None:
-    node = AgentNode(tmp_path)
-    nodes.append(node)
     client = node.start()
     vid = new_volume(client, node)
     key = new_key()
@@ -124,10 +124,8 @@ def test_a_bad_export_body_is_refused_without_echoing_the_key(
 
 
 def test_the_consumers_key_is_stored_private_and_deleted(
-    tmp_path: Path, nodes: list[AgentNode]
+    node: AgentNode,
 ) -> None:
-    node = AgentNode(tmp_path)
-    nodes.append(node)
     client = node.start()
     tcp = AgentClient(f"http://127.0.0.1:{node.port}", TOKEN)
     key = new_key()
