@@ -516,13 +516,8 @@ class Exports:
         """The nbdkit processes whose command line holds this export's key file."""
         marker = f"--tls-psk={self._file(volume_id, client_node, 'psk')}"
         pid = processes.running(self._file(volume_id, client_node, "pid"), NBDKIT, [marker])
-        found = {pid} if pid is not None else set()
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                args = processes.cmdline(int(entry.name))
-                if args and Path(args[0]).name == NBDKIT and marker in args:
-                    found.add(int(entry.name))
-        return sorted(found)
+        found = set(processes.matching(lambda a: Path(a[0]).name == NBDKIT and marker in a))
+        return sorted(found | ({pid} if pid is not None else set()))
 
     def _remove(self, volume_id: str, client_node: str) -> None:
         """Delete the export's files, the record last (it is what finds the others)."""

@@ -35,14 +35,9 @@ def stack_processes(state_dir: Path, programs: tuple[str, ...]) -> list[int]:
     name. Our own pid is never among them.
     """
     root = str(state_dir.resolve()) + os.sep
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        args = processes.cmdline(int(entry))
-        if args and _program(args) in programs and any(root in a for a in args[1:]):
-            found.append(int(entry))
-    return found
+    return processes.matching(
+        lambda args: _program(args) in programs and any(root in a for a in args[1:])
+    )
 
 
 def _program(args: list[str]) -> str:

@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 #: how long a process gets to exit on SIGTERM before SIGKILL
@@ -28,6 +28,21 @@ def cmdline(pid: int) -> list[str] | None:
     if not raw:
         return None  # a zombie or a kernel thread
     return [a.decode("utf-8", "surrogateescape") for a in raw.rstrip(b"\0").split(b"\0")]
+
+
+def matching(predicate: Callable[[list[str]], bool]) -> list[int]:
+    """Pids (never our own) whose argument list satisfies `predicate`, in pid order.
+
+    For what no pid file can be trusted to find: a process that started
+    but never wrote one, or a whole stack's leftovers after a crash.
+    """
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            args = cmdline(int(entry))
+            if args and predicate(args):
+                found.append(int(entry))
+    return sorted(found)
 
 
 def read_pid(pid_file: Path) -> int | None:

@@ -140,13 +140,7 @@ class AgentNode:
 
 def processes_under(prefix: Path) -> list[int]:
     """Processes whose command line names a path under `prefix` (agents, nbdkit, nbdfuse)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            args = processes.cmdline(int(entry.name))
-            if args and any(str(prefix) in a for a in args):
-                found.append(int(entry.name))
-    return found
+    return processes.matching(lambda args: any(str(prefix) in a for a in args))
 
 
 def clean_up(tmp: Path, nodes: list[AgentNode]) -> None:

@@ -120,11 +120,7 @@ def transport(tmp_path: Path) -> Iterator[NbdTransport]:
 def assert_nothing_left(root: Path) -> None:
     assert loopdev.bound_under(root) == []
     assert mounts.mounts_under(root) == []
-    leftover = [
-        pid
-        for pid in os.listdir("/proc")
-        if pid.isdigit() and str(root) in " ".join(processes.cmdline(int(pid)) or [])
-    ]
+    leftover = processes.matching(lambda args: str(root) in " ".join(args))
     assert leftover == [], "processes left behind"
 
 
