@@ -151,7 +151,7 @@ class NbdTransport:
         return loops.bound(self._volume_of, self.name)
 
     def connection_of(self, device: BlockDevice) -> Connection:
-        record = _read_record(self._home(device.volume_id))
+        record = _read_record(self.dir / device.volume_id)
         if record is None:
             raise Internal(f"volume {device.volume_id} has an nbd device but no record")
         return record[0]
@@ -159,7 +159,7 @@ class NbdTransport:
     def is_current(self, device: BlockDevice, connection: Connection) -> bool:
         """Made from this publish: the same export endpoint, and the key it was started
         with is the one delivered for this publish."""
-        record = _read_record(self._home(device.volume_id))
+        record = _read_record(self.dir / device.volume_id)
         if record is None:
             return False
         had, _, digest = record
@@ -180,7 +180,7 @@ class NbdTransport:
         return found
 
     def condition(self, device: BlockDevice, probe: bool = False) -> str:
-        record = _read_record(self._home(device.volume_id))
+        record = _read_record(self.dir / device.volume_id)
         if record is None:
             return "the record of this remote connection is gone"
         connection = record[0]
