@@ -13,6 +13,7 @@ apt_packages=(
   python3 python3-venv python3-pip
   util-linux mount e2fsprogs xfsprogs
   nbdkit libnbd-bin fuse3 fio psmisc kmod iproute2
+  npm unzip
 )
 missing=()
 for p in "${apt_packages[@]}"; do
