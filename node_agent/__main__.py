@@ -29,6 +29,7 @@ from pathlib import Path
 
 import uvicorn
 
+from node_agent import file_pools
 from node_agent.agent import DEFAULT_STATE_DIR, Agent
 from node_agent.api import create_app
 from node_agent.attachments import DEFAULT_DEV_DIR
@@ -51,7 +52,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--node-id", required=True)
     p.add_argument("--management", required=True, help="unix:///path.sock or http(s)://host:port")
     p.add_argument("--token-file", required=True)
-    p.add_argument("--pool", action="append", required=True, metavar="NAME=DIR")
+    p.add_argument("--pool", action="append", default=[], metavar="NAME=DIR")
+    p.add_argument(
+        "--file-pool",
+        action="append",
+        default=[],
+        metavar="NAME=IMAGE:SIZE",
+        help="a pool in a sparse image (XFS, loop-mounted under --state-dir/file-pools/NAME); "
+        "made when missing, formatted only when blank, never shrunk",
+    )
     p.add_argument("--socket", required=True, help="unix socket path for the local API")
     p.add_argument("--dev-dir", default=str(DEFAULT_DEV_DIR))
     p.add_argument("--max-volumes", type=int, default=0, help="0 means no limit")
@@ -128,7 +137,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="POOL=RATIO",
         help="thin provisioning: promise RATIO times the pool's usable space (default 1.0)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.pool and not args.file_pool:
+        p.error("give at least one --pool NAME=DIR or --file-pool NAME=IMAGE:SIZE")
+    return args
 
 
 def _port_range(text: str) -> tuple[int, int]:
@@ -148,6 +160,10 @@ def open_pools(args: argparse.Namespace) -> dict[str, Pool]:
             raise SystemExit(f"--pool {name} given twice")
         ratio = ratios.pop(name, 1.0)
         pools[name] = parse_pool_spec(spec, reserve=reserve, overcommit_ratio=ratio)
+    made = file_pools.open_file_pools(args.file_pool, args.state_dir.resolve(), set(pools))
+    for name, directory in made.items():
+        ratio = ratios.pop(name, 1.0)
+        pools[name] = Pool.open(name, directory, reserve=reserve, overcommit_ratio=ratio)
     if ratios:
         raise SystemExit(f"--overcommit names pools that are not given: {', '.join(ratios)}")
     return pools
