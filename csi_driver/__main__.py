@@ -8,6 +8,8 @@ import sys
 
 from csi_driver.config import Mode, PluginConfig
 from tessera.http import read_token
+from tessera.observability.logs import add_flags, configure_logging, register_secret
+from tessera.observability.metrics import MetricsServer, parse_host_port
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -21,6 +23,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-volumes-per-node", type=int, default=0, help="0: no limit")
     p.add_argument("--zone", default="", help="topology.kubernetes.io/zone of this node")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument(
+        "--metrics-listen",
+        default="",
+        metavar="HOST:PORT",
+        help="serve /metrics and /healthz over HTTP here (default: not at all)",
+    )
+    add_flags(p)
     args = p.parse_args(argv)
     mode: Mode = args.mode
     if mode.serves_controller and not args.management:
@@ -33,6 +42,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--token-file is required")
     if args.max_volumes_per_node < 0:
         p.error("--max-volumes-per-node must be 0 (no limit) or more")
+    if args.metrics_listen:
+        try:
+            args.metrics_address = parse_host_port(args.metrics_listen)
+        except ValueError as exc:
+            p.error(f"--metrics-listen: {exc}")
     return args
 
 
@@ -53,11 +67,7 @@ def config_from_args(args: argparse.Namespace) -> PluginConfig:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.log_level, args.log_format)
     log = logging.getLogger("tessera.csi")
     try:
         config = config_from_args(args)
@@ -65,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         # the message names the file, never its content
         log.error("cannot read --token-file: %s", exc)
         sys.exit(2)
+    register_secret(config.token)
     log.info(
         "tessera-csi mode=%s endpoint=%s node=%s management=%s agent=%s",
         config.mode.value,
@@ -75,11 +86,29 @@ def main(argv: list[str] | None = None) -> None:
     )
     from csi_driver.server import serve
 
+    metrics = start_metrics(args, log)
     try:
         serve(config)
     except (ValueError, RuntimeError) as exc:
         log.error("%s", exc)
         sys.exit(1)
+    finally:
+        if metrics is not None:
+            metrics.stop()
+
+
+def start_metrics(args: argparse.Namespace, log: logging.Logger) -> MetricsServer | None:
+    """The /metrics server of --metrics-listen; a port that is taken stops the start (exit 1)."""
+    if not args.metrics_listen:
+        return None
+    host, port = args.metrics_address
+    try:
+        server = MetricsServer(host, port).start()
+    except OSError as exc:
+        log.error("--metrics-listen %s: cannot listen: %s", args.metrics_listen, exc)
+        sys.exit(1)
+    log.info("serving /metrics and /healthz on %s:%d", *server.address)
+    return server
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 Every RPC handler raises `tessera.errors` types (or lets them propagate
 from the management / node-agent clients); this interceptor turns them
-into the status code the CSI spec asks for, logs each call with its
-duration, and keeps tracebacks out of the answer.
+into the status code the CSI spec asks for, keeps tracebacks out of the
+answer, and observes every call: the tessera_csi_* metrics by method and
+code, and one `tessera.access` line with the request id (the caller's
+x-request-id metadata, else a new one), the volume id, duration and code.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ from typing import Any
 import grpc
 
 from tessera import errors
+from tessera.observability.logs import request_id_from, request_scope
+from tessera.observability.metrics import record_rpc
 
 log = logging.getLogger("tessera.csi")
+access = logging.getLogger("tessera.access")
 
 GRPC_CODES: dict[type[errors.TesseraError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -68,24 +73,50 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()
             code = grpc.StatusCode.OK
-            try:
-                return inner(request, context)
-            except errors.TesseraError as err:
-                code = status_for(err)
-                context.abort(code, err.message)
-            except Exception:
-                if context.code() not in (None, grpc.StatusCode.OK):
-                    code = context.code()  # already aborted by the handler
-                    raise
-                code = grpc.StatusCode.INTERNAL
-                log.exception("%s failed unexpectedly", method)
-                context.abort(code, f"{method}: internal error (see plugin log)")
-            finally:
-                elapsed_ms = (time.perf_counter() - started) * 1000
-                log.info("%s %s %.1fms", method, code.name, elapsed_ms)
+            with request_scope(_request_id(context)) as request_id:
+                try:
+                    return inner(request, context)
+                except errors.TesseraError as err:
+                    code = status_for(err)
+                    context.abort(code, err.message)
+                except Exception:
+                    if context.code() not in (None, grpc.StatusCode.OK):
+                        code = context.code()  # already aborted by the handler
+                        raise
+                    code = grpc.StatusCode.INTERNAL
+                    log.exception("%s failed unexpectedly", method)
+                    context.abort(code, f"{method}: internal error (see plugin log)")
+                finally:
+                    _observe(method, request, code, time.perf_counter() - started, request_id)
 
         return grpc.unary_unary_rpc_method_handler(
             wrapped,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+def _request_id(context: grpc.ServicerContext) -> str:
+    """The caller's `x-request-id` metadata when it is a plain short token, else a new id."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id":
+            return request_id_from(value)
+    return request_id_from(None)
+
+
+def _observe(
+    method: str, request: Any, code: grpc.StatusCode, seconds: float, request_id: str
+) -> None:
+    """Metrics and the access line; never the request's secrets, only its ids."""
+    record_rpc(method, code.name, seconds)
+    fields: dict[str, Any] = {
+        "rpc": method,
+        "request_id": request_id,
+        "code": code.name,
+        "duration_ms": round(seconds * 1000, 1),
+    }
+    for name in ("volume_id", "node_id"):
+        value = getattr(request, name, "")
+        if isinstance(value, str) and value:
+            fields[name] = value[:128]
+    access.info("%s %s %.1fms", method, code.name, fields["duration_ms"], extra=fields)
