@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 
 import uvicorn
+from sqlalchemy import make_url
+from sqlalchemy.exc import ArgumentError
 
 from management.app import create_app
 from management.context import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_MISSES
 from management.db import SchemaTooOld
 from management.reconcile import PeriodicReconciler
 from tessera.http import read_token
+from tessera.observability.logs import add_flags, configure_logging, register_secret
 from tessera.rest import server_options
 
 #: seconds between two periodic reconcile checks (each lists every agent's files and devices)
@@ -78,7 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="compare the agents' files and attachments with the database this often and log "
         "the differences as warnings (never fixes); 0 disables",
     )
+    add_flags(p, log_level=True)
     return p
+
+
+def register_db_password(url: str) -> None:
+    """A PostgreSQL URL's password never reaches the log, even inside a driver's error."""
+    try:
+        password = make_url(url).password
+    except ArgumentError:
+        return  # create_app reports the bad URL
+    if password:
+        register_secret(str(password))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,8 +103,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(exc))
     if args.ca_bundle and not os.access(args.ca_bundle, os.R_OK):
         parser.error(f"--ca-bundle {args.ca_bundle}: not a readable file")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(args.log_level, args.log_format)
     token = read_token(args.token_file)
+    register_secret(token)
+    register_db_password(args.db)
     try:
         app = create_app(
             args.db,
@@ -107,7 +122,13 @@ def main(argv: list[str] | None = None) -> None:
         reconciler = PeriodicReconciler(app.state.ctx, args.reconcile_interval)
         reconciler.start()
     try:
-        uvicorn.run(app, log_level="info", **server_options(args.access_log), **bind)  # type: ignore[arg-type]
+        uvicorn.run(
+            app,
+            log_level=args.log_level.lower(),
+            log_config=None,  # uvicorn's lines go through configure_logging's handler too
+            **server_options(args.access_log),
+            **bind,  # type: ignore[arg-type]
+        )
     finally:
         if reconciler is not None:
             reconciler.stop()

@@ -11,22 +11,31 @@ process (tests) never clash.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
-from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import Response as FastAPIResponse
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.registry import Collector, CollectorRegistry
-from starlette.routing import Match
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tessera.observability.logs import request_id_from, request_scope
 
 access = logging.getLogger("tessera.access")
+# no *_created series: a second timestamp per labelled child that no dashboard uses
+disable_created_metrics()
 log = logging.getLogger(__name__)
 
 #: latency buckets (seconds): sub-millisecond REST lookups up to minute-long stages
@@ -155,24 +164,53 @@ class MetricsServer:
 # ---- REST services ---------------------------------------------------------------------
 
 
-def _route_of(app: FastAPI, scope: Scope) -> tuple[str, dict[str, Any]]:
+class RouteTemplates:
+    """Which route template a request is for, without running the app's routing.
+
+    For requests refused before routing (401, 421). Built once, lazily,
+    from the OpenAPI document (every documented route, prefixes included)
+    and the top-level routes it leaves out (/metrics): FastAPI's own route
+    tree is not a stable interface.
+    """
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+        self._compiled: list[tuple[re.Pattern[str], frozenset[str], str]] | None = None
+
+    def _build(self) -> list[tuple[re.Pattern[str], frozenset[str], str]]:
+        paths: dict[str, set[str]] = {}
+        for template, operations in self.app.openapi().get("paths", {}).items():
+            paths.setdefault(template, set()).update(m.upper() for m in operations)
+        for route in self.app.router.routes:
+            if isinstance(getattr(route, "path", None), str):
+                paths.setdefault(route.path, set()).update(getattr(route, "methods", None) or ())
+        return [(compile_path(t)[0], frozenset(m), t) for t, m in paths.items()]
+
+    def match(self, path: str, method: str) -> tuple[str, dict[str, Any]]:
+        """(template, path parameters); a path without any route is UNMATCHED."""
+        if self._compiled is None:
+            self._compiled = self._build()
+        fallback: tuple[str, dict[str, Any]] = (UNMATCHED, {})
+        for regex, methods, template in self._compiled:
+            found = regex.match(path)
+            if found is None:
+                continue
+            if method in methods or (method == "HEAD" and "GET" in methods):
+                return template, found.groupdict()
+            if fallback[0] == UNMATCHED:
+                fallback = (template, found.groupdict())  # the path exists, the method does not
+        return fallback
+
+
+def _route_of(templates: RouteTemplates, scope: Scope) -> tuple[str, dict[str, Any]]:
     """The matched route's template and path parameters, never the raw path.
 
-    Routing has set `scope["route"]` when the request got that far; a
-    request refused before routing (401, 421) is matched here, so its
-    template is known too.
+    Routing has set `scope["route"]` when the request got that far.
     """
     route = scope.get("route")
-    if route is not None and hasattr(route, "path"):
+    if route is not None and isinstance(getattr(route, "path", None), str):
         return route.path, scope.get("path_params") or {}
-    fallback = UNMATCHED, {}
-    for candidate in app.router.routes:
-        match, child = candidate.matches(scope)
-        if match == Match.FULL:
-            return getattr(candidate, "path", UNMATCHED), child.get("path_params") or {}
-        if match == Match.PARTIAL and fallback[0] == UNMATCHED:
-            fallback = getattr(candidate, "path", UNMATCHED), child.get("path_params") or {}
-    return fallback
+    return templates.match(scope["path"], scope["method"])
 
 
 class Observe:
@@ -182,9 +220,9 @@ class Observe:
     answers are counted and logged like any other.
     """
 
-    def __init__(self, app: ASGIApp, fastapi_app: FastAPI, process: str) -> None:
+    def __init__(self, app: ASGIApp, templates: RouteTemplates, process: str) -> None:
         self.app = app
-        self.fastapi_app = fastapi_app
+        self.templates = templates
         self.process = process
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -210,7 +248,7 @@ class Observe:
             self._record(scope, status, time.perf_counter() - started, request_id)
 
     def _record(self, scope: Scope, status: int, seconds: float, request_id: str) -> None:
-        route, params = _route_of(self.fastapi_app, scope)
+        route, params = _route_of(self.templates, scope)
         method = scope["method"]
         HTTP_REQUEST_DURATION.labels(self.process, route, method).observe(seconds)
         HTTP_REQUESTS.labels(self.process, route, method, str(status)).inc()
@@ -245,15 +283,9 @@ def install_http_observability(
         return FastAPIResponse(exposition(collector), media_type=CONTENT_TYPE_LATEST)
 
     build = app.build_middleware_stack
+    templates = RouteTemplates(app)
 
     def build_observed() -> ASGIApp:
-        return Observe(build(), app, process)
+        return Observe(build(), templates, process)
 
     app.build_middleware_stack = build_observed  # type: ignore[method-assign]
-
-
-def gauge_samples(family: Any, rows: Iterable[tuple[tuple[str, ...], float]]) -> Any:
-    """Fill a GaugeMetricFamily from (labels, value) pairs and return it."""
-    for labels, value in rows:
-        family.add_metric(list(labels), value)
-    return family
