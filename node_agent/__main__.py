@@ -40,6 +40,7 @@ from tessera.clients import ManagementClient
 from tessera.errors import TesseraError
 from tessera.http import read_token
 from tessera.models import Registration
+from tessera.observability.logs import add_flags, configure_logging, register_secret
 from tessera.rest import server_options
 from tessera.sockets import SocketPathTaken, claim_socket_path
 from tessera.units import parse_size
@@ -137,6 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="POOL=RATIO",
         help="thin provisioning: promise RATIO times the pool's usable space (default 1.0)",
     )
+    add_flags(p)
     args = p.parse_args(argv)
     if not args.pool and not args.file_pool:
         p.error("give at least one --pool NAME=DIR or --file-pool NAME=IMAGE:SIZE")
@@ -282,6 +284,7 @@ def serve(
                 uvicorn.Config(
                     app,
                     log_level=log_level,
+                    log_config=None,  # uvicorn's lines go through configure_logging's handler
                     timeout_graceful_shutdown=5,
                     **tls,  # type: ignore[arg-type]
                     **server_options(access_log),
@@ -337,13 +340,12 @@ def start_agent(args: argparse.Namespace, network: Network | None) -> Agent:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level, args.log_format)
     network = network_of(args)
     check_ca_bundle(args.ca_bundle)
     try:
         token = read_token(args.token_file)
+        register_secret(token)
         agent = start_agent(args, network)
     except (TesseraError, OSError, ValueError) as err:
         print(f"tessera-node-agent: {err}", file=sys.stderr)

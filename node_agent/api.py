@@ -16,7 +16,9 @@ from fastapi import FastAPI, Query, Response
 
 from node_agent import volumes
 from node_agent.agent import Agent
+from node_agent.metrics import DataPathCollector
 from tessera import __version__
+from tessera.errors import Unavailable
 from tessera.http import Service
 from tessera.models import (
     AgentAttach,
@@ -34,6 +36,7 @@ from tessera.models import (
     ViewKey,
     VolumeId,
 )
+from tessera.observability.metrics import install_http_observability
 from tessera.rest import (
     BearerAuth,
     announce_service,
@@ -55,11 +58,19 @@ def create_app(
     install_problem_handlers(app, log, "node-agent")
     app.add_middleware(BearerAuth, token=token)
     announce_service(app, Service.NODE_AGENT)
+    install_http_observability(app, "node-agent", DataPathCollector(agent))
 
     # `async def`: answered on the event loop, never queued behind work
     # holding the worker threads (anyio lends sync routes 40 of them).
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses=problems(503))
+    async def readyz() -> dict[str, str]:
+        """Ready once management knows this node and its pools (what GET /v1/node says)."""
+        if registration() == Registration.PENDING:
+            raise Unavailable("not registered with management yet (it retries in the background)")
         return {"status": "ok"}
 
     @app.get("/v1/node", response_model=AgentNode)

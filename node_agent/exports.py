@@ -219,6 +219,10 @@ class Exports:
     def of_volume(self, volume_id: str) -> list[AgentExport]:
         return [r.model() for r in self._records(volume_id)]
 
+    def liveness(self) -> list[bool]:
+        """Per export record: whether its nbdkit is running (for the agent's /metrics)."""
+        return [self._pid(r) is not None for r in self._records()]
+
     def open(
         self, volume_id: str, client_node: str, volume_file: Path, req: AgentExportCreate
     ) -> AgentExport:
