@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import asdict, dataclass
@@ -39,6 +40,8 @@ class StackInfo:
     agent_socket: str
     token_file: str
     pool_dir: str
+    #: the CSI plugin's /metrics and /healthz (http://127.0.0.1:PORT), loopback only
+    csi_metrics_url: str = ""
 
 
 class DevStack:
@@ -64,6 +67,7 @@ class DevStack:
             agent_socket=str(self.dir / "agent.sock"),
             token_file=str(self.dir / "token"),
             pool_dir=str(self.dir / "pool"),
+            csi_metrics_url=f"http://127.0.0.1:{_free_port()}",
         )
 
     # ---- start -------------------------------------------------------------
@@ -137,6 +141,8 @@ class DevStack:
             self.info.agent_socket,
             "--max-volumes-per-node",
             str(self.max_volumes),
+            "--metrics-listen",
+            self.info.csi_metrics_url.removeprefix("http://"),
         ]
 
     def _spawn(self, name: str, module_args: list[str]) -> None:
@@ -227,6 +233,13 @@ class DevStack:
             path = self.dir / sock
             if path.is_socket():
                 path.unlink()
+
+
+def _free_port() -> int:
+    """A loopback port nobody listens on now (the kernel's pick for port 0)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def load_stack_info(state_dir: Path) -> StackInfo:
