@@ -119,4 +119,6 @@ def _observe(
         value = getattr(request, name, "")
         if isinstance(value, str) and value:
             fields[name] = value[:128]
-    access.info("%s %s %.1fms", method, code.name, fields["duration_ms"], extra=fields)
+    # the CO and the livenessprobe sidecar Probe every few seconds: a line each only on DEBUG
+    level = logging.DEBUG if method == "Probe" and code == grpc.StatusCode.OK else logging.INFO
+    access.log(level, "%s %s %.1fms", method, code.name, fields["duration_ms"], extra=fields)

@@ -31,6 +31,7 @@ from tessera.errors import (
     Unavailable,
     from_problem,
 )
+from tessera.observability.logs import current_request_id
 
 #: every answer of a Tessera server names the service that sent it (tessera.rest.ServiceHeader)
 SERVICE_HEADER = "Tessera-Service"
@@ -238,6 +239,8 @@ class JsonClient:
         """Send one request; the decoded JSON body, None for 204, or the peer's error."""
         target = self._pool.path(quote(path)) + (f"?{urlencode(params)}" if params else "")
         headers = dict(self._headers)
+        if request_id := current_request_id():  # the RPC or request this call serves
+            headers["X-Request-Id"] = request_id
         body = None
         if json is not None:
             body = _dumps(json)
