@@ -47,6 +47,11 @@ def generate_csi_stubs() -> None:
 class BuildPyWithProto(build_py):
     def run(self) -> None:
         generate_csi_stubs()
+        # Package discovery ran before the stubs existed: from a fresh clone
+        # the package would be missing from the wheel.
+        gen = GEN_PACKAGE.replace("/", ".")
+        if self.packages is not None and gen not in self.packages:
+            self.packages.append(gen)
         super().run()
 
 
