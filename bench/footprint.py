@@ -84,12 +84,25 @@ def rss_mib(pids: list[int]) -> float:
     return total / MiB
 
 
-def family(pid: int) -> list[int]:
-    """The process and the children it waits for (nbdkit/nbdfuse left in their own sessions)."""
+DATA_PATH = ("nbdkit", "nbdfuse")
+
+
+def family(pid: int, *, data_path: bool = True) -> list[int]:
+    """The process and its children; without the data path's nbdkit/nbdfuse when
+    `data_path` is False (the agent's NBD clients are its children: they get lines
+    of their own)."""
     try:
-        return [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
+        children = psutil.Process(pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
+    keep = []
+    for child in children:
+        try:
+            if data_path or child.name() not in DATA_PATH:
+                keep.append(child.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return [pid, *keep]
 
 
 def datapath_groups(state: Path) -> dict[str, list[list[int]]]:
@@ -128,7 +141,7 @@ def cpu_of(groups: dict[str, list[list[int]]]) -> dict[str, float]:
 
 
 def groups_of(stack_procs: dict[str, int], state: Path) -> dict[str, list[list[int]]]:
-    groups = {c: [family(stack_procs[p])] for c, p in CONTAINERS.items()}
+    groups = {c: [family(stack_procs[p], data_path=False)] for c, p in CONTAINERS.items()}
     groups.update(datapath_groups(state))
     return groups
 
@@ -195,10 +208,13 @@ def print_suggestions(
 
 
 @contextmanager
-def started_stack(state: Path) -> Iterator[tuple[str, list[Node], dict[str, int]]]:
+def started_stack(state: Path, volumes: int) -> Iterator[tuple[str, list[Node], dict[str, int]]]:
     """(controller endpoint, nodes, pid by process name) of a two-node stack."""
     extra = {"management": HEARTBEAT, "n1-agent": HEARTBEAT, "n2-agent": HEARTBEAT}
-    stack = MultiNodeStack(state, nodes=2, pool_size=2048 * MiB, extra_args=extra)
+    # room for every volume on n1 with its reserve: a full pool would send the
+    # rest to n2 and turn "local" volumes into remote ones
+    pool_size = max(2048 * MiB, 2 * (volumes + 4) * VOLUME_SIZE)
+    stack = MultiNodeStack(state, nodes=2, pool_size=pool_size, extra_args=extra)
     try:  # stop() also undoes a start that failed half way
         info = stack.start()
         nodes = [
@@ -227,15 +243,24 @@ def parse_args() -> argparse.Namespace:
 def attach_all(csi: Csi, nodes: list[Node], args: argparse.Namespace, work: Path) -> ExitStack:
     """Every volume created and published; the ExitStack undoes it all."""
     undo = ExitStack()
-    for owner, consumer, count in (
-        (nodes[0], nodes[0], args.volumes),
-        (nodes[0], nodes[1], args.remote),
-    ):
-        for _ in range(count):
-            vid = csi.create_on(owner.node_id, VOLUME_SIZE)
-            undo.callback(csi.delete, vid)
-            undo.enter_context(csi.published(vid, consumer.node_id, work))
+    try:
+        for consumer, count in ((nodes[0], args.volumes), (nodes[1], args.remote)):
+            for _ in range(count):
+                vid = csi.create_on(nodes[0].node_id, VOLUME_SIZE)
+                undo.callback(csi.delete, vid)
+                undo.enter_context(csi.published(vid, consumer.node_id, work))
+    except BaseException:
+        undo.close()
+        raise
     return undo
+
+
+def check_placement(state: Path, remote: int) -> None:
+    """Every volume on n1, as asked: else "local" figures would hide NBD clients."""
+    clients = len(datapath_groups(state)["nbd client"])
+    if clients != remote:
+        print(f"WARNING: {clients} NBD clients, {remote} expected: volumes were placed "
+              "elsewhere than n1 (pool full?)", file=sys.stderr)  # fmt: skip
 
 
 def main() -> int:
@@ -247,7 +272,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="tessera-bench-fp-mnt-"))
     started = time.monotonic()
     try:
-        with started_stack(state) as (endpoint, nodes, procs):
+        with started_stack(state, args.volumes + args.remote) as (endpoint, nodes, procs):
             time.sleep(5)  # start-up imports and first registration settle
             idle = measure(groups_of(procs, state), args.window)
             csi = Csi(endpoint, nodes)
@@ -255,6 +280,7 @@ def main() -> int:
                 busy_start, before = time.monotonic(), cpu_of(groups_of(procs, state))
                 with attach_all(csi, nodes, args, work):
                     after = cpu_of(groups_of(procs, state))
+                    check_placement(state, args.remote)
                     busy = {
                         c: 100 * (after[c] - before[c]) / (time.monotonic() - busy_start)
                         for c in CONTAINERS
