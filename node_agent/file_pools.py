@@ -149,6 +149,14 @@ def _ensure_device(image: Path) -> str:
     resolved = str(image.resolve())
     try:
         bound = [b for b in loopdev.bound_under(image) if b.backing == resolved]
+        if len(bound) > 1:
+            # which one holds the live filesystem is not ours to guess: mounting
+            # through the other would corrupt it
+            raise FailedPrecondition(
+                f"{image} is bound to several loop devices "
+                f"({', '.join(b.path for b in bound)}); detach the ones not mounted",
+                field="file_pool",
+            )
         if bound:
             if bound[0].readonly:
                 raise FailedPrecondition(

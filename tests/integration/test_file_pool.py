@@ -190,6 +190,18 @@ def test_a_larger_size_grows_the_pool_and_keeps_its_files(node: FilePoolAgent) -
 
 
 @needs_root
+def test_an_image_on_two_loop_devices_is_refused_rather_than_guessed(node: FilePoolAgent) -> None:
+    node.start().close()
+    node.stop()
+    mounts.unmount(str(node.mountpoint))
+    second, _ = loopdev.attach(str(node.image), readonly=False, direct_io=False)
+    assert len(loopdev.bound_under(node.image)) == 2
+    err = node.refused()
+    assert "bound to several loop devices" in err and second in err
+    assert not mounts.is_mount(str(node.mountpoint))
+
+
+@needs_root
 def test_another_mount_on_the_pool_directory_is_refused(node: FilePoolAgent) -> None:
     node.mountpoint.mkdir(parents=True)
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(node.mountpoint)], check=True)
