@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -297,3 +298,26 @@ def test_every_metric_the_dashboard_queries_is_one_the_processes_serve() -> None
     assert queried & NAMES == NAMES, f"not on the dashboard: {NAMES - queried}"
     served = {name for name, _ in samples(generate_latest().decode())}
     assert {n for n in queried if n.startswith("process_")} <= served
+
+
+def test_csi_plugin_refuses_to_start_when_its_metrics_port_is_taken(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("plugin-token-0123456789\n")
+    args = [sys.executable, "-m", "csi_driver", "--mode", "controller",
+            "--endpoint", f"unix://{tmp_path / 'csi.sock'}", "--management",
+            "http://127.0.0.1:9", "--token-file", str(token)]  # fmt: skip
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [*args, "--metrics-listen", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert f"--metrics-listen 127.0.0.1:{port}: cannot listen" in done.stderr
+    assert not (tmp_path / "csi.sock").exists()
+    bad = subprocess.run(
+        [*args, "--metrics-listen", "nowhere"], capture_output=True, text=True, timeout=60
+    )
+    assert bad.returncode == 2 and "--metrics-listen: 'nowhere' is not HOST:PORT" in bad.stderr
