@@ -132,7 +132,7 @@ def crd_schema(kind: str) -> dict[str, Any] | None:
 
 
 def validate(doc: Doc) -> None:
-    """Validate one object against Kubernetes 1.35 (or its CRD's schema); AssertionError names it."""
+    """Validate one object for Kubernetes 1.35 (or its CRD schema); AssertionError names it."""
     what = f"{doc.get('kind')} {doc.get('metadata', {}).get('name')}"
     nulls = list(null_fields(doc))
     if nulls:

@@ -141,7 +141,10 @@ def fake_cluster(directory: Path) -> Iterator[tuple[FakeCluster, Path]]:
                 "apiVersion": "v1",
                 "kind": "Config",
                 "clusters": [
-                    {"name": "fake", "cluster": {"server": f"http://127.0.0.1:{server.server_port}"}}
+                    {
+                        "name": "fake",
+                        "cluster": {"server": f"http://127.0.0.1:{server.server_port}"},
+                    }
                 ],
                 "users": [{"name": "test", "user": {"token": "not-a-real-token"}}],
                 "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "test"}}],

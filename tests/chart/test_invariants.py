@@ -154,7 +154,9 @@ def test_every_container_has_liveness_and_readiness_probes(
         for probe in (c["livenessProbe"], c["readinessProbe"]):
             port = (probe.get("httpGet") or probe.get("tcpSocket") or {}).get("port")
             if isinstance(port, str):
-                names = {p["name"] for _, other in containers([workload]) for p in other.get("ports", [])}
+                names = {
+                    p["name"] for _, other in containers([workload]) for p in other.get("ports", [])
+                }
                 assert port in names, f"{where} probes unknown port {port}"
 
 
@@ -182,7 +184,10 @@ def test_cluster_roles_grant_exactly_the_documented_verbs(
 ) -> None:
     values = VARIANTS[variant]
     snapshots = values.get("snapshots", {}).get("enabled", False)
-    roles = {r["metadata"]["name"].removeprefix("tessera-"): r for r in find(rendered[variant], "ClusterRole")}
+    roles = {
+        r["metadata"]["name"].removeprefix("tessera-"): r
+        for r in find(rendered[variant], "ClusterRole")
+    }
     expected = dict(ALLOWED_CLUSTER_RULES)
     if snapshots:
         expected["provisioner"] = expected["provisioner"] | PROVISIONER_SNAPSHOT_RULES
@@ -223,7 +228,9 @@ def test_bindings_tie_each_role_to_its_components_service_account(
 ) -> None:
     docs = rendered[variant]
     accounts = {a["metadata"]["name"] for a in find(docs, "ServiceAccount")}
-    roles = {(r["kind"], r["metadata"]["name"]) for r in find(docs, "ClusterRole") + find(docs, "Role")}
+    roles = {
+        (r["kind"], r["metadata"]["name"]) for r in find(docs, "ClusterRole") + find(docs, "Role")
+    }
     for binding in find(docs, "ClusterRoleBinding") + find(docs, "RoleBinding"):
         ref = binding["roleRef"]
         assert (ref["kind"], ref["name"]) in roles, binding["metadata"]["name"]

@@ -146,7 +146,11 @@ def test_node_pod_runs_plugin_and_agent_with_the_contract_flags(
     assert spec["priorityClassName"] == "system-node-critical"
     plugin = container(ds, "tessera-csi")["args"]
     assert plugin[:2] == ["tessera-csi", "--mode=node"]
-    for flag in ["--kubernetes-topology", "--node-id=$(NODE_NAME)", "--metrics-listen=0.0.0.0:9811"]:
+    for flag in [
+        "--kubernetes-topology",
+        "--node-id=$(NODE_NAME)",
+        "--metrics-listen=0.0.0.0:9811",
+    ]:
         assert flag in plugin, flag
     agent = container(ds, "node-agent")["args"]
     assert agent[0] == "tessera-node-agent"
@@ -188,7 +192,9 @@ def test_custom_kubelet_dir_moves_every_kubelet_path(rendered: dict[str, list[Do
     mounts = {m["mountPath"] for m in container(ds, "tessera-csi")["volumeMounts"]}
     assert {f"{MICROK8S_KUBELET}/pods", f"{MICROK8S_KUBELET}/plugins"} <= mounts
     leftovers = [s for s in strings(rendered["microk8s-kubelet-dir"]) if "=/var/lib/kubelet" in s]
-    leftovers += [s for s in strings(rendered["microk8s-kubelet-dir"]) if s.startswith("/var/lib/kubelet")]
+    leftovers += [
+        s for s in strings(rendered["microk8s-kubelet-dir"]) if s.startswith("/var/lib/kubelet")
+    ]
     assert leftovers == []
 
 

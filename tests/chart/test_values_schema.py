@@ -27,7 +27,11 @@ BAD_VALUES: list[tuple[str, dict[str, Any], list[str]]] = [
     ),
     (
         "btrfs-storage-class",
-        {"storageClasses": [{"name": "t", "vpg": "default", "layout": "concat", "fstype": "btrfs"}]},
+        {
+            "storageClasses": [
+                {"name": "t", "vpg": "default", "layout": "concat", "fstype": "btrfs"}
+            ]
+        },
         ["/storageClasses/0/fstype", "ext4"],
     ),
     (

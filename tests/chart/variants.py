@@ -80,7 +80,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
             "enabled": True,
             "nodeCIDRs": ["10.0.0.0/16"],
             "metricsFrom": [
-                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+                {
+                    "namespaceSelector": {
+                        "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}
+                    }
+                }
             ],
         },
         "monitoring": {
@@ -91,7 +95,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "single-controller-no-capacity": {
         "controller": {"replicas": 1},
         "capacityTracking": {"enabled": False},
-        "node": {"updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}},
+        "node": {
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
+        },
         "auth": {"existingSecret": "my-tessera-token"},
     },
 }
