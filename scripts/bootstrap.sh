@@ -14,6 +14,7 @@ apt_packages=(
   util-linux mount e2fsprogs xfsprogs
   nbdkit libnbd-bin fuse3 fio psmisc kmod iproute2
   npm unzip
+  debootstrap containerd runc
 )
 missing=()
 for p in "${apt_packages[@]}"; do
