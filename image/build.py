@@ -36,7 +36,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 import tomllib
 from collections.abc import Iterator
@@ -272,14 +271,30 @@ def ensure_base(cache: Path, mirror: str, security_mirror: str, epoch: int) -> t
         blob = Blob(**{**asdict(blob), "path": str(done / "layer.tar.gz")})
         (work / "layer.json").write_text(json.dumps(asdict(blob)))
         # A finished base appears whole or not at all: the rename is the commit.
-        work.rename(done)
+        try:
+            work.rename(done)
+        except OSError:
+            if not (done / "layer.json").exists():
+                raise
+            log(f"base {key}: a concurrent build finished it first; using that one")
+            blob = Blob(**json.loads((done / "layer.json").read_text()))
     finally:
         remove_tree(work)
-    for old in cache.glob("base-*"):
+    for old in [*cache.glob("base-*"), *abandoned(cache, "tmp-base-")]:
         if old != done:
-            log(f"removing the outdated base cache {old}")
+            log(f"removing the outdated or abandoned {old}")
             remove_tree(old)
     return done / "rootfs", blob
+
+
+def abandoned(directory: Path, prefix: str) -> list[Path]:
+    """Work directories named <prefix>...-<pid> whose build is no longer running."""
+    found = []
+    for path in directory.glob(f"{prefix}*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            found.append(path)
+    return found
 
 
 def debootstrap(rootfs: Path, mirror: str) -> None:
@@ -521,7 +536,14 @@ def main(argv: list[str] | None = None) -> Path:
     base_rootfs, base_layer = ensure_base(args.cache_dir.resolve(), args.mirror,
                                           args.security_mirror, epoch)  # fmt: skip
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="work-", dir=args.output_dir))
+    # what a build that was killed left behind
+    for old in abandoned(args.output_dir, "work-"):
+        remove_tree(old)
+    for partial in abandoned(args.output_dir, f"tessera-{version}.oci.tar.tmp-"):
+        partial.unlink()
+    work = args.output_dir / f"work-{os.getpid()}"
+    remove_tree(work)
+    work.mkdir()
     try:
         app_layer = build_app(base_rootfs, work, epoch)
         out = args.output_dir / f"tessera-{version}.oci.tar"
