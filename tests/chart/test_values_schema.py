@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -134,3 +135,37 @@ def test_schema_describes_every_value_in_values_yaml() -> None:
 
     walk(values, schema, "")
     assert schema["additionalProperties"] is False
+
+
+def documented_values(readme: str) -> set[str]:
+    """Value paths the README's table names, `a.b` / `.c` meaning a.b and a.c."""
+    found: set[str] = set()
+    for line in readme.splitlines():
+        if not line.startswith("| `"):
+            continue
+        first = line.split("|")[1]
+        tokens = re.findall(r"`([^`]+)`", first)
+        base = tokens[0]
+        found.add(base.replace("<name>", "*"))
+        parent = base.rsplit(".", 1)[0]
+        for token in tokens[1:]:
+            if token.startswith("."):
+                found.add((parent + token).replace("<name>", "*"))
+    return found
+
+
+def test_chart_readme_documents_every_value() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    documented = documented_values((CHART / "README.md").read_text())
+
+    def leaves(node: Any, path: str) -> list[str]:
+        if isinstance(node, dict) and node and not path.endswith(("resources", "labels")):
+            return [leaf for k, v in node.items() for leaf in leaves(v, f"{path}.{k}".lstrip("."))]
+        return [path]
+
+    missing = []
+    for leaf in leaves(values, ""):
+        generic = re.sub(r"^sidecars\.[A-Za-z]+\.", "sidecars.*.", leaf)
+        if leaf not in documented and generic not in documented:
+            missing.append(leaf)
+    assert missing == [], f"charts/tessera/README.md does not document {missing}"

@@ -9,13 +9,15 @@ MICROK8S_KUBELET = "/var/snap/microk8s/common/var/lib/kubelet"
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "microk8s-kubelet-dir": {"kubeletDir": MICROK8S_KUBELET},
+    # with a NetworkPolicy that lets only the nodes and the controller in
     "postgresql": {
         "management": {
             "database": {
                 "type": "postgresql",
                 "postgresql": {"existingSecret": "tessera-db", "key": "url"},
             }
-        }
+        },
+        "networkPolicy": {"enabled": True, "nodeCIDRs": ["192.168.0.0/24", "fd00::/64"]},
     },
     "sqlite-hostpath": {
         "management": {
