@@ -54,7 +54,7 @@ MIRROR = "http://deb.debian.org/debian"
 SECURITY_MIRROR = "http://deb.debian.org/debian-security"
 PACKAGES_FILE = REPO / "image" / "packages.txt"
 #: bump when the base recipe below changes in a way the package list does not show
-BASE_RECIPE = "4"
+BASE_RECIPE = "5"
 UID = GID = 65532
 VENV = "/opt/tessera"
 ENV = [
