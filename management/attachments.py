@@ -132,7 +132,7 @@ def attach(ctx: Context, volume_id: str, node_id: str, req: AttachmentCreate) ->
     ids.check_node_id(node_id)
     with ctx.db.write() as s:
         volume = _lock_volume(s, volume_id)
-        consumer = get_node_row(s, node_id)
+        consumer = get_node_row(s, node_id, lock=True)  # max_volumes and fence, PostgreSQL
         row = s.get(AttachmentRow, (volume_id, node_id))
         if row is None:
             row = _record(ctx, s, volume, consumer, req)

@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     Column,
@@ -35,6 +35,7 @@ from sqlalchemy.pool import StaticPool
 
 from management.schema import Base, MetaRow
 
+T = TypeVar("T")
 _WRITE = "tessera_write"
 BUSY_TIMEOUT_MS = 30_000
 #: the `meta` row holding the database's identity
@@ -173,6 +174,22 @@ class Database:
                 self._writer_conn.close()
                 self._writer_conn = None
         self.engine.dispose()
+
+
+def again_on_conflict(make: Callable[[], T]) -> T:
+    """Run a get-or-insert transaction; if a concurrent one inserted the same key first, rerun it.
+
+    On PostgreSQL two transactions can both find no row and both insert
+    (a row lock cannot lock a row that does not exist yet); the loser's
+    commit fails on the primary key. Run again, it finds the winner's row
+    and takes the path for an existing one, so the caller answers as if
+    it had come second, never with a 500. SQLite never gets here
+    (BEGIN IMMEDIATE serialises the two).
+    """
+    try:
+        return make()
+    except IntegrityError:
+        return make()
 
 
 def ensure_epoch(engine: Engine) -> str:

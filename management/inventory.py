@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from management.context import Context
-from management.db import read_epoch
+from management.db import again_on_conflict, read_epoch
 from management.limits import check_bytes, check_count, check_text
 from management.liveness import node_state
 from management.pagination import fetch_page
@@ -71,6 +71,10 @@ def register_node(ctx: Context, node_id: str, reg: NodeRegistration) -> Node:
     for key, value in reg.topology.items():
         check_text(key, "topology")
         check_text(value, "topology")
+    return again_on_conflict(lambda: _upsert_node(ctx, node_id, reg))
+
+
+def _upsert_node(ctx: Context, node_id: str, reg: NodeRegistration) -> Node:
     with ctx.db.write() as s:
         row = s.get(NodeRow, node_id)
         if row is None:
@@ -155,9 +159,18 @@ def heartbeat(ctx: Context, node_id: str) -> HeartbeatReply:
         )
 
 
-def get_node_row(s: Session, node_id: str) -> NodeRow:
+def get_node_row(s: Session, node_id: str, *, lock: bool = False) -> NodeRow:
+    """The node's row; NotFound when it is not registered.
+
+    `lock` (in a write transaction): on PostgreSQL the row stays locked
+    (FOR NO KEY UPDATE) until commit, so checks that count what the node
+    holds (max_volumes) or read its fence are not passed by two concurrent
+    transactions at once. It does not block inserts that merely reference
+    the node (their foreign key takes a KEY SHARE lock). SQLite omits it:
+    BEGIN IMMEDIATE already serialises writers.
+    """
     ids.check_node_id(node_id)
-    row = s.get(NodeRow, node_id)
+    row = s.get(NodeRow, node_id, with_for_update={"key_share": True} if lock else None)
     if row is None:
         raise NotFound(f"node {node_id!r} is not registered", field="node_id")
     return row
@@ -191,6 +204,10 @@ def register_pool(ctx: Context, node_id: str, pool: str, reg: PoolRegistration) 
     ids.check_node_id(node_id)
     ids.check_name(pool, "pool")
     check_bytes(reg.capacity_bytes, "capacity_bytes")
+    return again_on_conflict(lambda: _upsert_pool(ctx, node_id, pool, reg))
+
+
+def _upsert_pool(ctx: Context, node_id: str, pool: str, reg: PoolRegistration) -> Pool:
     with ctx.db.write() as s:
         get_node_row(s, node_id)
         row = s.get(PoolRow, (node_id, pool))
@@ -241,6 +258,10 @@ def create_vpg(ctx: Context, req: VpgCreate) -> tuple[Vpg, bool]:
     """Create a vpg; idempotent by name. Returns (vpg, created)."""
     ids.check_name(req.name, "name")
     check_layout(req.layout)
+    return again_on_conflict(lambda: _get_or_insert_vpg(ctx, req))
+
+
+def _get_or_insert_vpg(ctx: Context, req: VpgCreate) -> tuple[Vpg, bool]:
     with ctx.db.write() as s:
         row = s.get(VpgRow, req.name)
         if row is not None:

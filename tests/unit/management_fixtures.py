@@ -1,4 +1,4 @@
-"""Fixtures for the management tests: a real app on a SQLite file and a real agent.
+"""Fixtures for the management tests: a real app on SQLite and on PostgreSQL, and a real agent.
 
 `FakeAgent` is a small but real agent-compatible HTTP server (uvicorn on a
 unix socket, in a thread) that implements the volume part of the agent API
@@ -44,6 +44,7 @@ from tessera.models import (
     AgentVolumeResize,
 )
 from tessera.rest import announce_service
+from tests.postgresql import PostgresServer, running_server
 
 TOKEN = "test-token-0123456789"
 GiB = 1024**3
@@ -66,6 +67,9 @@ class FakeAgent:
     keys: dict[str, AgentKey] = field(default_factory=dict)
     #: run when an operation arrives, before it is carried out (to interleave other calls)
     hooks: dict[str, Callable[[], object]] = field(default_factory=dict)
+    #: one create at a time, as the real agent's per-volume lock does: two replicas may
+    #: drive the same create at once, and a file seen between open and truncate is no answer
+    create_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def url(self) -> str:
@@ -101,11 +105,12 @@ class FakeAgent:
         def create(request: Request, volume_id: str, body: AgentVolumeCreate) -> AgentVolume:
             guard(request, "create", volume_id)
             path = self.path(body.pool, volume_id)
-            if path.exists() and path.stat().st_size != body.size_bytes:
-                raise AlreadyExists("same id, other size", field="size_bytes")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "ab") as f:
-                f.truncate(body.size_bytes)
+            with self.create_lock:
+                if path.exists() and path.stat().st_size != body.size_bytes:
+                    raise AlreadyExists("same id, other size", field="size_bytes")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "ab") as f:
+                    f.truncate(body.size_bytes)
             return AgentVolume(
                 id=volume_id, pool=body.pool, size_bytes=body.size_bytes, path=str(path)
             )
@@ -201,9 +206,26 @@ def agent(tmp_path: Path) -> Iterator[FakeAgent]:
         shutil.rmtree(sock_dir, ignore_errors=True)
 
 
-@pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'management.db'}"
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the whole session (see tests/postgresql.py)."""
+    with running_server() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Every management test runs on both databases management supports.
+
+    SQLite: a file in the test's directory. PostgreSQL: a fresh database
+    on the session's real server, dropped after the test.
+    """
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'management.db'}"
+        return
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    with server.database() as url:
+        yield url
 
 
 @pytest.fixture
