@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.chart.chart import (
+    CHART,
     NAMESPACE,
     Doc,
     Helm,
@@ -330,3 +333,24 @@ def test_given_token_is_used_verbatim(helm: Helm, values_dir: Path) -> None:
     docs = helm.template(write_values(values_dir, {"auth": {"token": "s3cr3t-t0ken"}}, "token"))
     secret = one(docs, "Secret", "tessera-token")
     assert base64.b64decode(secret["data"]["token"]) == b"s3cr3t-t0ken"
+
+
+def install_notes(helm: Helm, values: Path) -> str:
+    out = helm.run(
+        ["install", "tessera", str(CHART), "-n", NAMESPACE, "-f", str(values), "--dry-run=client"]
+    ).stdout
+    return out.split("NOTES:", 1)[1]
+
+
+def test_install_notes_give_a_valid_first_pvc_and_pod(helm: Helm, values_dir: Path) -> None:
+    notes = install_notes(helm, write_values(values_dir, {}, "notes"))
+    assert "kubectl get csidriver csi.tessera.io" in notes
+    assert "rollout status daemonset/tessera-node" in notes
+    manifest = textwrap.dedent(
+        notes.split("<<'YAML' | kubectl apply -f -\n", 1)[1].split("YAML\n")[0]
+    )
+    docs = [d for d in yaml.safe_load_all(manifest) if d]
+    assert [d["kind"] for d in docs] == ["PersistentVolumeClaim", "Pod"]
+    for doc in docs:
+        validate(doc)
+    assert docs[0]["spec"]["storageClassName"] == "tessera"
