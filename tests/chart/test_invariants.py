@@ -291,3 +291,22 @@ def test_ports_follow_the_contract(rendered: dict[str, list[Doc]]) -> None:
     assert node["node-agent/agent"] == 9700
     # hostNetwork: every port of the node pod is a port on the host
     assert len(set(node.values())) == len(node)
+
+
+def test_sidecars_are_the_required_major_versions(rendered: dict[str, list[Doc]]) -> None:
+    wanted = {
+        "csi-provisioner": ("registry.k8s.io/sig-storage/csi-provisioner", "v6."),
+        "csi-attacher": ("registry.k8s.io/sig-storage/csi-attacher", "v4."),
+        "csi-resizer": ("registry.k8s.io/sig-storage/csi-resizer", "v2."),
+        "csi-snapshotter": ("registry.k8s.io/sig-storage/csi-snapshotter", "v8."),
+        "liveness-probe": ("registry.k8s.io/sig-storage/livenessprobe", "v2."),
+        "node-driver-registrar": ("registry.k8s.io/sig-storage/csi-node-driver-registrar", "v2."),
+    }
+    seen = set()
+    for _, c in containers(rendered["snapshots-on"]):
+        if c["name"] in wanted:
+            repository, major = wanted[c["name"]]
+            name, _, tag = c["image"].rpartition(":")
+            assert name == repository and tag.startswith(major), c["image"]
+            seen.add(c["name"])
+    assert seen == set(wanted)
