@@ -310,3 +310,17 @@ def test_sidecars_are_the_required_major_versions(rendered: dict[str, list[Doc]]
             assert name == repository and tag.startswith(major), c["image"]
             seen.add(c["name"])
     assert seen == set(wanted)
+
+
+@variants
+def test_tessera_containers_keep_the_image_entrypoint(
+    rendered: dict[str, list[Doc]], variant: str
+) -> None:
+    """tini stays PID 1 and reaps the daemonized nbdkit/nbdfuse: no `command` override."""
+    executables = {"tessera-csi", "tessera-node-agent", "tessera-management", "chown"}
+    for workload, c in containers(rendered[variant]):
+        if not c["image"].startswith("ghcr.io/tessera-csi/tessera"):
+            continue
+        where = f"{workload['metadata']['name']}/{c['name']}"
+        assert "command" not in c, where
+        assert c["args"][0] in executables, where

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import tarfile
 import textwrap
 from pathlib import Path
 
@@ -354,3 +355,20 @@ def test_install_notes_give_a_valid_first_pvc_and_pod(helm: Helm, values_dir: Pa
     for doc in docs:
         validate(doc)
     assert docs[0]["spec"]["storageClassName"] == "tessera"
+
+
+def test_packaged_chart_carries_schema_dashboard_and_notes(helm: Helm, tmp_path: Path) -> None:
+    helm.run(["package", str(CHART), "--destination", str(tmp_path)])
+    (archive,) = tmp_path.glob("tessera-*.tgz")
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+    for wanted in [
+        "tessera/Chart.yaml",
+        "tessera/values.yaml",
+        "tessera/values.schema.json",
+        "tessera/README.md",
+        "tessera/templates/NOTES.txt",
+    ]:
+        assert wanted in names, wanted
+    if (CHART / "dashboards" / "tessera.json").exists():
+        assert "tessera/dashboards/tessera.json" in names
