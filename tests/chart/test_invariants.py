@@ -172,6 +172,11 @@ def test_only_the_node_plugin_and_agent_are_privileged(
     assert privileged == {("DaemonSet", "tessera-csi"), ("DaemonSet", "node-agent")}
     for w, c in containers(rendered[variant]):
         if (w["kind"], c["name"]) in privileged:
+            # the image runs as 65532 unless told: privileged alone gives a
+            # non-root process no effective capabilities
+            assert c["securityContext"]["runAsUser"] == 0, c["name"]
+    for w, c in containers(rendered[variant]):
+        if (w["kind"], c["name"]) in privileged:
             continue
         sc = c["securityContext"]
         assert sc["allowPrivilegeEscalation"] is False, c["name"]
