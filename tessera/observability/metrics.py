@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -137,15 +138,19 @@ def parse_host_port(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True  # a scrape in progress never holds the plugin's exit
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
 class MetricsServer:
     """/metrics and /healthz over plain HTTP on a daemon thread (the CSI plugin's)."""
 
     def __init__(self, host: str, port: int) -> None:
-        server_class = type("_Server", (ThreadingHTTPServer,), {"daemon_threads": True})
-        if ":" in host:
-            import socket
-
-            server_class.address_family = socket.AF_INET6
+        server_class = _Server6 if ":" in host else _Server
         self._server = server_class((host, port), _MetricsHandler)
         self.address: tuple[str, int] = self._server.server_address[:2]  # type: ignore[assignment]
         self._thread = threading.Thread(
