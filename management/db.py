@@ -1,12 +1,28 @@
-"""Engine, connection tuning and transactions.
+"""Engine, connection tuning and transactions, on SQLite (default) and PostgreSQL.
 
 Two kinds of session: `read()` for lookups and `write()` for anything that
-changes state. On SQLite a write session starts with `BEGIN IMMEDIATE`, so
-the check-then-insert steps of placement and attach run under the database
-write lock and two concurrent requests cannot both pass the same check; a
-deferred transaction would instead fail with "database is locked" when it
-tried to upgrade. On PostgreSQL the same code locks the rows it reads
-`FOR UPDATE` (a no-op on SQLite, which the SQLite dialect omits).
+changes state. Every check-then-write step (placement, attach, expand)
+must not be passed by two concurrent requests at once, whichever replica
+serves them:
+
+- SQLite: a write session starts with `BEGIN IMMEDIATE`, so those steps run
+  under the database write lock (one writer at a time); a deferred
+  transaction would instead fail with "database is locked" when it tried
+  to upgrade.
+- PostgreSQL: READ COMMITTED (the server's default) plus row locks on what
+  each check depends on: pool rows `FOR UPDATE` before placing or growing
+  (management.placement.pool_space), the volume row before attaching
+  (attachments._lock_volume), the consumer's node row before counting its
+  attachments or reading its fence (inventory.get_node_row(lock=True)). A
+  statement after the lock sees what the transaction it waited for
+  committed. Chosen over SERIALIZABLE, which would make any of those
+  transactions fail with a serialization error that every caller would
+  have to retry; with locks the second request simply waits and then
+  answers exactly as if it had come second. A get-or-insert of a row that
+  does not exist yet cannot be locked: `again_on_conflict` reruns it after
+  the loser's unique-key violation. The SQLite dialect omits `FOR UPDATE`.
+
+Concurrency tests run on both: tests/unit/test_management_concurrency.py.
 """
 
 from __future__ import annotations
@@ -40,6 +56,8 @@ _WRITE = "tessera_write"
 BUSY_TIMEOUT_MS = 30_000
 #: the `meta` row holding the database's identity
 EPOCH = "epoch"
+#: PostgreSQL advisory lock key held while the schema is created or upgraded ("tessera" in ASCII)
+SCHEMA_LOCK = 0x74657373657261
 
 
 def make_engine(url: str) -> Engine:
@@ -52,7 +70,13 @@ def make_engine(url: str) -> Engine:
     """
     if not url.startswith("sqlite"):
         return create_engine(
-            url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True
+            url,
+            pool_pre_ping=True,
+            pool_size=10,
+            max_overflow=20,
+            hide_parameters=True,
+            # the row locks are designed for it (module docstring), whatever the server's default
+            isolation_level="READ COMMITTED",
         )
     _private_file(make_url(url).database)
     kwargs: dict[str, Any] = {
@@ -127,9 +151,17 @@ class Database:
         self._write = sessionmaker(bind=self._write_engine, expire_on_commit=False)
 
     def create_tables(self) -> None:
-        """Create what is missing, and bring a database an older version made up to date."""
-        Base.metadata.create_all(self.engine)
+        """Create what is missing, and bring a database an older version made up to date.
+
+        One transaction: on PostgreSQL DDL is transactional, and replicas
+        starting at once on an empty database take turns on an advisory
+        lock, so the second finds the tables made instead of failing on
+        its own CREATE TABLE.
+        """
         with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK})
+            Base.metadata.create_all(conn)
             upgrade_schema(conn)
         ensure_epoch(self.engine)
 

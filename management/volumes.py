@@ -123,9 +123,11 @@ def _models(ctx: Context, s: Session | Connection, rows: list[Any]) -> list[Volu
     return out
 
 
-def _load(s: Session, volume_id: str) -> VolumeRow:
+def _load(s: Session, volume_id: str, *, lock: bool = False) -> VolumeRow:
+    """`lock`: PostgreSQL keeps the row locked to commit (see management.db), so a delete,
+    an attach and expands of one volume take turns instead of overwriting each other."""
     ids.check_volume_id(volume_id)
-    row = s.get(VolumeRow, volume_id)
+    row = s.get(VolumeRow, volume_id, with_for_update=lock or None)
     if row is None:
         raise NotFound(f"volume {volume_id} does not exist", field="volume_id")
     return row
@@ -287,7 +289,7 @@ def _drive_create(ctx: Context, agent_url: str, volume: Volume) -> Volume:
 def delete_volume(ctx: Context, volume_id: str) -> None:
     """Refused while attached; otherwise mark, drive the agent, then forget the row."""
     with ctx.db.write() as s:
-        row = _load(s, volume_id)
+        row = _load(s, volume_id, lock=True)
         attached = _published(s, [row.id]).get(row.id, [])
         if attached:
             raise FailedPrecondition(
@@ -312,7 +314,7 @@ def expand_volume(ctx: Context, volume_id: str, req: VolumeExpand) -> Volume:
     ids.check_volume_id(volume_id)
     new_size = sized_within_limit(req.size_bytes, req.limit_bytes)
     with ctx.db.write() as s:
-        row = _load(s, volume_id)
+        row = _load(s, volume_id, lock=True)
         if row.state != VolumeState.AVAILABLE:
             raise FailedPrecondition(
                 f"volume {volume_id} is {row.state}, not available", field="volume_id"
@@ -325,7 +327,7 @@ def expand_volume(ctx: Context, volume_id: str, req: VolumeExpand) -> Volume:
         agent_url = _agent_url(s, row.node_id)
     ctx.agents.get(agent_url).resize_volume(volume_id, target)
     with ctx.db.write() as s:
-        row = _load(s, volume_id)
+        row = _load(s, volume_id, lock=True)
         row.agent_size_bytes = max(row.agent_size_bytes, target)
         return _snapshot(ctx, s, row)
 

@@ -156,3 +156,41 @@ def test_a_new_node_registering_on_two_replicas_at_once_is_registered_once(repli
     answers = at_once(replicas, pool)
     assert codes(answers) == [200] * WORKERS, show(answers)
     assert replicas[1].get("/v1/pools").json()["items"][0]["capacity_bytes"] == GiB
+
+
+def test_expands_of_one_volume_to_different_sizes_at_once_end_at_the_largest(replicas, agent):
+    api = replicas[0]
+    add_node(api, "n1", agent.url, {"p": 10 * GiB})
+    vol = create(api, "v", 4 * MiB)["id"]
+    sizes = [(8 + 4 * k) * MiB for k in range(WORKERS)]
+
+    def grow(client: TestClient, k: int) -> httpx.Response:
+        return client.post(f"/v1/volumes/{vol}/expand", json={"size_bytes": sizes[k]})
+
+    answers = at_once(replicas, grow)
+    assert codes(answers) == [200] * WORKERS, show(answers)
+    final = api.get(f"/v1/volumes/{vol}").json()
+    assert final["size_bytes"] == max(sizes)  # a smaller expand that came late never shrinks it
+    assert final["legs"][0]["size_bytes"] == max(sizes)
+    assert api.get("/v1/pools").json()["items"][0]["allocated_bytes"] == max(sizes)
+    assert agent.path("p", vol).stat().st_size == max(sizes)
+
+
+def test_a_volume_deleted_while_it_is_attached_elsewhere_is_never_both(replicas, agent):
+    api = replicas[0]
+    add_node(api, "n1", agent.url, {"p": 10 * GiB})
+    for k in range(WORKERS):
+        add_node(api, f"c{k}", agent.url, {})
+    vol = create(api, "v", MiB)["id"]
+
+    def attach_or_delete(client: TestClient, k: int) -> httpx.Response:
+        if k % 2:
+            return client.delete(f"/v1/volumes/{vol}")
+        body = {"access_mode": "MULTI_NODE_MULTI_WRITER", "readonly": False}
+        return client.put(f"/v1/volumes/{vol}/attachments/c{k}", json=body)
+
+    answers = at_once(replicas, attach_or_delete)
+    attached = [r for k, r in enumerate(answers) if r.request.method == "PUT" and r.is_success]
+    deleted = [r for r in answers if r.request.method == "DELETE" and r.is_success]
+    assert not (attached and deleted), show(answers)
+    assert all(r.status_code < 500 for r in answers), show(answers)
