@@ -36,7 +36,7 @@ ALLOWED_CLUSTER_RULES = {
         ("", "nodes", READ),
         ("storage.k8s.io", "csinodes", READ),
         ("storage.k8s.io", "volumeattachments", READ),
-        ("storage.k8s.io", "volumeattributesclasses", ("get",)),
+        ("storage.k8s.io", "volumeattributesclasses", READ),
     ),
     "attacher": _rules(
         ("", "persistentvolumes", (*READ, "patch")),

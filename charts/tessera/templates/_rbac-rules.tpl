@@ -23,9 +23,10 @@
 - apiGroups: ["storage.k8s.io"]
   resources: ["volumeattachments"]
   verbs: ["get", "list", "watch"]
+# VolumeAttributesClass is GA: the provisioner watches them through an informer
 - apiGroups: ["storage.k8s.io"]
   resources: ["volumeattributesclasses"]
-  verbs: ["get"]
+  verbs: ["get", "list", "watch"]
 {{- if .Values.snapshots.enabled }}
 # a PVC restored from a VolumeSnapshot
 - apiGroups: ["snapshot.storage.k8s.io"]
