@@ -50,7 +50,12 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tessera-management", description=__doc__)
     p.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT or unix:///path.sock")
-    p.add_argument("--db", default="sqlite:///./tessera.db", help="SQLAlchemy database URL")
+    p.add_argument(
+        "--db",
+        # the chart feeds a PostgreSQL URL (with its password) from a Secret through the env
+        default=os.environ.get("TESSERA_DB_URL") or "sqlite:///./tessera.db",
+        help="SQLAlchemy database URL (default: $TESSERA_DB_URL, else sqlite:///./tessera.db)",
+    )
     p.add_argument("--token-file", required=True, help="file holding the API bearer token")
     p.add_argument(
         "--heartbeat-interval",

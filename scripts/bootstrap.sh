@@ -15,6 +15,7 @@ apt_packages=(
   nbdkit libnbd-bin fuse3 fio psmisc kmod iproute2
   npm unzip
   debootstrap containerd runc
+  postgresql
 )
 missing=()
 for p in "${apt_packages[@]}"; do
