@@ -136,7 +136,8 @@ readinessProbe:
 {{/*
 Probes of the livenessprobe sidecar itself: its image has no shell and its
 /healthz answers for the CSI plugin (not for itself), so it is alive and
-ready when its listener accepts connections.
+ready when its listener accepts connections. The port is a number: the name
+`healthz` belongs to the plugin container, whose liveness it serves.
 */}}
 {{- define "tessera.socketProbes" -}}
 livenessProbe:
