@@ -328,3 +328,49 @@ def test_tessera_containers_keep_the_image_entrypoint(
         where = f"{workload['metadata']['name']}/{c['name']}"
         assert "command" not in c, where
         assert c["args"][0] in executables, where
+
+
+@variants
+def test_pod_wiring_is_what_the_api_server_and_kubelet_accept(
+    rendered: dict[str, list[Doc]], variant: str
+) -> None:
+    """What schema validation cannot see: names that must point at each other."""
+    docs = rendered[variant]
+    for workload in find(docs, "Deployment") + find(docs, "DaemonSet"):
+        name = workload["metadata"]["name"]
+        selector = workload["spec"]["selector"]["matchLabels"]
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert selector.items() <= labels.items(), f"{name}: selector does not match its pods"
+        spec = pod_spec(workload)
+        assert spec is not None
+        volumes = {v["name"] for v in spec.get("volumes", [])}
+        used = set()
+        for _, c in containers([workload]):
+            env = {e["name"] for e in c.get("env", [])}
+            for arg in c.get("args", []):
+                for var in re.findall(r"\$\(([A-Z_]+)\)", arg):
+                    # the kubelet expands $(VAR) from the container's own env only
+                    assert var in env, f"{name}/{c['name']}: {arg} needs env {var}"
+            for mount in c.get("volumeMounts", []):
+                assert mount["name"] in volumes, f"{name}/{c['name']}: no volume {mount['name']}"
+                used.add(mount["name"])
+        assert used == volumes, f"{name}: volumes never mounted: {volumes - used}"
+
+
+@variants
+def test_services_reach_named_ports_of_their_pods(
+    rendered: dict[str, list[Doc]], variant: str
+) -> None:
+    docs = rendered[variant]
+    workloads = find(docs, "Deployment") + find(docs, "DaemonSet")
+    for service in find(docs, "Service"):
+        selector = service["spec"]["selector"]
+        backends = [
+            w
+            for w in workloads
+            if selector.items() <= w["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        assert len(backends) == 1, service["metadata"]["name"]
+        names = {p["name"] for _, c in containers(backends) for p in c.get("ports", [])}
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in names, f"{service['metadata']['name']}: {port}"
