@@ -12,7 +12,9 @@ from sqlalchemy.exc import ArgumentError
 from management.app import create_app
 from management.context import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_MISSES
 from management.db import SchemaTooOld
+from management.inventory import ensure_vpgs, parse_vpg_flag
 from management.reconcile import PeriodicReconciler
+from tessera.errors import TesseraError
 from tessera.http import read_token
 from tessera.observability.logs import add_flags, configure_logging, register_secret
 from tessera.rest import server_options
@@ -55,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
         # the chart feeds a PostgreSQL URL (with its password) from a Secret through the env
         default=os.environ.get("TESSERA_DB_URL") or "sqlite:///./tessera.db",
         help="SQLAlchemy database URL (default: $TESSERA_DB_URL, else sqlite:///./tessera.db)",
+    )
+    p.add_argument(
+        "--vpg",
+        action="append",
+        default=[],
+        metavar="NAME=LAYOUT",
+        help="a volume provisioning group to ensure at start, like `default` (repeatable)",
     )
     p.add_argument("--token-file", required=True, help="file holding the API bearer token")
     p.add_argument(
@@ -108,6 +117,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(exc))
     if args.ca_bundle and not os.access(args.ca_bundle, os.R_OK):
         parser.error(f"--ca-bundle {args.ca_bundle}: not a readable file")
+    try:
+        vpgs = [parse_vpg_flag(v) for v in args.vpg]
+    except TesseraError as exc:
+        parser.error(exc.message)
     configure_logging(args.log_level, args.log_format)
     token = read_token(args.token_file)
     register_secret(token)
@@ -122,6 +135,10 @@ def main(argv: list[str] | None = None) -> None:
         )
     except SchemaTooOld as exc:
         parser.exit(1, f"tessera-management: {exc}\n")
+    try:
+        ensure_vpgs(app.state.ctx, vpgs)
+    except TesseraError as exc:
+        parser.exit(1, f"tessera-management: {exc.message}\n")
     reconciler = None
     if args.reconcile_interval > 0:
         reconciler = PeriodicReconciler(app.state.ctx, args.reconcile_interval)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+from pydantic import ValidationError
 from sqlalchemy import Connection, bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -243,6 +244,48 @@ def ensure_default_vpg(ctx: Context) -> None:
                 s.add(VpgRow(name=DEFAULT_VPG, layout="concat"))
     except IntegrityError:
         pass  # another replica created it first
+
+
+def parse_vpg_flag(text: str) -> VpgCreate:
+    """`NAME=LAYOUT` of `tessera-management --vpg`; InvalidArgument naming what is wrong."""
+    name, sep, layout = text.partition("=")
+    if not sep or not layout:
+        raise InvalidArgument(
+            f"--vpg {text[:80]!r}: expected NAME=LAYOUT (e.g. fast=concat)", field="vpg"
+        )
+    try:
+        req = VpgCreate(name=name, layout=layout)
+    except ValidationError:
+        raise InvalidArgument(
+            f"--vpg {text[:80]!r}: the name must be 1-63 letters, digits, '.', '_' or '-'",
+            field="vpg",
+        ) from None
+    try:
+        check_layout(layout)
+    except InvalidArgument as err:
+        raise InvalidArgument(f"--vpg {text[:80]!r}: {err.message}", field="vpg") from None
+    return req
+
+
+def ensure_vpgs(ctx: Context, wanted: list[VpgCreate]) -> list[Vpg]:
+    """Create the vpgs `--vpg` names at start; those that exist with the same layout stay.
+
+    Idempotent, so every start (and every replica) may run it. A vpg that
+    exists with another layout is not changed (its volumes were made for
+    the old one): AlreadyExists, which stops the start with a message
+    saying which vpg and both layouts.
+    """
+    ensured = []
+    for req in wanted:
+        try:
+            ensured.append(create_vpg(ctx, req)[0])
+        except AlreadyExists as err:
+            raise AlreadyExists(
+                f"--vpg {req.name}={req.layout}: {err.message}; a vpg's layout cannot change "
+                "(its volumes were placed for it): pick another name, or pass the existing layout",
+                field="vpg",
+            ) from None
+    return ensured
 
 
 def check_layout(layout: str) -> None:
