@@ -169,3 +169,22 @@ def test_chart_readme_documents_every_value() -> None:
         if leaf not in documented and generic not in documented:
             missing.append(leaf)
     assert missing == [], f"charts/tessera/README.md does not document {missing}"
+
+
+def test_schema_closes_every_object_it_describes() -> None:
+    """A misspelt key anywhere (not only at the top) is refused, not ignored."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    open_objects = []
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            if "properties" in node and node.get("additionalProperties") is not False:
+                open_objects.append(path or "/")
+            for key, value in node.items():
+                walk(value, f"{path}/{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{path}/{i}")
+
+    walk(schema, "")
+    assert open_objects == []
