@@ -178,7 +178,10 @@ def test_schema_closes_every_object_it_describes() -> None:
 
     def walk(node: Any, path: str) -> None:
         if isinstance(node, dict):
-            if "properties" in node and node.get("additionalProperties") is not False:
+            # if/then only add conditions to the object they sit in
+            conditional = path.endswith(("/if", "/then", "/else"))
+            closed = node.get("additionalProperties") is False
+            if "properties" in node and not conditional and not closed:
                 open_objects.append(path or "/")
             for key, value in node.items():
                 walk(value, f"{path}/{key}")
