@@ -22,6 +22,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--agent-socket", default="", help="node-agent socket (node and all modes)")
     p.add_argument("--max-volumes-per-node", type=int, default=0, help="0: no limit")
     p.add_argument("--zone", default="", help="topology.kubernetes.io/zone of this node")
+    p.add_argument(
+        "--kubernetes-topology",
+        action="store_true",
+        help="node mode: report the zone and region labels of the Kubernetes Node named by "
+        "--node-id (in-cluster config or $KUBECONFIG; RBAC get nodes)",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument(
         "--metrics-listen",
@@ -40,6 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--agent-socket is required in {mode.value} mode")
     if not args.token_file:
         p.error("--token-file is required")
+    if args.kubernetes_topology and not mode.serves_node:
+        p.error("--kubernetes-topology is for node (or all) mode: only NodeGetInfo reports it")
+    if args.kubernetes_topology and args.zone:
+        p.error("--zone and --kubernetes-topology both set the zone: pass one of them")
     if args.max_volumes_per_node < 0:
         p.error("--max-volumes-per-node must be 0 (no limit) or more")
     if args.metrics_listen:
@@ -62,6 +72,7 @@ def config_from_args(args: argparse.Namespace) -> PluginConfig:
         agent_url=agent_url,
         max_volumes_per_node=args.max_volumes_per_node,
         zone=args.zone,
+        kubernetes_topology=args.kubernetes_topology,
     )
 
 

@@ -30,3 +30,5 @@ class PluginConfig:
     agent_url: str = ""  # unix:///path/to/agent.sock (node mode)
     max_volumes_per_node: int = 0  # 0: no limit reported
     zone: str = ""  # topology.kubernetes.io/zone of this node, when known
+    #: node mode: zone and region from the Kubernetes Node's labels (csi_driver.kubernetes_topology)
+    kubernetes_topology: bool = False

@@ -22,6 +22,7 @@ from csi_driver import validation
 from csi_driver._gen import csi_pb2, csi_pb2_grpc
 from csi_driver.capabilities import Capability
 from csi_driver.config import PluginConfig
+from csi_driver.kubernetes_topology import NodeTopology
 from csi_driver.parameters import CONTEXT_FS_TYPE, CONTEXT_MKFS_OPTIONS, split_mkfs_options
 from tessera.clients import AgentClient
 from tessera.errors import (
@@ -55,6 +56,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         self.config = config
         self.agent = agent
         self.locks = VolumeLocks()
+        self.kubernetes = NodeTopology(config.node_id) if config.kubernetes_topology else None
 
     # ---- stage ------------------------------------------------------------------
 
@@ -311,6 +313,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         segments = {TOPOLOGY_KEY: self.config.node_id}
         if self.config.zone:
             segments[ZONE_KEY] = self.config.zone
+        if self.kubernetes is not None:  # raises until the Node's labels could be read
+            segments.update(self.kubernetes.segments())
         return csi_pb2.NodeGetInfoResponse(
             node_id=self.config.node_id,
             max_volumes_per_node=self.config.max_volumes_per_node,
