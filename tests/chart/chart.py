@@ -100,11 +100,12 @@ class Helm:
         values_file: Path,
         extra: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        release: str = RELEASE,
     ) -> list[Doc]:
         out = self.run(
             [
                 "template",
-                RELEASE,
+                release,
                 str(CHART),
                 "--namespace",
                 NAMESPACE,

@@ -372,3 +372,17 @@ def test_packaged_chart_carries_schema_dashboard_and_notes(helm: Helm, tmp_path:
         assert wanted in names, wanted
     if (CHART / "dashboards" / "tessera.json").exists():
         assert "tessera/dashboards/tessera.json" in names
+
+
+def test_another_release_name_still_points_agents_at_its_management(
+    helm: Helm, values_dir: Path
+) -> None:
+    docs = helm.template(write_values(values_dir, {}, "release"), release="storage")
+    service = one(docs, "Service", "storage-tessera-management")
+    url = f"--management=http://{service['metadata']['name']}.{NAMESPACE}.svc:8080"
+    assert url in container(one(docs, "DaemonSet", "storage-tessera-node"), "node-agent")["args"]
+    controller = one(docs, "Deployment", "storage-tessera-controller")
+    assert url in container(controller, "tessera-csi")["args"]
+    token = one(docs, "Secret", "storage-tessera-token")["metadata"]["name"]
+    volumes = controller["spec"]["template"]["spec"]["volumes"]
+    assert next(v for v in volumes if v["name"] == "token")["secret"]["secretName"] == token
