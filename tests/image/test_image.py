@@ -123,16 +123,29 @@ def test_the_data_path_tools_are_in_the_image(ctd: Containerd) -> None:
         assert expected in out, out
 
 
+#: a daemonized nbdkit exits; is it still in the process table after 5 s?
+DAEMON_EXITS = (
+    "nbdkit --pidfile /tmp/nbdkit.pid --unix /tmp/nbd.sock memory 1M"
+    " && pid=$(cat /tmp/nbdkit.pid)"
+    # nbdkit's first process may still be on its way out: wait for the daemon to be orphaned
+    " && for i in $(seq 50); do [ $(awk '{print $4}' /proc/$pid/stat) = 1 ] && break; sleep 0.1;"
+    " done && echo parent=$(awk '{print $4}' /proc/$pid/stat)"
+    " && kill $pid && for i in $(seq 50); do [ -e /proc/$pid ] || break; sleep 0.1; done"
+    " && if [ -e /proc/$pid ]; then awk '/^State/ {print $2}' /proc/$pid/status;"
+    " else echo reaped; fi"
+)
+#: the command is a Python process, like every Tessera executable: it never reaps strangers
+AS_PYTHON = ["python3", "-c", "import subprocess, sys; subprocess.run(['sh', '-c', sys.argv[1]])"]
+
+
 def test_a_daemonized_nbdkit_that_exits_is_reaped_not_left_a_zombie(ctd: Containerd) -> None:
     # nbdkit forks into the background as the node-agent starts it; its parent
     # becomes PID 1, and only a PID 1 that reaps (tini) makes it go away on exit
-    out = run_ok(ctd, "reap", shell(
-        "nbdkit --pidfile /tmp/nbdkit.pid --unix /tmp/nbd.sock memory 1M"
-        " && pid=$(cat /tmp/nbdkit.pid) && echo parent=$(awk '{print $4}' /proc/$pid/stat)"
-        " && kill $pid && for i in $(seq 50); do [ -e /proc/$pid ] || break; sleep 0.1; done"
-        " && if [ -e /proc/$pid ]; then grep State /proc/$pid/status; else echo reaped; fi"
-    )).split()  # fmt: skip
+    out = run_ok(ctd, "reap", [*ENTRYPOINT, *AS_PYTHON, DAEMON_EXITS]).split()
     assert out == ["parent=1", "reaped"]
+    # the same with the Python command as PID 1 (a pod spec's `command:` drops tini)
+    out = run_ok(ctd, "no-tini", [*AS_PYTHON, DAEMON_EXITS]).split()
+    assert out == ["parent=1", "Z"]
 
 
 def wait_ready(client: CsiClient, socket: Path, container: subprocess.Popen[bytes]) -> None:
