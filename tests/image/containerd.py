@@ -61,7 +61,7 @@ class Containerd:
         self.base = base
         self.address = str(base / "containerd.sock")
         self.proc: subprocess.Popen[bytes] | None = None
-        self._made_shim_dir = False
+        self._made_dirs: list[Path] = []
 
     # ---- daemon ----------------------------------------------------------------
 
@@ -86,7 +86,8 @@ class Containerd:
 
     def start(self, timeout: float = 30.0) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
-        self._made_shim_dir = not SHIM_SOCKET_DIR.exists()
+        # the shim's socket directories we create, innermost last (removed when empty)
+        self._made_dirs = [d for d in (SHIM_SOCKET_DIR.parent, SHIM_SOCKET_DIR) if not d.exists()]
         (self.base / "config.toml").write_text(self.config())
         log = (self.base / "containerd.log").open("wb")
         self.proc = subprocess.Popen(
@@ -118,10 +119,9 @@ class Containerd:
         # a daemon that died mid-way leaves its overlay mounts; they are ours to undo
         for mountpoint in reversed(mounts_under(self.base)):
             unmount(mountpoint)
-        if self._made_shim_dir and SHIM_SOCKET_DIR.is_dir() and not any(SHIM_SOCKET_DIR.iterdir()):
-            SHIM_SOCKET_DIR.rmdir()
-            if not any(SHIM_SOCKET_DIR.parent.iterdir()):
-                SHIM_SOCKET_DIR.parent.rmdir()
+        for made in reversed(self._made_dirs):
+            if made.is_dir() and not any(made.iterdir()):
+                made.rmdir()
 
     # ---- ctr ---------------------------------------------------------------------
 

@@ -20,12 +20,13 @@ import pytest
 
 from csi_driver import DRIVER_NAME
 from csi_driver._gen import csi_pb2
+from tessera.system.loopdev import bound_under
 from tessera.system.mounts import mounts_under
 from tessera.system.processes import matching
 from tessera_dev.csi_client import CsiClient
 from tessera_dev.stack import DevStack
 from tests.conftest import needs_root
-from tests.image.containerd import Bind, Containerd, archive_with_user
+from tests.image.containerd import SHIM_SOCKET_DIR, Bind, Containerd, archive_with_user
 
 REPO = Path(__file__).resolve().parents[2]
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
@@ -58,6 +59,7 @@ def image_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def ctd(image_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
     base = tmp_path_factory.mktemp("containerd")
     daemon = Containerd(base)
+    made_by_us = [d for d in (SHIM_SOCKET_DIR.parent, SHIM_SOCKET_DIR) if not d.exists()]
     try:
         daemon.start()
         assert daemon.import_image(image_archive) == [REF]
@@ -71,6 +73,7 @@ def ctd(image_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             "processes": matching(lambda args: any(str(base) in a for a in args)),
         }
         assert leftovers == {"mounts": [], "processes": []}
+        assert not any(d.exists() for d in made_by_us), "shim socket directories left behind"
         shutil.rmtree(base)  # the content store and snapshots: hundreds of MiB
 
 
@@ -192,4 +195,4 @@ def test_node_plugin_in_the_image_serves_probe_and_node_info_on_a_host_socket(
         assert not socket.exists()
     finally:
         stack.stop()
-    assert mounts_under(tmp_path) == []
+    assert (mounts_under(tmp_path), bound_under(tmp_path)) == ([], [])
