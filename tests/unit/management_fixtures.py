@@ -217,14 +217,14 @@ def postgres_server() -> Iterator[PostgresServer]:
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """Every management test runs on both databases management supports.
 
-    SQLite: a file in the test's directory. PostgreSQL: a fresh database
-    on the session's real server, dropped after the test.
+    SQLite: a file in the test's directory. PostgreSQL: a fresh schema on
+    the session's real server, dropped after the test.
     """
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'management.db'}"
         return
     server: PostgresServer = request.getfixturevalue("postgres_server")
-    with server.database() as url:
+    with server.schema() as url:
         yield url
 
 
