@@ -14,23 +14,33 @@ from tessera.models import (
     AgentAttachment,
     AgentExport,
     AgentExportCreate,
+    AgentFreezeState,
     AgentKey,
     AgentNode,
+    AgentSnapshot,
+    AgentSource,
     AgentView,
     AgentVolume,
     Attachment,
     Capacity,
     Connection,
+    ExtentPage,
     FenceReport,
+    GroupSnapshot,
+    GroupSnapshotCreate,
     HeartbeatReply,
     Locality,
     Node,
     Page,
     Pool,
+    QosLimits,
     ReconcileReport,
     Registration,
+    Snapshot,
+    SnapshotCreate,
     Volume,
     VolumeCreate,
+    VolumeModify,
     Vpg,
 )
 
@@ -153,6 +163,73 @@ class ManagementClient(_TypedClient):
         data = self._c.request("POST", f"/v1/volumes/{volume_id}/expand", json=body)
         return self._parse(Volume, data)
 
+    def modify_volume(self, volume_id: str, req: VolumeModify) -> Volume:
+        """Change mutable parameters (QoS) of a volume, live on every node that uses it."""
+        data = self._c.request(
+            "PATCH", f"/v1/volumes/{volume_id}", json=req.model_dump(mode="json")
+        )
+        return self._parse(Volume, data)
+
+    # snapshots (docs/data-services.md)
+    def create_snapshot(self, req: SnapshotCreate) -> Snapshot:
+        """Cut a snapshot; idempotent by name (the same name for another source: AlreadyExists)."""
+        data = self._c.request("POST", "/v1/snapshots", json=req.model_dump(mode="json"))
+        return self._parse(Snapshot, data)
+
+    def get_snapshot(self, snapshot_id: str) -> Snapshot:
+        return self._parse(Snapshot, self._c.request("GET", f"/v1/snapshots/{snapshot_id}"))
+
+    def list_snapshots(
+        self,
+        page_token: str = "",
+        max_entries: int = 0,
+        *,
+        name: str = "",
+        source_volume_id: str = "",
+    ) -> Page[Snapshot]:
+        params = _page_params(page_token, max_entries)
+        if name:
+            params["name"] = name
+        if source_volume_id:
+            params["source_volume_id"] = source_volume_id
+        return self._parse(Page[Snapshot], self._c.request("GET", "/v1/snapshots", params=params))
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        """Delete a snapshot; NotFound when there is none (CSI callers treat that as done)."""
+        self._c.request("DELETE", f"/v1/snapshots/{snapshot_id}")
+
+    def snapshot_allocated(
+        self, snapshot_id: str, offset: int = 0, max_entries: int = 0
+    ) -> ExtentPage:
+        """The byte ranges of the snapshot that hold data, from `offset` on."""
+        params = _extent_params(offset, max_entries)
+        path = f"/v1/snapshots/{snapshot_id}/allocated"
+        return self._parse(ExtentPage, self._c.request("GET", path, params=params))
+
+    def snapshot_delta(
+        self, base_snapshot_id: str, snapshot_id: str, offset: int = 0, max_entries: int = 0
+    ) -> ExtentPage:
+        """The byte ranges that differ between two snapshots of one volume, from `offset` on."""
+        params: dict[str, str | int] = {
+            "base": base_snapshot_id,
+            **_extent_params(offset, max_entries),
+        }
+        path = f"/v1/snapshots/{snapshot_id}/delta"
+        return self._parse(ExtentPage, self._c.request("GET", path, params=params))
+
+    def create_group_snapshot(self, req: GroupSnapshotCreate) -> GroupSnapshot:
+        """Snapshot every volume at one instant; idempotent by name and member set."""
+        data = self._c.request("POST", "/v1/group-snapshots", json=req.model_dump(mode="json"))
+        return self._parse(GroupSnapshot, data)
+
+    def get_group_snapshot(self, group_snapshot_id: str) -> GroupSnapshot:
+        path = f"/v1/group-snapshots/{group_snapshot_id}"
+        return self._parse(GroupSnapshot, self._c.request("GET", path))
+
+    def delete_group_snapshot(self, group_snapshot_id: str) -> None:
+        """Delete the group and its member snapshots; NotFound when there is none."""
+        self._c.request("DELETE", f"/v1/group-snapshots/{group_snapshot_id}")
+
     def capacity(
         self, vpg: str = "default", node_id: str = "", locality: Locality = Locality.ANY
     ) -> Capacity:
@@ -210,14 +287,23 @@ class AgentClient(_TypedClient):
             return False
 
     def create_volume(
-        self, volume_id: str, pool: str, size_bytes: int, *, must_exist: bool = False
+        self,
+        volume_id: str,
+        pool: str,
+        size_bytes: int,
+        *,
+        must_exist: bool = False,
+        source: AgentSource | None = None,
     ) -> AgentVolume:
         """Create the volume file (idempotent); `must_exist`: only confirm one already there.
 
         With `must_exist` a missing file is NotFound and nothing is created;
         an agent too old to know the flag refuses it (422), it never creates.
+        With `source` the file starts as a clone of that snapshot or volume.
         """
-        body = {"pool": pool, "size_bytes": size_bytes}
+        body: dict[str, Any] = {"pool": pool, "size_bytes": size_bytes}
+        if source is not None:
+            body["source"] = source.model_dump(mode="json")
         params = {"must_exist": "true"} if must_exist else None
         data = self._c.request("PUT", f"/v1/volumes/{volume_id}", json=body, params=params)
         return self._parse(AgentVolume, data)
@@ -285,12 +371,62 @@ class AgentClient(_TypedClient):
     def list_exports(self) -> list[AgentExport]:
         return self._items(AgentExport, self._c.request("GET", "/v1/exports"))
 
+    # snapshots: files beside the volumes in the same pool
+    def create_snapshot(self, snapshot_id: str, pool: str, source_volume_id: str) -> AgentSnapshot:
+        """Cut the snapshot file (reflink, or a copy where the pool falls back); idempotent."""
+        body = {"pool": pool, "source_volume_id": source_volume_id}
+        data = self._c.request("PUT", f"/v1/snapshots/{snapshot_id}", json=body)
+        return self._parse(AgentSnapshot, data)
+
+    def list_snapshots(self) -> list[AgentSnapshot]:
+        return self._items(AgentSnapshot, self._c.request("GET", "/v1/snapshots"))
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        """Remove the snapshot file; already gone is fine."""
+        self._c.request("DELETE", f"/v1/snapshots/{snapshot_id}")
+
+    def snapshot_extents(
+        self, snapshot_id: str, base_snapshot_id: str = "", offset: int = 0, max_entries: int = 0
+    ) -> ExtentPage:
+        """Allocated ranges of a snapshot, or (with a base) the ranges that differ from it."""
+        params = _extent_params(offset, max_entries)
+        if base_snapshot_id:
+            params["base"] = base_snapshot_id
+        path = f"/v1/snapshots/{snapshot_id}/extents"
+        return self._parse(ExtentPage, self._c.request("GET", path, params=params))
+
+    # consistency points: a mounted filesystem frozen for the instant of a snapshot
+    def freeze(self, volume_id: str, lease_seconds: float = 10.0) -> AgentFreezeState:
+        """Freeze the volume's filesystems mounted here; thawed by the agent after the lease."""
+        body = {"lease_seconds": lease_seconds}
+        data = self._c.request("POST", f"/v1/attachments/{volume_id}/freeze", json=body)
+        return self._parse(AgentFreezeState, data)
+
+    def thaw(self, volume_id: str) -> AgentFreezeState:
+        """Thaw what `freeze` froze; not frozen is fine."""
+        data = self._c.request("POST", f"/v1/attachments/{volume_id}/thaw")
+        return self._parse(AgentFreezeState, data)
+
+    # QoS on this node's data path (cgroup limits, and the export's rate filter)
+    def set_qos(self, volume_id: str, limits: QosLimits) -> None:
+        path = f"/v1/attachments/{volume_id}/qos"
+        self._c.request("PUT", path, json=limits.model_dump(mode="json"))
+
     # consumer side: the key to connect to a remote volume
     def put_key(self, volume_id: str, key: AgentKey) -> None:
         self._c.request("PUT", f"/v1/keys/{volume_id}", json=key.model_dump(mode="json"))
 
     def delete_key(self, volume_id: str) -> None:
         self._c.request("DELETE", f"/v1/keys/{volume_id}")
+
+
+def _extent_params(offset: int, max_entries: int) -> dict[str, str | int]:
+    params: dict[str, str | int] = {}
+    if offset:
+        params["offset"] = offset
+    if max_entries:
+        params["max_entries"] = max_entries
+    return params
 
 
 def _page_params(page_token: str, max_entries: int) -> dict[str, str | int]:

@@ -19,6 +19,8 @@ _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 VOLUME_PREFIX = "vol-"
+SNAPSHOT_PREFIX = "snap-"
+GROUP_SNAPSHOT_PREFIX = "group-"
 
 # The same rules as JSON-Schema patterns, for the OpenAPI documents (tessera.models).
 # No lookaround (pydantic's regex engine has none), so ".." is ruled out by
@@ -26,6 +28,8 @@ VOLUME_PREFIX = "vol-"
 NODE_ID_PATTERN = r"^[A-Za-z0-9](\.?[A-Za-z0-9_-])*\.?$"
 NAME_PATTERN = NODE_ID_PATTERN
 VOLUME_ID_PATTERN = r"^vol-[a-z0-9-]{0,59}$"
+SNAPSHOT_ID_PATTERN = r"^snap-[a-z0-9-]{0,58}$"
+GROUP_SNAPSHOT_ID_PATTERN = r"^group-[a-z0-9-]{0,57}$"
 #: a read-only view's key: fits a loop device's label with room to spare
 VIEW_KEY_PATTERN = r"^[0-9a-z][0-9a-z-]{0,39}$"
 
@@ -34,8 +38,24 @@ def new_volume_id() -> str:
     return VOLUME_PREFIX + uuid.uuid4().hex
 
 
+def new_snapshot_id() -> str:
+    return SNAPSHOT_PREFIX + uuid.uuid4().hex
+
+
+def new_group_snapshot_id() -> str:
+    return GROUP_SNAPSHOT_PREFIX + uuid.uuid4().hex
+
+
 def is_volume_id(value: str) -> bool:
     return bool(value) and value.startswith(VOLUME_PREFIX) and bool(_ID.fullmatch(value))
+
+
+def is_snapshot_id(value: str) -> bool:
+    return bool(value) and value.startswith(SNAPSHOT_PREFIX) and bool(_ID.fullmatch(value))
+
+
+def is_group_snapshot_id(value: str) -> bool:
+    return bool(value) and value.startswith(GROUP_SNAPSHOT_PREFIX) and bool(_ID.fullmatch(value))
 
 
 def check_volume_id(
@@ -55,6 +75,32 @@ def check_volume_id(
         if missing_is_not_found:
             raise NotFound(msg, field=field)
         raise InvalidArgument(msg, field=field)
+    return value
+
+
+def check_snapshot_id(
+    value: str, field: str = "snapshot_id", *, missing_is_not_found: bool = True
+) -> str:
+    """Validate a snapshot ID: the same rules as `check_volume_id` (snap-<hex>)."""
+    if not value:
+        raise InvalidArgument(f"{field} is required", field=field)
+    if not is_snapshot_id(value):
+        msg = f"{field} {value[:80]!r} is not a Tessera snapshot ID (expected snap-<hex>)"
+        if missing_is_not_found:
+            raise NotFound(msg, field=field)
+        raise InvalidArgument(msg, field=field)
+    return value
+
+
+def check_group_snapshot_id(value: str, field: str = "group_snapshot_id") -> str:
+    """Validate a group snapshot ID (group-<hex>); a foreign one names nothing: NotFound."""
+    if not value:
+        raise InvalidArgument(f"{field} is required", field=field)
+    if not is_group_snapshot_id(value):
+        raise NotFound(
+            f"{field} {value[:80]!r} is not a Tessera group snapshot ID (expected group-<hex>)",
+            field=field,
+        )
     return value
 
 

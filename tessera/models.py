@@ -10,9 +10,15 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from tessera.ids import NAME_PATTERN, NODE_ID_PATTERN, VIEW_KEY_PATTERN, VOLUME_ID_PATTERN
+from tessera.ids import (
+    NAME_PATTERN,
+    NODE_ID_PATTERN,
+    SNAPSHOT_ID_PATTERN,
+    VIEW_KEY_PATTERN,
+    VOLUME_ID_PATTERN,
+)
 
 GiB = 1024**3
 MiB = 1024**2
@@ -52,6 +58,7 @@ FORM_RULES = {
     NODE_ID_PATTERN: "must be 1-128 letters, digits, '.', '_' or '-', starting with a letter "
     "or digit, without '..'",
     VOLUME_ID_PATTERN: "must be a Tessera volume ID (vol-<hex>)",
+    SNAPSHOT_ID_PATTERN: "must be a Tessera snapshot ID (snap-<hex>)",
     VIEW_KEY_PATTERN: "must be 1-40 characters of a-z, 0-9 and '-'",
     PSK_KEY_PATTERN: "must be 64 lower-case hex digits (a 256-bit key)",
     CLIENT_ADDRESS_PATTERN: "must be empty (any address), a host name or an IP address",
@@ -183,6 +190,14 @@ class HeartbeatReply(BaseModel):
     )
 
 
+class SnapshotMethod(StrEnum):
+    """How a pool makes snapshots and clones (docs/data-services.md)."""
+
+    REFLINK = "reflink"  # FICLONE: constant time; extents shared until one side writes
+    COPY = "copy"  # a full copy: --copy-fallback on a filesystem that cannot reflink
+    NONE = "none"  # refused: FAILED_PRECONDITION naming the pool
+
+
 class PoolRegistration(Strict):
     capacity_bytes: int = Field(
         ge=0,
@@ -193,14 +208,25 @@ class PoolRegistration(Strict):
             "the pool's overcommit ratio (0 for a full pool)"
         ),
     )
+    used_bytes: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_BYTES,
+        description="bytes in use on the pool's filesystem (physical: shared extents once)",
+    )
+    snapshot_method: SnapshotMethod = SnapshotMethod.NONE
 
 
 class Pool(BaseModel):
     node_id: str
     name: str
     capacity_bytes: int
-    allocated_bytes: int
+    allocated_bytes: int = Field(
+        description="logical: the sizes of the legs placed here, plus what snapshots may pin"
+    )
     free_bytes: int
+    used_bytes: int = Field(default=0, description="physical, as the filesystem reports it")
+    snapshot_method: SnapshotMethod = SnapshotMethod.NONE
 
 
 # ---- volume provisioning groups ---------------------------------------------
@@ -219,6 +245,37 @@ class Vpg(BaseModel):
 # ---- volumes -----------------------------------------------------------------
 
 
+SnapshotId = Annotated[
+    str, StringConstraints(min_length=6, max_length=63, pattern=SNAPSHOT_ID_PATTERN)
+]
+MAX_IOPS = 2**31 - 1
+
+
+class QosLimits(Strict):
+    """Per-volume I/O limits, enforced on the data path; 0 means unlimited."""
+
+    max_read_bytes_per_second: int = Field(default=0, ge=0, le=MAX_BYTES)
+    max_write_bytes_per_second: int = Field(default=0, ge=0, le=MAX_BYTES)
+    max_read_iops: int = Field(default=0, ge=0, le=MAX_IOPS)
+    max_write_iops: int = Field(default=0, ge=0, le=MAX_IOPS)
+
+    def unlimited(self) -> bool:
+        return not any(self.model_dump().values())
+
+
+class ContentSource(Strict):
+    """What a new volume starts with: a snapshot's data or another volume's (exactly one)."""
+
+    snapshot_id: str = Field(default="", pattern="^$|" + SNAPSHOT_ID_PATTERN)
+    volume_id: str = Field(default="", pattern="^$|" + VOLUME_ID_PATTERN)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ContentSource:
+        if bool(self.snapshot_id) == bool(self.volume_id):
+            raise ValueError("give exactly one of snapshot_id and volume_id")
+        return self
+
+
 class VolumeCreate(Strict):
     name: str = Field(min_length=1, max_length=MAX_VOLUME_NAME, pattern=TEXT_PATTERN)
     size_bytes: int = Field(gt=0, le=MAX_BYTES)
@@ -230,6 +287,10 @@ class VolumeCreate(Strict):
     #: nodes to try first, in order
     preferred_nodes: list[NodeId] = Field(default_factory=list)
     parameters: dict[Text, Text] = Field(default_factory=dict, json_schema_extra=TEXT_MAP)
+    content_source: ContentSource | None = Field(
+        default=None, description="clone this snapshot or volume (placed on its node)"
+    )
+    qos: QosLimits = Field(default_factory=QosLimits)
 
 
 class Leg(BaseModel):
@@ -257,6 +318,14 @@ class Volume(BaseModel):
         description="empty when healthy; else what is wrong, naming the node (unreachable owner "
         "or consumer)",
     )
+    content_source: ContentSource | None = None
+    qos: QosLimits = Field(default_factory=QosLimits)
+
+
+class VolumeModify(Strict):
+    """PATCH /v1/volumes/{id}: the mutable parameters (ControllerModifyVolume)."""
+
+    qos: QosLimits
 
 
 class VolumeExpand(Strict):
@@ -296,6 +365,69 @@ class Attachment(BaseModel):
     readonly: bool
     created_at: float
     connection: Connection = Field(default_factory=Connection)
+
+
+# ---- snapshots and group snapshots ---------------------------------------------
+
+
+class SnapshotCreate(Strict):
+    name: str = Field(min_length=1, max_length=MAX_VOLUME_NAME, pattern=TEXT_PATTERN)
+    source_volume_id: VolumeId
+    parameters: dict[Text, Text] = Field(default_factory=dict, json_schema_extra=TEXT_MAP)
+
+
+class SnapshotState(StrEnum):
+    CREATING = "creating"  # the row exists; the file may not yet (a crash here is re-driven)
+    READY = "ready"
+    DELETING = "deleting"
+
+
+class Snapshot(BaseModel):
+    id: str
+    name: str
+    source_volume_id: str
+    size_bytes: int = Field(description="the source volume's size when it was cut")
+    node_id: str
+    pool: str
+    created_at: float
+    state: SnapshotState
+    ready_to_use: bool
+    method: SnapshotMethod = SnapshotMethod.REFLINK
+    allocated_bytes: int = Field(
+        default=0,
+        description="space the snapshot may pin in its pool (the source's written bytes when "
+        "it was cut): counted against the pool so later writes to the source never hit ENOSPC",
+    )
+    group_snapshot_id: str = ""
+
+
+class GroupSnapshotCreate(Strict):
+    name: str = Field(min_length=1, max_length=MAX_VOLUME_NAME, pattern=TEXT_PATTERN)
+    source_volume_ids: list[VolumeId] = Field(min_length=1, max_length=64)
+    parameters: dict[Text, Text] = Field(default_factory=dict, json_schema_extra=TEXT_MAP)
+
+
+class GroupSnapshot(BaseModel):
+    id: str
+    name: str
+    created_at: float
+    ready_to_use: bool
+    snapshots: list[Snapshot]
+
+
+class Extent(BaseModel):
+    offset: int
+    length: int
+
+
+class ExtentPage(BaseModel):
+    """Changed-block metadata: byte ranges of a snapshot, in offset order."""
+
+    size_bytes: int = Field(description="the snapshot's volume size")
+    extents: list[Extent]
+    next_offset: int | None = Field(
+        default=None, description="ask again from here for more; null when there is no more"
+    )
 
 
 T = TypeVar("T")
@@ -361,9 +493,58 @@ class ReconcileReport(BaseModel):
 # ---- node-agent local API -----------------------------------------------------
 
 
+class AgentSourceKind(StrEnum):
+    SNAPSHOT = "snapshot"
+    VOLUME = "volume"
+
+
+class AgentSource(Strict):
+    """A clone's source on the same node: its file is reflinked (or copied) into the new one."""
+
+    kind: AgentSourceKind
+    id: str = Field(
+        min_length=5, max_length=63, pattern=f"{VOLUME_ID_PATTERN}|{SNAPSHOT_ID_PATTERN}"
+    )
+
+
 class AgentVolumeCreate(Strict):
     pool: str
     size_bytes: int = Field(gt=0, le=MAX_BYTES, description="at most the pool's capacity")
+    source: AgentSource | None = Field(
+        default=None, description="start with this snapshot's or volume's data, then grow"
+    )
+
+
+class AgentSnapshotCreate(Strict):
+    pool: str
+    source_volume_id: VolumeId
+
+
+class AgentSnapshot(BaseModel):
+    id: str
+    pool: str
+    source_volume_id: str
+    size_bytes: int
+    path: str
+    method: SnapshotMethod
+    allocated_bytes: int = 0
+
+
+class AgentFreeze(Strict):
+    lease_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=120,
+        description="the agent thaws by itself after this long, whatever happens to the caller",
+    )
+
+
+class AgentFreezeState(BaseModel):
+    volume_id: str
+    frozen: bool
+    mountpoints: list[str] = Field(
+        default_factory=list, description="the filesystems frozen (empty: not mounted here)"
+    )
 
 
 class AgentVolumeResize(Strict):
