@@ -31,6 +31,8 @@ from tessera.models import AgentExportCreate, AgentKey
 from tests.unit.management_fixtures import TOKEN, GiB, MiB
 from tests.unit.test_csi_controller_fixtures import serving
 
+pytest_plugins = ["tests.unit.management_fixtures"]  # db_url: SQLite and PostgreSQL
+
 pytestmark = pytest.mark.skipif(shutil.which("nbdkit") is None, reason="needs nbdkit")
 
 NODES = ("n1", "n2", "n3")
@@ -92,7 +94,7 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
+def cluster(tmp_path: Path, db_url: str) -> Iterator[Cluster]:
     from node_agent.agent import Agent
     from node_agent.api import create_app as agent_app
     from node_agent.pools import Pool
@@ -120,7 +122,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
             socket = sock_dir / f"{node_id}.sock"
             servers.enter_context(serving(agent_app(agent, TOKEN), socket))
             nodes[node_id] = Node(agent, f"unix://{socket}", state_dir)
-        app = create_app(f"sqlite:///{tmp_path / 'm.db'}", TOKEN)
+        app = create_app(db_url, TOKEN)  # SQLite and PostgreSQL (management_fixtures)
         now = [1_000_000.0]
         app.state.ctx.clock = lambda: now[0]
         with TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"}) as api:
@@ -476,9 +478,11 @@ def test_unfence_lets_a_repaired_node_back_and_is_idempotent(cluster):
     assert missing.status_code == 404 and missing.json()["field"] == "node_id"
 
 
-def test_the_heartbeat_epoch_is_the_databases_and_survives_a_management_restart(cluster, tmp_path):
+def test_the_heartbeat_epoch_is_the_databases_and_survives_a_management_restart(
+    cluster, tmp_path, db_url
+):
     (before,) = cluster.beat("n1")
-    restarted = create_app(f"sqlite:///{tmp_path / 'm.db'}", TOKEN)
+    restarted = create_app(db_url, TOKEN)
     headers = {"Authorization": f"Bearer {TOKEN}"}
     with TestClient(restarted, headers=headers) as api:
         assert api.post("/v1/nodes/n1/heartbeat").json()["epoch"] == before["epoch"]
@@ -570,19 +574,29 @@ def test_a_failing_database_statement_never_shows_the_key_in_a_log_or_the_answer
     seen: list[str] = []
     engine = cluster.ctx.db.engine
 
+    sqlite = engine.dialect.name == "sqlite"
+    blocker = contextlib.ExitStack()
+    if not sqlite:  # PostgreSQL: another transaction holds a lock the insert must wait for
+        conn = blocker.enter_context(engine.connect())
+        conn.exec_driver_sql("LOCK TABLE attachments IN SHARE MODE")
+
     def read_only(_conn, cursor, statement, parameters, _context, _many) -> None:  # noqa: ANN001
         if statement.startswith("INSERT INTO attachments"):
-            seen.extend(p for p in parameters if isinstance(p, str) and len(p) == 64)
-            cursor.execute("PRAGMA query_only=ON")  # the insert of the row with the key fails
+            values = parameters.values() if isinstance(parameters, dict) else parameters
+            seen.extend(p for p in values if isinstance(p, str) and len(p) == 64)
+            # the insert of the row with the key fails
+            cursor.execute("PRAGMA query_only=ON" if sqlite else "SET LOCAL lock_timeout = '50ms'")
 
     event.listen(engine, "before_cursor_execute", read_only)
     try:
-        resp = cluster.attach(vol, "n2")
+        with blocker:
+            resp = cluster.attach(vol, "n2")
     finally:
         event.remove(engine, "before_cursor_execute", read_only)
         engine.dispose()  # no read-only connection stays in the pool
     (key,) = seen
     assert resp.status_code == 503 and kind(resp) == "unavailable"
-    assert "database error" in caplog.text and "readonly" in caplog.text  # the failure was logged
+    assert "database error" in caplog.text  # the failure was logged
+    assert ("readonly" if sqlite else "lock timeout") in caplog.text
     assert key not in caplog.text and key not in resp.text
     assert cluster.attach(vol, "n2").status_code == 200
