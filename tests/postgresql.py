@@ -187,6 +187,8 @@ def running_server() -> Iterator[PostgresServer]:
     bindir = find_bindir()
     if bindir is None:
         pytest.skip("needs PostgreSQL: Debian's `postgresql` package (scripts/bootstrap.sh)")
+    if os.geteuid() == 0 and not _user_exists(SERVER_USER):
+        pytest.skip(f"needs the {SERVER_USER!r} user (Debian's package makes it): not root")
     # unix socket paths are limited to ~107 bytes, so a short directory under /tmp
     server = PostgresServer(bindir, Path(tempfile.mkdtemp(prefix="tpg-")))
     try:
@@ -202,3 +204,11 @@ def running_server() -> Iterator[PostgresServer]:
             server.stop()
         finally:
             shutil.rmtree(server.root, ignore_errors=True)
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True

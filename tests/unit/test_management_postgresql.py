@@ -1,7 +1,8 @@
-"""What only PostgreSQL needs: upgrades of an old database, replicas starting together, types.
+"""What PostgreSQL adds: upgrades of an old database, replicas starting together, types, case.
 
 (Every management API test also runs on PostgreSQL, through the db_url
-fixture of tests/unit/management_fixtures.py.)
+fixture of tests/unit/management_fixtures.py; the last tests here run on
+both databases too.)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from management.app import create_app
 from management.db import Database, read_epoch
 from tessera.models import MAX_BYTES
 from tests.postgresql import PostgresServer
-from tests.unit.management_fixtures import TOKEN
+from tests.unit.management_fixtures import TOKEN, MiB, add_node, create
 from tests.unit.test_management_db import OLD_SCHEMA
 
 pytest_plugins = ["tests.unit.management_fixtures"]
@@ -123,3 +124,21 @@ def test_db_defaults_to_tessera_db_url_from_the_environment(monkeypatch):
     assert args.db == "sqlite:///x.db"
     monkeypatch.delenv("TESSERA_DB_URL")
     assert build_parser().parse_args(["--token-file", "t"]).db == "sqlite:///./tessera.db"
+
+
+# ---- on both databases: what a collation or a case rule could change -------------------
+
+
+def test_names_differing_only_in_case_are_distinct_and_page_once_each(cluster, agent):
+    assert create(cluster, "Data", MiB)["id"] != create(cluster, "data", MiB)["id"]
+    assert len(cluster.get("/v1/volumes").json()["items"]) == 2
+    node_ids = ["Node-B", "node-a", "NODE-c", "node.A", "n1", "n2"]
+    for node_id in node_ids[:4]:
+        add_node(cluster, node_id, agent.url, {})
+    seen, token = [], None
+    while token != "":
+        params = {"max_entries": 1, **({"page_token": token} if token else {})}
+        page = cluster.get("/v1/nodes", params=params).json()
+        seen += [n["id"] for n in page["items"]]
+        token = page["next_token"]
+    assert sorted(seen) == sorted(node_ids)  # every node once, whatever the collation's order
