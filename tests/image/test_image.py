@@ -93,6 +93,12 @@ def test_tessera_csi_version_in_the_image_is_the_package_version(ctd: Containerd
     assert out.strip() == f"tessera-csi {VERSION}"
 
 
+def test_every_daemon_in_the_image_reports_the_package_version(ctd: Containerd) -> None:
+    daemons = ["tessera-management", "tessera-node-agent", "tessera-csi"]
+    out = run_ok(ctd, "versions", shell(f"for p in {' '.join(daemons)}; do $p --version; done"))
+    assert out.splitlines() == [f"{p} {VERSION}" for p in daemons]
+
+
 def test_every_executable_is_on_the_path_and_the_default_command_runs(ctd: Containerd) -> None:
     out = run_ok(ctd, "path", shell(
         "for p in tessera tessera-management tessera-node-agent tessera-csi; do command -v $p; done"
@@ -129,6 +135,8 @@ def test_the_data_path_tools_are_in_the_image(ctd: Containerd) -> None:
 #: a daemonized nbdkit exits; is it still in the process table after 5 s?
 DAEMON_EXITS = (
     "nbdkit --pidfile /tmp/nbdkit.pid --unix /tmp/nbd.sock memory 1M"
+    # the daemon writes its pid file after nbdkit's first process has returned
+    " && for i in $(seq 50); do [ -s /tmp/nbdkit.pid ] && break; sleep 0.1; done"
     " && pid=$(cat /tmp/nbdkit.pid)"
     # nbdkit's first process may still be on its way out: wait for the daemon to be orphaned
     " && for i in $(seq 50); do [ $(awk '{print $4}' /proc/$pid/stat) = 1 ] && break; sleep 0.1;"
@@ -138,7 +146,10 @@ DAEMON_EXITS = (
     " else echo reaped; fi"
 )
 #: the command is a Python process, like every Tessera executable: it never reaps strangers
-AS_PYTHON = ["python3", "-c", "import subprocess, sys; subprocess.run(['sh', '-c', sys.argv[1]])"]
+AS_PYTHON = [
+    "python3", "-c",
+    "import subprocess, sys; sys.exit(subprocess.run(['sh', '-c', sys.argv[1]]).returncode)",
+]  # fmt: skip
 
 
 def test_a_daemonized_nbdkit_that_exits_is_reaped_not_left_a_zombie(ctd: Containerd) -> None:
