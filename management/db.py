@@ -69,7 +69,7 @@ def make_engine(url: str) -> Engine:
     must never carry them.
     """
     if not url.startswith("sqlite"):
-        return create_engine(
+        engine = create_engine(
             url,
             pool_pre_ping=True,
             pool_size=10,
@@ -78,6 +78,8 @@ def make_engine(url: str) -> Engine:
             # the row locks are designed for it (module docstring), whatever the server's default
             isolation_level="READ COMMITTED",
         )
+        event.listen(engine, "handle_error", _withhold_detail)
+        return engine
     _private_file(make_url(url).database)
     kwargs: dict[str, Any] = {
         "hide_parameters": True,
@@ -92,6 +94,30 @@ def make_engine(url: str) -> Engine:
     engine = create_engine(url, **kwargs)
     _install_sqlite_hooks(engine)
     return engine
+
+
+def _withhold_detail(context: Any) -> None:
+    """Drop the DETAIL line from a PostgreSQL error's text before anything logs it.
+
+    hide_parameters keeps the statement's parameters out, but the server
+    itself repeats values in DETAIL ("Failing row contains (..., <the
+    row's TLS-PSK key>, ...)" for a NOT NULL or CHECK violation, "Key
+    (...)=(...)" for a unique one). The error keeps its class and SQLSTATE,
+    so callers still tell a conflict from an outage.
+    """
+    orig = context.original_exception
+    diag = getattr(orig, "diag", None)
+    if diag is None or not diag.message_detail:
+        return
+    text = (
+        f"{diag.message_primary} (SQLSTATE {diag.sqlstate}; detail withheld: it may hold row "
+        "values)"
+    )
+    orig.args = (text,)
+    wrapped = context.sqlalchemy_exception
+    if wrapped is not None:  # its text was made from the driver's before this hook ran
+        kind = type(orig)
+        wrapped.args = (f"({kind.__module__}.{kind.__name__}) {text}", *wrapped.args[1:])
 
 
 def _private_file(path: str | None) -> None:

@@ -8,16 +8,19 @@ both databases too.)
 from __future__ import annotations
 
 import threading
+import traceback
 from collections.abc import Iterator
 
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import inspect, make_url
+from sqlalchemy.exc import IntegrityError
 
 from management.__main__ import build_parser
 from management.app import create_app
 from management.db import Database, read_epoch
+from management.schema import AttachmentRow
 from tessera.models import MAX_BYTES
 from tests.postgresql import PostgresServer
 from tests.unit.management_fixtures import TOKEN, MiB, add_node, create
@@ -142,3 +145,23 @@ def test_names_differing_only_in_case_are_distinct_and_page_once_each(cluster, a
         seen += [n["id"] for n in page["items"]]
         token = page["next_token"]
     assert sorted(seen) == sorted(node_ids)  # every node once, whatever the collation's order
+
+
+def test_a_postgresql_error_never_repeats_the_rows_values_such_as_a_key(pg_url):
+    key = "f0" * 32  # a TLS-PSK key in a row PostgreSQL refuses (NOT NULL created_at)
+    db = Database(pg_url)
+    try:
+        db.create_tables()
+        with pytest.raises(IntegrityError) as err, db.write_connection() as conn:
+            conn.execute(
+                AttachmentRow.__table__.insert().values(
+                    volume_id="vol-1", node_id="n1", access_mode="SINGLE_NODE_WRITER",
+                    readonly=False, created_at=None, psk_key=key,
+                )
+            )  # fmt: skip
+    finally:
+        db.dispose()
+    assert "not-null constraint" in str(err.value) and "23502" in str(err.value)
+    assert key not in str(err.value) and key not in repr(err.value)
+    # nor in a logged traceback, which also shows the driver's own exception
+    assert key not in "".join(traceback.format_exception(err.value))
