@@ -136,16 +136,31 @@ def project_version() -> str:
     return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 
 
+#: never part of the source when the tree is not a git checkout (mirrors .gitignore)
+NOT_SOURCE = shutil.ignore_patterns(
+    ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "_gen", ".state*", ".*_cache",
+    ".hypothesis", ".cache",
+)  # fmt: skip
+
+
 def git(*args: str) -> str:
     out = subprocess.run(["git", "-C", str(REPO), *args], check=True, capture_output=True)
     return out.stdout.decode().strip()
+
+
+def in_git() -> bool:
+    """A git checkout of this repository (CI may hand over an exported tree instead)."""
+    try:
+        return Path(git("rev-parse", "--show-toplevel")).resolve() == REPO
+    except (OSError, subprocess.CalledProcessError):
+        return False
 
 
 def source_epoch() -> int:
     """SOURCE_DATE_EPOCH if set, else the commit's time: the clamp for every mtime."""
     if env := os.environ.get("SOURCE_DATE_EPOCH"):
         return int(env)
-    return int(git("log", "-1", "--format=%ct"))
+    return int(git("log", "-1", "--format=%ct")) if in_git() else int(time.time())
 
 
 # ---- layers ------------------------------------------------------------------
@@ -348,15 +363,27 @@ def strip(rootfs: Path) -> None:
 def build_wheels(dest: Path) -> None:
     """The project's wheel from a clean copy of the checkout, plus every dependency's."""
     src = dest.parent / "src"
-    files = git("ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0")
-    for rel in filter(None, files):
-        if (REPO / rel).is_file():
-            (src / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, src / rel)
+    copy_source(src)
     log("app: pip wheel (dependencies from PyPI)")
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     run([*pip, "wheel", "--wheel-dir", str(dest), str(src)])
     run([*pip, "download", "--only-binary=:all:", "--no-deps", "--dest", str(dest / "pip"), "pip"])
+
+
+def copy_source(dest: Path) -> None:
+    """The source without build debris (a stale build/ or _gen/ would end up in the wheel).
+
+    In a git checkout: tracked files and untracked ones git does not ignore,
+    so uncommitted work is built. Otherwise the tree minus NOT_SOURCE.
+    """
+    if not in_git():
+        shutil.copytree(REPO, dest, symlinks=True, ignore=NOT_SOURCE)
+        return
+    files = git("ls-files", "-z", "--cached", "--others", "--exclude-standard")
+    for rel in filter(None, files.split("\0")):
+        if (REPO / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dest / rel)
 
 
 def build_app(base_rootfs: Path, work: Path, epoch: int) -> Blob:
@@ -388,9 +415,11 @@ def json_blob(obj: object, directory: Path) -> Blob:
 
 
 def labels(version: str, epoch: int) -> dict[str, str]:
-    revision = git("rev-parse", "HEAD")
-    if git("status", "--porcelain", "--untracked-files=no"):
-        revision += "-dirty"
+    revision = "unknown"
+    if in_git():
+        revision = git("rev-parse", "HEAD")
+        if git("status", "--porcelain", "--untracked-files=no"):
+            revision += "-dirty"
     return {
         "org.opencontainers.image.title": "tessera",
         "org.opencontainers.image.description": "Tessera: parallel NVMe-backed block volumes "
