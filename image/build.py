@@ -18,8 +18,10 @@ The same image as image/Containerfile, made the long way round:
 Layers are written with numeric ownership from the rootfs (root, except what
 Debian itself gives another owner), setuid/setgid bits and file capabilities
 (security.capability xattrs) kept, no device nodes (the runtime makes /dev),
-and mtimes clamped to the commit time so two builds of one commit differ
-only where Debian's packages moved on.
+and mtimes clamped to the commit time (SOURCE_DATE_EPOCH's rule: nothing in
+the image claims to be newer than its source). Builds are not bit-for-bit
+reproducible: Debian's and PyPI's latest releases are taken, and pip stamps
+the bytecode it compiles with the install time.
 
 Run as root (debootstrap, chroot): `image/build.sh`, or
 `.venv/bin/python image/build.py --help`.
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -514,19 +517,7 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, epoch: int) -> None
     info.size = len(data)
     info.mode = 0o644
     info.mtime = epoch
-    tar.addfile(info, _BytesReader(data))
-
-
-class _BytesReader:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def read(self, n: int = -1) -> bytes:
-        end = len(self.data) if n < 0 else self.pos + n
-        chunk = self.data[self.pos : end]
-        self.pos += len(chunk)
-        return chunk
+    tar.addfile(info, io.BytesIO(data))
 
 
 # ---- main ------------------------------------------------------------------------------
