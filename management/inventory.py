@@ -36,6 +36,7 @@ from tessera.models import (
     Page,
     Pool,
     PoolRegistration,
+    SnapshotMethod,
     Transport,
     Vpg,
     VpgCreate,
@@ -198,6 +199,8 @@ def pool_model(space: PoolSpace) -> Pool:
         capacity_bytes=space.capacity_bytes,
         allocated_bytes=space.allocated_bytes,
         free_bytes=space.free_bytes,
+        used_bytes=space.used_bytes,
+        snapshot_method=SnapshotMethod(space.snapshot_method),
     )
 
 
@@ -216,9 +219,11 @@ def _upsert_pool(ctx: Context, node_id: str, pool: str, reg: PoolRegistration) -
             row = PoolRow(node_id=node_id, name=pool)
             s.add(row)
         row.capacity_bytes = reg.capacity_bytes
+        row.used_bytes = reg.used_bytes
+        row.snapshot_method = reg.snapshot_method.value
         s.flush()
-        used = allocated_by_pool(s, node_id).get((node_id, pool), 0)
-        return pool_model(PoolSpace(node_id, pool, reg.capacity_bytes, used))
+        allocated = allocated_by_pool(s, node_id).get((node_id, pool), 0)
+        return pool_model(_space(row, allocated))
 
 
 def list_pools(ctx: Context, page_token: str, max_entries: int) -> Page[Pool]:
@@ -226,11 +231,19 @@ def list_pools(ctx: Context, page_token: str, max_entries: int) -> Page[Pool]:
     with ctx.db.read() as s:
         rows, token = fetch_page(s, PoolRow, keys, page_token, max_entries)
         used = allocated_by_pool(s)
-    items = [
-        pool_model(PoolSpace(r.node_id, r.name, r.capacity_bytes, used.get((r.node_id, r.name), 0)))
-        for r in rows
-    ]
+    items = [pool_model(_space(r, used.get((r.node_id, r.name), 0))) for r in rows]
     return Page[Pool](items=items, next_token=token)
+
+
+def _space(row: PoolRow, allocated: int) -> PoolSpace:
+    return PoolSpace(
+        row.node_id,
+        row.name,
+        row.capacity_bytes,
+        allocated,
+        used_bytes=row.used_bytes or 0,
+        snapshot_method=row.snapshot_method or SnapshotMethod.NONE.value,
+    )
 
 
 # ---- volume provisioning groups ------------------------------------------------------

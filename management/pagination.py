@@ -10,9 +10,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import ColumnElement, select, tuple_
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from tessera.errors import InvalidArgument
@@ -59,11 +60,14 @@ def fetch_page(
     keys: list[InstrumentedAttribute[str]],
     page_token: str,
     max_entries: int,
+    where: Sequence[ColumnElement[bool]] = (),
 ) -> tuple[list[Any], str]:
-    """One page of `entity` rows in key order, and the token of the next page ("" at the end)."""
+    """One page of `entity` rows in key order, and the token of the next page ("" at the end).
+
+    `where`: filters (the same on every page of one listing)."""
     limit = page_size(max_entries)
     after = decode_token(page_token, len(keys))
-    stmt = select(entity).order_by(*keys).limit(limit + 1)
+    stmt = select(entity).where(*where).order_by(*keys).limit(limit + 1)
     if after:
         stmt = stmt.where(tuple_(*keys) > tuple_(*after) if len(keys) > 1 else keys[0] > after[0])
     rows = list(session.scalars(stmt))

@@ -1,7 +1,8 @@
 """Where a volume goes, and how much room pools have.
 
 Free space is derived, never stored: capacity minus the sizes of the
-volume legs in the pool, written or not. The capacity is what the agent
+volume legs in the pool, written or not, and minus what the pool's
+snapshots may pin (their `allocated_bytes`). The capacity is what the agent
 measured the pool's filesystem can really give to volumes (see
 node_agent.pools.Pool.capacity_bytes), so every placed byte can be written.
 
@@ -20,7 +21,7 @@ from typing import Any
 from sqlalchemy import Connection, Select, bindparam, func, select
 from sqlalchemy.orm import Session
 
-from management.schema import NodeRow, PoolRow, VolumeLegRow
+from management.schema import NodeRow, PoolRow, SnapshotRow, VolumeLegRow
 from tessera.errors import OutOfRange, ResourceExhausted
 from tessera.models import Locality
 from tessera.units import format_size
@@ -33,6 +34,9 @@ class PoolSpace:
     capacity_bytes: int
     allocated_bytes: int
     agent_url: str = ""
+    #: physical use and snapshot method as the agent reported them (shown, not placed by)
+    used_bytes: int = 0
+    snapshot_method: str = "none"
 
     @property
     def free_bytes(self) -> int:
@@ -40,16 +44,31 @@ class PoolSpace:
 
 
 def allocated_by_pool(session: Session, node_id: str | None = None) -> dict[tuple[str, str], int]:
-    leg = VolumeLegRow
-    stmt = select(leg.node_id, leg.pool, func.sum(leg.size_bytes)).group_by(leg.node_id, leg.pool)
-    if node_id is not None:
-        stmt = stmt.where(leg.node_id == node_id)
-    return {(n, p): int(total or 0) for n, p, total in session.execute(stmt)}
+    """Logical allocation per pool: the legs placed there plus what its snapshots may pin."""
+    out: dict[tuple[str, str], int] = {}
+    for table, size in (
+        (VolumeLegRow, VolumeLegRow.size_bytes),
+        (SnapshotRow, SnapshotRow.allocated_bytes),
+    ):
+        stmt = select(table.node_id, table.pool, func.sum(size)).group_by(table.node_id, table.pool)
+        if node_id is not None:
+            stmt = stmt.where(table.node_id == node_id)
+        for n, p, total in session.execute(stmt):
+            out[(n, p)] = out.get((n, p), 0) + int(total or 0)
+    return out
 
 
+# A snapshot pins at most the bytes its source had written when it was cut: copy-on-write
+# writes to the source (or the snapshot's clones) may need that much again, so it is
+# promised like a leg and a write the pool accepted never meets ENOSPC.
 _ALLOCATED = (
     select(func.coalesce(func.sum(VolumeLegRow.size_bytes), 0))
     .where(VolumeLegRow.node_id == PoolRow.node_id, VolumeLegRow.pool == PoolRow.name)
+    .correlate(PoolRow)
+    .scalar_subquery()
+) + (
+    select(func.coalesce(func.sum(SnapshotRow.allocated_bytes), 0))
+    .where(SnapshotRow.node_id == PoolRow.node_id, SnapshotRow.pool == PoolRow.name)
     .correlate(PoolRow)
     .scalar_subquery()
 )

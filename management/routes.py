@@ -9,9 +9,17 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Path, Query, Response
 
-from management import attachments, fencing, inventory, reconcile, volumes
+from management import (
+    attachments,
+    fencing,
+    group_snapshots,
+    inventory,
+    reconcile,
+    snapshots,
+    volumes,
+)
 from management.context import Context
 from tessera.models import (
     MAX_VOLUME_NAME,
@@ -20,8 +28,11 @@ from tessera.models import (
     Attachment,
     AttachmentCreate,
     Capacity,
+    ExtentPage,
     FenceReport,
     FenceRequest,
+    GroupSnapshot,
+    GroupSnapshotCreate,
     HeartbeatReply,
     Locality,
     Name,
@@ -33,6 +44,9 @@ from tessera.models import (
     PoolRegistration,
     ReconcileReport,
     ReconcileRequest,
+    Snapshot,
+    SnapshotCreate,
+    SnapshotId,
     Volume,
     VolumeCreate,
     VolumeExpand,
@@ -56,6 +70,24 @@ VolumeName = Annotated[
         description="only the volume with exactly this name (names are unique: 0 or 1 item)",
     ),
 ]
+
+SnapshotName = Annotated[
+    str,
+    Query(
+        max_length=MAX_VOLUME_NAME,
+        pattern=TEXT_PATTERN,
+        description="only the snapshot with exactly this name (0 or 1 item)",
+    ),
+]
+SourceVolumeId = Annotated[
+    str,
+    Query(max_length=63, description="only snapshots of this volume"),
+]
+ExtentOffset = Annotated[int, Query(ge=0, le=2**63 - 1, description="byte offset to start at")]
+MaxExtents = Annotated[
+    int, Query(ge=0, le=2**31 - 1, description="extents per page; 0 = the agent's default")
+]
+GroupSnapshotId = Annotated[str, Path(max_length=63)]
 
 health = APIRouter()
 
@@ -216,6 +248,8 @@ def v1_router(ctx: Context) -> APIRouter:
     def list_attachments(volume_id: str) -> dict[str, list[Attachment]]:
         return {"items": attachments.list_attachments(ctx, volume_id)}
 
+    _snapshot_routes(r, ctx)
+
     # ---- consistency ----
     @r.post("/reconcile", response_model=ReconcileReport, tags=["reconcile"])
     def reconcile_nodes(body: ReconcileRequest | None = None) -> Response:
@@ -223,3 +257,109 @@ def v1_router(ctx: Context) -> APIRouter:
         return json_response(reconcile.reconcile(ctx, fix=fix))
 
     return r
+
+
+def _snapshot_routes(r: APIRouter, ctx: Context) -> None:
+    """Snapshots, their changed-block metadata and group snapshots (docs/data-services.md)."""
+
+    @r.post(
+        "/snapshots",
+        response_model=Snapshot,
+        status_code=201,
+        tags=["snapshots"],
+        responses={
+            200: {"model": Snapshot, "description": "same name and source volume"},
+            **problems(404, 409, 502, 503, 504, 507),
+        },
+    )
+    def create_snapshot(body: SnapshotCreate) -> Response:
+        snap, created = snapshots.create_snapshot(ctx, body)
+        return json_response(snap, 201 if created else 200)
+
+    @r.get("/snapshots", response_model=Page[Snapshot], tags=["snapshots"])
+    def list_snapshots(
+        page_token: PageToken = "",
+        max_entries: MaxEntries = 0,
+        name: SnapshotName = "",
+        source_volume_id: SourceVolumeId = "",
+    ) -> Response:
+        page = snapshots.list_snapshots(ctx, page_token, max_entries, name, source_volume_id)
+        return json_response(page)
+
+    @r.get(
+        "/snapshots/{snapshot_id}",
+        response_model=Snapshot,
+        tags=["snapshots"],
+        responses=problems(404),
+    )
+    def get_snapshot(snapshot_id: SnapshotId) -> Response:
+        return json_response(snapshots.get_snapshot(ctx, snapshot_id))
+
+    @r.delete(
+        "/snapshots/{snapshot_id}",
+        status_code=204,
+        tags=["snapshots"],
+        responses=problems(404, 502, 503, 504),
+    )
+    def delete_snapshot(snapshot_id: SnapshotId) -> Response:
+        snapshots.delete_snapshot(ctx, snapshot_id)
+        return Response(status_code=204)
+
+    @r.get(
+        "/snapshots/{snapshot_id}/allocated",
+        response_model=ExtentPage,
+        tags=["snapshots"],
+        responses=problems(404, 409, 502, 503, 504),
+    )
+    def snapshot_allocated(
+        snapshot_id: SnapshotId, offset: ExtentOffset = 0, max_entries: MaxExtents = 0
+    ) -> Response:
+        return json_response(snapshots.allocated(ctx, snapshot_id, offset, max_entries))
+
+    @r.get(
+        "/snapshots/{snapshot_id}/delta",
+        response_model=ExtentPage,
+        tags=["snapshots"],
+        responses=problems(404, 409, 502, 503, 504),
+    )
+    def snapshot_delta(
+        snapshot_id: SnapshotId,
+        base: Annotated[str, Query(max_length=63, description="the older snapshot's ID")],
+        offset: ExtentOffset = 0,
+        max_entries: MaxExtents = 0,
+    ) -> Response:
+        page = snapshots.delta(ctx, snapshot_id, base, offset, max_entries)
+        return json_response(page)
+
+    @r.post(
+        "/group-snapshots",
+        response_model=GroupSnapshot,
+        status_code=201,
+        tags=["snapshots"],
+        responses={
+            200: {"model": GroupSnapshot, "description": "same name and volumes"},
+            **problems(404, 409, 502, 503, 504, 507),
+        },
+    )
+    def create_group_snapshot(body: GroupSnapshotCreate) -> Response:
+        group, created = group_snapshots.create_group_snapshot(ctx, body)
+        return json_response(group, 201 if created else 200)
+
+    @r.get(
+        "/group-snapshots/{group_snapshot_id}",
+        response_model=GroupSnapshot,
+        tags=["snapshots"],
+        responses=problems(404),
+    )
+    def get_group_snapshot(group_snapshot_id: GroupSnapshotId) -> Response:
+        return json_response(group_snapshots.get_group_snapshot(ctx, group_snapshot_id))
+
+    @r.delete(
+        "/group-snapshots/{group_snapshot_id}",
+        status_code=204,
+        tags=["snapshots"],
+        responses=problems(404, 502, 503, 504),
+    )
+    def delete_group_snapshot(group_snapshot_id: GroupSnapshotId) -> Response:
+        group_snapshots.delete_group_snapshot(ctx, group_snapshot_id)
+        return Response(status_code=204)

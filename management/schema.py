@@ -62,6 +62,13 @@ class PoolRow(Base):
     )
     name: Mapped[str] = mapped_column(String(128), primary_key=True)
     capacity_bytes: Mapped[int] = mapped_column(BigInteger)
+    #: physical bytes in use on the pool's filesystem, as its agent last reported (shared
+    #: extents once); shown beside the logical allocation, never used for placement
+    used_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    #: tessera.models.SnapshotMethod the agent probed: reflink, copy (--copy-fallback) or none
+    snapshot_method: Mapped[str] = mapped_column(
+        String(16), default="none", server_default=text("'none'")
+    )
 
 
 class VpgRow(Base):
@@ -89,6 +96,19 @@ class VolumeRow(Base):
     state: Mapped[str] = mapped_column(String(16))
     parameters: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[float] = mapped_column(Float)
+    #: a clone's source: `snapshot` or `volume` and its ID ("" for an empty volume). No
+    #: foreign key: the source may be deleted before its clones (files are independent)
+    content_source_kind: Mapped[str] = mapped_column(
+        String(16), default="", server_default=text("''")
+    )
+    content_source_id: Mapped[str] = mapped_column(
+        String(64), default="", server_default=text("''")
+    )
+    #: tessera.models.QosLimits, 0 = unlimited
+    qos_read_bps: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    qos_write_bps: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    qos_read_iops: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    qos_write_iops: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
 
 
 class VolumeLegRow(Base):
@@ -139,3 +159,47 @@ class AttachmentRow(Base):
     psk_key: Mapped[str] = mapped_column(String(64), default="", server_default=text("''"))
     host: Mapped[str] = mapped_column(String(255), default="", server_default=text("''"))
     port: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+
+
+class SnapshotRow(Base):
+    """A point-in-time copy of a volume: a file beside the volumes in the source's pool.
+
+    `source_volume_id` has no foreign key on purpose: a volume may be
+    deleted before its snapshots (reflinked files are independent). The
+    snapshot's `allocated_bytes` counts against its pool's logical
+    allocation (management.placement), so the copy-on-write space later
+    writes to the source may need is never promised twice.
+    """
+
+    __tablename__ = "snapshots"
+    __table_args__ = (
+        ForeignKeyConstraint(["node_id", "pool"], ["pools.node_id", "pools.name"]),
+        Index("ix_snapshots_pool", "node_id", "pool"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    source_volume_id: Mapped[str] = mapped_column(String(64), index=True)
+    node_id: Mapped[str] = mapped_column(String(128))
+    pool: Mapped[str] = mapped_column(String(128))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    allocated_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    method: Mapped[str] = mapped_column(String(16))
+    #: tessera.models.SnapshotState: `creating` until the agent confirmed the file
+    state: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[float] = mapped_column(Float)
+    #: the group snapshot this one belongs to ("" for none)
+    group_snapshot_id: Mapped[str] = mapped_column(String(64), default="", index=True)
+
+
+class GroupSnapshotRow(Base):
+    """Snapshots of several volumes cut at one instant; its members are the snapshots
+    whose `group_snapshot_id` names it."""
+
+    __tablename__ = "group_snapshots"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    #: tessera.models.SnapshotState of the group as a whole
+    state: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[float] = mapped_column(Float)

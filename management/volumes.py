@@ -21,8 +21,15 @@ from management.context import Context
 from management.inventory import check_vpg_exists
 from management.limits import check_text, sized_within_limit
 from management.pagination import fetch_page
-from management.placement import choose_pool, pool_space
-from management.schema import AttachmentRow, NodeRow, VolumeLegRow, VolumeRow
+from management.placement import PoolSpace, choose_pool, pool_space
+from management.schema import (
+    AttachmentRow,
+    NodeRow,
+    PoolRow,
+    SnapshotRow,
+    VolumeLegRow,
+    VolumeRow,
+)
 from tessera import ids
 from tessera.errors import (
     Aborted,
@@ -33,7 +40,20 @@ from tessera.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from tessera.models import Leg, Page, Volume, VolumeCreate, VolumeExpand, VolumeState
+from tessera.models import (
+    AgentSource,
+    AgentSourceKind,
+    ContentSource,
+    Leg,
+    Page,
+    QosLimits,
+    SnapshotMethod,
+    SnapshotState,
+    Volume,
+    VolumeCreate,
+    VolumeExpand,
+    VolumeState,
+)
 from tessera.topology import candidate_nodes
 from tessera.units import format_size
 
@@ -55,7 +75,38 @@ def volume_model(
         published_nodes=published,
         legs=legs,
         condition=condition,
+        content_source=_content_source(row),
+        qos=QosLimits(
+            max_read_bytes_per_second=row.qos_read_bps or 0,
+            max_write_bytes_per_second=row.qos_write_bps or 0,
+            max_read_iops=row.qos_read_iops or 0,
+            max_write_iops=row.qos_write_iops or 0,
+        ),
     )
+
+
+def _content_source(row: VolumeRow | Row[Any]) -> ContentSource | None:
+    if row.content_source_kind == AgentSourceKind.SNAPSHOT:
+        return ContentSource(snapshot_id=row.content_source_id)
+    if row.content_source_kind == AgentSourceKind.VOLUME:
+        return ContentSource(volume_id=row.content_source_id)
+    return None
+
+
+def _source_columns(req: VolumeCreate) -> dict[str, Any]:
+    """The row's columns for a request's content source and QoS limits."""
+    src = req.content_source
+    kind = ""
+    if src is not None:
+        kind = AgentSourceKind.SNAPSHOT.value if src.snapshot_id else AgentSourceKind.VOLUME.value
+    return {
+        "content_source_kind": kind,
+        "content_source_id": (src.snapshot_id or src.volume_id) if src is not None else "",
+        "qos_read_bps": req.qos.max_read_bytes_per_second,
+        "qos_write_bps": req.qos.max_write_bytes_per_second,
+        "qos_read_iops": req.qos.max_read_iops,
+        "qos_write_iops": req.qos.max_write_iops,
+    }
 
 
 def _published(s: Session | Connection, volume_ids: list[str]) -> dict[str, list[str]]:
@@ -183,6 +234,11 @@ def _check_compatible(row: VolumeRow | Row[Any], req: VolumeCreate) -> None:
             f"outside the requested range {wanted}",
             field="size_bytes",
         )
+    if _content_source(row) != req.content_source:
+        raise AlreadyExists(
+            f"volume {req.name!r} already exists with another content source",
+            field="content_source",
+        )
     if row.state == VolumeState.DELETING:
         raise Aborted(f"volume {req.name!r} is being deleted; retry later", field="name")
 
@@ -191,8 +247,11 @@ def _place(ctx: Context, conn: Connection, req: VolumeCreate, size: int) -> tupl
     """Choose a pool and record the volume there; returns it and its agent's URL."""
     check_vpg_exists(conn, req.vpg)
     nodes = candidate_nodes(req.locality, req.requisite_nodes, req.preferred_nodes)
-    pools = pool_space(conn, online_since=ctx.online_since(), node_ids=nodes, lock=True)
-    chosen = choose_pool(pools, size, req.locality, req.preferred_nodes)
+    if req.content_source is not None:
+        chosen = _clone_pool(ctx, conn, req, size, nodes)
+    else:
+        pools = pool_space(conn, online_since=ctx.online_since(), node_ids=nodes, lock=True)
+        chosen = choose_pool(pools, size, req.locality, req.preferred_nodes)
     volume = Volume(
         id=ids.new_volume_id(),
         name=req.name,
@@ -204,9 +263,11 @@ def _place(ctx: Context, conn: Connection, req: VolumeCreate, size: int) -> tupl
         parameters=dict(req.parameters),
         created_at=ctx.clock(),
         legs=[Leg(node_id=chosen.node_id, pool=chosen.name, size_bytes=size)],
+        content_source=req.content_source,
+        qos=req.qos,
     )
     row = volume.model_dump(include=_INSERTED, mode="json")
-    conn.execute(_INSERT, [{**row, "agent_size_bytes": 0}])
+    conn.execute(_INSERT, [{**row, **_source_columns(req), "agent_size_bytes": 0}])
     # concat: one leg, the whole volume in the chosen pool
     legs = [
         {"volume_id": volume.id, "position": i, **leg.model_dump()}
@@ -271,7 +332,14 @@ def _agent_url(conn: Session | Connection, node_id: str) -> str:
 
 
 def _drive_create(ctx: Context, agent_url: str, volume: Volume) -> Volume:
-    ctx.agents.get(agent_url).create_volume(volume.id, volume.pool, volume.size_bytes)
+    src = volume.content_source
+    source = None
+    if src is not None:
+        kind = AgentSourceKind.SNAPSHOT if src.snapshot_id else AgentSourceKind.VOLUME
+        source = AgentSource(kind=kind, id=src.snapshot_id or src.volume_id)
+    ctx.agents.get(agent_url).create_volume(
+        volume.id, volume.pool, volume.size_bytes, source=source
+    )
     with ctx.db.write_connection() as conn:
         done = conn.execute(_CREATED, {"volume_id": volume.id, "size": volume.size_bytes})
         if not done.rowcount:  # the row moved on meanwhile (deleting): report what it is now
@@ -281,6 +349,74 @@ def _drive_create(ctx: Context, agent_url: str, volume: Volume) -> Volume:
                 raise NotFound(f"volume {volume.id} does not exist", field="volume_id")
             return _models(ctx, conn, [current])[0]
     return volume.model_copy(update={"state": VolumeState.AVAILABLE})
+
+
+# ---- clones --------------------------------------------------------------------------
+
+
+def _clone_pool(
+    ctx: Context, conn: Connection, req: VolumeCreate, size: int, nodes: list[str] | None
+) -> PoolSpace:
+    """A clone goes where its source is: a reflink needs the same filesystem.
+
+    Normal placement is skipped; the source's pool must still be online,
+    allowed by the request's topology, able to clone and have room.
+    """
+    src = req.content_source
+    assert src is not None
+    if src.snapshot_id:
+        stmt = select(
+            SnapshotRow.node_id, SnapshotRow.pool, SnapshotRow.size_bytes, SnapshotRow.state
+        )
+        found = conn.execute(stmt.where(SnapshotRow.id == src.snapshot_id)).first()
+        what, ready = f"snapshot {src.snapshot_id}", SnapshotState.READY.value
+    else:
+        stmt = select(VolumeRow.node_id, VolumeRow.pool, VolumeRow.size_bytes, VolumeRow.state)
+        found = conn.execute(stmt.where(VolumeRow.id == src.volume_id)).first()
+        what, ready = f"volume {src.volume_id}", VolumeState.AVAILABLE.value
+    if found is None:
+        raise NotFound(f"content source {what} does not exist", field="content_source")
+    node_id, pool, source_size, state = found
+    if state != ready:
+        raise FailedPrecondition(
+            f"content source {what} is {state}, not {ready}", field="content_source"
+        )
+    if size < source_size:
+        raise OutOfRange(
+            f"size_bytes {format_size(size)} is smaller than the content source {what} "
+            f"({format_size(source_size)}): a clone is at least as large as its source",
+            field="size_bytes",
+        )
+    if nodes is not None and node_id not in nodes:
+        raise ResourceExhausted(
+            f"the content source {what} is on node {node_id!r}, which the request's topology "
+            f"excludes ({', '.join(nodes)}); a clone is made on its source's node",
+            field="requisite_nodes",
+        )
+    method = conn.execute(
+        select(PoolRow.snapshot_method).where(PoolRow.node_id == node_id, PoolRow.name == pool)
+    ).scalar()
+    if method in (None, SnapshotMethod.NONE.value):
+        raise FailedPrecondition(
+            f"pool {pool!r} on node {node_id!r} cannot make clones: its filesystem cannot "
+            "reflink; put the pool on a reflink filesystem (XFS with reflink=1, btrfs) or "
+            "start its node-agent with --copy-fallback to make full copies",
+            field="content_source",
+        )
+    pools = pool_space(conn, online_since=ctx.online_since(), node_ids=[node_id], lock=True)
+    chosen = next((p for p in pools if p.name == pool), None)
+    if chosen is None:
+        raise Unavailable(
+            f"node {node_id!r}, which holds the content source {what}, is offline or fenced",
+            field="content_source",
+        )
+    if size > chosen.free_bytes:
+        raise ResourceExhausted(
+            f"pool {pool!r} on node {node_id!r} (the content source's) has "
+            f"{format_size(chosen.free_bytes)} free; the clone needs {format_size(size)}",
+            field="size_bytes",
+        )
+    return chosen
 
 
 # ---- delete --------------------------------------------------------------------------

@@ -1,0 +1,394 @@
+"""Snapshots: create (idempotent by name), list, get, delete, and changed-block metadata.
+
+A snapshot is a file the source volume's owner agent cuts beside the
+volume in the same pool (a reflink where the pool can, docs/data-services.md).
+As for volumes, the row is committed before the agent is called and the
+agent call runs outside any transaction: the row is inserted `creating`,
+the agent cuts the file (idempotent by snapshot ID), then the row becomes
+`ready`. A crash at any point leaves a `creating` row that the next
+create of the same name re-drives; delete marks `deleting` first, so a
+retried delete converges the same way.
+
+Consistency: every node that has the source attached freezes its mounted
+filesystems for the instant of the cut (AgentClient.freeze, with a short
+lease after which the agent thaws by itself) and is thawed in a `finally`
+whatever happens. A node that cannot be asked to freeze fails the create
+with Unavailable before anything is cut: it may have a filesystem mounted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from management.context import Context
+from management.limits import check_text
+from management.pagination import fetch_page
+from management.placement import allocated_by_pool
+from management.schema import AttachmentRow, NodeRow, PoolRow, SnapshotRow, VolumeRow
+from tessera import ids
+from tessera.clients import AgentClient
+from tessera.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    NotFound,
+    ResourceExhausted,
+    TesseraError,
+    Unavailable,
+)
+from tessera.models import (
+    AgentSnapshot,
+    ExtentPage,
+    Page,
+    Snapshot,
+    SnapshotCreate,
+    SnapshotMethod,
+    SnapshotState,
+    VolumeState,
+)
+from tessera.units import format_size
+
+log = logging.getLogger(__name__)
+
+#: seconds a frozen filesystem stays frozen if management dies mid-cut (the agent thaws then)
+FREEZE_LEASE_SECONDS = 10.0
+
+
+def snapshot_model(row: SnapshotRow) -> Snapshot:
+    return Snapshot(
+        id=row.id,
+        name=row.name,
+        source_volume_id=row.source_volume_id,
+        size_bytes=row.size_bytes,
+        node_id=row.node_id,
+        pool=row.pool,
+        created_at=row.created_at,
+        state=SnapshotState(row.state),
+        ready_to_use=row.state == SnapshotState.READY,
+        method=SnapshotMethod(row.method),
+        allocated_bytes=row.allocated_bytes,
+        group_snapshot_id=row.group_snapshot_id or "",
+    )
+
+
+def load(
+    s: Session, snapshot_id: str, field: str = "snapshot_id", *, lock: bool = False
+) -> SnapshotRow:
+    ids.check_snapshot_id(snapshot_id, field)
+    row = s.get(SnapshotRow, snapshot_id, with_for_update=lock or None)
+    if row is None:
+        raise NotFound(f"snapshot {snapshot_id} does not exist", field=field)
+    return row
+
+
+def agent_url(s: Session, node_id: str) -> str:
+    url = s.execute(select(NodeRow.agent_url).where(NodeRow.id == node_id)).scalar()
+    if url is None:
+        raise FailedPrecondition(f"node {node_id!r} is not registered", field="node_id")
+    return url
+
+
+# ---- create --------------------------------------------------------------------------
+
+
+def check_source(s: Session, volume_id: str, field: str = "source_volume_id") -> VolumeRow:
+    """The source volume, locked; NotFound / FailedPrecondition saying what is wrong with it."""
+    ids.check_volume_id(volume_id, field)
+    vol = s.get(VolumeRow, volume_id, with_for_update=True)
+    if vol is None:
+        raise NotFound(f"source volume {volume_id} does not exist", field=field)
+    if vol.state != VolumeState.AVAILABLE:
+        raise FailedPrecondition(
+            f"source volume {volume_id} is {vol.state}, not available", field=field
+        )
+    return vol
+
+
+def check_method(s: Session, node_id: str, pool: str, what: str = "snapshots") -> str:
+    """The pool's snapshot method; `none` is FailedPrecondition naming the pool and the fix."""
+    row = s.get(PoolRow, (node_id, pool))
+    method = row.snapshot_method if row is not None else SnapshotMethod.NONE.value
+    if method == SnapshotMethod.NONE:
+        raise FailedPrecondition(
+            f"pool {pool!r} on node {node_id!r} cannot make {what}: its filesystem cannot "
+            "reflink; put the pool on a reflink filesystem (XFS with reflink=1, btrfs) or "
+            "start its node-agent with --copy-fallback to make full copies",
+            field="source_volume_id",
+        )
+    return method
+
+
+def new_row(
+    ctx: Context, name: str, vol: VolumeRow, method: str, group_id: str = ""
+) -> SnapshotRow:
+    return SnapshotRow(
+        id=ids.new_snapshot_id(),
+        name=name,
+        source_volume_id=vol.id,
+        node_id=vol.node_id,
+        pool=vol.pool,
+        size_bytes=vol.size_bytes,
+        allocated_bytes=0,
+        method=method,
+        state=SnapshotState.CREATING.value,
+        created_at=ctx.clock(),
+        group_snapshot_id=group_id,
+    )
+
+
+def create_snapshot(ctx: Context, req: SnapshotCreate) -> tuple[Snapshot, bool]:
+    """Create or return the snapshot named `req.name`. Returns (snapshot, created).
+
+    Checks in the contract's order: the name (same name, other source:
+    AlreadyExists), then the source (unknown: NotFound; not available:
+    FailedPrecondition), then the pool's method (`none`: FailedPrecondition).
+    """
+    check_text(req.name, "name")
+    for key, value in req.parameters.items():
+        check_text(key, "parameters")
+        check_text(value, "parameters")
+    ids.check_volume_id(req.source_volume_id, "source_volume_id")
+    try:
+        with ctx.db.write() as s:
+            row = s.scalars(select(SnapshotRow).where(SnapshotRow.name == req.name)).first()
+            created = row is None
+            if row is None:
+                vol = check_source(s, req.source_volume_id)
+                row = new_row(ctx, req.name, vol, check_method(s, vol.node_id, vol.pool))
+                s.add(row)
+            else:
+                _check_same(row, req)
+            snap = snapshot_model(row)
+    except IntegrityError:  # a concurrent create of the name won (PostgreSQL)
+        return create_snapshot(ctx, req)[0], False
+    if snap.state == SnapshotState.DELETING:
+        # a failed create (no room) or a delete that crashed midway: finish it, then start over
+        delete_snapshot(ctx, snap.id)
+        return create_snapshot(ctx, req)
+    if snap.state == SnapshotState.CREATING:
+        snap = drive(ctx, [snap])[0]
+    return snap, created
+
+
+def _check_same(row: SnapshotRow, req: SnapshotCreate) -> None:
+    if row.source_volume_id != req.source_volume_id:
+        raise AlreadyExists(
+            f"snapshot {req.name!r} already exists for volume {row.source_volume_id}, "
+            f"not {req.source_volume_id}",
+            field="name",
+        )
+
+
+def drive(ctx: Context, snaps: list[Snapshot]) -> list[Snapshot]:
+    """Freeze the sources wherever attached, cut every file, thaw, then promise the space.
+
+    Every step is idempotent, so a retry after a crash anywhere converges.
+    A cut that fails leaves its row `creating` (the caller's retry
+    re-drives it; a group deletes its members instead).
+    """
+    with frozen(ctx, sorted({snap.source_volume_id for snap in snaps})):
+        cuts = [cut(ctx, snap) for snap in snaps]
+    return finish(ctx, snaps, cuts)
+
+
+def cut(ctx: Context, snap: Snapshot) -> AgentSnapshot:
+    """Have the owner agent cut the file (idempotent by snapshot ID)."""
+    with ctx.db.read() as s:
+        url = agent_url(s, snap.node_id)
+    return ctx.agents.get(url).create_snapshot(snap.id, snap.pool, snap.source_volume_id)
+
+
+def finish(ctx: Context, snaps: list[Snapshot], cuts: list[AgentSnapshot]) -> list[Snapshot]:
+    """Promise each cut snapshot's space in its pool and mark it ready: all or none.
+
+    A pool without room for what the new snapshots pin: they are marked
+    `deleting`, their files deleted and rows forgotten, ResourceExhausted.
+    The pools are locked (PostgreSQL) for the check, as placement does.
+    """
+    short, undone = "", []
+    with ctx.db.write() as s:
+        rows = [s.get(SnapshotRow, snap.id) for snap in snaps]
+        need: dict[tuple[str, str], int] = {}
+        for row, got in zip(rows, cuts, strict=True):
+            if row is not None and row.state == SnapshotState.CREATING:
+                key = (row.node_id, row.pool)
+                need[key] = need.get(key, 0) + got.allocated_bytes
+        for (node_id, pool), wanted in sorted(need.items()):
+            free = _free(s, node_id, pool)
+            if wanted > free:
+                short = (
+                    f"pool {pool!r} on node {node_id!r} has {format_size(free)} free; the "
+                    f"snapshot pins {format_size(wanted)} (what its source has written, which "
+                    "later writes may need again): free space or add capacity"
+                )
+                break
+        for row, got in zip(rows, cuts, strict=True):
+            if row is None or row.state != SnapshotState.CREATING:
+                continue
+            if short:
+                row.state = SnapshotState.DELETING.value
+                undone.append(row.id)
+                continue
+            row.state = SnapshotState.READY.value
+            row.size_bytes = got.size_bytes
+            row.method = got.method.value
+            row.allocated_bytes = got.allocated_bytes
+        done = [
+            snapshot_model(row) if row is not None else snap
+            for row, snap in zip(rows, snaps, strict=True)
+        ]
+    if short:
+        for snapshot_id in undone:
+            delete_snapshot(ctx, snapshot_id, missing_ok=True)
+        raise ResourceExhausted(short, field="source_volume_id")
+    return done
+
+
+def _free(s: Session, node_id: str, pool: str) -> int:
+    """The pool's free logical space, its row locked FOR UPDATE (PostgreSQL) first."""
+    row = s.get(PoolRow, (node_id, pool), with_for_update=True)
+    if row is None:
+        return 0
+    allocated = allocated_by_pool(s, node_id).get((node_id, pool), 0)
+    return max(row.capacity_bytes - allocated, 0)
+
+
+# ---- read ----------------------------------------------------------------------------
+
+
+def get_snapshot(ctx: Context, snapshot_id: str) -> Snapshot:
+    with ctx.db.read() as s:
+        return snapshot_model(load(s, snapshot_id))
+
+
+def list_snapshots(
+    ctx: Context,
+    page_token: str,
+    max_entries: int,
+    name: str = "",
+    source_volume_id: str = "",
+) -> Page[Snapshot]:
+    """One page in ID order (stable across pages), optionally only one name / one source."""
+    where = []
+    if name:
+        check_text(name, "name")
+        where.append(SnapshotRow.name == name)
+    if source_volume_id:
+        check_text(source_volume_id, "source_volume_id")
+        where.append(SnapshotRow.source_volume_id == source_volume_id)
+    with ctx.db.read() as s:
+        rows, token = fetch_page(s, SnapshotRow, [SnapshotRow.id], page_token, max_entries, where)
+    return Page[Snapshot](items=[snapshot_model(r) for r in rows], next_token=token)
+
+
+# ---- delete --------------------------------------------------------------------------
+
+
+def delete_snapshot(ctx: Context, snapshot_id: str, *, missing_ok: bool = False) -> None:
+    """Mark `deleting`, have the agent remove the file, forget the row; a retry converges.
+
+    The space the snapshot pinned stays promised until the file is gone.
+    """
+    try:
+        with ctx.db.write() as s:
+            row = load(s, snapshot_id, lock=True)
+            row.state = SnapshotState.DELETING.value
+            url = agent_url(s, row.node_id)
+    except NotFound:
+        if missing_ok:
+            return
+        raise
+    ctx.agents.get(url).delete_snapshot(snapshot_id)
+    with ctx.db.write() as s:
+        row = s.get(SnapshotRow, snapshot_id)
+        if row is not None and row.state == SnapshotState.DELETING:
+            s.delete(row)
+
+
+# ---- changed-block metadata ----------------------------------------------------------
+
+
+def _ready(s: Session, snapshot_id: str, field: str) -> SnapshotRow:
+    row = load(s, snapshot_id, field)
+    if row.state != SnapshotState.READY:
+        raise FailedPrecondition(f"snapshot {snapshot_id} is {row.state}, not ready", field=field)
+    return row
+
+
+def allocated(ctx: Context, snapshot_id: str, offset: int, max_entries: int) -> ExtentPage:
+    """The snapshot's byte ranges that hold data, from its owner agent's extent map."""
+    with ctx.db.read() as s:
+        row = _ready(s, snapshot_id, "snapshot_id")
+        url = agent_url(s, row.node_id)
+    return ctx.agents.get(url).snapshot_extents(snapshot_id, offset=offset, max_entries=max_entries)
+
+
+def delta(
+    ctx: Context, snapshot_id: str, base_id: str, offset: int, max_entries: int
+) -> ExtentPage:
+    """The ranges that differ between two snapshots of one volume (shared extents are equal)."""
+    with ctx.db.read() as s:
+        row = _ready(s, snapshot_id, "snapshot_id")
+        base = _ready(s, base_id, "base")
+        if base.source_volume_id != row.source_volume_id or base.node_id != row.node_id:
+            raise FailedPrecondition(
+                f"snapshots {base_id} (of volume {base.source_volume_id}) and {snapshot_id} "
+                f"(of volume {row.source_volume_id}) are not of the same volume: a delta "
+                "compares two snapshots of one volume",
+                field="base",
+            )
+        url = agent_url(s, row.node_id)
+    return ctx.agents.get(url).snapshot_extents(
+        snapshot_id, base_snapshot_id=base_id, offset=offset, max_entries=max_entries
+    )
+
+
+@contextmanager
+def frozen(ctx: Context, volume_ids: list[str]) -> Iterator[None]:
+    """Freeze every node's mounts of the volumes for the block; thaw all in `finally`.
+
+    Freezes go in a stable order; if one cannot be made (the node is
+    unreachable: it may have a filesystem mounted, so a cut now could be
+    inconsistent) nothing is cut: Unavailable, after thawing those made.
+    """
+    with ctx.db.read() as s:
+        targets = list(
+            s.execute(
+                select(AttachmentRow.volume_id, NodeRow.id, NodeRow.agent_url)
+                .join(NodeRow, NodeRow.id == AttachmentRow.node_id)
+                .where(AttachmentRow.volume_id.in_(volume_ids))
+                .order_by(AttachmentRow.volume_id, NodeRow.id)
+            )
+        )
+    asked: list[tuple[AgentClient, str, str]] = []
+    try:
+        for volume_id, node_id, url in targets:
+            client = ctx.agents.get(url)
+            asked.append((client, volume_id, node_id))
+            try:
+                client.freeze(volume_id, FREEZE_LEASE_SECONDS)
+            except TesseraError as err:
+                raise Unavailable(
+                    f"could not freeze volume {volume_id} on node {node_id!r}, which has it "
+                    f"attached ({err.message}); nothing was cut: retry when the node is back",
+                    field="source_volume_id",
+                ) from None
+        yield
+    finally:
+        for client, volume_id, node_id in reversed(asked):
+            try:
+                client.thaw(volume_id)
+            except TesseraError as err:  # the agent thaws by itself when the lease ends
+                log.warning(
+                    "thawing volume %s on node %s failed (%s); its agent thaws it when the "
+                    "%.0f s lease ends",
+                    volume_id,
+                    node_id,
+                    err.message,
+                    FREEZE_LEASE_SECONDS,
+                )
