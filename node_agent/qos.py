@@ -1,0 +1,187 @@
+"""QoS on this node's data path: cgroup I/O limits for consumers, a rate limit on exports.
+
+Management sends a volume's limits (PUT /v1/attachments/{vid}/qos) to every
+node on its data path: each consumer node, and the owner when it exports
+the volume to another node. The agent keeps them in
+`<state-dir>/qos/<vid>.json` with the volume's consumers on this node, so a
+restart changes nothing and a pod that starts later is limited too.
+
+Consumer side: the CSI node plugin names each pod that publishes the volume
+(PUT /v1/attachments/{vid}/consumers/{pod_uid}; `unknown-pod` when the
+CSIDriver does not pass podInfoOnMount). For every consumer and every
+device of the volume on this node (the primary and its read-only views),
+the kernel's rule is written into the pod's cgroup. A pod whose cgroup
+cannot be found, and the unknown pod, are limited in the kubepods cgroup
+instead: every pod's I/O to that device together stays within the limits,
+never more. Where there is no kubepods cgroup either (not a kubelet node),
+nothing can be enforced: the agent logs it and the attachment's condition
+says so (docs/data-services.md, QoS).
+
+Owner side: every export's nbdkit runs the rate filter with a rate file the
+agent rewrites (nbdkit rereads it: no restart, no dropped connection).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from node_agent.keys import write_private
+from tessera.errors import FailedPrecondition
+from tessera.ids import check_volume_id
+from tessera.models import QosLimits
+from tessera.system import cgroups
+
+log = logging.getLogger(__name__)
+
+#: the consumer named when the CSI node plugin was not told the pod (no podInfoOnMount)
+UNKNOWN_POD = "unknown-pod"
+
+
+def export_rate_bits(limits: QosLimits) -> int:
+    """The export's rate in bits/s; 0: none.
+
+    nbdkit 1.32's rate filter takes one rate, applied to reads and writes
+    separately. The export-side limit is the backstop against a client that
+    bypasses its cgroup, so it must never slow a well-behaved client below
+    its limits: the larger of the two when both are limited, else none.
+    """
+    read, write = limits.max_read_bytes_per_second, limits.max_write_bytes_per_second
+    if not read or not write:
+        return 0
+    return max(read, write) * 8
+
+
+def io_limits(limits: QosLimits) -> cgroups.IoLimits:
+    return cgroups.IoLimits(
+        rbps=limits.max_read_bytes_per_second,
+        wbps=limits.max_write_bytes_per_second,
+        riops=limits.max_read_iops,
+        wiops=limits.max_write_iops,
+    )
+
+
+class Qos:
+    """Limits and consumers per volume; the caller holds the volume's lock around changes."""
+
+    def __init__(
+        self,
+        directory: Path,
+        cgroup_root: Path,
+        devices_of: Callable[[str], list[str]],
+        set_export_rate: Callable[[str, int], None],
+    ) -> None:
+        self.directory = directory
+        self.cgroup_root = cgroup_root
+        self._devices_of = devices_of
+        self._set_export_rate = set_export_rate
+        #: why limits are not enforced, per volume ("" when they are)
+        self._unenforced: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    # ---- state ------------------------------------------------------------------------
+
+    def _file(self, volume_id: str) -> Path:
+        return self.directory / f"{check_volume_id(volume_id)}.json"
+
+    def _load(self, volume_id: str) -> tuple[QosLimits, list[str]]:
+        try:
+            data = json.loads(self._file(volume_id).read_text())
+            return QosLimits.model_validate(data["limits"]), list(data["consumers"])
+        except FileNotFoundError:
+            return QosLimits(), []
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            log.warning("volume %s: unreadable QoS record, taken as unlimited: %s", volume_id, err)
+            return QosLimits(), []
+
+    def _save(self, volume_id: str, limits: QosLimits, consumers: list[str]) -> None:
+        if limits.unlimited() and not consumers:
+            self._file(volume_id).unlink(missing_ok=True)
+            return
+        body = {"limits": limits.model_dump(mode="json"), "consumers": sorted(set(consumers))}
+        write_private(self._file(volume_id), json.dumps(body).encode())
+
+    def limits(self, volume_id: str) -> QosLimits:
+        return self._load(volume_id)[0]
+
+    def condition(self, volume_id: str) -> str:
+        """Why the volume's limits are not enforced on this node; "" when they are."""
+        with self._lock:
+            return self._unenforced.get(volume_id, "")
+
+    # ---- the API's operations ------------------------------------------------------------
+
+    def set(self, volume_id: str, limits: QosLimits) -> None:
+        """Store and apply everywhere on this node: consumers' cgroups and exports."""
+        _, consumers = self._load(volume_id)
+        self._save(volume_id, limits, consumers)
+        self.apply(volume_id)
+
+    def add_consumer(self, volume_id: str, pod_uid: str) -> None:
+        if pod_uid != UNKNOWN_POD:
+            cgroups.check_pod_uid(pod_uid)
+        limits, consumers = self._load(volume_id)
+        if pod_uid not in consumers:
+            self._save(volume_id, limits, [*consumers, pod_uid])
+        self.apply(volume_id)
+
+    def remove_consumer(self, volume_id: str, pod_uid: str) -> None:
+        """The pod stopped using the volume: its rules go (absent is fine)."""
+        limits, consumers = self._load(volume_id)
+        if pod_uid in consumers:
+            self._apply_consumer(volume_id, pod_uid, QosLimits())
+            self._save(volume_id, limits, [c for c in consumers if c != pod_uid])
+
+    def forget_consumers(self, volume_id: str) -> None:
+        """Detached: no pod on this node uses the volume any more."""
+        limits, consumers = self._load(volume_id)
+        if consumers:
+            self._save(volume_id, limits, [])
+
+    def apply(self, volume_id: str) -> None:
+        """Make the kernel and nbdkit enforce what is stored (after a change or a restart)."""
+        limits, consumers = self._load(volume_id)
+        self._set_export_rate(volume_id, export_rate_bits(limits))
+        problems = [self._apply_consumer(volume_id, c, limits) for c in consumers]
+        why = "; ".join(p for p in problems if p)
+        with self._lock:
+            if why:
+                self._unenforced[volume_id] = why
+            else:
+                self._unenforced.pop(volume_id, None)
+
+    # ---- consumers' cgroups ------------------------------------------------------------------
+
+    def _apply_consumer(self, volume_id: str, pod_uid: str, limits: QosLimits) -> str:
+        """Write the rules for every device of the volume; "" or why it could not be done."""
+        h = cgroups.hierarchy(self.cgroup_root)
+        cgroup = None
+        if h is not None:
+            if pod_uid != UNKNOWN_POD:
+                cgroup = cgroups.pod_cgroup(h, pod_uid)
+            cgroup = cgroup or cgroups.kubepods_cgroup(h)
+        if h is None or cgroup is None:
+            why = (
+                f"QoS limits of volume {volume_id} are not enforced for pod {pod_uid}: "
+                f"no cgroup of it, nor a kubepods cgroup, under {self.cgroup_root}"
+            )
+            if not limits.unlimited():
+                log.warning("%s", why)
+                return why
+            return ""
+        for device in self._devices_of(volume_id):
+            try:
+                cgroups.set_limits(h, cgroup, cgroups.device_number(device), io_limits(limits))
+            except (OSError, FailedPrecondition) as err:
+                log.warning("volume %s: %s", volume_id, err)
+                return f"QoS limits of volume {volume_id} on {device}: {err}"
+        log.info("volume %s: QoS %s for pod %s in %s", volume_id, _brief(limits), pod_uid, cgroup)
+        return ""
+
+
+def _brief(limits: QosLimits) -> str:
+    values = limits.model_dump()
+    return ", ".join(f"{k}={v}" for k, v in values.items() if v) or "unlimited"
