@@ -28,12 +28,15 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from pathlib import Path
 from typing import Any
 
 from tessera.errors import FailedPrecondition, Unavailable
 from tessera.topology import ZONE_KEY
 
 REGION_KEY = "topology.kubernetes.io/region"
+#: where the kubelet mounts a pod's service account token and the cluster's CA
+SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 #: the Node labels NodeGetInfo passes on
 LABELS = (ZONE_KEY, REGION_KEY)
 #: seconds to connect and to read: NodeGetInfo answers (or fails) promptly, the registrar retries
@@ -49,9 +52,15 @@ class KubernetesConfigError(RuntimeError):
 class NodeTopology:
     """The zone and region labels of one Node object, read once and then kept."""
 
-    def __init__(self, node_name: str, kubeconfig: str | None = None) -> None:
+    def __init__(
+        self,
+        node_name: str,
+        kubeconfig: str | None = None,
+        service_account: Path = SERVICE_ACCOUNT,
+    ) -> None:
         self.node_name = node_name
-        self._api = _core_api(kubeconfig if kubeconfig is not None else _kubeconfig_env())
+        kubeconfig = kubeconfig if kubeconfig is not None else _kubeconfig_env()
+        self._api = _core_api(kubeconfig, service_account)
         self._lock = threading.Lock()
         self._segments: dict[str, str] | None = None
 
@@ -75,6 +84,12 @@ class NodeTopology:
         try:
             node = self._api.read_node(self.node_name, _request_timeout=TIMEOUT)
         except ApiException as exc:
+            if not exc.status:  # the client's own wrapping of a TLS failure: no answer at all
+                reason = str(exc.reason or "").split("\n", 1)[0]
+                raise Unavailable(
+                    f"cannot read the Kubernetes Node {self.node_name!r} for its zone and "
+                    f"region: no answer from the API server ({reason}); retrying"
+                ) from None
             raise _refusal(self.node_name, exc.status) from None
         except (HTTPError, OSError) as exc:
             raise Unavailable(
@@ -105,9 +120,15 @@ def _kubeconfig_env() -> str:
     return os.environ.get("KUBECONFIG", "")
 
 
-def _core_api(kubeconfig: str) -> Any:
-    """A CoreV1Api from $KUBECONFIG when set, else from the pod's service account."""
+def _core_api(kubeconfig: str, service_account: Path) -> Any:
+    """A CoreV1Api from $KUBECONFIG when set, else from the pod's service account.
+
+    In a pod: $KUBERNETES_SERVICE_HOST/PORT, and the token and CA the
+    kubelet mounts in `service_account` (the token is re-read as the
+    kubelet rotates it).
+    """
     from kubernetes import client, config
+    from kubernetes.config.incluster_config import InClusterConfigLoader
 
     configuration = client.Configuration()
     try:
@@ -118,7 +139,10 @@ def _core_api(kubeconfig: str) -> Any:
                 config_file=path, client_configuration=configuration, persist_config=False
             )
         else:
-            config.load_incluster_config(client_configuration=configuration)
+            InClusterConfigLoader(
+                token_filename=str(service_account / "token"),
+                cert_filename=str(service_account / "ca.crt"),
+            ).load_and_set(configuration)
     except (config.ConfigException, OSError, ValueError) as exc:
         where = f"$KUBECONFIG {kubeconfig}" if kubeconfig else "the in-cluster service account"
         raise KubernetesConfigError(

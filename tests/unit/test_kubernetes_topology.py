@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,7 @@ from csi_driver.kubernetes_topology import (  # noqa: E402
     NodeTopology,
 )
 from csi_driver.server import build_server  # noqa: E402
+from tessera.errors import Unavailable  # noqa: E402
 from tessera.topology import TOPOLOGY_KEY, ZONE_KEY  # noqa: E402
 from tessera_dev.csi_client import CsiClient  # noqa: E402
 
@@ -48,6 +50,8 @@ class FakeApiServer:
     status: int = 0
     requests: list[tuple[str, str]] = field(default_factory=list)
     port: int = 0
+    #: serve https with this context (the in-cluster path verifies the CA)
+    tls: ssl.SSLContext | None = None
     _server: ThreadingHTTPServer | None = None
 
     def start(self) -> FakeApiServer:
@@ -81,6 +85,8 @@ class FakeApiServer:
                 pass
 
         self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        if self.tls is not None:
+            self._server.socket = self.tls.wrap_socket(self._server.socket, server_side=True)
         self.port = self._server.server_address[1]
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
@@ -258,6 +264,50 @@ def test_without_the_flag_node_get_info_never_asks_kubernetes(apiserver, kubecon
         shutil.rmtree(sock_dir, ignore_errors=True)
     assert segments == {TOPOLOGY_KEY: "worker-1", ZONE_KEY: "z1"}
     assert apiserver.requests == []
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made with the openssl command."""
+    cert, key = directory / "ca.crt", directory / "server.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_in_a_pod_the_service_account_reaches_the_api_server_over_verified_https(
+    monkeypatch, tmp_path
+):
+    cert, key = self_signed(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = FakeApiServer(nodes={"worker-1": ZONED}, tls=context).start()
+    try:
+        account = tmp_path / "serviceaccount"  # what the kubelet mounts in the pod
+        account.mkdir()
+        (account / "token").write_text(API_TOKEN)
+        shutil.copy(cert, account / "ca.crt")
+        monkeypatch.delenv("KUBECONFIG", raising=False)
+        monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+        monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(server.port))
+        segments = NodeTopology("worker-1", service_account=account).segments()
+        assert segments == {ZONE_KEY: "eu-west-1a", REGION_KEY: "eu-west-1"}
+        ((path, auth),) = server.requests
+        assert path == "/api/v1/nodes/worker-1"
+        assert auth.lower() == f"bearer {API_TOKEN}"  # the scheme's case is free (RFC 9110)
+        # a server whose certificate the cluster's CA did not sign is never trusted
+        (tmp_path / "other").mkdir()
+        other, _ = self_signed(tmp_path / "other")
+        shutil.copy(other, account / "ca.crt")
+        with pytest.raises(Unavailable, match="SSLError"):
+            NodeTopology("worker-1", service_account=account).segments()
+        assert len(server.requests) == 1
+    finally:
+        server.stop()
 
 
 def test_no_cluster_and_no_kubeconfig_is_a_start_up_error(monkeypatch, tmp_path):
