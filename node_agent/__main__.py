@@ -43,6 +43,7 @@ from tessera.models import Registration
 from tessera.observability.logs import add_flags, configure_logging, register_secret
 from tessera.rest import server_options
 from tessera.sockets import SocketPathTaken, claim_socket_path
+from tessera.system.cgroups import DEFAULT_CGROUP_ROOT
 from tessera.units import parse_size
 
 log = logging.getLogger("node_agent")
@@ -117,6 +118,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-register", action="store_true", help="serve locally only")
     p.add_argument("--log-level", default="info")
     p.add_argument("--access-log", action="store_true", help="log every request line")
+    p.add_argument(
+        "--cgroup-root",
+        type=Path,
+        default=DEFAULT_CGROUP_ROOT,
+        metavar="DIR",
+        help="where the kubelet's pod cgroups are found for QoS limits (v1: its blkio "
+        "hierarchy under DIR; v2: DIR itself)",
+    )
     p.add_argument(
         "--capacity-reserve",
         type=float,
@@ -332,6 +341,7 @@ def start_agent(args: argparse.Namespace, network: Network | None) -> Agent:
         state_dir=args.state_dir.resolve(),
         export_address=export_address,
         export_ports=args.export_ports,
+        cgroup_root=args.cgroup_root,
     )
     agent.recover()
     agent.recover_exports()

@@ -15,6 +15,7 @@ from node_agent.attachments import DEFAULT_DEV_DIR, AttachmentManager
 from node_agent.exports import DEFAULT_PORTS, Exports
 from node_agent.keys import KeyStore
 from node_agent.pools import Pool
+from node_agent.qos import Qos
 from node_agent.transports import Transport, build_transports
 from tessera.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
 from tessera.ids import check_node_id, check_volume_id
@@ -27,7 +28,9 @@ from tessera.models import (
     AgentView,
     AgentVolume,
     Connection,
+    QosLimits,
 )
+from tessera.system.cgroups import DEFAULT_CGROUP_ROOT
 
 #: where exports, keys and remote connections keep their records
 DEFAULT_STATE_DIR = Path("/var/lib/tessera/node-agent")
@@ -45,6 +48,7 @@ class Agent:
         state_dir: Path = DEFAULT_STATE_DIR,
         export_address: str = "",
         export_ports: tuple[int, int] = DEFAULT_PORTS,
+        cgroup_root: Path = DEFAULT_CGROUP_ROOT,
     ) -> None:
         self.node_id = check_node_id(node_id)
         self.pools = pools
@@ -60,6 +64,13 @@ class Agent:
         )
         self.locks = VolumeLocks()
         self.attachments = AttachmentManager(pools, dev_dir, self.transports)
+        #: QoS: cgroup limits for this node's consumers, rate limits on its exports
+        self.qos = Qos(
+            state_dir / "qos",
+            cgroup_root,
+            lambda vid: [d.path for d in self.attachments.devices_of(vid)],
+            self.exports.set_rate,
+        )
 
     # ---- volumes -------------------------------------------------------------
 
@@ -169,6 +180,7 @@ class Agent:
         check_volume_id(volume_id)
         with self.locks.hold(volume_id):
             self.attachments.detach(volume_id)
+            self.qos.forget_consumers(volume_id)
 
     def attach_view(self, volume_id: str, view_key: str) -> AgentView:
         check_volume_id(volume_id)
@@ -213,7 +225,9 @@ class Agent:
         check_volume_id(volume_id)
         with self.locks.hold(volume_id):
             pool = self._require_holder(volume_id)
-            return self.exports.open(volume_id, client_node, pool.volume_path(volume_id), req)
+            opened = self.exports.open(volume_id, client_node, pool.volume_path(volume_id), req)
+            self.qos.apply(volume_id)  # its rate file, from the stored limits
+            return opened
 
     def close_export(self, volume_id: str, client_node: str) -> None:
         """Stop serving the volume to `client_node` and drop its key: revocation."""
@@ -240,6 +254,23 @@ class Agent:
                 pool.volume_path(volume_id) if (pool := self._holder(volume_id)) else None
             )
         )
+
+    # ---- QoS (node_agent/qos.py) ------------------------------------------------------
+
+    def set_qos(self, volume_id: str, limits: QosLimits) -> None:
+        check_volume_id(volume_id, missing_is_not_found=False)
+        with self.locks.hold(volume_id):
+            self.qos.set(volume_id, limits)
+
+    def add_consumer(self, volume_id: str, pod_uid: str) -> None:
+        check_volume_id(volume_id)
+        with self.locks.hold(volume_id):
+            self.qos.add_consumer(volume_id, pod_uid)
+
+    def remove_consumer(self, volume_id: str, pod_uid: str) -> None:
+        check_volume_id(volume_id)
+        with self.locks.hold(volume_id):
+            self.qos.remove_consumer(volume_id, pod_uid)
 
     # Keys take no volume lock: each write is one atomic rename, and a retried
     # PUT from management must not be refused while NodeStage attaches.

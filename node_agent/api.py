@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Annotated
 
-from fastapi import FastAPI, Query, Response
+from fastapi import FastAPI, Path, Query, Response
 
 from node_agent import volumes
 from node_agent.agent import Agent
 from node_agent.metrics import DataPathCollector
+from node_agent.qos import UNKNOWN_POD
 from tessera import __version__
 from tessera.errors import Unavailable
 from tessera.http import Service
@@ -32,6 +34,7 @@ from tessera.models import (
     AgentVolumeCreate,
     AgentVolumeResize,
     NodeId,
+    QosLimits,
     Registration,
     ViewKey,
     VolumeId,
@@ -44,8 +47,18 @@ from tessera.rest import (
     json_response,
     problems,
 )
+from tessera.system.cgroups import POD_UID_PATTERN
 
 log = logging.getLogger(__name__)
+
+#: a pod UID, or `unknown-pod` when the CSI node plugin was not told it (no podInfoOnMount)
+PodUid = Annotated[
+    str,
+    Path(
+        pattern=f"^{UNKNOWN_POD}$|{POD_UID_PATTERN}",
+        description="the pod's UID (csi.storage.k8s.io/pod.uid), or " + UNKNOWN_POD,
+    ),
+]
 
 
 def create_app(
@@ -143,6 +156,31 @@ def create_app(
     )
     def release_view(volume_id: str, view_key: ViewKey) -> Response:
         agent.release_view(volume_id, view_key)
+        return Response(status_code=204)
+
+    # ---- QoS (node_agent/qos.py): limits, and the pods that use a volume here ----------
+
+    @app.put("/v1/attachments/{volume_id}/qos", status_code=204, responses=problems(409))
+    def set_qos(volume_id: VolumeId, body: QosLimits) -> Response:
+        agent.set_qos(volume_id, body)
+        return Response(status_code=204)
+
+    @app.put(
+        "/v1/attachments/{volume_id}/consumers/{pod_uid}",
+        status_code=204,
+        responses=problems(409),
+    )
+    def add_consumer(volume_id: VolumeId, pod_uid: PodUid) -> Response:
+        agent.add_consumer(volume_id, pod_uid)
+        return Response(status_code=204)
+
+    @app.delete(
+        "/v1/attachments/{volume_id}/consumers/{pod_uid}",
+        status_code=204,
+        responses=problems(409),
+    )
+    def remove_consumer(volume_id: VolumeId, pod_uid: PodUid) -> Response:
+        agent.remove_consumer(volume_id, pod_uid)
         return Response(status_code=204)
 
     # ---- owner side: NBD exports; consumer side: keys -------------------------------

@@ -219,6 +219,16 @@ class Exports:
     def of_volume(self, volume_id: str) -> list[AgentExport]:
         return [r.model() for r in self._records(volume_id)]
 
+    def set_rate(self, volume_id: str, bits_per_second: int) -> None:
+        """Every export of the volume to this many bits/s each way (0: unlimited), live.
+
+        nbdkit's rate filter rereads the file (replaced atomically, as it
+        asks) within a moment; a record opened later starts from it.
+        """
+        for record in self._records(volume_id):
+            path = self._file(record.volume_id, record.client_node, "rate")
+            write_private(path, f"{bits_per_second}\n".encode())
+
     def liveness(self) -> list[bool]:
         """Per export record: whether its nbdkit is running (for the agent's /metrics)."""
         return [self._pid(r) is not None for r in self._records()]
@@ -441,7 +451,10 @@ class Exports:
         allow = self._ip_filter_args(record.client_address)
         if allow:
             argv.append("--filter=ip")
-        argv += ["file", f"file={record.volume_file}", *allow]
+        # the rate filter always: QoS changes its rate file live (node_agent/qos.py)
+        rate = self._file(record.volume_id, record.client_node, "rate")
+        argv.append("--filter=rate")
+        argv += ["file", f"file={record.volume_file}", *allow, f"rate-file={rate}"]
         try:
             return subprocess.run(
                 argv,
@@ -525,7 +538,7 @@ class Exports:
 
     def _remove(self, volume_id: str, client_node: str) -> None:
         """Delete the export's files, the record last (it is what finds the others)."""
-        for suffix in ("psk", "pid", "json"):
+        for suffix in ("psk", "pid", "rate", "json"):
             self._file(volume_id, client_node, suffix).unlink(missing_ok=True)
         try:
             (self.directory / volume_id).rmdir()
