@@ -31,9 +31,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import grpc
-from google.protobuf import wrappers_pb2
+from google.protobuf import timestamp_pb2, wrappers_pb2
 
 from csi_driver import validation
 from csi_driver._gen import csi_pb2, csi_pb2_grpc
@@ -54,11 +55,15 @@ from tessera.errors import (
     Internal,
     InvalidArgument,
     NotFound,
+    OutOfRange,
 )
 from tessera.locks import VolumeLocks
 from tessera.models import (
     AccessType,
+    ContentSource,
     Locality,
+    Snapshot,
+    SnapshotCreate,
     Volume,
     VolumeCreate,
     VolumeState,
@@ -81,6 +86,10 @@ CONTROLLER_CAPABILITIES = (
     _Rpc.GET_VOLUME,
     _Rpc.VOLUME_CONDITION,
     _Rpc.SINGLE_NODE_MULTI_WRITER,
+    _Rpc.CREATE_DELETE_SNAPSHOT,
+    _Rpc.LIST_SNAPSHOTS,
+    _Rpc.GET_SNAPSHOT,
+    _Rpc.CLONE_VOLUME,
 )
 
 # ---- answers -----------------------------------------------------------------------
@@ -99,7 +108,38 @@ def csi_volume(volume: Volume) -> csi_pb2.Volume:
         capacity_bytes=volume.size_bytes,
         volume_context=volume_context(volume),
         accessible_topology=accessible_topology(volume),
+        content_source=csi_content_source(volume.content_source),
     )
+
+
+def csi_content_source(source: ContentSource | None) -> csi_pb2.VolumeContentSource | None:
+    """The spec: "If specified in the CreateVolumeRequest, it MUST be in the response"."""
+    if source is None:
+        return None
+    if source.snapshot_id:
+        snap = csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=source.snapshot_id)
+        return csi_pb2.VolumeContentSource(snapshot=snap)
+    vol = csi_pb2.VolumeContentSource.VolumeSource(volume_id=source.volume_id)
+    return csi_pb2.VolumeContentSource(volume=vol)
+
+
+def csi_snapshot(snap: Snapshot) -> csi_pb2.Snapshot:
+    """size_bytes is the source's size when cut: the smallest volume it can be restored to."""
+    return csi_pb2.Snapshot(
+        snapshot_id=snap.id,
+        source_volume_id=snap.source_volume_id,
+        size_bytes=snap.size_bytes,
+        creation_time=csi_timestamp(snap.created_at),
+        ready_to_use=snap.ready_to_use,
+        group_snapshot_id=snap.group_snapshot_id,
+    )
+
+
+def csi_timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    whole = int(seconds)
+    stamp.seconds, stamp.nanos = whole, int(round((seconds - whole) * 1e9)) % 10**9
+    return stamp
 
 
 def accessible_topology(volume: Volume) -> list[csi_pb2.Topology]:
@@ -144,19 +184,24 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         args = validation.create_volume(request)
         name, params, requisite = args.name, args.params, list(args.requisite)
         with self.locks.hold(f"volume name {name}"), _vpg_is_a_parameter():
+            size, params = args.size, args.params
+            if args.source is not None:
+                size, params = self._clone_size_and_params(args)
             volume = self.mgmt.create_volume(
                 VolumeCreate(
                     name=name,
-                    size_bytes=args.size,
+                    size_bytes=size,
                     limit_bytes=args.limit,
                     vpg=params.vpg,
                     locality=params.locality,
                     requisite_nodes=requisite,
                     preferred_nodes=list(args.preferred),
                     parameters=params.stored(),
+                    content_source=args.source,
                 )
             )
         _check_same_volume(volume, params, requisite)
+        _check_same_source(volume, args.source)
         if volume.state == VolumeState.ERROR:
             raise Internal(f"volume {name!r} ({volume.id}) is in error state", field="name")
         if volume.state != VolumeState.AVAILABLE:
@@ -165,6 +210,41 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             "volume %s is %s (%d bytes on %s)", name, volume.id, volume.size_bytes, volume.node_id
         )
         return csi_pb2.CreateVolumeResponse(volume=csi_volume(volume))
+
+    def _clone_size_and_params(
+        self, args: validation.CreateVolume
+    ) -> tuple[int, StorageParameters]:
+        """The clone's size (the source's unless the range asks for more) and filesystem.
+
+        NOT_FOUND for a missing source; OUT_OF_RANGE when limit_bytes is smaller
+        than the source (a clone cannot lose data). A clone holds the source's
+        filesystem, so the StorageClass may not name another one.
+        """
+        source = args.source
+        assert source is not None
+        if source.snapshot_id:
+            snap = self.mgmt.get_snapshot(source.snapshot_id)
+            source_size, fs_type = snap.size_bytes, self._fs_type_of(snap.source_volume_id)
+            what = f"snapshot {snap.id}"
+        else:
+            vol = self.mgmt.get_volume(source.volume_id)
+            source_size, fs_type = vol.size_bytes, vol.parameters.get(CONTEXT_FS_TYPE, "")
+            what = f"volume {vol.id}"
+        if args.limit and args.limit < source_size:
+            raise OutOfRange(
+                f"capacity_range.limit_bytes ({args.limit}) is smaller than the source "
+                f"{what} ({source_size} bytes); a clone is at least as large as its source",
+                field="capacity_range",
+            )
+        size = max(args.size, source_size) if args.sized else source_size
+        return size, _source_filesystem(args.params, fs_type, what)
+
+    def _fs_type_of(self, volume_id: str) -> str:
+        """The filesystem a snapshot's source volume was made with ("" once it is deleted)."""
+        try:
+            return self.mgmt.get_volume(volume_id).parameters.get(CONTEXT_FS_TYPE, "")
+        except NotFound:
+            return ""
 
     def DeleteVolume(
         self, request: csi_pb2.DeleteVolumeRequest, context: grpc.ServicerContext
@@ -322,6 +402,101 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             capacity_bytes=volume.size_bytes, node_expansion_required=not block
         )
 
+    # -- snapshots --
+
+    def CreateSnapshot(
+        self, request: csi_pb2.CreateSnapshotRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.CreateSnapshotResponse:
+        """A reflink copy cut by management on the source's node; idempotent by name.
+
+        Management answers the same snapshot for the same name and source,
+        AlreadyExists for another source, NotFound for a missing source.
+        """
+        args = validation.create_snapshot(request)
+        with self.locks.hold(f"snapshot name {args.name}"):
+            snap = self.mgmt.create_snapshot(
+                SnapshotCreate(
+                    name=args.name,
+                    source_volume_id=args.source_volume_id,
+                    parameters=args.parameters,
+                )
+            )
+        if snap.source_volume_id != args.source_volume_id:
+            raise AlreadyExists(
+                f"snapshot {args.name!r} already exists for volume {snap.source_volume_id}",
+                field="name",
+            )
+        log.info("snapshot %s is %s of %s", args.name, snap.id, snap.source_volume_id)
+        return csi_pb2.CreateSnapshotResponse(snapshot=csi_snapshot(snap))
+
+    def DeleteSnapshot(
+        self, request: csi_pb2.DeleteSnapshotRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.DeleteSnapshotResponse:
+        """Gone is done (OK); a member of a group snapshot goes with its group only.
+
+        We report group_snapshot_id on members, and the spec's Snapshot message
+        says such a snapshot "MUST NOT be deleted as a stand alone snapshot":
+        FAILED_PRECONDITION ("Snapshot in use") naming the group.
+        """
+        args = validation.delete_snapshot(request)
+        done = csi_pb2.DeleteSnapshotResponse()
+        if not args.ours:
+            return done
+        with self.locks.hold(args.snapshot_id):
+            try:
+                snap = self.mgmt.get_snapshot(args.snapshot_id)
+                if snap.group_snapshot_id:
+                    raise FailedPrecondition(
+                        f"snapshot {snap.id} belongs to group snapshot "
+                        f"{snap.group_snapshot_id}; delete the group instead",
+                        field="snapshot_id",
+                    )
+                self.mgmt.delete_snapshot(args.snapshot_id)
+            except NotFound:
+                pass  # already gone: the spec asks for OK
+        return done
+
+    def GetSnapshot(
+        self, request: csi_pb2.GetSnapshotRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.GetSnapshotResponse:
+        args = validation.get_snapshot(request)
+        snap = self.mgmt.get_snapshot(args.snapshot_id)
+        return csi_pb2.GetSnapshotResponse(snapshot=csi_snapshot(snap))
+
+    def ListSnapshots(
+        self, request: csi_pb2.ListSnapshotsRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ListSnapshotsResponse:
+        """Filters that name nothing give an empty list (the spec: "not an error")."""
+        args = validation.list_snapshots(request)
+        if args.names_nothing:
+            return csi_pb2.ListSnapshotsResponse()
+        if args.snapshot_id:
+            snaps = self._snapshot_by_id(args.snapshot_id, args.source_volume_id)
+            return _snapshot_list(snaps, "")
+        try:
+            page = self.mgmt.list_snapshots(
+                page_token=args.starting_token,
+                max_entries=args.max_entries,
+                source_volume_id=args.source_volume_id,
+            )
+        except InvalidArgument as err:
+            if args.starting_token and err.field == "page_token":
+                raise Aborted(
+                    "starting_token is not valid; start listing again without one",
+                    field="starting_token",
+                ) from err
+            raise
+        return _snapshot_list(page.items, page.next_token)
+
+    def _snapshot_by_id(self, snapshot_id: str, source_volume_id: str) -> list[Snapshot]:
+        try:
+            snap = self.mgmt.get_snapshot(snapshot_id)
+        except NotFound:
+            return []
+        if source_volume_id and snap.source_volume_id != source_volume_id:
+            return []
+        return [snap]
+
     def ControllerGetCapabilities(
         self, request: csi_pb2.ControllerGetCapabilitiesRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ControllerGetCapabilitiesResponse:
@@ -334,6 +509,36 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
 
 
 # ---- helpers -----------------------------------------------------------------------
+
+
+def _snapshot_list(snaps: list[Snapshot], next_token: str) -> csi_pb2.ListSnapshotsResponse:
+    Entry = csi_pb2.ListSnapshotsResponse.Entry
+    return csi_pb2.ListSnapshotsResponse(
+        entries=[Entry(snapshot=csi_snapshot(s)) for s in snaps], next_token=next_token
+    )
+
+
+def _source_filesystem(params: StorageParameters, fs_type: str, what: str) -> StorageParameters:
+    """A clone keeps its source's filesystem: NodeStage mounts it and never formats it."""
+    if not fs_type:
+        return params
+    if params.fs_type_given and params.fs_type != fs_type:
+        raise InvalidArgument(
+            f"the source {what} holds {fs_type}; the request asks for {params.fs_type} "
+            "(a clone keeps its source's filesystem)",
+            field="parameters",
+        )
+    return replace(params, fs_type=fs_type, fs_type_given=True)
+
+
+def _check_same_source(volume: Volume, source: ContentSource | None) -> None:
+    """An existing volume of this name answers only if it came from the same source."""
+    if volume.content_source != source:
+        had = volume.content_source.model_dump() if volume.content_source else "no source"
+        raise AlreadyExists(
+            f"volume {volume.name!r} already exists with content source {had}",
+            field="volume_content_source",
+        )
 
 
 def _check_reachable(volume: Volume, node_id: str) -> None:

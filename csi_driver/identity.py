@@ -33,6 +33,10 @@ def plugin_capabilities() -> list[csi_pb2.PluginCapability]:
         csi_pb2.PluginCapability(service=_Service(type=_Service.CONTROLLER_SERVICE)),
         csi_pb2.PluginCapability(service=_Service(type=_Service.VOLUME_ACCESSIBILITY_CONSTRAINTS)),
         csi_pb2.PluginCapability(volume_expansion=_Expansion(type=_Expansion.ONLINE)),
+        # served by the controller-mode instance (csi_driver/group_controller.py)
+        csi_pb2.PluginCapability(service=_Service(type=_Service.GROUP_CONTROLLER_SERVICE)),
+        # served by the controller-mode instance (csi_driver/snapshot_metadata.py)
+        csi_pb2.PluginCapability(service=_Service(type=_Service.SNAPSHOT_METADATA_SERVICE)),
     ]
 
 

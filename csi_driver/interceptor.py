@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -65,6 +65,8 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
+        if handler is not None and handler.unary_stream is not None:
+            return _wrap_stream(handler, handler_call_details.method.rsplit("/", 1)[-1])
         if handler is None or handler.unary_unary is None:
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
@@ -94,6 +96,40 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+def _wrap_stream(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """Server-streaming RPCs (SnapshotMetadata): the same mapping, raised mid-stream too.
+
+    The spec: an SP that fails while sending metadata "MUST abort transmission
+    of the stream" with an error, which the CO tells apart from the end of it.
+    """
+    inner = handler.unary_stream
+
+    def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        with request_scope(_request_id(context)) as request_id:
+            try:
+                yield from inner(request, context)
+            except errors.TesseraError as err:
+                code = status_for(err)
+                context.abort(code, err.message)
+            except Exception:
+                if context.code() not in (None, grpc.StatusCode.OK):
+                    code = context.code()
+                    raise
+                code = grpc.StatusCode.INTERNAL
+                log.exception("%s failed unexpectedly", method)
+                context.abort(code, f"{method}: internal error (see plugin log)")
+            finally:
+                _observe(method, request, code, time.perf_counter() - started, request_id)
+
+    return grpc.unary_stream_rpc_method_handler(
+        wrapped,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 def _request_id(context: grpc.ServicerContext) -> str:

@@ -14,9 +14,12 @@ import grpc
 from csi_driver._gen import csi_pb2_grpc
 from csi_driver.config import PluginConfig
 from csi_driver.controller import ControllerServicer
+from csi_driver.group_controller import GroupControllerServicer
 from csi_driver.identity import IdentityServicer
 from csi_driver.interceptor import ErrorMappingInterceptor
+from csi_driver.snapshot_metadata import SnapshotMetadataServicer
 from tessera.clients import AgentClient, ManagementClient
+from tessera.locks import VolumeLocks
 from tessera.sockets import claim_socket_path
 
 log = logging.getLogger("tessera.csi")
@@ -47,7 +50,14 @@ def build_server(config: PluginConfig) -> grpc.Server:
     checks = []
     if config.mode.serves_controller:
         management = ManagementClient(config.management_url, config.token)
-        csi_pb2_grpc.add_ControllerServicer_to_server(ControllerServicer(management), server)
+        locks = VolumeLocks()  # one in-flight table for the controller-side services
+        csi_pb2_grpc.add_ControllerServicer_to_server(ControllerServicer(management, locks), server)
+        csi_pb2_grpc.add_GroupControllerServicer_to_server(
+            GroupControllerServicer(management, locks), server
+        )
+        csi_pb2_grpc.add_SnapshotMetadataServicer_to_server(
+            SnapshotMetadataServicer(management), server
+        )
         checks.append(("management answers", management.healthy))
     if config.mode.serves_node:
         # imported here so that controller mode does not need the node's dependencies

@@ -30,11 +30,11 @@ from google.protobuf.message import Message
 
 from csi_driver._gen import csi_pb2
 from csi_driver.capabilities import Capability, parse_capability
-from csi_driver.parameters import StorageParameters, parse_parameters
+from csi_driver.parameters import SIDECAR_PREFIX, StorageParameters, parse_parameters
 from csi_driver.publish_context import from_publish_context
 from tessera import ids
-from tessera.errors import FailedPrecondition, InvalidArgument, NotFound
-from tessera.models import Connection, GiB, Locality
+from tessera.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
+from tessera.models import Connection, ContentSource, GiB, Locality
 from tessera.topology import TOPOLOGY_KEY, candidate_nodes
 
 #: CSI "Size Limits": strings 128 bytes, maps 4 KiB, unless a field says otherwise
@@ -286,6 +286,16 @@ def known_volume(volume_id: str, field: str = "volume_id") -> str:
     return volume_id
 
 
+def known_snapshot(snapshot_id: str, field: str = "snapshot_id") -> str:
+    """An ID that is not snap-<hex> names no snapshot of ours."""
+    if not ids.is_snapshot_id(snapshot_id):
+        raise NotFound(
+            f"{field} {snapshot_id[:80]!r} is not a Tessera snapshot ID (expected snap-<hex>)",
+            field=field,
+        )
+    return snapshot_id
+
+
 def is_node_id(value: str) -> bool:
     try:
         ids.check_node_id(value)
@@ -325,6 +335,10 @@ class CreateVolume:
     params: StorageParameters
     requisite: tuple[str, ...]
     preferred: tuple[str, ...]
+    #: the snapshot or volume to clone, or None for an empty volume
+    source: ContentSource | None = None
+    #: whether the CO gave a capacity_range (a clone without one is the source's size)
+    sized: bool = True
 
 
 @dataclass(frozen=True)
@@ -437,15 +451,33 @@ def create_volume(r: csi_pb2.CreateVolumeRequest) -> CreateVolume:
             "mutable_parameters are not supported (no MODIFY_VOLUME)", field="mutable_parameters"
         )
     secrets_form(r.secrets)
-    if r.HasField("volume_content_source"):
-        kind = r.volume_content_source.WhichOneof("type") or "source"
-        raise InvalidArgument(
-            f"volume_content_source: creating a volume from a {kind} is not supported "
-            "yet (this driver does not offer snapshots or clones); create it empty",
-            field="volume_content_source",
-        )
+    source = content_source_form(r) if r.HasField("volume_content_source") else None
     requisite, preferred = _placement(r.accessibility_requirements, params.locality)
-    return CreateVolume(name, caps, size, limit, params, requisite, preferred)
+    sized = r.HasField("capacity_range")
+    return CreateVolume(name, caps, size, limit, params, requisite, preferred, source, sized)
+
+
+def content_source_form(r: csi_pb2.CreateVolumeRequest) -> ContentSource:
+    """The snapshot or volume to start from; an ID that cannot be ours names nothing (NOT_FOUND).
+
+    csi-sanity creates from "non-existing-snapshot-id" and expects NOT_FOUND, and the
+    spec's CreateVolume table lists "Source does not exist" as NOT_FOUND, so a foreign
+    ID is a missing source, not a malformed request; an empty one is malformed.
+    """
+    fld = "volume_content_source"
+    src = r.volume_content_source
+    kind = src.WhichOneof("type")
+    if kind is None:
+        raise InvalidArgument(f"{fld}: set either snapshot or volume", field=fld)
+    if kind == "snapshot":
+        sid = id_form(src.snapshot.snapshot_id, f"{fld}.snapshot.snapshot_id")
+        if not sid:
+            raise InvalidArgument(f"{fld}.snapshot.snapshot_id is required", field=fld)
+        return ContentSource(snapshot_id=known_snapshot(sid, f"{fld}.snapshot.snapshot_id"))
+    vid = id_form(src.volume.volume_id, f"{fld}.volume.volume_id")
+    if not vid:
+        raise InvalidArgument(f"{fld}.volume.volume_id is required", field=fld)
+    return ContentSource(volume_id=known_volume(vid, f"{fld}.volume.volume_id"))
 
 
 def _placement(
@@ -647,3 +679,189 @@ def node_expand_volume(r: csi_pb2.NodeExpandVolumeRequest) -> NodeVolumePath:
         cap = capability_form(r.volume_capability, "volume_capability")
     secrets_form(r.secrets)
     return _volume_path_request(r, cap, size, limit)
+
+
+# ---- snapshots ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CreateSnapshot:
+    name: str
+    source_volume_id: str
+    #: only the sidecars' csi.storage.k8s.io/ keys (VolumeSnapshot names), kept as metadata
+    parameters: dict[str, str]
+
+
+@dataclass(frozen=True)
+class SnapshotRef:
+    """DeleteSnapshot / GetSnapshot: `ours` False means the ID cannot name a snapshot of ours."""
+
+    snapshot_id: str
+    ours: bool
+
+
+@dataclass(frozen=True)
+class ListSnapshots:
+    max_entries: int
+    starting_token: str
+    snapshot_id: str
+    source_volume_id: str
+    #: a filter names an ID that cannot be ours: the answer is an empty list, not an error
+    names_nothing: bool
+
+
+def snapshot_parameters(values: Mapping[str, str], field: str = "parameters") -> dict[str, str]:
+    """VolumeSnapshotClass parameters: none of our own yet, so only the sidecars' keys.
+
+    A typo'd key must not be silently ignored (the same rule as StorageClass
+    parameters); the external-snapshotter's --extra-create-metadata keys
+    (csi.storage.k8s.io/volumesnapshot/name, ...) are kept with the snapshot.
+    """
+    params = map_form(values, field)
+    unknown = sorted(k for k in params if not k.startswith(SIDECAR_PREFIX))
+    if unknown:
+        raise InvalidArgument(
+            f"{field}: unknown parameter {unknown[0][:60]!r}; snapshots take no parameters "
+            f"of their own (only keys starting with {SIDECAR_PREFIX!r})",
+            field=field,
+        )
+    return params
+
+
+def create_snapshot(r: csi_pb2.CreateSnapshotRequest) -> CreateSnapshot:
+    require(r, "name", "source_volume_id")
+    name = name_form(r.name)
+    source = id_form(r.source_volume_id, "source_volume_id")
+    params = snapshot_parameters(r.parameters)
+    secrets_form(r.secrets)
+    return CreateSnapshot(name, known_volume(source, "source_volume_id"), params)
+
+
+def delete_snapshot(r: csi_pb2.DeleteSnapshotRequest) -> SnapshotRef:
+    require(r, "snapshot_id")
+    snapshot_id = id_form(r.snapshot_id, "snapshot_id")
+    secrets_form(r.secrets)
+    return SnapshotRef(snapshot_id, ids.is_snapshot_id(snapshot_id))
+
+
+def get_snapshot(r: csi_pb2.GetSnapshotRequest) -> SnapshotRef:
+    require(r, "snapshot_id")
+    snapshot_id = id_form(r.snapshot_id, "snapshot_id")
+    secrets_form(r.secrets)
+    return SnapshotRef(known_snapshot(snapshot_id), True)
+
+
+def list_snapshots(r: csi_pb2.ListSnapshotsRequest) -> ListSnapshots:
+    if r.max_entries < 0:
+        raise InvalidArgument(
+            f"max_entries must not be negative ({r.max_entries})", field="max_entries"
+        )
+    snapshot_id = id_form(r.snapshot_id, "snapshot_id")
+    source = id_form(r.source_volume_id, "source_volume_id")
+    secrets_form(r.secrets)
+    nothing = bool(
+        (snapshot_id and not ids.is_snapshot_id(snapshot_id))
+        or (source and not ids.is_volume_id(source))
+    )
+    return ListSnapshots(r.max_entries, r.starting_token, snapshot_id, source, nothing)
+
+
+# ---- group snapshots ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CreateGroupSnapshot:
+    name: str
+    source_volume_ids: tuple[str, ...]
+    parameters: dict[str, str]
+
+
+@dataclass(frozen=True)
+class GroupSnapshotRef:
+    """Get/DeleteVolumeGroupSnapshot. `ours` False: the ID cannot name a group of ours."""
+
+    group_snapshot_id: str
+    snapshot_ids: tuple[str, ...]
+    ours: bool
+
+
+def create_group_snapshot(r: csi_pb2.CreateVolumeGroupSnapshotRequest) -> CreateGroupSnapshot:
+    require(r, "name", "source_volume_ids")
+    name = name_form(r.name)
+    sources: list[str] = []
+    for i, vid in enumerate(r.source_volume_ids):
+        fld = f"source_volume_ids[{i}]"
+        if not vid:
+            raise InvalidArgument(f"{fld} is empty", field="source_volume_ids")
+        id_form(vid, fld)
+        if vid in sources:
+            raise InvalidArgument(f"{fld} {vid!r} is named twice", field="source_volume_ids")
+        sources.append(vid)
+    params = snapshot_parameters(r.parameters)
+    secrets_form(r.secrets)
+    for i, vid in enumerate(sources):
+        known_volume(vid, f"source_volume_ids[{i}]")
+    return CreateGroupSnapshot(name, tuple(sources), params)
+
+
+def group_snapshot_ref(
+    r: csi_pb2.GetVolumeGroupSnapshotRequest | csi_pb2.DeleteVolumeGroupSnapshotRequest,
+) -> GroupSnapshotRef:
+    """group_snapshot_id is checked first; snapshot_ids only against a group that exists.
+
+    The spec marks snapshot_ids REQUIRED, but csi-sanity sends a made-up
+    group_snapshot_id without any and expects NOT_FOUND (Get) and OK
+    (Delete): a group that does not exist is answered before its member
+    list is looked at. The handler refuses an empty or different list for a
+    group that exists (INVALID_ARGUMENT, "Snapshot list mismatch").
+    """
+    require(r, "group_snapshot_id")
+    gid = id_form(r.group_snapshot_id, "group_snapshot_id")
+    for i, sid in enumerate(r.snapshot_ids):
+        id_form(sid, f"snapshot_ids[{i}]")
+    secrets_form(r.secrets)
+    return GroupSnapshotRef(gid, tuple(r.snapshot_ids), ids.is_group_snapshot_id(gid))
+
+
+# ---- snapshot metadata --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MetadataRequest:
+    """GetMetadataAllocated (base_snapshot_id "") and GetMetadataDelta."""
+
+    base_snapshot_id: str
+    snapshot_id: str
+    starting_offset: int
+    max_results: int
+
+
+def _metadata_numbers(starting_offset: int, max_results: int) -> None:
+    if starting_offset < 0:
+        # the spec's table: "The starting offset is negative or exceeds the volume size"
+        raise OutOfRange(
+            f"starting_offset must not be negative ({starting_offset})", field="starting_offset"
+        )
+    if max_results < 0:
+        raise InvalidArgument(
+            f"max_results must not be negative ({max_results})", field="max_results"
+        )
+
+
+def get_metadata_allocated(r: csi_pb2.GetMetadataAllocatedRequest) -> MetadataRequest:
+    require(r, "snapshot_id")
+    snapshot_id = id_form(r.snapshot_id, "snapshot_id")
+    secrets_form(r.secrets)
+    _metadata_numbers(r.starting_offset, r.max_results)
+    return MetadataRequest("", known_snapshot(snapshot_id), r.starting_offset, r.max_results)
+
+
+def get_metadata_delta(r: csi_pb2.GetMetadataDeltaRequest) -> MetadataRequest:
+    require(r, "base_snapshot_id", "target_snapshot_id")
+    base = id_form(r.base_snapshot_id, "base_snapshot_id")
+    target = id_form(r.target_snapshot_id, "target_snapshot_id")
+    secrets_form(r.secrets)
+    _metadata_numbers(r.starting_offset, r.max_results)
+    known_snapshot(base, "base_snapshot_id")
+    known_snapshot(target, "target_snapshot_id")
+    return MetadataRequest(base, target, r.starting_offset, r.max_results)

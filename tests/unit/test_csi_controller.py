@@ -81,6 +81,10 @@ def test_controller_advertises_exactly_what_it_implements(stack: Stack) -> None:
         "GET_VOLUME",
         "VOLUME_CONDITION",
         "SINGLE_NODE_MULTI_WRITER",
+        "CREATE_DELETE_SNAPSHOT",
+        "LIST_SNAPSHOTS",
+        "GET_SNAPSHOT",
+        "CLONE_VOLUME",
     ]
     # snapshots and clones are not offered, so the sidecars never ask for them
     assert "CREATE_DELETE_SNAPSHOT" not in advertised and "CLONE_VOLUME" not in advertised
