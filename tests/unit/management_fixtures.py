@@ -109,6 +109,12 @@ class FakeAgent:
                 if path.exists() and path.stat().st_size != body.size_bytes:
                     raise AlreadyExists("same id, other size", field="size_bytes")
                 path.parent.mkdir(parents=True, exist_ok=True)
+                if body.source is not None and not path.exists():  # a clone: its data first
+                    kind = "snapshots" if body.source.kind == "snapshot" else "volumes"
+                    source = self.root / body.pool / kind / f"{body.source.id}.img"
+                    if not source.exists():
+                        raise NotFound(f"no {body.source.kind} {body.source.id}")
+                    shutil.copyfile(source, path)
                 with open(path, "ab") as f:
                     f.truncate(body.size_bytes)
             return AgentVolume(
