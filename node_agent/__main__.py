@@ -116,6 +116,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds between heartbeats to management",
     )
     p.add_argument("--no-register", action="store_true", help="serve locally only")
+    p.add_argument(
+        "--copy-fallback",
+        action="store_true",
+        help="pools that cannot reflink make snapshots and clones as full copies (slow, "
+        "full space) instead of refusing them",
+    )
     p.add_argument("--log-level", default="info")
     p.add_argument("--access-log", action="store_true", help="log every request line")
     p.add_argument(
@@ -170,11 +176,19 @@ def open_pools(args: argparse.Namespace) -> dict[str, Pool]:
         if name in pools:
             raise SystemExit(f"--pool {name} given twice")
         ratio = ratios.pop(name, 1.0)
-        pools[name] = parse_pool_spec(spec, reserve=reserve, overcommit_ratio=ratio)
+        pools[name] = parse_pool_spec(
+            spec, reserve=reserve, overcommit_ratio=ratio, copy_fallback=args.copy_fallback
+        )
     made = file_pools.open_file_pools(args.file_pool, args.state_dir.resolve(), set(pools))
     for name, directory in made.items():
         ratio = ratios.pop(name, 1.0)
-        pools[name] = Pool.open(name, directory, reserve=reserve, overcommit_ratio=ratio)
+        pools[name] = Pool.open(
+            name,
+            directory,
+            reserve=reserve,
+            overcommit_ratio=ratio,
+            copy_fallback=args.copy_fallback,
+        )
     if ratios:
         raise SystemExit(f"--overcommit names pools that are not given: {', '.join(ratios)}")
     return pools
@@ -374,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             ManagementClient(args.management, token, ca_file=args.ca_bundle or None),
             agent.node_id,
             agent_url,
-            agent.pool_capacities,
+            agent.pool_reports,
             args.max_volumes,
             heartbeat_seconds=args.heartbeat_interval,
             follower=Follower(agent),
@@ -383,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         serve(agent, token, listeners, args.log_level, args.access_log, registration_of(registrar))
     finally:
+        agent.freezes.thaw_all()  # never leave a filesystem frozen behind us
         if registrar is not None:
             registrar.stop()
         for sock, _ in listeners:

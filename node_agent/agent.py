@@ -10,24 +10,31 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from node_agent import volumes
+from node_agent import extents, snapshots, volumes
 from node_agent.attachments import DEFAULT_DEV_DIR, AttachmentManager
 from node_agent.exports import DEFAULT_PORTS, Exports
+from node_agent.freezes import Freezes
 from node_agent.keys import KeyStore
 from node_agent.pools import Pool
 from node_agent.qos import Qos
 from node_agent.transports import Transport, build_transports
 from tessera.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
-from tessera.ids import check_node_id, check_volume_id
+from tessera.ids import check_node_id, check_snapshot_id, check_volume_id
 from tessera.locks import VolumeLocks
 from tessera.models import (
     AgentAttachment,
     AgentExport,
     AgentExportCreate,
+    AgentFreezeState,
     AgentKey,
+    AgentSnapshot,
+    AgentSource,
+    AgentSourceKind,
     AgentView,
     AgentVolume,
     Connection,
+    ExtentPage,
+    PoolRegistration,
     QosLimits,
 )
 from tessera.system.cgroups import DEFAULT_CGROUP_ROOT
@@ -64,6 +71,7 @@ class Agent:
         )
         self.locks = VolumeLocks()
         self.attachments = AttachmentManager(pools, dev_dir, self.transports)
+        self.freezes = Freezes(self.attachments, state_dir / "freezes")
         #: QoS: cgroup limits for this node's consumers, rate limits on its exports
         self.qos = Qos(
             state_dir / "qos",
@@ -75,7 +83,13 @@ class Agent:
     # ---- volumes -------------------------------------------------------------
 
     def create_volume(
-        self, volume_id: str, pool: str, size_bytes: int, *, must_exist: bool = False
+        self,
+        volume_id: str,
+        pool: str,
+        size_bytes: int,
+        *,
+        must_exist: bool = False,
+        source: AgentSource | None = None,
     ) -> AgentVolume:
         """Create the file, or confirm (fsync) the one there; `must_exist`: never create.
 
@@ -97,7 +111,30 @@ class Agent:
                 raise NotFound(
                     f"volume {volume_id} is not on node {self.node_id} (must_exist: not created)"
                 )
-            return volumes.create(target, volume_id, size_bytes)
+            if holder is not None or source is None:
+                return volumes.create(target, volume_id, size_bytes)
+            return volumes.create(target, volume_id, size_bytes, self._source_path(target, source))
+
+    def _source_path(self, target: Pool, source: AgentSource) -> Path:
+        """The file a clone starts from; it must be in the clone's pool (reflink: one fs)."""
+        if source.kind == AgentSourceKind.SNAPSHOT:
+            check_snapshot_id(source.id, "source.id")
+            holder = self._snapshot_holder(source.id)
+            path = holder.snapshot_path(source.id) if holder else None
+        else:
+            check_volume_id(source.id, "source.id")
+            holder = self._holder(source.id)
+            path = holder.volume_path(source.id) if holder else None
+        if holder is None or path is None:
+            raise NotFound(
+                f"{source.kind} {source.id} is not on node {self.node_id}", field="source"
+            )
+        if holder.name != target.name:
+            raise FailedPrecondition(
+                f"{source.kind} {source.id} is in pool {holder.name}: a clone must be made "
+                f"in the same pool, not {target.name}"
+            )
+        return path
 
     def resize_volume(self, volume_id: str, size_bytes: int) -> AgentVolume:
         check_volume_id(volume_id)
@@ -145,6 +182,95 @@ class Agent:
         if pool is None:
             raise NotFound(f"volume {volume_id} is not on node {self.node_id}")
         return pool
+
+    # ---- snapshots ---------------------------------------------------------------
+
+    def create_snapshot(self, snapshot_id: str, pool: str, source_volume_id: str) -> AgentSnapshot:
+        """Cut the snapshot file of a volume in its pool; idempotent (same id and source).
+
+        Under the source volume's lock: a delete or resize of the volume waits
+        for the cut, so the snapshot is of one instant of one file.
+        """
+        check_snapshot_id(snapshot_id, missing_is_not_found=False)
+        check_volume_id(source_volume_id, "source_volume_id")
+        target = self._pool(pool)
+        with self.locks.hold(source_volume_id):
+            holder = self._snapshot_holder(snapshot_id)
+            if holder is not None and holder.name != target.name:
+                raise AlreadyExists(
+                    f"snapshot {snapshot_id} already exists in pool {holder.name}", field="pool"
+                )
+            if holder is None and not volumes.exists(target, source_volume_id):
+                raise NotFound(
+                    f"volume {source_volume_id} is not in pool {pool} on node {self.node_id}",
+                    field="source_volume_id",
+                )
+            source = target.volume_path(source_volume_id)
+            return snapshots.create(target, snapshot_id, source_volume_id, source)
+
+    def list_snapshots(self) -> list[AgentSnapshot]:
+        return snapshots.list_all(self.pools.values())
+
+    def get_snapshot(self, snapshot_id: str) -> AgentSnapshot:
+        check_snapshot_id(snapshot_id)
+        return snapshots.describe(self._require_snapshot(snapshot_id), snapshot_id)
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        """Remove the snapshot file; absent is fine. Clones of it keep their (shared) data."""
+        check_snapshot_id(snapshot_id)
+        with self.locks.hold(snapshot_id):
+            for pool in self.pools.values():
+                snapshots.delete(pool, snapshot_id)
+
+    def snapshot_extents(
+        self, snapshot_id: str, base_snapshot_id: str = "", offset: int = 0, max_entries: int = 0
+    ) -> ExtentPage:
+        """Allocated ranges, or with a base the ranges that differ from it (extent maps only)."""
+        check_snapshot_id(snapshot_id)
+        pool = self._require_snapshot(snapshot_id)
+        target = pool.snapshot_path(snapshot_id)
+        if not base_snapshot_id:
+            size, ranges = extents.allocated(target)
+            return extents.page(size, ranges, offset, max_entries)
+        check_snapshot_id(base_snapshot_id, "base")
+        base_pool = self._require_snapshot(base_snapshot_id)
+        ours = snapshots.describe(pool, snapshot_id).source_volume_id
+        theirs = snapshots.describe(base_pool, base_snapshot_id).source_volume_id
+        if base_pool.name != pool.name or ours != theirs:
+            raise FailedPrecondition(
+                f"snapshots {base_snapshot_id} and {snapshot_id} are not of the same volume "
+                "in the same pool: no delta between them"
+            )
+        size, ranges = extents.delta(base_pool.snapshot_path(base_snapshot_id), target)
+        return extents.page(size, ranges, offset, max_entries)
+
+    def _snapshot_holder(self, snapshot_id: str) -> Pool | None:
+        for pool in self.pools.values():
+            if snapshots.exists(pool, snapshot_id):
+                return pool
+        return None
+
+    def _require_snapshot(self, snapshot_id: str) -> Pool:
+        pool = self._snapshot_holder(snapshot_id)
+        if pool is None:
+            raise NotFound(f"snapshot {snapshot_id} is not on node {self.node_id}")
+        return pool
+
+    # ---- freezes (consumer side: consistency points for snapshots) -----------------
+
+    def freeze(self, volume_id: str, lease_seconds: float) -> AgentFreezeState:
+        """Freeze the volume's filesystems mounted here; thawed by a timer after the lease.
+
+        Under the volume's lock (its devices do not change meanwhile); thaw
+        takes none, so it is never refused as busy.
+        """
+        check_volume_id(volume_id)
+        with self.locks.hold(volume_id):
+            return self.freezes.freeze(volume_id, lease_seconds)
+
+    def thaw(self, volume_id: str) -> AgentFreezeState:
+        check_volume_id(volume_id)
+        return self.freezes.thaw(volume_id)
 
     # ---- attachments -----------------------------------------------------------
 
@@ -211,8 +337,10 @@ class Agent:
     def recover(self) -> list[AgentAttachment]:
         """At start: drop half-made volume files, re-adopt live devices, fix symlinks."""
         for pool in self.pools.values():
-            for path in volumes.sweep_temporaries(pool):
+            for path in volumes.sweep_temporaries(pool) + snapshots.sweep_temporaries(pool):
                 log.info("removed half-created %s", path)
+        for mountpoint in self.freezes.recover():
+            log.warning("thawed %s, left frozen by an agent that stopped", mountpoint)
         adopted = self.attachments.recover()
         for att in adopted:
             log.info("re-adopted %s on %s", att.volume_id, att.backing_device)
@@ -282,3 +410,14 @@ class Agent:
 
     def pool_capacities(self) -> dict[str, int]:
         return {name: pool.capacity_bytes() for name, pool in self.pools.items()}
+
+    def pool_reports(self) -> dict[str, PoolRegistration]:
+        """What each heartbeat tells management: capacity, physical use, snapshot method."""
+        return {
+            name: PoolRegistration(
+                capacity_bytes=pool.capacity_bytes(),
+                used_bytes=pool.used_bytes(),
+                snapshot_method=pool.snapshot_method(),
+            )
+            for name, pool in self.pools.items()
+        }

@@ -27,15 +27,21 @@ from tessera.models import (
     AgentAttachment,
     AgentExport,
     AgentExportCreate,
+    AgentFreeze,
+    AgentFreezeState,
     AgentKey,
     AgentNode,
+    AgentSnapshot,
+    AgentSnapshotCreate,
     AgentView,
     AgentVolume,
     AgentVolumeCreate,
     AgentVolumeResize,
+    ExtentPage,
     NodeId,
     QosLimits,
     Registration,
+    SnapshotId,
     ViewKey,
     VolumeId,
 )
@@ -100,7 +106,9 @@ def create_app(
             False, description="only confirm (fsync) an existing file; never create one (404)"
         ),
     ) -> Response:
-        volume = agent.create_volume(volume_id, body.pool, body.size_bytes, must_exist=must_exist)
+        volume = agent.create_volume(
+            volume_id, body.pool, body.size_bytes, must_exist=must_exist, source=body.source
+        )
         return json_response(volume)
 
     @app.get("/v1/volumes")
@@ -122,6 +130,38 @@ def create_app(
         agent.delete_volume(volume_id)
         return Response(status_code=204)
 
+    # ---- snapshots: files beside the volumes; extents from their extent maps ------
+
+    @app.put(
+        "/v1/snapshots/{snapshot_id}",
+        response_model=AgentSnapshot,
+        responses=problems(409, 507),
+    )
+    def create_snapshot(snapshot_id: SnapshotId, body: AgentSnapshotCreate) -> Response:
+        return json_response(agent.create_snapshot(snapshot_id, body.pool, body.source_volume_id))
+
+    @app.get("/v1/snapshots")
+    def list_snapshots() -> dict[str, list[AgentSnapshot]]:
+        return {"items": agent.list_snapshots()}
+
+    @app.delete("/v1/snapshots/{snapshot_id}", status_code=204, responses=problems(409))
+    def delete_snapshot(snapshot_id: SnapshotId) -> Response:
+        agent.delete_snapshot(snapshot_id)
+        return Response(status_code=204)
+
+    @app.get(
+        "/v1/snapshots/{snapshot_id}/extents",
+        response_model=ExtentPage,
+        responses=problems(409),
+    )
+    def snapshot_extents(
+        snapshot_id: SnapshotId,
+        base: str = Query("", description="another snapshot of the same volume: the delta"),
+        offset: int = Query(0, ge=0),
+        max_entries: int = Query(0, ge=0, le=1_000_000),
+    ) -> Response:
+        return json_response(agent.snapshot_extents(snapshot_id, base, offset, max_entries))
+
     @app.put(
         "/v1/attachments/{volume_id}", response_model=AgentAttachment, responses=problems(409, 507)
     )
@@ -129,6 +169,18 @@ def create_app(
         return json_response(
             agent.attach(volume_id, body.readonly, body.connection, body.min_size_bytes)
         )
+
+    @app.post(
+        "/v1/attachments/{volume_id}/freeze",
+        response_model=AgentFreezeState,
+        responses=problems(409),
+    )
+    def freeze(volume_id: VolumeId, body: AgentFreeze) -> Response:
+        return json_response(agent.freeze(volume_id, body.lease_seconds))
+
+    @app.post("/v1/attachments/{volume_id}/thaw", response_model=AgentFreezeState)
+    def thaw(volume_id: VolumeId) -> Response:
+        return json_response(agent.thaw(volume_id))
 
     @app.get("/v1/attachments")
     def list_attachments() -> dict[str, list[AgentAttachment]]:

@@ -19,9 +19,12 @@ from functools import cached_property
 from pathlib import Path
 
 from tessera.errors import InvalidArgument
-from tessera.ids import check_name, check_volume_id, is_volume_id
+from tessera.ids import check_name, check_snapshot_id, check_volume_id, is_snapshot_id, is_volume_id
+from tessera.models import SnapshotMethod
+from tessera.system import fiemap, reflink
 
 VOLUMES_SUBDIR = "volumes"
+SNAPSHOTS_SUBDIR = "snapshots"
 VOLUME_SUFFIX = ".img"
 MiB = 1024**2
 
@@ -59,13 +62,16 @@ class Pool:
 
     `overcommit_ratio` above 1.0 promises more than the filesystem holds
     (thin provisioning, for volumes that are never written full); it is
-    only ever what the operator asked for, per pool.
+    only ever what the operator asked for, per pool. `copy_fallback`: make
+    snapshots and clones as full copies where the filesystem cannot reflink
+    (the agent's --copy-fallback) instead of refusing them.
     """
 
     name: str
     directory: Path
     reserve: Reserve = DEFAULT_RESERVE
     overcommit_ratio: float = 1.0
+    copy_fallback: bool = False
 
     @classmethod
     def open(
@@ -75,6 +81,7 @@ class Pool:
         *,
         reserve: Reserve = DEFAULT_RESERVE,
         overcommit_ratio: float = 1.0,
+        copy_fallback: bool = False,
     ) -> Pool:
         """Validate and prepare a pool; the directory must already exist."""
         check_name(name, "pool")
@@ -86,11 +93,18 @@ class Pool:
         path = Path(directory).resolve()
         if not path.is_dir():
             raise InvalidArgument(f"pool {name}: {path} is not a directory", field="pool")
-        pool = cls(name=name, directory=path, reserve=reserve, overcommit_ratio=overcommit_ratio)
-        if pool.volumes_dir.is_symlink():
-            # A symlinked volumes/ could point anywhere; refuse instead of following it.
-            raise InvalidArgument(f"pool {name}: {pool.volumes_dir} is a symlink", field="pool")
-        pool.volumes_dir.mkdir(mode=0o700, exist_ok=True)
+        pool = cls(
+            name=name,
+            directory=path,
+            reserve=reserve,
+            overcommit_ratio=overcommit_ratio,
+            copy_fallback=copy_fallback,
+        )
+        for sub in (pool.volumes_dir, pool.snapshots_dir):
+            if sub.is_symlink():
+                # A symlinked volumes/ could point anywhere; refuse instead of following it.
+                raise InvalidArgument(f"pool {name}: {sub} is a symlink", field="pool")
+            sub.mkdir(mode=0o700, exist_ok=True)
         return pool
 
     @cached_property
@@ -114,6 +128,44 @@ class Pool:
             )
         return path
 
+    @cached_property
+    def snapshots_dir(self) -> Path:
+        return self.directory / SNAPSHOTS_SUBDIR
+
+    def snapshot_path(self, snapshot_id: str, *, missing_is_not_found: bool = True) -> Path:
+        """`<dir>/snapshots/<id>`, refused unless it stays inside the pool (as volume_path)."""
+        check_snapshot_id(snapshot_id, missing_is_not_found=missing_is_not_found)
+        path = self.snapshots_dir / snapshot_id
+        if os.path.islink(path):
+            raise InvalidArgument(
+                f"snapshot path for {snapshot_id} leaves pool {self.name} (symlinked)",
+                field="snapshot_id",
+            )
+        return path
+
+    def snapshot_files(self) -> list[tuple[str, Path]]:
+        """(snapshot id, path) of every snapshot file in the pool, by id."""
+        found = []
+        with os.scandir(self.snapshots_dir) as entries:
+            for entry in entries:
+                if is_snapshot_id(entry.name) and not entry.is_symlink():
+                    found.append((entry.name, Path(entry.path)))
+        return sorted(found)
+
+    def snapshot_method(self) -> SnapshotMethod:
+        """How snapshots and clones are made here: probed (FICLONE on scratch files)."""
+        try:
+            if reflink.can_reflink(self.directory):
+                return SnapshotMethod.REFLINK
+        except OSError:
+            pass  # e.g. a full pool cannot write the probe: report what a copy would do
+        return SnapshotMethod.COPY if self.copy_fallback else SnapshotMethod.NONE
+
+    def used_bytes(self) -> int:
+        """Physical bytes in use on the pool's filesystem (shared extents count once)."""
+        st = os.statvfs(self.directory)
+        return (st.f_blocks - st.f_bfree) * st.f_frsize
+
     def volume_id_of(self, path: str | Path) -> str | None:
         """The volume id a file in this pool belongs to, or None if it is not ours."""
         p = Path(path)
@@ -136,9 +188,9 @@ class Pool:
         reserve alone; the reserve covers the metadata writes allocate.
 
         The files are counted before statvfs is read: a write landing in
-        between then makes the result smaller, never larger. Reflink copies
-        (snapshots, clones) would count shared blocks once per file; a pool
-        holding them needs its usable space computed from unshared blocks.
+        between then makes the result smaller, never larger. Snapshot files
+        count too (their blocks are ours), and reflinked blocks count once:
+        see `allocated_bytes`.
         """
         allocated = self.allocated_bytes()
         st = os.statvfs(self.directory)
@@ -148,14 +200,25 @@ class Pool:
         return int(usable * self.overcommit_ratio) // MiB * MiB
 
     def allocated_bytes(self) -> int:
-        """Bytes the filesystem has allocated to this pool's volume files (st_blocks)."""
+        """Bytes the filesystem has allocated to this pool's volume and snapshot files.
+
+        A file that shares no extent counts its st_blocks. Reflinked files
+        (snapshots, clones and their sources) share physical blocks: counting
+        each file's st_blocks would count a shared block once per file and
+        promise space that does not exist, so their extents are counted as a
+        union of physical ranges. FIEMAP without SYNC: a heartbeat must not
+        force writeback; a delayed allocation has no block yet and is nobody
+        else's, so it counts by its length.
+        """
         total = 0
-        for _, path in self.volume_files():
+        shared: list[tuple[int, int]] = []
+        files = [p for _, p in self.volume_files()] + [p for _, p in self.snapshot_files()]
+        for path in files:
             try:
-                total += path.lstat().st_blocks * 512
+                total += _allocated_of(path, shared)
             except FileNotFoundError:
                 continue  # deleted meanwhile: its blocks are back in f_bavail
-        return total
+        return total + _union_length(shared)
 
     def volume_files(self) -> list[tuple[str, Path]]:
         """(volume id, path) of every volume file in the pool, by id."""
@@ -169,13 +232,23 @@ class Pool:
 
 
 def parse_pool_spec(
-    spec: str, *, reserve: Reserve = DEFAULT_RESERVE, overcommit_ratio: float = 1.0
+    spec: str,
+    *,
+    reserve: Reserve = DEFAULT_RESERVE,
+    overcommit_ratio: float = 1.0,
+    copy_fallback: bool = False,
 ) -> Pool:
     """`NAME=DIR` from the command line."""
     name, sep, directory = spec.partition("=")
     if not sep or not name or not directory:
         raise InvalidArgument(f"--pool {spec!r}: expected NAME=DIR", field="pool")
-    return Pool.open(name, directory, reserve=reserve, overcommit_ratio=overcommit_ratio)
+    return Pool.open(
+        name,
+        directory,
+        reserve=reserve,
+        overcommit_ratio=overcommit_ratio,
+        copy_fallback=copy_fallback,
+    )
 
 
 def parse_overcommit(specs: list[str]) -> dict[str, float]:
@@ -192,3 +265,29 @@ def parse_overcommit(specs: list[str]) -> dict[str, float]:
                 f"--overcommit {spec!r}: expected POOL=RATIO, e.g. fast=1.5", field="overcommit"
             )
     return ratios
+
+
+def _allocated_of(path: Path, shared: list[tuple[int, int]]) -> int:
+    """The file's unshared allocated bytes; its shared physical ranges go to `shared`."""
+    st = path.lstat()
+    if st.st_blocks == 0:
+        return 0
+    found = fiemap.extents(path, sync=False)
+    if not any(e.shared for e in found):
+        return st.st_blocks * 512
+    own = 0
+    for e in found:
+        if e.shared and e.placed:
+            shared.append((e.physical, e.physical + e.length))
+        else:
+            own += e.length
+    return own
+
+
+def _union_length(ranges: list[tuple[int, int]]) -> int:
+    total, reach = 0, 0
+    for start, end in sorted(ranges):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total

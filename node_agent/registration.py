@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING
 from node_agent.keys import write_private
 from tessera.clients import ManagementClient
 from tessera.errors import NotFound, TesseraError
-from tessera.models import HeartbeatReply
+from tessera.models import HeartbeatReply, PoolRegistration
 from tessera.topology import TOPOLOGY_KEY
 
 if TYPE_CHECKING:
@@ -134,7 +134,7 @@ class Registrar:
         client: ManagementClient,
         node_id: str,
         agent_url: str,
-        capacities: Callable[[], dict[str, int]],
+        capacities: Callable[[], dict[str, int]] | Callable[[], dict[str, PoolRegistration]],
         max_volumes: int = 0,
         heartbeat_seconds: float = HEARTBEAT_SECONDS,
         follower: Follower | None = None,
@@ -147,8 +147,8 @@ class Registrar:
         self.heartbeat_seconds = heartbeat_seconds
         self.follower = follower
         self.registered = threading.Event()
-        #: capacity last accepted by management, by pool
-        self._reported: dict[str, int] = {}
+        #: what management last accepted, by pool
+        self._reported: dict[str, PoolRegistration] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="registrar", daemon=True)
         #: the cleanup after the last reply (see the module's docstring); one at a time
@@ -181,12 +181,23 @@ class Registrar:
         log.info("registered node %s (%s) with management", self.node_id, self.agent_url)
 
     def report_pools(self) -> None:
-        """Send each pool's capacity that differs from what management last accepted."""
-        for pool, capacity in self.capacities().items():
+        """Send each pool's report that differs from what management last accepted.
+
+        `capacities` gives a bare capacity (tests, older callers) or the full
+        report: capacity, physical use and snapshot method.
+        """
+        for pool, measured in self.capacities().items():
+            now = (
+                measured
+                if isinstance(measured, PoolRegistration)
+                else PoolRegistration(capacity_bytes=measured)
+            )
             last = self._reported.get(pool)
-            if last is None or abs(capacity - last) > max(capacity, last) * REPORT_TOLERANCE:
-                self.client.register_pool(self.node_id, pool, capacity)
-                self._reported[pool] = capacity
+            if last is None or _moved(last, now):
+                self.client.register_pool(
+                    self.node_id, pool, now.capacity_bytes, now.used_bytes, now.snapshot_method
+                )
+                self._reported[pool] = now
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -241,6 +252,19 @@ class Registrar:
             target=_follow, args=(follower, reply, mark), name="heartbeat-cleanup", daemon=True
         )
         self._cleanup.start()
+
+
+def _moved(last: PoolRegistration, now: PoolRegistration) -> bool:
+    """Whether a report differs enough from the last accepted one to send it again."""
+    return (
+        now.snapshot_method != last.snapshot_method
+        or _beyond(last.capacity_bytes, now.capacity_bytes)
+        or _beyond(last.used_bytes, now.used_bytes)
+    )
+
+
+def _beyond(last: int, now: int) -> bool:
+    return abs(now - last) > max(now, last) * REPORT_TOLERANCE
 
 
 def _follow(follower: Follower, reply: HeartbeatReply, mark: tuple[int, float]) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from node_agent.pools import Pool
+from node_agent.snapshots import copy_into
 from tessera.errors import AlreadyExists, NotFound, OutOfRange, ResourceExhausted
 from tessera.models import AgentVolume
 
@@ -64,8 +65,13 @@ def exists(pool: Pool, volume_id: str) -> bool:
     return pool.volume_path(volume_id).exists()
 
 
-def create(pool: Pool, volume_id: str, size_bytes: int) -> AgentVolume:
-    """Create a sparse volume file; the same id and size again is a no-op."""
+def create(pool: Pool, volume_id: str, size_bytes: int, source: Path | None = None) -> AgentVolume:
+    """Create a sparse volume file; the same id and size again is a no-op.
+
+    With `source` (a snapshot's or volume's file in the same pool), a clone:
+    the source is reflinked (or copied, see snapshots.copy_into) into the
+    temporary, which is then grown to `size_bytes`, before it takes the name.
+    """
     path = pool.volume_path(volume_id, missing_is_not_found=False)
     if path.exists():
         return _same_size_or_conflict(pool, volume_id, size_bytes)
@@ -74,6 +80,8 @@ def create(pool: Pool, volume_id: str, size_bytes: int) -> AgentVolume:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
+            if source is not None:
+                _clone_into(pool, source, fd, size_bytes)
             _truncate(fd, size_bytes)
             try:
                 os.link(tmp, path)
@@ -95,6 +103,19 @@ def create(pool: Pool, volume_id: str, size_bytes: int) -> AgentVolume:
         tmp.unlink(missing_ok=True)
     log.info("created volume %s (%d bytes) in pool %s", volume_id, size_bytes, pool.name)
     return describe(pool, volume_id)
+
+
+def _clone_into(pool: Pool, source: Path, fd: int, size_bytes: int) -> None:
+    """The source's data into the empty temporary; a source larger than the clone is refused."""
+    size = source.stat().st_size
+    if size > size_bytes:
+        raise OutOfRange(
+            f"size_bytes {size_bytes} is smaller than the source ({size} bytes)",
+            field="size_bytes",
+        )
+    copy_into(pool, source, fd)
+    if os.fstat(fd).st_size > size_bytes:  # the source grew meanwhile
+        raise OutOfRange(f"size_bytes {size_bytes} is smaller than the source", field="size_bytes")
 
 
 def _same_size_or_conflict(pool: Pool, volume_id: str, size_bytes: int) -> AgentVolume:

@@ -38,6 +38,7 @@ from tessera.models import (
     Registration,
     Snapshot,
     SnapshotCreate,
+    SnapshotMethod,
     Volume,
     VolumeCreate,
     VolumeModify,
@@ -107,8 +108,19 @@ class ManagementClient(_TypedClient):
         """Lift a fence once the node was repaired (idempotent); only an admin does this."""
         return self._parse(Node, self._c.request("POST", f"/v1/nodes/{node_id}/unfence"))
 
-    def register_pool(self, node_id: str, pool: str, capacity_bytes: int) -> Pool:
-        body = {"capacity_bytes": capacity_bytes}
+    def register_pool(
+        self,
+        node_id: str,
+        pool: str,
+        capacity_bytes: int,
+        used_bytes: int = 0,
+        snapshot_method: SnapshotMethod = SnapshotMethod.NONE,
+    ) -> Pool:
+        body = {
+            "capacity_bytes": capacity_bytes,
+            "used_bytes": used_bytes,
+            "snapshot_method": str(snapshot_method),
+        }
         data = self._c.request("PUT", f"/v1/nodes/{node_id}/pools/{pool}", json=body)
         return self._parse(Pool, data)
 
