@@ -334,9 +334,26 @@ _VPG_EXISTS = select(VpgRow.name).where(VpgRow.name == bindparam("name"))
 
 
 def check_vpg_exists(conn: Session | Connection, name: str) -> None:
-    """NotFound unless the vpg exists (a Core statement: volume create runs it every time)."""
-    if not name or conn.execute(_VPG_EXISTS, {"name": name}).first() is None:
+    """NotFound unless the vpg exists (a Core statement: volume create runs it every time).
+
+    A name no vpg could have (vpg names pass ids.check_name) is not looked
+    up: PostgreSQL refuses a NUL in a query parameter with an error, where
+    the answer is simply that no such vpg exists.
+    """
+    if (
+        not name
+        or not _could_be_name(name)
+        or conn.execute(_VPG_EXISTS, {"name": name}).first() is None
+    ):
         raise NotFound(f"volume provisioning group {name[:80]!r} does not exist", field="vpg")
+
+
+def _could_be_name(name: str) -> bool:
+    try:
+        ids.check_name(name)
+    except InvalidArgument:
+        return False
+    return True
 
 
 def list_vpgs(ctx: Context, page_token: str, max_entries: int) -> Page[Vpg]:

@@ -51,6 +51,8 @@ def decode_token(token: str, parts: int) -> list[str] | None:
         raise bad from None
     if not isinstance(key, list) or len(key) != parts or not all(isinstance(k, str) for k in key):
         raise bad
+    if any("\x00" in k for k in key):  # no key holds one; PostgreSQL would refuse the query
+        raise bad
     return key
 
 

@@ -7,6 +7,8 @@ both databases too.)
 
 from __future__ import annotations
 
+import base64
+import json
 import threading
 import traceback
 from collections.abc import Iterator
@@ -165,3 +167,14 @@ def test_a_postgresql_error_never_repeats_the_rows_values_such_as_a_key(pg_url):
     assert key not in str(err.value) and key not in repr(err.value)
     # nor in a logged traceback, which also shows the driver's own exception
     assert key not in "".join(traceback.format_exception(err.value))
+
+
+def test_a_nul_in_a_vpg_or_a_page_token_is_a_clear_4xx_on_both_databases(cluster):
+    # PostgreSQL refuses NUL in any query parameter; these reach a query unvalidated
+    resp = cluster.get("/v1/capacity", params={"vpg": "fast\x00"})
+    assert resp.status_code == 404 and resp.json()["field"] == "vpg"
+    resp = cluster.post("/v1/volumes", json={"name": "v", "size_bytes": MiB, "vpg": "a\x00"})
+    assert resp.status_code == 404 and resp.json()["field"] == "vpg"
+    token = base64.urlsafe_b64encode(json.dumps(["n1\x00"]).encode()).decode().rstrip("=")
+    resp = cluster.get("/v1/nodes", params={"page_token": token})
+    assert resp.status_code == 422 and resp.json()["field"] == "page_token"
