@@ -9,11 +9,13 @@ serves them:
   under the database write lock (one writer at a time); a deferred
   transaction would instead fail with "database is locked" when it tried
   to upgrade.
-- PostgreSQL: READ COMMITTED (the server's default) plus row locks on what
-  each check depends on: pool rows `FOR UPDATE` before placing or growing
-  (management.placement.pool_space), the volume row before attaching
-  (attachments._lock_volume), the consumer's node row before counting its
-  attachments or reading its fence (inventory.get_node_row(lock=True)). A
+- PostgreSQL: READ COMMITTED (set on the engine, whatever the server's
+  default) plus row locks on what each check depends on: pool rows
+  `FOR UPDATE` before placing or growing (management.placement.pool_space),
+  the volume row before attaching, deleting or expanding
+  (attachments._lock_volume, volumes._load(lock=True)), the consumer's node
+  row before counting its attachments or reading its fence
+  (inventory.get_node_row(lock=True)). A
   statement after the lock sees what the transaction it waited for
   committed. Chosen over SERIALIZABLE, which would make any of those
   transactions fail with a serialization error that every caller would
