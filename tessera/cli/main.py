@@ -15,7 +15,8 @@ from typing import Annotated
 
 import typer
 
-from tessera.cli import inventory, reconcile, volumes
+import tessera
+from tessera.cli import inventory, reconcile, snapshots, volumes
 from tessera.cli.failures import EXIT_FAILED, EXIT_OK, NoArgsIsHelpError, describe, report
 
 HELP = """Tessera: NVMe-backed block volumes for Kubernetes.
@@ -58,9 +59,16 @@ def _add_plugins(root: typer.Typer) -> None:
 
 _add_plugins(app)
 app.add_typer(volumes.app, name="volume")
+app.add_typer(snapshots.app, name="snapshot")
 app.add_typer(inventory.node_app, name="node")
 app.add_typer(inventory.pool_app, name="pool")
 app.command("reconcile", epilog=reconcile.EPILOG)(reconcile.reconcile)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"tessera {tessera.__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
@@ -72,6 +80,15 @@ def root(
             envvar="TESSERA_DEBUG",
             help="on failure, also print the Python traceback (for bug reports); "
             "accepted anywhere on the command line",
+        ),
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            is_eager=True,
+            callback=_print_version,
+            help="print `tessera <version>` and exit",
         ),
     ] = False,
 ) -> None:

@@ -139,7 +139,7 @@ def test_auto_format_is_json_when_stderr_is_not_a_terminal() -> None:
 @pytest.mark.parametrize(
     "module, prog",
     [("management", "tessera-management"), ("node_agent", "tessera-node-agent"),
-     ("csi_driver", "tessera-csi")],
+     ("csi_driver", "tessera-csi"), ("tessera.cli", "tessera")],
 )  # fmt: skip
 def test_version_prints_program_and_version(module: str, prog: str) -> None:
     done = subprocess.run(
