@@ -49,8 +49,12 @@ POOL_COLUMNS = [
     Column("NODE", lambda p: p.node_id, fold=True),
     Column("POOL", lambda p: p.name, fold=True),
     Column("CAPACITY", lambda p: format_size(p.capacity_bytes)),
+    # logical: what volumes and snapshots were promised; physical: what the filesystem holds
+    # (reflinked extents once), so a pool full of snapshots shows ALLOCATED >> USED
     Column("ALLOCATED", lambda p: format_size(p.allocated_bytes), drop=2),
     Column("FREE", lambda p: format_size(p.free_bytes)),
+    Column("USED", lambda p: format_size(p.used_bytes), drop=3),
+    Column("SNAPSHOTS", lambda p: p.snapshot_method.value, drop=4),
 ]
 
 
@@ -134,7 +138,12 @@ def pool_list(
     management: Management = None,
     token_file: TokenFile = None,
 ) -> None:
-    """List pools with their capacity."""
+    """List pools: capacity, logical allocation, physical use and how they snapshot.
+
+    ALLOCATED is what management promised (volume sizes plus what snapshots
+    may pin); USED is what the filesystem really holds (shared extents once).
+    SNAPSHOTS: reflink (instant), copy (--copy-fallback: full copies) or none.
+    """
     with connect(state_dir, management, token_file) as client:
         pools = all_items(client.list_pools)
     print_list(pools, POOL_COLUMNS, output, noun="pools")

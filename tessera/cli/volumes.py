@@ -25,13 +25,15 @@ from tessera.cli.output import (
     when,
 )
 from tessera.errors import NotFound
+from tessera.ids import is_snapshot_id
 from tessera.units import format_size, parse_size
 
 if TYPE_CHECKING:
+    from tessera.clients import ManagementClient
     from tessera.models import Volume
 
 app = typer.Typer(
-    help="Volumes: list, show, create, delete.",
+    help="Volumes: list, show, create, clone, delete.",
     no_args_is_help=True,
     epilog=examples("tessera volume list", "tessera volume show db-data -o yaml"),
 )
@@ -130,6 +132,76 @@ def volume_create(
         markup=False,
         soft_wrap=True,
     )
+
+
+@app.command(
+    "clone",
+    epilog=examples(
+        "tessera volume clone db-data-monday db-restored",
+        "tessera volume clone db-data db-copy --size 20G -o json",
+    ),
+)
+def volume_clone(
+    source: Annotated[
+        str,
+        typer.Argument(metavar="SOURCE", help="the snapshot or volume to copy (name or ID)"),
+    ],
+    name: Annotated[str, typer.Argument(help="the new volume's unique name")],
+    size: Annotated[
+        str | None, typer.Option(help="at least the source's size (default: the same)")
+    ] = None,
+    output: OutputOpt = Output.TABLE,
+    state_dir: StateDir = Path(".state"),
+    management: Management = None,
+    token_file: TokenFile = None,
+) -> None:
+    """Create a volume from a snapshot or a volume: a reflink copy on the source's node and pool.
+
+    Idempotent by name with the same source. SOURCE is looked up as a
+    snapshot and as a volume; a name that is both must be given by ID.
+    """
+    check_ref(source, what="SOURCE")
+    check_ref(name, what="NAME")
+    from tessera.models import ContentSource, VolumeCreate
+
+    with connect(state_dir, management, token_file) as client:
+        content, source_size = _clone_source(client, source)
+        wanted = _size(size) if size is not None else source_size
+        v = client.create_volume(
+            VolumeCreate(name=name, size_bytes=wanted, content_source=ContentSource(**content))
+        )
+    if output in (Output.JSON, Output.YAML):
+        print_object(v, [], output)
+        return
+    console.print(
+        f"{v.id}  {v.name}  {format_size(v.size_bytes)}  on {v.node_id}/{v.pool}  from {source}",
+        markup=False,
+        soft_wrap=True,
+    )
+
+
+def _clone_source(client: ManagementClient, ref: str) -> tuple[dict[str, str], int]:
+    """({snapshot_id|volume_id: ID}, size) of what SOURCE names; ambiguous names are refused."""
+    from tessera.cli.snapshots import find_snapshot
+
+    found: list[tuple[dict[str, str], int]] = []
+    try:
+        snap = find_snapshot(client, ref)
+        found.append(({"snapshot_id": snap.id}, snap.size_bytes))
+    except NotFound:
+        pass
+    if not found or not is_snapshot_id(ref):
+        try:
+            vol = client.find_volume(ref)
+            found.append(({"volume_id": vol.id}, vol.size_bytes))
+        except NotFound:
+            pass
+    if not found:
+        raise NotFound(f"no snapshot or volume has the name or ID {ref!r}", field="source")
+    if len(found) > 1:
+        ids = " and ".join(next(iter(c.values())) for c, _ in found)
+        raise usage(f"SOURCE {ref!r} names both a snapshot and a volume ({ids}): give the ID")
+    return found[0]
 
 
 @app.command(
