@@ -357,6 +357,7 @@ def start_agent(args: argparse.Namespace, network: Network | None) -> Agent:
         export_ports=args.export_ports,
         cgroup_root=args.cgroup_root,
     )
+    agent.qos.watch()  # containers' cgroups appear after a publish (cgroup v1)
     agent.recover()
     agent.recover_exports()
     return agent

@@ -10,11 +10,13 @@ Consumer side: the CSI node plugin names each pod that publishes the volume
 (PUT /v1/attachments/{vid}/consumers/{pod_uid}; `unknown-pod` when the
 CSIDriver does not pass podInfoOnMount). For every consumer and every
 device of the volume on this node (the primary and its read-only views),
-the kernel's rule is written into the pod's cgroup. A pod whose cgroup
-cannot be found, and the unknown pod, are limited in the kubepods cgroup
-instead: every pod's I/O to that device together stays within the limits,
-never more. Where there is no kubepods cgroup either (not a kubelet node),
-nothing can be enforced: the agent logs it and the attachment's condition
+the kernel's rule is written into the pod's cgroup (on cgroup v1 into every
+cgroup below it too: v1 is not hierarchical, and the containers' cgroups
+appear after the publish, so a watcher re-applies every few seconds). A pod
+whose cgroup cannot be found, and the unknown pod, are limited in the
+kubepods cgroup instead (v2: all such pods together; v1: each pod's
+cgroups, so each pod alone). Where there is no kubepods cgroup either (not a
+kubelet node), nothing can be enforced: the agent logs it and `condition`
 says so (docs/data-services.md, QoS).
 
 Owner side: every export's nbdkit runs the rate filter with a rate file the
@@ -39,6 +41,8 @@ log = logging.getLogger(__name__)
 
 #: the consumer named when the CSI node plugin was not told the pod (no podInfoOnMount)
 UNKNOWN_POD = "unknown-pod"
+#: how often rules are re-applied (v1: containers' cgroups appear after the publish)
+WATCH_SECONDS = 2.0
 
 
 def export_rate_bits(limits: QosLimits) -> int:
@@ -80,7 +84,9 @@ class Qos:
         self._set_export_rate = set_export_rate
         #: why limits are not enforced, per volume ("" when they are)
         self._unenforced: dict[str, str] = {}
-        self._lock = threading.Lock()
+        #: one writer of rules at a time: a change never races the watcher's re-apply
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
 
     # ---- state ------------------------------------------------------------------------
 
@@ -109,49 +115,77 @@ class Qos:
 
     def condition(self, volume_id: str) -> str:
         """Why the volume's limits are not enforced on this node; "" when they are."""
-        with self._lock:
-            return self._unenforced.get(volume_id, "")
+        return self._unenforced.get(volume_id, "")
 
     # ---- the API's operations ------------------------------------------------------------
 
     def set(self, volume_id: str, limits: QosLimits) -> None:
         """Store and apply everywhere on this node: consumers' cgroups and exports."""
-        _, consumers = self._load(volume_id)
-        self._save(volume_id, limits, consumers)
-        self.apply(volume_id)
+        with self._lock:
+            _, consumers = self._load(volume_id)
+            self._save(volume_id, limits, consumers)
+            self.apply(volume_id)
 
     def add_consumer(self, volume_id: str, pod_uid: str) -> None:
         if pod_uid != UNKNOWN_POD:
             cgroups.check_pod_uid(pod_uid)
-        limits, consumers = self._load(volume_id)
-        if pod_uid not in consumers:
-            self._save(volume_id, limits, [*consumers, pod_uid])
-        self.apply(volume_id)
+        with self._lock:
+            limits, consumers = self._load(volume_id)
+            if pod_uid not in consumers:
+                self._save(volume_id, limits, [*consumers, pod_uid])
+            self.apply(volume_id, exports=False)
 
     def remove_consumer(self, volume_id: str, pod_uid: str) -> None:
         """The pod stopped using the volume: its rules go (absent is fine)."""
-        limits, consumers = self._load(volume_id)
-        if pod_uid in consumers:
-            self._apply_consumer(volume_id, pod_uid, QosLimits())
-            self._save(volume_id, limits, [c for c in consumers if c != pod_uid])
+        with self._lock:
+            limits, consumers = self._load(volume_id)
+            if pod_uid in consumers:
+                self._apply_consumer(volume_id, pod_uid, QosLimits())
+                self._save(volume_id, limits, [c for c in consumers if c != pod_uid])
 
     def forget_consumers(self, volume_id: str) -> None:
         """Detached: no pod on this node uses the volume any more."""
-        limits, consumers = self._load(volume_id)
-        if consumers:
-            self._save(volume_id, limits, [])
-
-    def apply(self, volume_id: str) -> None:
-        """Make the kernel and nbdkit enforce what is stored (after a change or a restart)."""
-        limits, consumers = self._load(volume_id)
-        self._set_export_rate(volume_id, export_rate_bits(limits))
-        problems = [self._apply_consumer(volume_id, c, limits) for c in consumers]
-        why = "; ".join(p for p in problems if p)
         with self._lock:
+            limits, consumers = self._load(volume_id)
+            if consumers:
+                self._save(volume_id, limits, [])
+
+    def apply(self, volume_id: str, *, exports: bool = True) -> None:
+        """Make the kernel (and nbdkit) enforce what is stored; writes only what differs."""
+        with self._lock:
+            limits, consumers = self._load(volume_id)
+            if exports:
+                self._set_export_rate(volume_id, export_rate_bits(limits))
+            problems = [self._apply_consumer(volume_id, c, limits) for c in consumers]
+            why = "; ".join(p for p in problems if p)
             if why:
                 self._unenforced[volume_id] = why
             else:
                 self._unenforced.pop(volume_id, None)
+
+    def reapply(self) -> None:
+        """Every volume's consumer rules again: cgroups made since (v1 containers) get them."""
+        if not self.directory.is_dir():
+            return
+        for path in sorted(self.directory.glob("vol-*.json")):
+            try:
+                self.apply(path.stem, exports=False)
+            except Exception:  # noqa: BLE001 - one volume must not stop the others
+                log.exception("volume %s: re-applying QoS limits failed", path.stem)
+
+    def watch(self, interval: float = WATCH_SECONDS) -> threading.Thread:
+        """Re-apply in the background until `stop`."""
+
+        def loop() -> None:
+            while not self._stop.wait(interval):
+                self.reapply()
+
+        thread = threading.Thread(target=loop, name="qos-watch", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        self._stop.set()
 
     # ---- consumers' cgroups ------------------------------------------------------------------
 
@@ -172,13 +206,19 @@ class Qos:
                 log.warning("%s", why)
                 return why
             return ""
+        changed = False
         for device in self._devices_of(volume_id):
             try:
-                cgroups.set_limits(h, cgroup, cgroups.device_number(device), io_limits(limits))
+                number = cgroups.device_number(device)
+                for target in cgroups.targets(h, cgroup):
+                    changed |= cgroups.set_limits(h, target, number, io_limits(limits))
             except (OSError, FailedPrecondition) as err:
                 log.warning("volume %s: %s", volume_id, err)
                 return f"QoS limits of volume {volume_id} on {device}: {err}"
-        log.info("volume %s: QoS %s for pod %s in %s", volume_id, _brief(limits), pod_uid, cgroup)
+        if changed:
+            log.info(
+                "volume %s: QoS %s for pod %s in %s", volume_id, _brief(limits), pod_uid, cgroup
+            )
         return ""
 
 

@@ -7,7 +7,9 @@ cgroup of the pod that uses it (docs/data-services.md, QoS).
 
 cgroup v1 throttles direct I/O and reads only: buffered writes reach the
 device from the kernel's writeback threads, which v1 does not attribute to
-the writer's cgroup. v2 attributes writeback too.
+the writer's cgroup. v2 attributes writeback too. v1 throttling is also not
+hierarchical (a rule binds only the processes of its own cgroup), so on v1
+a rule goes into every cgroup of the pod's subtree (`targets`).
 
 Where the pods are: the kubelet makes `kubepods/<qos>/pod<uid>` (cgroupfs
 driver) or `kubepods.slice/kubepods-<qos>.slice/kubepods-<qos>-pod<uid_>.slice`
@@ -100,6 +102,22 @@ def kubepods_cgroup(h: Hierarchy) -> Path | None:
     return None
 
 
+def targets(h: Hierarchy, cgroup: Path) -> list[Path]:
+    """The cgroups a rule for `cgroup` must be written into to cover its processes.
+
+    v2 limits are hierarchical: the cgroup itself covers everything below.
+    v1 blkio throttling is not (a parent's rule never slows a child's
+    processes), and a pod's processes live in its containers' cgroups
+    below the pod's: so every cgroup in the subtree gets the rule.
+    """
+    if h.version == 2:
+        return [cgroup]
+    found = [cgroup]
+    for top, dirs, _ in os.walk(cgroup):
+        found += [Path(top) / d for d in sorted(dirs)]
+    return found
+
+
 def device_number(device: str) -> tuple[int, int]:
     """MAJ:MIN of a block device (a symlink to one is followed)."""
     st = os.stat(device)
@@ -108,19 +126,28 @@ def device_number(device: str) -> tuple[int, int]:
     return os.major(st.st_rdev), os.minor(st.st_rdev)
 
 
-def set_limits(h: Hierarchy, cgroup: Path, device: tuple[int, int], limits: IoLimits) -> None:
-    """Replace the device's rules in `cgroup` with `limits` (all zero: no rule)."""
+def set_limits(h: Hierarchy, cgroup: Path, device: tuple[int, int], limits: IoLimits) -> bool:
+    """Make the device's rules in `cgroup` be `limits` (all zero: no rule); True if changed.
+
+    A cgroup that went away meanwhile (a container that exited) is skipped.
+    """
     if not h.contains(cgroup.resolve()):
         raise InvalidArgument(f"{cgroup} is not under {h.root}", field="cgroup")
+    try:
+        if read_limits(h, cgroup, device) == limits:
+            return False
+    except FileNotFoundError:
+        return False
     dev = f"{device[0]}:{device[1]}"
     if h.version == 1:
         for key, name in _V1_FILES.items():
             _write(cgroup / name, f"{dev} {getattr(limits, key)}")
-        return
+        return True
     fields = " ".join(
         f"{key}={getattr(limits, key) or 'max'}" for key in ("rbps", "wbps", "riops", "wiops")
     )
     _write(cgroup / "io.max", f"{dev} {fields}")
+    return True
 
 
 def read_limits(h: Hierarchy, cgroup: Path, device: tuple[int, int]) -> IoLimits:
@@ -145,6 +172,8 @@ def _write(path: Path, line: str) -> None:
     try:
         with open(path, "w") as f:
             f.write(line + "\n")
+    except FileNotFoundError:
+        return  # the cgroup went away (its processes exited): nothing left to limit
     except OSError as err:
         raise FailedPrecondition(
             f"the kernel refused the I/O limit {line!r} in {path}: {err.strerror}",
