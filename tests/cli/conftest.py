@@ -108,7 +108,9 @@ def _wait_for_pool(stack: Stack, procs: list[subprocess.Popen[bytes]]) -> None:
     raise RuntimeError("management and the node-agent did not come up in 30 s")
 
 
-def start_stack(base: Path) -> tuple[Stack, list[subprocess.Popen[bytes]]]:
+def start_stack(
+    base: Path, agent_args: tuple[str, ...] = ()
+) -> tuple[Stack, list[subprocess.Popen[bytes]]]:
     token_file = base / "token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
@@ -124,7 +126,7 @@ def start_stack(base: Path) -> tuple[Stack, list[subprocess.Popen[bytes]]]:
         spawn_module(
             ["node_agent", "--node-id", NODE, "--management", url, "--token-file",
              str(token_file), "--pool", f"default={base / 'pool'}", "--socket",
-             str(base / "agent.sock"), "--dev-dir", str(base / "dev")],
+             str(base / "agent.sock"), "--dev-dir", str(base / "dev"), *agent_args],
             base / "agent.log",
         ),
     ]  # fmt: skip
@@ -149,11 +151,11 @@ def stop(procs: list[subprocess.Popen[bytes]]) -> None:
 
 
 @contextmanager
-def running_stack(prefix: str) -> Iterator[Stack]:
+def running_stack(prefix: str, agent_args: tuple[str, ...] = ()) -> Iterator[Stack]:
     """A control plane in a fresh short /tmp directory (unix socket paths must stay short)."""
     base = Path(tempfile.mkdtemp(prefix=prefix))
     try:
-        stack, procs = start_stack(base)
+        stack, procs = start_stack(base, agent_args)
         try:
             yield stack
         finally:
