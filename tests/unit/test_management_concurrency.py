@@ -194,3 +194,27 @@ def test_a_volume_deleted_while_it_is_attached_elsewhere_is_never_both(replicas,
     deleted = [r for r in answers if r.request.method == "DELETE" and r.is_success]
     assert not (attached and deleted), show(answers)
     assert all(r.status_code < 500 for r in answers), show(answers)
+
+
+def test_a_node_fenced_while_volumes_attach_to_it_is_left_holding_none(replicas, agent):
+    api = replicas[0]
+    add_node(api, "owner", agent.url, {"p": 10 * GiB})
+    add_node(api, "c", agent.url, {})
+    vols = [create(api, f"v{k}", MiB)["id"] for k in range(WORKERS)]
+
+    def attach_or_fence(client: TestClient, k: int) -> httpx.Response:
+        if k % 2:
+            return client.post("/v1/nodes/c/fence", json={"force": True})
+        body = {"access_mode": "SINGLE_NODE_WRITER", "readonly": False}
+        return client.put(f"/v1/volumes/{vols[k]}/attachments/c", json=body)
+
+    answers = at_once(replicas, attach_or_fence)
+    fences = [r.status_code for r in answers if r.request.method == "POST"]
+    attaches = [r.status_code for r in answers if r.request.method == "PUT"]
+    assert set(fences) == {200}, show(answers)
+    # 503: the node is fenced; 409: a fence released the attachment while it was being made
+    assert set(attaches) <= {200, 409, 503}, show(answers)
+    assert api.get("/v1/nodes/c").json()["state"] == "fenced"
+    # an attach that won against a fence was released by it; one that lost was refused
+    held = [v for v in vols if api.get(f"/v1/volumes/{v}").json()["published_nodes"]]
+    assert held == [], show(answers)
