@@ -348,11 +348,15 @@ class Stack:
     identity: csi_pb2_grpc.IdentityStub = field(init=False)
     controller: csi_pb2_grpc.ControllerStub = field(init=False)
     node: csi_pb2_grpc.NodeStub = field(init=False)
+    group_controller: csi_pb2_grpc.GroupControllerStub = field(init=False)
+    snapshot_metadata: csi_pb2_grpc.SnapshotMetadataStub = field(init=False)
 
     def __post_init__(self) -> None:
         self.identity = csi_pb2_grpc.IdentityStub(self.channel)
         self.controller = csi_pb2_grpc.ControllerStub(self.channel)
         self.node = csi_pb2_grpc.NodeStub(self.channel)
+        self.group_controller = csi_pb2_grpc.GroupControllerStub(self.channel)
+        self.snapshot_metadata = csi_pb2_grpc.SnapshotMetadataStub(self.channel)
 
     @property
     def state_dir(self) -> Path:
@@ -624,6 +628,13 @@ class Csi:
             self._undo.setdefault(("publish", vid, str(path)), lambda: self._unpublish(vid, path))
 
     # -- teardown
+
+    def remember(self, key: tuple[str, ...], undo: Callable[[], Any]) -> None:
+        """Undo `key` at cleanup (newest first) unless `forget(key)` is called before."""
+        self._undo.setdefault(key, undo)
+
+    def forget(self, key: tuple[str, ...]) -> None:
+        self._undo.pop(key, None)
 
     def cleanup(self) -> list[str]:
         """Undo everything still recorded, newest first; return what failed."""

@@ -321,8 +321,34 @@ def _configure(loop_fd: int, file_fd: int, volume_file: str, readonly: bool, dio
 
 
 def _loop_configure(loop_fd: int, file_fd: int, volume_file: str, flags: int) -> None:
-    config = LoopConfig(fd=file_fd, block_size=0, info=_info(volume_file, flags))
+    block_size = _backing_sector_size(file_fd)
+    config = LoopConfig(fd=file_fd, block_size=block_size, info=_info(volume_file, flags))
     _bind(loop_fd, LOOP_CONFIGURE, config)
+
+
+def _backing_sector_size(file_fd: int) -> int:
+    """The logical block size of the device under the pool's filesystem (0: kernel default).
+
+    With block_size 0 and direct I/O, the kernel (6.11+) gives the loop device
+    the FILE's direct-I/O alignment, and XFS reports the filesystem block size
+    (4096) for a reflinked file: after its first snapshot a volume, and every
+    clone of it, would come back with 4096-byte sectors, and a filesystem made
+    with 1 KiB blocks on the 512-byte device no longer mounts ("bad block
+    size"). The pool's own sector size keeps one geometry for a volume's life;
+    where the file's alignment is larger the kernel attaches it buffered.
+    """
+    try:
+        st = os.fstat(file_fd)
+    except OSError:
+        return 0
+    dev = f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    for queue in (f"{dev}/queue", f"{dev}/../queue"):  # a partition's queue is its disk's
+        try:
+            with open(f"{queue}/logical_block_size") as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+    return 0  # no block device under it (tmpfs, btrfs subvolume): the kernel decides
 
 
 def _bind(loop_fd: int, request: int, arg: object) -> None:
