@@ -187,7 +187,7 @@ def test_cluster_roles_grant_exactly_the_documented_verbs(
     rendered: dict[str, list[Doc]], variant: str
 ) -> None:
     values = VARIANTS[variant]
-    snapshots = values.get("snapshots", {}).get("enabled", False)
+    snapshots = values.get("snapshots", {}).get("enabled", True)  # on by default
     roles = {
         r["metadata"]["name"].removeprefix("tessera-"): r
         for r in find(rendered[variant], "ClusterRole")

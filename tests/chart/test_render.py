@@ -66,9 +66,9 @@ def test_default_install_makes_the_whole_driver(rendered: dict[str, list[Doc]]) 
         ("StorageClass", "tessera"),
         ("PodDisruptionBudget", "tessera-controller"),
         ("PersistentVolumeClaim", "tessera-management-db"),
+        ("VolumeSnapshotClass", "tessera"),  # snapshots are on by default
     ]:
         assert wanted in kinds, f"default install lacks {wanted}"
-    assert not find(docs, "VolumeSnapshotClass")
     assert not find(docs, "NetworkPolicy")
     assert not find(docs, "ServiceMonitor")
 
@@ -129,9 +129,14 @@ def test_controller_plugin_reaches_management_with_the_contract_flags(
 def test_snapshotter_and_snapshot_class_only_when_snapshots_are_enabled(
     rendered: dict[str, list[Doc]],
 ) -> None:
-    off = one(rendered["default"], "Deployment", "tessera-controller")
+    off = one(rendered["snapshots-off"], "Deployment", "tessera-controller")
     names = [c["name"] for c in off["spec"]["template"]["spec"]["containers"]]
     assert "csi-snapshotter" not in names
+    assert not find(rendered["snapshots-off"], "VolumeSnapshotClass")
+    # on by default: the driver advertises CREATE_DELETE_SNAPSHOT
+    default = one(rendered["default"], "Deployment", "tessera-controller")
+    default_names = [c["name"] for c in default["spec"]["template"]["spec"]["containers"]]
+    assert "csi-snapshotter" in default_names
     on_docs = rendered["snapshots-on"]
     on = one(on_docs, "Deployment", "tessera-controller")
     assert "--extra-create-metadata" in container(on, "csi-snapshotter")["args"]

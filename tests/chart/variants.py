@@ -34,6 +34,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         }
     },
     "snapshots-on": {"snapshots": {"enabled": True}},
+    "snapshots-off": {"snapshots": {"enabled": False}},
     "nvme-pools": {
         "node": {
             "pools": [
