@@ -110,15 +110,15 @@ def stream_ranges(
     """
     per_message = args.max_results or DEFAULT_RESULTS
     offset: int | None = args.starting_offset
-    last_end = args.starting_offset  # nothing may end at or before starting_offset
+    emitted_end = 0
     size = 0
     sent = False
     while offset is not None and active():
         page = fetch(offset, per_message)
         size = page.size_bytes
-        ranges = list(_clean(page.extents, last_end, size))
+        ranges = list(_clean(page.extents, args.starting_offset, emitted_end, size))
         if ranges:
-            last_end = ranges[-1].byte_offset + ranges[-1].size_bytes
+            emitted_end = ranges[-1].byte_offset + ranges[-1].size_bytes
         for i in range(0, len(ranges), per_message):
             sent = True
             yield response(
@@ -131,14 +131,20 @@ def stream_ranges(
         yield response(block_metadata_type=BLOCK_METADATA_TYPE, volume_capacity_bytes=size)
 
 
-def _clean(extents: list[Extent], after: int, size: int) -> Iterator[csi_pb2.BlockMetadata]:
-    """Ranges that end after `after`, trimmed so none overlaps the one before or the end."""
+def _clean(
+    extents: list[Extent], start: int, emitted_end: int, size: int
+) -> Iterator[csi_pb2.BlockMetadata]:
+    """Ranges that end after `start`, none overlapping what was sent or past the end.
+
+    A range that straddles `start` is sent whole (the spec allows the first
+    range to begin before starting_offset), so offsets stay block-aligned.
+    """
     for ext in extents:
-        begin, end = max(ext.offset, after), min(ext.offset + ext.length, size)
-        if end <= begin:
+        begin, end = max(ext.offset, emitted_end), min(ext.offset + ext.length, size)
+        if end <= max(begin, start):
             continue
         yield csi_pb2.BlockMetadata(byte_offset=begin, size_bytes=end - begin)
-        after = end
+        emitted_end = end
 
 
 def _advance(offset: int, next_offset: int | None) -> int | None:

@@ -135,7 +135,7 @@ def test_group_snapshot_is_one_instant_of_every_member_and_goes_as_a_whole(csi: 
         gc.CreateVolumeGroupSnapshot,
         csi_pb2.CreateVolumeGroupSnapshotRequest(name=name, source_volume_ids=volumes[:1]),
         Code.ALREADY_EXISTS,
-        "name",
+        volumes[1],  # the member set the name is taken for
     )
     got = gc.GetVolumeGroupSnapshot(
         csi_pb2.GetVolumeGroupSnapshotRequest(
