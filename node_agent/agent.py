@@ -230,8 +230,7 @@ class Agent:
         pool = self._require_snapshot(snapshot_id)
         target = pool.snapshot_path(snapshot_id)
         if not base_snapshot_id:
-            size, ranges = extents.allocated(target)
-            return extents.page(size, ranges, offset, max_entries)
+            return extents.allocated_page(target, offset, max_entries)
         check_snapshot_id(base_snapshot_id, "base")
         base_pool = self._require_snapshot(base_snapshot_id)
         ours = snapshots.describe(pool, snapshot_id).source_volume_id
@@ -241,8 +240,8 @@ class Agent:
                 f"snapshots {base_snapshot_id} and {snapshot_id} are not of the same volume "
                 "in the same pool: no delta between them"
             )
-        size, ranges = extents.delta(base_pool.snapshot_path(base_snapshot_id), target)
-        return extents.page(size, ranges, offset, max_entries)
+        base = base_pool.snapshot_path(base_snapshot_id)
+        return extents.delta_page(base, target, offset, max_entries)
 
     def _snapshot_holder(self, snapshot_id: str) -> Pool | None:
         for pool in self.pools.values():
@@ -362,6 +361,11 @@ class Agent:
         check_volume_id(volume_id)
         with self.locks.hold(volume_id):
             self.exports.close(volume_id, client_node)
+            self.qos.forget_unless_used(
+                volume_id,
+                attached=bool(self.attachments.devices_of(volume_id)),
+                exported=bool(self.exports.of_volume(volume_id)),
+            )
 
     def reap_exports(self, wanted: set[tuple[str, str]], mark: int) -> list[tuple[str, str]]:
         """Close exports opened before `mark` that management's heartbeat did not list."""

@@ -7,11 +7,17 @@ blocks until one side writes, and copy-on-write gives the writer new ones,
 so "same physical block at the same logical offset" means "same bytes".
 The converse does not hold: a block rewritten with identical bytes gets a
 new block and is reported (a backup copies it once more: harmless).
+
+Pages are computed window by window from the asked offset, each window
+twice the last, until one range more than the page holds is found: a
+page costs about what it returns, not what the whole file maps (a backup
+tool pages through a large volume in many small requests).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from tessera.models import Extent, ExtentPage
@@ -19,39 +25,77 @@ from tessera.system import fiemap
 
 #: entries per page when the caller gives no max_entries
 DEFAULT_MAX_ENTRIES = 4096
+FIRST_WINDOW = 256 * 1024**2
 
 Range = tuple[int, int]  # [start, end)
+Finder = Callable[[int, int], list[Range]]  # the ranges within [start, end)
 
 
-def allocated(path: Path) -> tuple[int, list[Range]]:
-    """(size, written ranges merged and clipped at the size)."""
+def allocated_page(path: Path, offset: int, max_entries: int) -> ExtentPage:
+    """The written ranges of the file from `offset` on."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size = os.fstat(fd).st_size
-        found = fiemap.extents_fd(fd)
+        return _page(size, lambda s, e: _allocated(fd, s, e), offset, max_entries)
     finally:
         os.close(fd)
-    return size, _merge((e.logical, min(e.end, size)) for e in found if _written(e))
 
 
-def delta(base: Path, target: Path) -> tuple[int, list[Range]]:
-    """(target's size, ranges of target whose blocks differ from base's at the same offset)."""
-    size = target.stat().st_size
-    a = [e for e in fiemap.extents(base) if _written(e)]
-    b = [e for e in fiemap.extents(target) if _written(e)]
-    cuts = sorted({0, size} | {x for e in a + b for x in (e.logical, e.end) if x < size})
+def delta_page(base: Path, target: Path, offset: int, max_entries: int) -> ExtentPage:
+    """The ranges of target, from `offset` on, whose blocks differ from base's there."""
+    fb = os.open(base, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        ft = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(ft).st_size
+            return _page(size, lambda s, e: _delta(fb, ft, s, e), offset, max_entries)
+        finally:
+            os.close(ft)
+    finally:
+        os.close(fb)
+
+
+def _page(size: int, find: Finder, offset: int, max_entries: int) -> ExtentPage:
+    limit = max_entries or DEFAULT_MAX_ENTRIES
+    found: list[Range] = []
+    pos, window = offset, FIRST_WINDOW
+    while pos < size and len(found) <= limit:
+        end = min(size, pos + window)
+        for start, stop in find(pos, end):
+            if found and start == found[-1][1]:  # a range that crossed the window's edge
+                found[-1] = (found[-1][0], stop)
+            else:
+                found.append((start, stop))
+        pos, window = end, window * 2
+    picked = found[:limit]
+    more = len(found) > limit  # the last one picked is complete: another follows it
+    return ExtentPage(
+        size_bytes=size,
+        extents=[Extent(offset=s, length=e - s) for s, e in picked],
+        next_offset=picked[-1][1] if more else None,
+    )
+
+
+def _allocated(fd: int, start: int, end: int) -> list[Range]:
+    return _merge(
+        (max(e.logical, start), min(e.end, end))
+        for e in fiemap.extents_fd(fd, start, end)
+        if not e.unwritten
+    )
+
+
+def _delta(base_fd: int, target_fd: int, start: int, end: int) -> list[Range]:
+    a = [e for e in fiemap.extents_fd(base_fd, start, end) if not e.unwritten]
+    b = [e for e in fiemap.extents_fd(target_fd, start, end) if not e.unwritten]
+    cuts = sorted({start, end} | {x for e in a + b for x in (e.logical, e.end) if start < x < end})
     changed = []
     ia = ib = 0
-    for start, end in zip(cuts, cuts[1:], strict=False):
-        ia = _advance(a, ia, start)
-        ib = _advance(b, ib, start)
-        if _where(a, ia, start) != _where(b, ib, start):
-            changed.append((start, end))
-    return size, _merge(changed)
-
-
-def _written(e: fiemap.Extent) -> bool:
-    return not e.unwritten
+    for lo, hi in zip(cuts, cuts[1:], strict=False):
+        ia = _advance(a, ia, lo)
+        ib = _advance(b, ib, lo)
+        if _where(a, ia, lo) != _where(b, ib, lo):
+            changed.append((lo, hi))
+    return _merge(changed)
 
 
 def _advance(extents: list[fiemap.Extent], i: int, pos: int) -> int:
@@ -65,7 +109,7 @@ def _where(extents: list[fiemap.Extent], i: int, pos: int) -> int | None:
 
     Between two cuts nothing changes, so the segment's first byte speaks
     for all of it. An extent whose physical address means nothing (delayed,
-    inline, encoded) gets a unique negative marker: reported as changed.
+    inline, encoded) gets a marker of its own: always reported as changed.
     """
     if i >= len(extents) or extents[i].logical > pos:
         return None
@@ -75,9 +119,9 @@ def _where(extents: list[fiemap.Extent], i: int, pos: int) -> int | None:
     return e.physical + (pos - e.logical)
 
 
-def _merge(ranges: object) -> list[Range]:
+def _merge(ranges: Iterable[Range]) -> list[Range]:
     merged: list[Range] = []
-    for start, end in sorted(ranges):  # type: ignore[call-overload]
+    for start, end in sorted(ranges):
         if end <= start:
             continue
         if merged and start <= merged[-1][1]:
@@ -85,16 +129,3 @@ def _merge(ranges: object) -> list[Range]:
         else:
             merged.append((start, end))
     return merged
-
-
-def page(size: int, ranges: list[Range], offset: int, max_entries: int) -> ExtentPage:
-    """The ranges from `offset` on (the first cut there), at most `max_entries` of them."""
-    limit = max_entries or DEFAULT_MAX_ENTRIES
-    picked = [(max(s, offset), e) for s, e in ranges if e > offset]
-    more = len(picked) > limit
-    picked = picked[:limit]
-    return ExtentPage(
-        size_bytes=size,
-        extents=[Extent(offset=s, length=e - s) for s, e in picked],
-        next_offset=picked[-1][1] if more else None,
-    )

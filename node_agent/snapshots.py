@@ -165,9 +165,13 @@ def delete(pool: Pool, snapshot_id: str) -> None:
 
 
 def sweep_temporaries(pool: Pool) -> list[Path]:
-    """Remove half-made snapshot files left by a crash; return what was removed."""
+    """Remove half-made snapshot files and probe files left by a crash; return them."""
     removed = []
-    for entry in pool.snapshots_dir.glob(f"{TMP_PREFIX}*"):
+    leftovers = [
+        *pool.snapshots_dir.glob(f"{TMP_PREFIX}*"),
+        *pool.directory.glob(f"{reflink.PROBE_PREFIX}*"),  # a probe cut short by a crash
+    ]
+    for entry in leftovers:
         if entry.is_file() and not entry.is_symlink():
             entry.unlink(missing_ok=True)
             removed.append(entry)

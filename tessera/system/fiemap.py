@@ -10,8 +10,8 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 #: _IOWR('f', 11, struct fiemap)
 FS_IOC_FIEMAP = 0xC020660B
@@ -42,8 +42,7 @@ _BATCH = 512
 _ALL = 2**64 - 1
 
 
-@dataclass(frozen=True)
-class Extent:
+class Extent(NamedTuple):
     logical: int
     physical: int
     length: int
@@ -71,17 +70,21 @@ class Extent:
         return not self.flags & NO_PHYSICAL
 
 
-def extents_fd(fd: int, *, sync: bool = True) -> list[Extent]:
-    """Every extent of the open file, in logical order (paged through _BATCH at a time)."""
+def extents_fd(fd: int, start: int = 0, end: int = _ALL, *, sync: bool = True) -> list[Extent]:
+    """The extents of the open file that overlap [start, end), in logical order.
+
+    Paged through _BATCH at a time; the first and last may reach outside
+    the range (they are the filesystem's extents, not clipped).
+    """
     found: list[Extent] = []
-    start = 0
-    while True:
-        batch = _query(fd, start, sync)
+    while start < end:
+        batch = _query(fd, start, end, sync)
         found.extend(batch)
         if not batch or batch[-1].last:
-            return found
+            break
         start = batch[-1].end
         sync = False  # written back once is enough
+    return found
 
 
 def extents(path: str | Path, *, sync: bool = True) -> list[Extent]:
@@ -92,10 +95,11 @@ def extents(path: str | Path, *, sync: bool = True) -> list[Extent]:
         os.close(fd)
 
 
-def _query(fd: int, start: int, sync: bool) -> list[Extent]:
+def _query(fd: int, start: int, end: int, sync: bool) -> list[Extent]:
     buf = bytearray(_HEAD.size + _EXTENT.size * _BATCH)
     flags = FIEMAP_FLAG_SYNC if sync else 0
-    _HEAD.pack_into(buf, 0, start, _ALL - start, flags, 0, _BATCH, 0)
+    _HEAD.pack_into(buf, 0, start, end - start, flags, 0, _BATCH, 0)
     fcntl.ioctl(fd, FS_IOC_FIEMAP, buf, True)
     mapped = _HEAD.unpack_from(buf, 0)[3]
-    return [Extent(*_EXTENT.unpack_from(buf, _HEAD.size + i * _EXTENT.size)) for i in range(mapped)]
+    body = memoryview(buf)[_HEAD.size : _HEAD.size + mapped * _EXTENT.size]
+    return [Extent._make(fields) for fields in _EXTENT.iter_unpack(body)]

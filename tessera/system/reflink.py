@@ -18,6 +18,8 @@ FICLONE = 0x40049409
 #: the errors a filesystem (or a pair of them) answers when it cannot share extents
 NO_REFLINK = frozenset({errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS})
 _CHUNK = 64 * 1024**2
+#: the scratch files `can_reflink` makes (and removes) in the directory it probes
+PROBE_PREFIX = ".reflink-probe-"
 
 
 def clone(src_fd: int, dst_fd: int) -> None:
@@ -31,7 +33,7 @@ def can_reflink(directory: str | Path) -> bool:
     Asking the filesystem type is not enough (XFS made with reflink=0,
     btrfs, bcachefs, overlay...): the one true answer is the ioctl's.
     """
-    base = Path(directory) / f".reflink-probe-{uuid.uuid4().hex[:8]}"
+    base = Path(directory) / f"{PROBE_PREFIX}{uuid.uuid4().hex[:8]}"
     src, dst = base.with_suffix(".a"), base.with_suffix(".b")
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     try:

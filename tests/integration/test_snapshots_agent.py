@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from node_agent import extents
 from node_agent.agent import Agent
 from node_agent.pools import Pool, Reserve
 from tessera.errors import AlreadyExists, FailedPrecondition, NotFound, OutOfRange
@@ -148,9 +149,11 @@ def test_a_crash_while_cutting_leaves_no_snapshot_and_its_temporary_is_swept(
     sid = new_snapshot_id()
     tmp = pool.snapshots_dir / f".tmp-{sid}-deadbeef"
     tmp.write_bytes(b"half")
+    probe = pool.directory / ".reflink-probe-0badcafe.a"
+    probe.write_bytes(b"probe")
     assert xfs.list_snapshots() == []
     xfs.recover()
-    assert not tmp.exists()
+    assert not tmp.exists() and not probe.exists()
 
 
 # ---- clones ------------------------------------------------------------------------
@@ -360,11 +363,12 @@ def xfs_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
-@given(before=writes, between=writes)
+@given(before=writes, between=writes, window=st.sampled_from([BLOCK, 3 * BLOCK, 256 * MiB]))
 def test_changed_block_metadata_covers_every_changed_block_and_only_written_ones(
-    xfs_module: Agent, before: list[Write], between: list[Write]
+    xfs_module: Agent, before: list[Write], between: list[Write], window: int
 ) -> None:
     agent = xfs_module
+    default_window, extents.FIRST_WINDOW = extents.FIRST_WINDOW, window  # pages cross windows
     vid = new_volume_id()
     path = agent.create_volume(vid, "p", FILE_BLOCKS * BLOCK).path
     try:
@@ -383,6 +387,7 @@ def test_changed_block_metadata_covers_every_changed_block_and_only_written_ones
         assert differ <= delta <= rewritten
         assert agent.snapshot_extents(b.id, a.id).size_bytes == FILE_BLOCKS * BLOCK
     finally:
+        extents.FIRST_WINDOW = default_window
         for snap in agent.list_snapshots():
             agent.delete_snapshot(snap.id)
         agent.delete_volume(vid)
