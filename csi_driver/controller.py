@@ -44,6 +44,7 @@ from csi_driver.parameters import (
     CONTEXT_LOCALITY,
     CONTEXT_MKFS_OPTIONS,
     StorageParameters,
+    parse_mutable_parameters,
     parse_parameters,
 )
 from csi_driver.publish_context import to_publish_context
@@ -66,6 +67,7 @@ from tessera.models import (
     SnapshotCreate,
     Volume,
     VolumeCreate,
+    VolumeModify,
     VolumeState,
 )
 from tessera.topology import TOPOLOGY_KEY
@@ -90,6 +92,7 @@ CONTROLLER_CAPABILITIES = (
     _Rpc.LIST_SNAPSHOTS,
     _Rpc.GET_SNAPSHOT,
     _Rpc.CLONE_VOLUME,
+    _Rpc.MODIFY_VOLUME,
 )
 
 # ---- answers -----------------------------------------------------------------------
@@ -198,6 +201,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
                     preferred_nodes=list(args.preferred),
                     parameters=params.stored(),
                     content_source=args.source,
+                    qos=params.qos,
                 )
             )
         _check_same_volume(volume, params, requisite)
@@ -401,6 +405,23 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         return csi_pb2.ControllerExpandVolumeResponse(
             capacity_bytes=volume.size_bytes, node_expansion_required=not block
         )
+
+    def ControllerModifyVolume(
+        self, request: csi_pb2.ControllerModifyVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerModifyVolumeResponse:
+        """QoS limits, live on every node of the data path (docs/data-services.md, QoS).
+
+        Only the keys given change, over the volume's current limits; the same
+        request again is a no-op. Management answers UNAVAILABLE while a node
+        that uses the volume cannot be told (the limits are stored, and the
+        retry the resizer makes delivers them).
+        """
+        args = validation.controller_modify_volume(request)
+        with self.locks.hold(args.volume_id):
+            volume = self.mgmt.get_volume(args.volume_id)
+            limits = parse_mutable_parameters(args.mutable_parameters, volume.qos)
+            self.mgmt.modify_volume(args.volume_id, VolumeModify(qos=limits))
+        return csi_pb2.ControllerModifyVolumeResponse()
 
     # -- snapshots --
 

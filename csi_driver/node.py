@@ -14,7 +14,7 @@ import hashlib
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import grpc
 
@@ -23,7 +23,12 @@ from csi_driver._gen import csi_pb2, csi_pb2_grpc
 from csi_driver.capabilities import Capability
 from csi_driver.config import PluginConfig
 from csi_driver.kubernetes_topology import NodeTopology
-from csi_driver.parameters import CONTEXT_FS_TYPE, CONTEXT_MKFS_OPTIONS, split_mkfs_options
+from csi_driver.parameters import (
+    CONTEXT_FS_TYPE,
+    CONTEXT_MKFS_OPTIONS,
+    consumer_pod,
+    split_mkfs_options,
+)
 from tessera.clients import AgentClient
 from tessera.errors import (
     Aborted,
@@ -194,6 +199,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                         field="target_path",
                     )
                 if self._already_published(device, target, readonly):
+                    self._add_consumer(volume_id, request.volume_context, target)
                     return csi_pb2.NodePublishVolumeResponse()
                 self._check_single_writer(cap, _devices(attachment), staging, target)
                 if cap.access_type == AccessType.MOUNT:
@@ -211,7 +217,12 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                         lambda: self._release_view(volume_id, target),
                     )
                 raise
+            self._add_consumer(volume_id, request.volume_context, target)
         return csi_pb2.NodePublishVolumeResponse()
+
+    def _add_consumer(self, volume_id: str, context: Mapping[str, str], target: str) -> None:
+        """The pod's cgroup gets the volume's QoS limits (docs/data-services.md, QoS)."""
+        self.agent.add_consumer(volume_id, consumer_pod(context, target))
 
     def _already_published(self, device: str, target: str, readonly: bool) -> bool:
         existing = mounts.mounts_at(target)
@@ -286,6 +297,10 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             _remove_target(target)
             if block:
                 self._release_view(volume_id, target)
+            try:  # best effort: a dying pod's cgroup with a rule left in it harms nobody
+                self.agent.remove_consumer(volume_id, consumer_pod({}, target))
+            except TesseraError as exc:
+                log.warning("volume %s: QoS limits kept for %s: %s", volume_id, target, exc)
         return csi_pb2.NodeUnpublishVolumeResponse()
 
     def _release_view(self, volume_id: str, target: str) -> None:

@@ -9,20 +9,30 @@ docs/storageclass.md.
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from csi_driver.capabilities import DEFAULT_FS_TYPE, SUPPORTED_FS_TYPES
 from tessera import ids
 from tessera.errors import InvalidArgument
-from tessera.models import Locality
+from tessera.models import MAX_BYTES, MAX_IOPS, Locality, QosLimits
+from tessera.system.cgroups import POD_UID_PATTERN, UNKNOWN_POD
 
 VPG = "vpg"
 FS_TYPE = "csi.storage.k8s.io/fstype"
 MKFS_OPTIONS = "mkfsOptions"
 LOCALITY = "locality"
-ALLOWED = (VPG, FS_TYPE, MKFS_OPTIONS, LOCALITY)
+#: QoS (docs/data-services.md): also the only mutable parameters (ControllerModifyVolume);
+#: each maps to its QosLimits field and largest value
+QOS_KEYS = {
+    "maxReadBytesPerSecond": ("max_read_bytes_per_second", MAX_BYTES),
+    "maxWriteBytesPerSecond": ("max_write_bytes_per_second", MAX_BYTES),
+    "maxReadIops": ("max_read_iops", MAX_IOPS),
+    "maxWriteIops": ("max_write_iops", MAX_IOPS),
+}
+ALLOWED = (VPG, FS_TYPE, MKFS_OPTIONS, LOCALITY, *QOS_KEYS)
 #: reserved for the CSI sidecars (pvc/name, pvc/namespace, pv/name, secrets...)
 SIDECAR_PREFIX = "csi.storage.k8s.io/"
 
@@ -45,6 +55,8 @@ class StorageParameters:
     locality: Locality = Locality.ANY
     #: the sidecars' own keys (PVC/PV names), kept as volume metadata
     sidecar: tuple[tuple[str, str], ...] = ()
+    #: I/O limits; mutable later, so kept in VolumeCreate.qos, never in the stored parameters
+    qos: QosLimits = field(default_factory=QosLimits)
 
     def volume_context(self) -> dict[str, str]:
         """What the node needs to format the volume; immutable for the volume's life."""
@@ -102,7 +114,51 @@ def parse_parameters(params: Mapping[str, str], field: str = "parameters") -> St
         mkfs_options=mkfs_options,
         locality=locality,
         sidecar=sidecar,
+        qos=qos_limits(params, field),
     )
+
+
+def qos_limits(
+    params: Mapping[str, str], field: str = "parameters", base: QosLimits | None = None
+) -> QosLimits:
+    """The QoS keys present in `params`, over `base` (absent keys keep its values)."""
+    values = (base or QosLimits()).model_dump()
+    for key, (attr, top) in QOS_KEYS.items():
+        if key in params:
+            values[attr] = _count(params[key], f"{field}.{key}", top)
+    return QosLimits(**values)
+
+
+def parse_mutable_parameters(
+    params: Mapping[str, str], base: QosLimits, field: str = "mutable_parameters"
+) -> QosLimits:
+    """ControllerModifyVolume / CreateVolume mutable_parameters: QoS keys only.
+
+    Only the keys given change (the spec: "SPs MUST NOT modify volumes based
+    on the absence of keys"); 0 lifts a limit.
+    """
+    unknown = sorted(k for k in params if k not in QOS_KEYS)
+    if unknown:
+        raise InvalidArgument(
+            f"{field}: {unknown[0]!r} is not a mutable parameter; mutable: {', '.join(QOS_KEYS)}",
+            field=field,
+        )
+    return qos_limits(params, field, base)
+
+
+def _count(text: str, field: str, top: int) -> int:
+    """A non-negative decimal integer, at most `top` (0: unlimited); nothing else."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 20:
+        raise InvalidArgument(
+            f"{field} {text[:40]!r} must be a non-negative whole number (0: unlimited)",
+            field=field.partition(".")[0],
+        )
+    value = int(text)
+    if value > top:
+        raise InvalidArgument(
+            f"{field} {value} is larger than {top}", field=field.partition(".")[0]
+        )
+    return value
 
 
 def split_mkfs_options(text: str, field: str = MKFS_OPTIONS) -> list[str]:
@@ -121,3 +177,23 @@ def split_mkfs_options(text: str, field: str = MKFS_OPTIONS) -> list[str]:
                 field=field,
             )
     return args
+
+
+#: volume_context key the kubelet fills when the CSIDriver has podInfoOnMount: true
+POD_UID = "csi.storage.k8s.io/pod.uid"
+#: the kubelet's publish path: /var/lib/kubelet/pods/<pod uid>/volumes/kubernetes.io~csi/...
+_KUBELET_TARGET = re.compile(r"/pods/([0-9a-fA-F][0-9a-fA-F-]{0,63})/volumes/")
+
+
+def consumer_pod(volume_context: Mapping[str, str], target_path: str) -> str:
+    """The pod a publish is for, whose cgroup gets the volume's QoS limits.
+
+    podInfoOnMount's `csi.storage.k8s.io/pod.uid` first; else the pod UID in
+    the kubelet's target path (NodeUnpublishVolume has nothing else); else
+    `unknown-pod` (node_agent/qos.py limits it in the kubepods cgroup).
+    """
+    uid = volume_context.get(POD_UID, "")
+    if not uid:
+        found = _KUBELET_TARGET.search(target_path)
+        uid = found.group(1) if found else ""
+    return uid if re.fullmatch(POD_UID_PATTERN, uid) else UNKNOWN_POD

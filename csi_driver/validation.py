@@ -30,11 +30,16 @@ from google.protobuf.message import Message
 
 from csi_driver._gen import csi_pb2
 from csi_driver.capabilities import Capability, parse_capability
-from csi_driver.parameters import SIDECAR_PREFIX, StorageParameters, parse_parameters
+from csi_driver.parameters import (
+    SIDECAR_PREFIX,
+    StorageParameters,
+    parse_mutable_parameters,
+    parse_parameters,
+)
 from csi_driver.publish_context import from_publish_context
 from tessera import ids
 from tessera.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
-from tessera.models import Connection, ContentSource, GiB, Locality
+from tessera.models import Connection, ContentSource, GiB, Locality, QosLimits
 from tessera.topology import TOPOLOGY_KEY, candidate_nodes
 
 #: CSI "Size Limits": strings 128 bytes, maps 4 KiB, unless a field says otherwise
@@ -383,6 +388,13 @@ class VolumeRef:
 
 
 @dataclass(frozen=True)
+class ControllerModify:
+    volume_id: str
+    #: checked (QoS keys, whole numbers); merged over the volume's limits by the handler
+    mutable_parameters: dict[str, str]
+
+
+@dataclass(frozen=True)
 class ControllerExpand:
     volume_id: str
     size: int
@@ -445,11 +457,9 @@ def create_volume(r: csi_pb2.CreateVolumeRequest) -> CreateVolume:
     )
     params = parse_parameters(map_form(r.parameters, "parameters"))
     params = _resolve_fs_type(params, r.volume_capabilities)
-    map_form(r.mutable_parameters, "mutable_parameters")
-    if r.mutable_parameters:
-        raise InvalidArgument(
-            "mutable_parameters are not supported (no MODIFY_VOLUME)", field="mutable_parameters"
-        )
+    # MODIFY_VOLUME: mutable_parameters (QoS keys only) take precedence over parameters
+    mutable = map_form(r.mutable_parameters, "mutable_parameters")
+    params = replace(params, qos=parse_mutable_parameters(mutable, params.qos))
     secrets_form(r.secrets)
     source = content_source_form(r) if r.HasField("volume_content_source") else None
     requisite, preferred = _placement(r.accessibility_requirements, params.locality)
@@ -594,6 +604,16 @@ def controller_expand_volume(r: csi_pb2.ControllerExpandVolumeRequest) -> Contro
         cap = capability_form(r.volume_capability, "volume_capability")
     secrets_form(r.secrets)
     return ControllerExpand(known_volume(volume_id), size, limit, cap)
+
+
+def controller_modify_volume(r: csi_pb2.ControllerModifyVolumeRequest) -> ControllerModify:
+    """Only keys present are modified (the spec), so mutable_parameters is REQUIRED."""
+    require(r, "volume_id", "mutable_parameters")
+    volume_id = id_form(r.volume_id, "volume_id")
+    mutable = map_form(r.mutable_parameters, "mutable_parameters")
+    parse_mutable_parameters(mutable, QosLimits())
+    secrets_form(r.secrets)
+    return ControllerModify(known_volume(volume_id), mutable)
 
 
 # ---- node ------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from management import liveness
+from management import liveness, qos
 from management.context import Context
 from management.inventory import get_node_row
 from management.schema import AttachmentRow, NodeRow, VolumeRow
@@ -128,6 +128,12 @@ class _ExportPlan:
 
 
 def attach(ctx: Context, volume_id: str, node_id: str, req: AttachmentCreate) -> Attachment:
+    attachment = _attach(ctx, volume_id, node_id, req)
+    qos.push_to_attachment(ctx, volume_id, node_id)  # a new attachment starts limited
+    return attachment
+
+
+def _attach(ctx: Context, volume_id: str, node_id: str, req: AttachmentCreate) -> Attachment:
     ids.check_volume_id(volume_id)
     ids.check_node_id(node_id)
     with ctx.db.write() as s:

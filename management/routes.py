@@ -16,6 +16,7 @@ from management import (
     fencing,
     group_snapshots,
     inventory,
+    qos,
     reconcile,
     snapshots,
     volumes,
@@ -50,6 +51,7 @@ from tessera.models import (
     Volume,
     VolumeCreate,
     VolumeExpand,
+    VolumeModify,
     Vpg,
     VpgCreate,
 )
@@ -223,6 +225,16 @@ def v1_router(ctx: Context) -> APIRouter:
     )
     def expand_volume(volume_id: str, body: VolumeExpand) -> Response:
         return json_response(volumes.expand_volume(ctx, volume_id, body))
+
+    @r.patch(
+        "/volumes/{volume_id}",
+        response_model=Volume,
+        tags=["volumes"],
+        responses=problems(404, 409, 502, 503, 504),
+    )
+    def modify_volume(volume_id: str, body: VolumeModify) -> Response:
+        """QoS limits: stored, then in force on every node of the data path (503: retry)."""
+        return json_response(qos.modify_volume(ctx, volume_id, body))
 
     # ---- attachments ----
     @r.put(

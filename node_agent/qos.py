@@ -36,11 +36,10 @@ from tessera.errors import FailedPrecondition
 from tessera.ids import check_volume_id
 from tessera.models import QosLimits
 from tessera.system import cgroups
+from tessera.system.cgroups import UNKNOWN_POD
 
 log = logging.getLogger(__name__)
 
-#: the consumer named when the CSI node plugin was not told the pod (no podInfoOnMount)
-UNKNOWN_POD = "unknown-pod"
 #: how often rules are re-applied (v1: containers' cgroups appear after the publish)
 WATCH_SECONDS = 2.0
 
@@ -144,11 +143,21 @@ class Qos:
                 self._save(volume_id, limits, [c for c in consumers if c != pod_uid])
 
     def forget_consumers(self, volume_id: str) -> None:
-        """Detached: no pod on this node uses the volume any more."""
+        """Detached (NodeUnstage): no pod here uses the volume any more. The limits stay:
+        a re-stage without a new ControllerPublish (no new push) must find them."""
         with self._lock:
             limits, consumers = self._load(volume_id)
             if consumers:
                 self._save(volume_id, limits, [])
+            self._unenforced.pop(volume_id, None)
+
+    def forget_unless_used(self, volume_id: str, *, attached: bool, exported: bool) -> None:
+        """An export closed: the limits go once nothing here serves or uses the volume."""
+        if attached or exported:
+            return
+        with self._lock:
+            self._file(volume_id).unlink(missing_ok=True)
+            self._unenforced.pop(volume_id, None)
 
     def apply(self, volume_id: str, *, exports: bool = True) -> None:
         """Make the kernel (and nbdkit) enforce what is stored; writes only what differs."""

@@ -424,6 +424,13 @@ class AgentClient(_TypedClient):
         path = f"/v1/attachments/{volume_id}/qos"
         self._c.request("PUT", path, json=limits.model_dump(mode="json"))
 
+    def add_consumer(self, volume_id: str, pod_uid: str) -> None:
+        """The pod (its UID, or `unknown-pod`) uses the volume here: its cgroup gets the limits."""
+        self._c.request("PUT", f"/v1/attachments/{volume_id}/consumers/{pod_uid}")
+
+    def remove_consumer(self, volume_id: str, pod_uid: str) -> None:
+        self._c.request("DELETE", f"/v1/attachments/{volume_id}/consumers/{pod_uid}")
+
     # consumer side: the key to connect to a remote volume
     def put_key(self, volume_id: str, key: AgentKey) -> None:
         self._c.request("PUT", f"/v1/keys/{volume_id}", json=key.model_dump(mode="json"))

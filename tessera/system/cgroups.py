@@ -29,6 +29,8 @@ from pathlib import Path
 from tessera.errors import FailedPrecondition, InvalidArgument
 
 DEFAULT_CGROUP_ROOT = Path("/sys/fs/cgroup")
+#: the consumer named when the pod is not known (CSIDriver without podInfoOnMount)
+UNKNOWN_POD = "unknown-pod"
 #: a pod UID as the kubelet names it (a UUID; some tests use shorter hex strings)
 POD_UID_PATTERN = r"^[0-9a-fA-F][0-9a-fA-F-]{0,63}$"
 _V1_FILES = {

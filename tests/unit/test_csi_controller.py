@@ -85,6 +85,7 @@ def test_controller_advertises_exactly_what_it_implements(stack: Stack) -> None:
         "LIST_SNAPSHOTS",
         "GET_SNAPSHOT",
         "CLONE_VOLUME",
+        "MODIFY_VOLUME",
     ]
     # snapshots and clones are not offered, so the sidecars never ask for them
     assert "CREATE_DELETE_SNAPSHOT" not in advertised and "CLONE_VOLUME" not in advertised
