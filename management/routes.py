@@ -83,7 +83,7 @@ SnapshotName = Annotated[
 ]
 SourceVolumeId = Annotated[
     str,
-    Query(max_length=63, description="only snapshots of this volume"),
+    Query(max_length=63, pattern=TEXT_PATTERN, description="only snapshots of this volume"),
 ]
 ExtentOffset = Annotated[int, Query(ge=0, le=2**63 - 1, description="byte offset to start at")]
 MaxExtents = Annotated[
@@ -336,7 +336,9 @@ def _snapshot_routes(r: APIRouter, ctx: Context) -> None:
     )
     def snapshot_delta(
         snapshot_id: SnapshotId,
-        base: Annotated[str, Query(max_length=63, description="the older snapshot's ID")],
+        base: Annotated[
+            str, Query(max_length=63, pattern=TEXT_PATTERN, description="the older snapshot's ID")
+        ],
         offset: ExtentOffset = 0,
         max_entries: MaxExtents = 0,
     ) -> Response:

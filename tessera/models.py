@@ -266,6 +266,22 @@ class QosLimits(Strict):
 class ContentSource(Strict):
     """What a new volume starts with: a snapshot's data or another volume's (exactly one)."""
 
+    # "exactly one" said in the OpenAPI document too, so clients (and the fuzzer) know it
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {
+                    "required": ["snapshot_id"],
+                    "properties": {"snapshot_id": {"minLength": 1}, "volume_id": {"maxLength": 0}},
+                },
+                {
+                    "required": ["volume_id"],
+                    "properties": {"volume_id": {"minLength": 1}, "snapshot_id": {"maxLength": 0}},
+                },
+            ]
+        }
+    )
+
     snapshot_id: str = Field(default="", pattern="^$|" + SNAPSHOT_ID_PATTERN)
     volume_id: str = Field(default="", pattern="^$|" + VOLUME_ID_PATTERN)
 

@@ -114,6 +114,9 @@ def validation_problem(exc: RequestValidationError) -> JSONResponse:
         {"field": _field_name(tuple(e.get("loc", ()))), "message": _message(e)} for e in errors
     ]
     detail = "; ".join(f"{i['field']}: {i['message']}" for i in items)
+    if len(detail) > 1900:  # many bad items: the first ones, and where the rest are
+        kept = detail[:1900].rpartition("; ")[0] or detail[:1900]
+        detail = f"{kept}; ... ({len(items)} problems in all: see `errors`)"
     err = InvalidArgument(detail, field=items[0]["field"] if items else None)
     return problem_response(err, {"errors": items})
 
