@@ -86,7 +86,9 @@ def agent_url(tmp_path: Path, sock_dir: Path) -> Iterator[str]:
     for name in ("p1", "p2"):
         (tmp_path / name).mkdir()
         pools[name] = Pool.open(name, tmp_path / name)
-    agent = Agent("n1", pools, dev_dir=tmp_path / "dev", transports={})
+    agent = Agent(
+        "n1", pools, dev_dir=tmp_path / "dev", transports={}, state_dir=tmp_path / "agent-state"
+    )
     socket = sock_dir / "agent.sock"
     with serving(create_app(agent, TOKEN), socket):
         yield f"unix://{socket}"
