@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,8 +54,9 @@ def dev(tmp_path: Path) -> Iterator[tuple[StackInfo, ManagementClient]]:
             client.close()
     finally:
         stack.stop()
-        assert mounts_under(tmp_path) == [] and bound_under(state) == []
-        pass  # DEBUG
+        left = mounts_under(tmp_path) + mounts_under(state)
+        assert left == [] and bound_under(state) == [], left
+        shutil.rmtree(state)  # nothing is mounted under it (checked just above)
 
 
 def pool_allocated(client: ManagementClient) -> int:
