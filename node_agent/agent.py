@@ -326,7 +326,11 @@ class Agent:
         operation on the volume.
         """
         check_volume_id(volume_id)
-        return self.attachments.get(volume_id)
+        attachment = self.attachments.get(volume_id)
+        unenforced = self.qos.condition(volume_id)  # QoS limits with no cgroup to hold them
+        if unenforced and not attachment.condition:
+            attachment = attachment.model_copy(update={"condition": unenforced})
+        return attachment
 
     def list_attachments(self) -> list[AgentAttachment]:
         return self.attachments.list()
