@@ -19,6 +19,7 @@ import pytest
 
 from csi_driver._gen import csi_pb2
 from tessera.clients import ManagementClient
+from tessera.errors import TesseraError
 from tessera.models import ContentSource, GroupSnapshotCreate, SnapshotCreate, VolumeCreate
 from tessera.system.loopdev import bound_under
 from tessera.system.mounts import mounts_under
@@ -203,3 +204,56 @@ def test_group_snapshot_of_three_mounted_volumes_being_written_is_consistent(
             for volume_id, staging in staged:
                 unstage(csi, info.node_id, volume_id, staging)
                 client.delete_volume(volume_id)
+
+
+@needs_root
+def test_a_cut_that_fails_still_thaws_the_mounted_filesystem(dev, tmp_path: Path) -> None:
+    """The agent cannot write the snapshot file (its directory made immutable): the create
+    fails, and the volume's filesystem takes an fsync'd write at once, long before the
+    freeze's lease would have thawed it."""
+    info, client = dev
+    snapdir = Path(info.pool_dir) / "snapshots"
+    staging = tmp_path / "st"
+    staging.mkdir()
+    with CsiClient(info.csi_endpoint) as csi:
+        vol = csi.controller.CreateVolume(
+            csi_pb2.CreateVolumeRequest(
+                name="thaw-me",
+                capacity_range=csi_pb2.CapacityRange(required_bytes=64 * MiB),
+                volume_capabilities=[mount_capability("ext4")],
+            ),
+            timeout=60,
+        ).volume
+        stage(csi, info.node_id, vol.volume_id, staging)
+        try:
+            first = client.create_snapshot(
+                SnapshotCreate(name="ok", source_volume_id=vol.volume_id)
+            )
+            client.delete_snapshot(first.id)  # the directory exists, and is empty
+            subprocess.run(["chattr", "+i", str(snapdir)], check=True)
+            try:
+                with pytest.raises(TesseraError):
+                    client.create_snapshot(
+                        SnapshotCreate(name="fails", source_volume_id=vol.volume_id)
+                    )
+                write = [
+                    sys.executable,
+                    "-c",
+                    "import os, sys; fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT); "
+                    "os.write(fd, b'x'); os.fsync(fd)",
+                    str(staging / "after"),
+                ]
+                # frozen, this would block until the agent's 10 s lease ran out
+                subprocess.run(write, check=True, timeout=5)
+            finally:
+                subprocess.run(["chattr", "-i", str(snapdir)], check=True)
+            listed = client.list_snapshots(name="fails").items
+            assert [s.state.value for s in listed] == ["creating"]  # re-driven by a retry
+            again = client.create_snapshot(
+                SnapshotCreate(name="fails", source_volume_id=vol.volume_id)
+            )
+            assert again.ready_to_use and again.id == listed[0].id
+            client.delete_snapshot(again.id)
+        finally:
+            unstage(csi, info.node_id, vol.volume_id, staging)
+            client.delete_volume(vol.volume_id)
