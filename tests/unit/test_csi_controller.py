@@ -87,17 +87,15 @@ def test_controller_advertises_exactly_what_it_implements(stack: Stack) -> None:
         "CLONE_VOLUME",
         "MODIFY_VOLUME",
     ]
-    # snapshots and clones are not offered, so the sidecars never ask for them
-    assert "CREATE_DELETE_SNAPSHOT" not in advertised and "CLONE_VOLUME" not in advertised
 
 
-def test_snapshot_calls_are_unimplemented(stack: Stack) -> None:
-    code, _ = code_of(
+def test_snapshot_of_a_volume_that_does_not_exist_is_not_found(stack: Stack) -> None:
+    code, message = code_of(
         lambda: stack.csi.controller.CreateSnapshot(
             csi_pb2.CreateSnapshotRequest(source_volume_id="vol-1", name="s")
         )
     )
-    assert code == Code.UNIMPLEMENTED
+    assert code == Code.NOT_FOUND and "vol-1" in message
 
 
 # ---- CreateVolume ----------------------------------------------------------------------
@@ -205,8 +203,8 @@ def test_snapshot_calls_are_unimplemented(stack: Stack) -> None:
                     snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id="snap-1")
                 )
             ),
-            Code.INVALID_ARGUMENT,
-            "volume_content_source: creating a volume from a snapshot is not supported",
+            Code.NOT_FOUND,
+            "snap-1",
         ),
         (
             create_req(
@@ -214,8 +212,8 @@ def test_snapshot_calls_are_unimplemented(stack: Stack) -> None:
                     volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id="vol-1")
                 )
             ),
-            Code.INVALID_ARGUMENT,
-            "from a volume is not supported",
+            Code.NOT_FOUND,
+            "vol-1",
         ),
         (create_req(size=1024 * GiB), Code.OUT_OF_RANGE, "the maximum volume size is 10 GiB"),
         (

@@ -96,6 +96,8 @@ def test_plugin_advertises_controller_topology_and_online_expansion(stack: Stack
         "CONTROLLER_SERVICE",
         "VOLUME_ACCESSIBILITY_CONSTRAINTS",
         "expansion ONLINE",
+        "GROUP_CONTROLLER_SERVICE",
+        "SNAPSHOT_METADATA_SERVICE",
     ]
 
 
@@ -107,6 +109,8 @@ def test_node_mode_reports_the_same_plugin_capabilities(sock_dir: Path) -> None:
             "CONTROLLER_SERVICE",
             "VOLUME_ACCESSIBILITY_CONSTRAINTS",
             "expansion ONLINE",
+            "GROUP_CONTROLLER_SERVICE",
+            "SNAPSHOT_METADATA_SERVICE",
         ]
 
 
