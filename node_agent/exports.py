@@ -5,8 +5,8 @@ key, so closing one export (revocation) never touches another node's
 connection, and a key is good for exactly one volume on one node:
 
     nbdkit --tls=require --tls-psk=<psk file> [-r] -i <address> -p <port>
-           --pidfile <pid file> [--filter=ip] file file=<volume file>
-           [allow=<client address> deny=all]
+           --pidfile <pid file> [--filter=ip] --filter=rate file file=<volume file>
+           [allow=<client address> deny=all] rate-file=<rate file>
 
 nbdkit forks into the background once it listens (no `-f`), so when the
 start command returns the port is open, and a non-zero exit is a start
@@ -15,8 +15,9 @@ in its own session: an agent restart or crash never takes live I/O along.
 
 State, per export, in `<state-dir>/exports/<volume_id>/<client_node>.*`:
 `json` (what was exported; written before nbdkit starts, so no nbdkit of
-ours ever runs without a record that finds it again), `psk` (the key, 0600)
-and `pid` (nbdkit's pid file). At start the agent re-adopts every export
+ours ever runs without a record that finds it again), `psk` (the key, 0600),
+`pid` (nbdkit's pid file) and `rate` (QoS: bits/s, 0 unlimited, rewritten live
+by node_agent/qos.py). At start the agent re-adopts every export
 whose pid is nbdkit on that volume file with that key file (/proc cmdline:
 a pid alone proves nothing after a reboot) and restarts the dead ones on
 their recorded address and port, never elsewhere: management's record and
