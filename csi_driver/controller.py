@@ -507,7 +507,16 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
                     field="starting_token",
                 ) from err
             raise
-        return _snapshot_list(page.items, page.next_token)
+        items, token = list(page.items), page.next_token
+        # max_entries 0 is "no restriction" (the spec; csi-sanity expects the rest at
+        # once), while management pages by 100 then: follow its pages to the end
+        while token and not args.max_entries:
+            page = self.mgmt.list_snapshots(
+                page_token=token, source_volume_id=args.source_volume_id
+            )
+            items += page.items
+            token = page.next_token
+        return _snapshot_list(items, token)
 
     def _snapshot_by_id(self, snapshot_id: str, source_volume_id: str) -> list[Snapshot]:
         try:

@@ -283,6 +283,27 @@ def test_list_snapshots_filters_by_id_and_source_and_pages_without_gaps_or_repea
             break
     assert sorted(seen) == sorted(made), "pages must cover every snapshot exactly once"
 
+    # csi-sanity: a starting_token without max_entries returns all the rest at once
+    first = csi.controller.ListSnapshots(
+        csi_pb2.ListSnapshotsRequest(max_entries=2, source_volume_id=volume.volume_id),
+        timeout=RPC_TIMEOUT,
+    )
+    rest = list_all(csi, starting_token=first.next_token, source_volume_id=volume.volume_id)
+    assert len(first.entries) + len(rest) == len(made)
+
+
+def test_list_snapshots_without_max_entries_returns_them_all_past_managements_page_size(
+    csi: Csi,
+) -> None:
+    """max_entries 0 means no limit (the spec); management pages by 100 on its own."""
+    volume = csi.create_volume(Kind("block"))
+    made = {create_snapshot(csi, volume.volume_id).snapshot_id for _ in range(101)}
+    reply = csi.controller.ListSnapshots(
+        csi_pb2.ListSnapshotsRequest(source_volume_id=volume.volume_id), timeout=RPC_TIMEOUT
+    )
+    assert {e.snapshot.snapshot_id for e in reply.entries} == made
+    assert reply.next_token == ""
+
 
 # ---- data: snapshot -> restore -> clone ------------------------------------------------------
 
