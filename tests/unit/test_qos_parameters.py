@@ -189,3 +189,53 @@ def test_modify_volume_answers_the_spec_code_naming_what_is_wrong(
 ) -> None:
     got, message = code_of(lambda: stack.csi.controller.ControllerModifyVolume(request_))
     assert (got, named in message) == (code, True), message
+
+
+# ---- which cgroup a pod's limits go to (tessera/system/cgroups.py) -------------------------
+
+POD = "0b5e1f0e-7d38-4c4a-9a51-2f1f0a6c1e11"
+_POD = POD.replace("-", "_")  # the systemd driver's spelling
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        f"kubepods/pod{POD}",
+        f"kubepods/burstable/pod{POD}",
+        f"kubepods/besteffort/pod{POD}",
+        f"kubepods.slice/kubepods-pod{_POD}.slice",
+        f"kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{_POD}.slice",
+        f"kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{_POD}.slice",
+    ],
+)
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_pods_cgroup_is_found_under_either_kubelet_driver_and_cgroup_version(
+    tmp_path: Path, layout: str, version: int
+) -> None:
+    from tessera.system import cgroups
+
+    root = tmp_path / "cgroup"
+    tree = root / "blkio" if version == 1 else root
+    tree.mkdir(parents=True)
+    marker = "blkio.throttle.read_bps_device" if version == 1 else "cgroup.controllers"
+    (tree / marker).write_text("")
+    (tree / layout).mkdir(parents=True)
+    h = cgroups.hierarchy(root)
+    assert h is not None and (h.root, h.version) == (tree.resolve(), version)
+    assert cgroups.pod_cgroup(h, POD) == h.root / layout
+    assert cgroups.pod_cgroup(h, "1b5e1f0e-7d38-4c4a-9a51-2f1f0a6c1e11") is None
+    assert cgroups.kubepods_cgroup(h) == h.root / layout.split("/")[0]
+
+
+def test_a_cgroup_v2_rule_names_every_limit_and_max_for_none(tmp_path: Path) -> None:
+    from tessera.system import cgroups
+
+    (tmp_path / "cgroup.controllers").write_text("io")
+    (tmp_path / "io.max").write_text("")
+    h = cgroups.hierarchy(tmp_path)
+    assert h is not None and h.version == 2
+    limits = cgroups.IoLimits(rbps=1048576, wiops=50)
+    assert cgroups.set_limits(h, tmp_path, (7, 3), limits)
+    assert (tmp_path / "io.max").read_text() == "7:3 rbps=1048576 wbps=max riops=max wiops=50\n"
+    assert cgroups.read_limits(h, tmp_path, (7, 3)) == limits
+    assert not cgroups.set_limits(h, tmp_path, (7, 3), limits)  # already so: nothing written
