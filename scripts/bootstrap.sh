@@ -13,7 +13,7 @@ apt_packages=(
   python3 python3-venv python3-pip
   util-linux mount e2fsprogs xfsprogs
   nbdkit libnbd-bin fuse3 fio psmisc kmod iproute2
-  npm unzip
+  unzip
   debootstrap containerd runc
   postgresql
 )
@@ -21,6 +21,9 @@ missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# npm (the chart tests fetch helm and kubectl with it): Debian's package, unless
+# a nodejs that ships its own npm is installed (Debian's npm conflicts with it)
+command -v npm >/dev/null || missing+=(npm)
 if [ "${#missing[@]}" -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
