@@ -253,3 +253,54 @@ def test_a_volume_id_with_a_trailing_newline_is_not_one_of_ours() -> None:
 def test_a_secret_key_with_a_trailing_newline_is_invalid_argument() -> None:
     req = csi_pb2.DeleteVolumeRequest(volume_id=UNKNOWN, secrets={"user\n": "x"})
     assert isinstance(error(lambda: validation.delete_volume(req)), InvalidArgument)
+
+
+# ---- snapshots, group snapshots, snapshot metadata --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("check", "kind", "field"),
+    [
+        (lambda: validation.create_snapshot(csi_pb2.CreateSnapshotRequest(
+            source_volume_id=MADE_UP)), InvalidArgument, "name"),
+        (lambda: validation.create_snapshot(csi_pb2.CreateSnapshotRequest(name="s")),
+         InvalidArgument, "source_volume_id"),
+        (lambda: validation.create_snapshot(csi_pb2.CreateSnapshotRequest(
+            name="s", source_volume_id=MADE_UP)), NotFound, "source_volume_id"),
+        (lambda: validation.create_snapshot(csi_pb2.CreateSnapshotRequest(
+            name="s", source_volume_id=UNKNOWN, parameters={"retain": "1"})),
+         InvalidArgument, "parameters"),
+        (lambda: validation.get_snapshot(csi_pb2.GetSnapshotRequest()), InvalidArgument,
+         "snapshot_id"),
+        (lambda: validation.get_snapshot(csi_pb2.GetSnapshotRequest(snapshot_id=MADE_UP)),
+         NotFound, "snapshot_id"),
+        (lambda: validation.create_group_snapshot(csi_pb2.CreateVolumeGroupSnapshotRequest(
+            source_volume_ids=[MADE_UP])), InvalidArgument, "name"),
+        (lambda: validation.create_group_snapshot(csi_pb2.CreateVolumeGroupSnapshotRequest(
+            name="g", source_volume_ids=[UNKNOWN, UNKNOWN])), InvalidArgument,
+         "source_volume_ids"),
+        (lambda: validation.create_group_snapshot(csi_pb2.CreateVolumeGroupSnapshotRequest(
+            name="g", source_volume_ids=[UNKNOWN, MADE_UP])), NotFound, "source_volume_ids[1]"),
+        (lambda: validation.get_metadata_delta(csi_pb2.GetMetadataDeltaRequest(
+            target_snapshot_id=MADE_UP)), InvalidArgument, "base_snapshot_id"),
+        (lambda: validation.get_metadata_allocated(csi_pb2.GetMetadataAllocatedRequest(
+            snapshot_id=MADE_UP)), NotFound, "snapshot_id"),
+        (lambda: validation.get_metadata_allocated(csi_pb2.GetMetadataAllocatedRequest(
+            snapshot_id="snap-1", max_results=-1)), InvalidArgument, "max_results"),
+    ],
+)  # fmt: skip
+def test_snapshot_requests_are_checked_presence_first_naming_the_field(
+    check: Callable[[], object], kind: type, field: str
+) -> None:
+    err = error(check)
+    assert isinstance(err, kind) and err.field == field, err
+
+
+def test_snapshot_lookups_that_need_no_answer_say_so_without_an_error() -> None:
+    assert not validation.delete_snapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=MADE_UP)).ours
+    listing = validation.list_snapshots(csi_pb2.ListSnapshotsRequest(source_volume_id=MADE_UP))
+    assert listing.names_nothing
+    ref = validation.group_snapshot_ref(
+        csi_pb2.DeleteVolumeGroupSnapshotRequest(group_snapshot_id=MADE_UP)
+    )
+    assert not ref.ours  # no snapshot_ids needed to learn a made-up group is gone
