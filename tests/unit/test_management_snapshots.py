@@ -438,3 +438,32 @@ def test_a_creating_row_left_by_a_crash_is_redriven_by_the_retry(db_url, sagent)
         resp = snap(api, "s", vol)
         assert resp.status_code == 200 and resp.json()["state"] == "ready"
         assert sagent.find_snap(resp.json()["id"]) is not None
+
+
+def test_group_snapshot_with_members_on_two_nodes_cuts_each_on_its_owner(scluster, sagent):
+    add_pool_node(scluster, "n3", sagent.url, "p3", GiB)
+    a = volume_with_data(scluster, sagent, "a", b"a")
+    resp = scluster.post(
+        "/v1/volumes", json={"name": "b", "size_bytes": 8 * MiB, "requisite_nodes": ["n3"]}
+    )
+    b = resp.json()
+    group = scluster.post(
+        "/v1/group-snapshots", json={"name": "g", "source_volume_ids": [a["id"], b["id"]]}
+    ).json()
+    where = {s["source_volume_id"]: (s["node_id"], s["pool"]) for s in group["snapshots"]}
+    assert where == {a["id"]: ("n1", "p1"), b["id"]: ("n3", "p3")}
+    assert all(sagent.find_snap(s["id"]) for s in group["snapshots"])
+
+
+def test_a_delete_the_agent_failed_is_finished_by_the_retry(scluster, sagent):
+    vol = volume_with_data(scluster, sagent, "v", b"x")
+    sid = snap(scluster, "s", vol).json()["id"]
+    sagent.fail.add("delete_snapshot")
+    assert scluster.delete(f"/v1/snapshots/{sid}").status_code == 503
+    assert scluster.get(f"/v1/snapshots/{sid}").json()["state"] == "deleting"
+    sagent.fail.clear()
+    assert scluster.delete(f"/v1/snapshots/{sid}").status_code == 204
+    assert sagent.find_snap(sid) is None
+    assert scluster.get(f"/v1/snapshots/{sid}").status_code == 404
+    # a create of the same name after a half-done delete starts a new snapshot
+    assert snap(scluster, "s", vol).json()["id"] != sid
