@@ -24,6 +24,12 @@ Spec points where we had to choose (CSI v1.12):
   `preferred` is reachable from every node (over the network when remote),
   so it carries no constraint; `required` names its node, where it stays
   local. GetCapacity answers per topology segment the same way.
+- Snapshots (docs/data-services.md, CSI): a foreign or unknown snapshot ID
+  is NOT_FOUND (GetSnapshot, a content source), OK (DeleteSnapshot) or an
+  empty list (ListSnapshots filters), as the spec's tables say. A group
+  member carries group_snapshot_id, so it is not deleted alone
+  (FAILED_PRECONDITION). A clone is at least its source's size
+  (limit_bytes below it: OUT_OF_RANGE) and keeps its source's filesystem.
 """
 
 from __future__ import annotations
