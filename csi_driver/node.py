@@ -137,6 +137,10 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             )
         os.makedirs(staging, exist_ok=True)
         options = list(cap.mount_flags) + (["ro"] if readonly else [])
+        if fs_type == "xfs" and "nouuid" not in options:
+            # a restored snapshot or clone carries its source's XFS UUID, and XFS
+            # refuses a second mount of one UUID on a node (EINVAL) without this
+            options.append("nouuid")
         mounts.mount(device, staging, fs_type, options)
 
     def NodeUnstageVolume(

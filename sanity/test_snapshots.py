@@ -309,9 +309,11 @@ def test_list_snapshots_without_max_entries_returns_them_all_past_managements_pa
 
 
 def test_restore_and_clone_hold_the_data_of_the_moment_the_snapshot_was_cut(
-    csi: Csi, kind: Kind
+    csi: Csi, fs_kind: Kind
 ) -> None:
-    """A restored filesystem is mounted as it is (never reformatted at NodeStage)."""
+    """A restored filesystem is mounted as it is (never reformatted at NodeStage), next to
+    its still-mounted source (XFS: the same UUID twice on one node)."""
+    kind = fs_kind
     volume, pub = csi.provision(kind)
     before, before_digest = payload()
     write_data(kind, pub.target, before)
