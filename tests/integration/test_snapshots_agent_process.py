@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,10 +19,13 @@ from tessera.clients import AgentClient, ManagementClient
 from tessera.errors import FailedPrecondition, InvalidArgument, NotFound
 from tessera.ids import new_snapshot_id, new_volume_id
 from tessera.models import AgentSource, AgentSourceKind, Pool, SnapshotMethod
+from tessera.system import filesystems, mounts
+from tessera.system import freeze as fs_freeze
 from tessera.system.loopdev import bound_under
 from tests.conftest import needs_root
 from tests.integration.processes import mounted_pool, processes
 from tests.integration.test_node_agent_loop import release_loops
+from tests.integration.test_snapshots_agent import is_frozen
 
 pytestmark = [needs_root, pytest.mark.root]
 MiB = 1024**2
@@ -138,3 +142,27 @@ def test_freeze_and_thaw_of_a_volume_not_mounted_here_freeze_nothing(
         state = agent.freeze(vid, 5)
         assert state.volume_id == vid and not state.frozen and state.mountpoints == []
         assert not agent.thaw(vid).frozen
+
+
+def test_an_agent_that_stops_leaves_no_filesystem_frozen(
+    pools: dict[str, Path], tmp_path: Path
+) -> None:
+    with processes(tmp_path) as procs:
+        procs.start_management()
+        agent = procs.start_agent("snap-node", pools)
+        vid = fill(agent, "fast", 0)
+        device = agent.attach(vid).device
+        filesystems.make_filesystem(device, "ext4", [])
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        mounts.mount(device, str(mnt), "ext4", [])
+        try:
+            state = agent.freeze(vid, 120)
+            assert state.frozen and state.mountpoints == [str(mnt)]
+            assert is_frozen(str(mnt))
+            procs.procs["snap-node"].send_signal(signal.SIGTERM)
+            procs.procs["snap-node"].wait(timeout=30)
+            assert not is_frozen(str(mnt))
+        finally:
+            fs_freeze.thaw(str(mnt))
+            mounts.unmount(str(mnt))
