@@ -152,6 +152,18 @@ class Pool:
                     found.append((entry.name, Path(entry.path)))
         return sorted(found)
 
+    @cached_property
+    def shares_blocks(self) -> bool:
+        """Whether files here can share blocks (reflink): else no extent map is needed.
+
+        Asked once: a mounted filesystem does not gain or lose reflink. A probe
+        that cannot run (a full pool) answers yes: the slower count is right too.
+        """
+        try:
+            return reflink.can_reflink(self.directory)
+        except OSError:
+            return True
+
     def snapshot_method(self) -> SnapshotMethod:
         """How snapshots and clones are made here: probed (FICLONE on scratch files)."""
         try:
@@ -215,7 +227,7 @@ class Pool:
         files = [p for _, p in self.volume_files()] + [p for _, p in self.snapshot_files()]
         for path in files:
             try:
-                total += _allocated_of(path, shared)
+                total += _allocated_of(path, shared) if self.shares_blocks else _blocks_of(path)
             except FileNotFoundError:
                 continue  # deleted meanwhile: its blocks are back in f_bavail
         return total + _union_length(shared)
@@ -265,6 +277,10 @@ def parse_overcommit(specs: list[str]) -> dict[str, float]:
                 f"--overcommit {spec!r}: expected POOL=RATIO, e.g. fast=1.5", field="overcommit"
             )
     return ratios
+
+
+def _blocks_of(path: Path) -> int:
+    return path.lstat().st_blocks * 512
 
 
 def _allocated_of(path: Path, shared: list[tuple[int, int]]) -> int:
