@@ -3,7 +3,9 @@
 Mount table reading and mount/unmount (`mounts`), filesystem probing and
 making (`filesystems`), loop devices (`loopdev`), facts about block devices
 and whether one is in use (`blockdev`), waiting for device nodes (`udev`),
-and the raw system calls beneath them (`syscalls`). The CSI node service,
+and the raw system calls beneath them (`syscalls`); reflink copies and
+the sparse copy fallback (`reflink`), extent maps (`fiemap`) and
+filesystem freezes (`freeze`) for snapshots. The CSI node service,
 the node-agent and the dev tools all use these modules and nothing else for
 this work, so each rule (compare devices by number, never unmount lazily,
 never format a device with a signature) is written once. Every transport
