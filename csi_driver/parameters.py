@@ -181,8 +181,14 @@ def split_mkfs_options(text: str, field: str = MKFS_OPTIONS) -> list[str]:
 
 #: volume_context key the kubelet fills when the CSIDriver has podInfoOnMount: true
 POD_UID = "csi.storage.k8s.io/pod.uid"
-#: the kubelet's publish path: /var/lib/kubelet/pods/<pod uid>/volumes/kubernetes.io~csi/...
-_KUBELET_TARGET = re.compile(r"/pods/([0-9a-fA-F][0-9a-fA-F-]{0,63})/volumes/")
+#: the kubelet's publish paths: filesystem volumes
+#: /var/lib/kubelet/pods/<pod uid>/volumes/kubernetes.io~csi/<pv>/mount, block volumes
+#: /var/lib/kubelet/plugins/kubernetes.io/csi/volumeDevices/publish/<pv>/<pod uid>
+_UID = r"([0-9a-fA-F][0-9a-fA-F-]{0,63})"
+_KUBELET_TARGETS = (
+    re.compile(rf"/pods/{_UID}/volumes/"),
+    re.compile(rf"/volumeDevices/publish/[^/]+/{_UID}$"),
+)
 
 
 def consumer_pod(volume_context: Mapping[str, str], target_path: str) -> str:
@@ -193,7 +199,7 @@ def consumer_pod(volume_context: Mapping[str, str], target_path: str) -> str:
     `unknown-pod` (node_agent/qos.py limits it in the kubepods cgroup).
     """
     uid = volume_context.get(POD_UID, "")
-    if not uid:
-        found = _KUBELET_TARGET.search(target_path)
-        uid = found.group(1) if found else ""
+    for pattern in _KUBELET_TARGETS:
+        found = None if uid else pattern.search(target_path.rstrip("/"))
+        uid = found.group(1) if found else uid
     return uid if re.fullmatch(POD_UID_PATTERN, uid) else UNKNOWN_POD

@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,11 +26,14 @@ import pytest
 from node_agent.agent import Agent
 from node_agent.pools import Pool
 from node_agent.qos import UNKNOWN_POD, export_rate_bits
+from tessera.clients import AgentClient
 from tessera.ids import new_volume_id
 from tessera.models import AgentExportCreate, QosLimits
-from tessera.system import cgroups
+from tessera.system import cgroups, mounts
 from tests.conftest import needs_root
 from tests.integration.test_node_agent_loop import release_loops
+from tests.integration.test_node_agent_process import TOKEN as AGENT_TOKEN
+from tests.integration.test_node_agent_process import AgentProcess
 
 pytestmark = [needs_root, pytest.mark.root]
 MiB = 1024**2
@@ -321,3 +326,98 @@ def test_an_exports_rate_limit_holds_for_a_remote_client_and_changes_live(
         assert_near(rate, 4 * MiB, "export read bytes/s after the change")
     finally:
         agent.close_export(vid, "client-a")
+
+
+# ---- the CSI node plugin names the pod: a real agent process and the node service -------------
+
+
+@needs_blkio
+def test_a_published_pod_is_limited_and_unpublishing_lifts_its_limits(
+    tmp_path: Path, node: FakeNode
+) -> None:
+    """NodePublish hands the agent the pod (pod.uid); the agent process writes its rules."""
+    from csi_driver._gen import csi_pb2
+    from csi_driver.config import Mode, PluginConfig
+    from csi_driver.server import build_server
+    from tessera.system import loopdev
+    from tessera_dev.csi_client import CsiClient, block_capability
+
+    proc = AgentProcess(tmp_path)
+    flags = ["--state-dir", str(tmp_path / "state"), "--cgroup-root", str(node.root)]
+    agent = _start_with(proc, flags)
+    config = PluginConfig(
+        mode=Mode.NODE,
+        endpoint=f"unix://{tmp_path / 'csi.sock'}",
+        node_id="proc-node",
+        token=AGENT_TOKEN,
+        agent_url=f"unix://{proc.socket}",
+    )
+    server = build_server(config)
+    server.start()
+    csi = CsiClient(config.endpoint)
+    vid = new_volume_id()
+    # where the kubelet publishes a block volume: NodeUnpublish finds the pod there
+    publish = tmp_path / "plugins/kubernetes.io/csi/volumeDevices/publish/pv-1"
+    staging, target = tmp_path / "staging", publish / node.pod_uid
+    try:
+        agent.create_volume(vid, "default", 16 * MiB)
+        agent.set_qos(vid, QosLimits(max_read_iops=120, max_write_bytes_per_second=MiB))
+        staging.mkdir()
+        csi.node.NodeStageVolume(
+            csi_pb2.NodeStageVolumeRequest(
+                volume_id=vid,
+                staging_target_path=str(staging),
+                volume_capability=block_capability(),
+            )
+        )
+        csi.node.NodePublishVolume(
+            csi_pb2.NodePublishVolumeRequest(
+                volume_id=vid,
+                staging_target_path=str(staging),
+                target_path=str(target),
+                volume_capability=block_capability(),
+                volume_context={"csi.storage.k8s.io/pod.uid": node.pod_uid},
+            )
+        )
+        h = cgroups.hierarchy(node.root)
+        assert h is not None
+        device = cgroups.device_number(agent.get_attachment(vid).backing_device)
+        rules = cgroups.read_limits(h, node.pod, device)
+        assert (rules.riops, rules.wbps) == (120, MiB)
+        csi.node.NodeUnpublishVolume(
+            csi_pb2.NodeUnpublishVolumeRequest(volume_id=vid, target_path=str(target))
+        )
+        assert cgroups.read_limits(h, node.pod, device) == cgroups.IoLimits()
+        csi.node.NodeUnstageVolume(
+            csi_pb2.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=str(staging))
+        )
+    finally:
+        csi.channel.close()
+        server.stop(None).wait()
+        agent.close()
+        for mounted in reversed(mounts.mounts_under(tmp_path)):
+            mounts.unmount(mounted)
+        if proc.proc is not None and proc.proc.poll() is None:
+            proc.stop(signal.SIGTERM)
+        release_loops(tmp_path)
+    assert loopdev.bound_under(tmp_path) == []
+
+
+def _start_with(proc: AgentProcess, flags: list[str]) -> AgentClient:
+    """AgentProcess.start with extra flags (its own argument list takes none)."""
+    tmp = proc.tmp
+    args = [
+        sys.executable, "-m", "node_agent", "--node-id", "proc-node",
+        "--management", f"unix://{tmp / 'no-management.sock'}",
+        "--token-file", str(tmp / "token"), "--pool", f"default={tmp / 'pool'}",
+        "--socket", str(proc.socket), "--dev-dir", str(tmp / "dev"), *flags,
+    ]  # fmt: skip
+    with open(proc.log, "ab") as log:
+        proc.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    client = AgentClient(f"unix://{proc.socket}", AGENT_TOKEN)
+    deadline = time.monotonic() + 30
+    while not client.healthy():
+        assert proc.proc.poll() is None, proc.log.read_text()
+        assert time.monotonic() < deadline, "agent did not start: " + proc.log.read_text()
+        time.sleep(0.1)
+    return client

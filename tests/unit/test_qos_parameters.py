@@ -101,6 +101,8 @@ def test_the_pod_is_found_from_pod_info_then_the_kubelet_path() -> None:
     target = f"/var/lib/kubelet/pods/{other}/volumes/kubernetes.io~csi/pv-1/mount"
     assert consumer_pod({POD_UID: uid}, target) == uid
     assert consumer_pod({}, target) == other
+    block = f"/var/lib/kubelet/plugins/kubernetes.io/csi/volumeDevices/publish/pv-1/{other}"
+    assert consumer_pod({}, block) == other
     assert consumer_pod({}, "/mnt/somewhere") == UNKNOWN_POD
     assert consumer_pod({POD_UID: "../../etc"}, "/mnt/x") == UNKNOWN_POD
 
