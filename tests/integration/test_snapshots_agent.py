@@ -34,7 +34,7 @@ from tests.integration.test_node_agent_loop import release_loops
 
 pytestmark = [needs_root, pytest.mark.root]
 KiB, MiB = 1024, 1024**2
-POOL_SIZE = 320 * MiB  # mkfs.xfs refuses less than 300 MB
+POOL_SIZE = 512 * MiB  # mkfs.xfs refuses less than 300 MB; an XFS volume needs 300 MiB
 BLOCK = 4 * KiB
 
 
@@ -414,22 +414,26 @@ def is_frozen(mountpoint: str) -> bool:
     return True
 
 
-@pytest.fixture
-def mounted_volume(xfs: Agent, tmp_path: Path) -> Iterator[tuple[Agent, str, str]]:
-    """A volume attached (loop) with ext4 on it, mounted; torn down whatever happens."""
+@pytest.fixture(params=["ext4", "xfs"])
+def mounted_volume(
+    xfs: Agent, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[Agent, str, str]]:
+    """A volume attached (loop) with ext4 or XFS on it, mounted; torn down whatever happens."""
+    fs_type = request.param
     vid = new_volume_id()
-    xfs.create_volume(vid, "p", 64 * MiB)
+    xfs.create_volume(vid, "p", 300 * MiB if fs_type == "xfs" else 64 * MiB)
     att = xfs.attach(vid, readonly=False)
-    filesystems.make_filesystem(att.device, "ext4", [])
+    filesystems.make_filesystem(att.device, fs_type, [])
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    mounts.mount(att.device, str(mnt), "ext4", [])
+    mounts.mount(att.device, str(mnt), fs_type, [])
     try:
         yield xfs, vid, str(mnt)
     finally:
         xfs.freezes.thaw_all()
         mounts.unmount(str(mnt))
         xfs.detach(vid)
+        xfs.delete_volume(vid)
 
 
 def test_freeze_blocks_writes_until_thaw(mounted_volume: tuple[Agent, str, str]) -> None:
