@@ -135,6 +135,12 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                 "refusing to format over data",
                 field="volume_capability.mount.fs_type",
             )
+        # A clone or restore into a larger volume carries its source's smaller
+        # filesystem: grown here, so the pod gets the capacity it asked for
+        # (ext offline, before the mount; XFS only grows mounted).
+        grow = found is not None and not readonly and filesystems.needs_growth(device, fs_type)
+        if grow and fs_type != "xfs":
+            filesystems.grow_unmounted_ext(device)
         os.makedirs(staging, exist_ok=True)
         options = list(cap.mount_flags) + (["ro"] if readonly else [])
         if fs_type == "xfs" and "nouuid" not in options:
@@ -142,6 +148,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             # refuses a second mount of one UUID on a node (EINVAL) without this
             options.append("nouuid")
         mounts.mount(device, staging, fs_type, options)
+        if grow and fs_type == "xfs":
+            filesystems.resize_filesystem(device, staging, fs_type)
 
     def NodeUnstageVolume(
         self, request: csi_pb2.NodeUnstageVolumeRequest, context: grpc.ServicerContext

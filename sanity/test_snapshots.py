@@ -9,6 +9,8 @@ advertised: made-up IDs, maximum-length names, filters that name nothing.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from sanity.support import (
@@ -341,6 +343,9 @@ def test_restore_and_clone_hold_the_data_of_the_moment_the_snapshot_was_cut(
     else:
         assert read_digest(kind, cpub.target) == before_digest
         assert read_digest(kind, cpub.target, name="third.bin") == third_digest
+        # the source's filesystem was grown at NodeStage: the pod sees what it asked for
+        st = os.statvfs(cpub.target)
+        assert st.f_blocks * st.f_frsize > (bigger + kind.size) // 2
 
 
 def test_restore_is_idempotent_by_name_and_source_and_refuses_a_smaller_limit(csi: Csi) -> None:

@@ -91,6 +91,61 @@ def resize_filesystem(device: str, mountpoint: str, fs_type: str) -> None:
         raise FailedPrecondition(f"cannot grow a {fs_type} filesystem online")
 
 
+#: a filesystem this much smaller than its device was made on a smaller one (a clone
+#: or restore into a larger volume); mkfs itself leaves less than a block unused
+GROW_THRESHOLD = 1024**2
+_EXT = ("ext4", "ext3", "ext2")
+
+
+def filesystem_size(device: str, fs_type: str) -> int | None:
+    """Bytes the filesystem on `device` spans, read from its superblock (None: unknown type)."""
+    if fs_type in _EXT:
+        res = _run(["dumpe2fs", "-h", device])
+        fields = _colon_fields(res.stdout)
+        count, size = fields.get("Block count"), fields.get("Block size")
+    elif fs_type == "xfs":
+        res = _run(["xfs_db", "-r", "-c", "sb 0", "-c", "print dblocks blocksize", device])
+        fields = {
+            k.strip(): v.strip()
+            for k, _, v in (ln.partition("=") for ln in res.stdout.splitlines())
+        }
+        count, size = fields.get("dblocks"), fields.get("blocksize")
+    else:
+        return None
+    if res.returncode != 0 or not (count and size and count.isdigit() and size.isdigit()):
+        raise Internal(
+            f"cannot read the size of the {fs_type} filesystem on {device}: "
+            f"{res.stderr.strip() or 'no size in its superblock'}"
+        )
+    return int(count) * int(size)
+
+
+def _colon_fields(text: str) -> dict[str, str]:
+    return {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in text.splitlines())}
+
+
+def needs_growth(device: str, fs_type: str) -> bool:
+    """Whether the filesystem is smaller than its device: a clone or restore made larger."""
+    size = filesystem_size(device, fs_type)
+    return size is not None and device_size(device) - size >= GROW_THRESHOLD
+
+
+def grow_unmounted_ext(device: str) -> None:
+    """Grow an unmounted ext filesystem to its device: checked first, as resize2fs demands.
+
+    Offline growth needs no CAP_SYS_RESOURCE (online growth does). e2fsck -p
+    only makes the repairs that are always safe; anything more is left to a
+    person, and the volume is not mounted.
+    """
+    res = _run(["e2fsck", "-f", "-p", device], MKFS_TIMEOUT)
+    if res.returncode >= 4:  # 0: clean, 1/2: safely repaired; 4+: errors left
+        raise FailedPrecondition(
+            f"the filesystem on {device} has errors e2fsck -p will not repair "
+            f"(exit {res.returncode}); check it by hand before using the volume"
+        )
+    _check(["resize2fs", device], f"resize2fs {device}", MKFS_TIMEOUT)
+
+
 def device_size(device: str) -> int:
     try:
         return linux.block_device_size(device)
