@@ -19,8 +19,11 @@ with Unavailable before anything is cut: it may have a filesystem mounted.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -191,9 +194,24 @@ def drive(ctx: Context, snaps: list[Snapshot]) -> list[Snapshot]:
     A cut that fails leaves its row `creating` (the caller's retry
     re-drives it; a group deletes its members instead).
     """
-    with frozen(ctx, sorted({snap.source_volume_id for snap in snaps})):
-        cuts = [cut(ctx, snap) for snap in snaps]
+    try:
+        with frozen(ctx, sorted({snap.source_volume_id for snap in snaps})):
+            cuts = [cut(ctx, snap) for snap in snaps]
+    except FreezeLapsed:
+        _drop(ctx, [snap.id for snap in snaps])  # files cut while perhaps thawed
+        raise
     return finish(ctx, snaps, cuts)
+
+
+def _drop(ctx: Context, snapshot_ids: list[str]) -> None:
+    """Mark `creating` snapshots `deleting` and delete them (a create of the name starts over)."""
+    with ctx.db.write() as s:
+        for snapshot_id in snapshot_ids:
+            row = s.get(SnapshotRow, snapshot_id)
+            if row is not None and row.state == SnapshotState.CREATING:
+                row.state = SnapshotState.DELETING.value
+    for snapshot_id in snapshot_ids:
+        delete_snapshot(ctx, snapshot_id, missing_ok=True)
 
 
 def cut(ctx: Context, snap: Snapshot) -> AgentSnapshot:
@@ -348,6 +366,48 @@ def delta(
     )
 
 
+class FreezeLapsed(Unavailable):
+    """A freeze's lease may have run out before the cut ended: the cut is not consistent."""
+
+
+@dataclass
+class _Held:
+    client: AgentClient
+    volume_id: str
+    node_id: str
+    #: monotonic time the last freeze (or renewal) that worked was sent: its lease runs from
+    #: a moment after this, so this plus the lease is a safe bound on when it lapses
+    sent: float = 0.0
+
+
+class _Renewer(threading.Thread):
+    """Renews every freeze each third of a lease while a cut runs (a copy can take long)."""
+
+    def __init__(self, held: list[_Held]) -> None:
+        super().__init__(daemon=True, name="freeze-renewer")
+        self.held = held
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(FREEZE_LEASE_SECONDS / 3):
+            for h in self.held:
+                sent = time.monotonic()
+                try:
+                    h.client.freeze(h.volume_id, FREEZE_LEASE_SECONDS)
+                    h.sent = sent
+                except TesseraError as err:  # lapses are judged when the cut ends
+                    log.warning(
+                        "renewing the freeze of %s on node %s failed: %s",
+                        h.volume_id,
+                        h.node_id,
+                        err.message,
+                    )
+
+    def lapsed(self) -> list[_Held]:
+        now = time.monotonic()
+        return [h for h in self.held if now >= h.sent + FREEZE_LEASE_SECONDS]
+
+
 @contextmanager
 def frozen(ctx: Context, volume_ids: list[str]) -> Iterator[None]:
     """Freeze every node's mounts of the volumes for the block; thaw all in `finally`.
@@ -355,6 +415,8 @@ def frozen(ctx: Context, volume_ids: list[str]) -> Iterator[None]:
     Freezes go in a stable order; if one cannot be made (the node is
     unreachable: it may have a filesystem mounted, so a cut now could be
     inconsistent) nothing is cut: Unavailable, after thawing those made.
+    While the block runs the freezes are renewed; if one may have lapsed
+    before the block ended, FreezeLapsed (the caller drops what it cut).
     """
     with ctx.db.read() as s:
         targets = list(
@@ -365,30 +427,47 @@ def frozen(ctx: Context, volume_ids: list[str]) -> Iterator[None]:
                 .order_by(AttachmentRow.volume_id, NodeRow.id)
             )
         )
-    asked: list[tuple[AgentClient, str, str]] = []
+    held: list[_Held] = []
+    renewer = _Renewer(held)
     try:
         for volume_id, node_id, url in targets:
-            client = ctx.agents.get(url)
-            asked.append((client, volume_id, node_id))
+            h = _Held(ctx.agents.get(url), volume_id, node_id, time.monotonic())
+            held.append(h)
             try:
-                client.freeze(volume_id, FREEZE_LEASE_SECONDS)
+                h.client.freeze(volume_id, FREEZE_LEASE_SECONDS)
             except TesseraError as err:
                 raise Unavailable(
                     f"could not freeze volume {volume_id} on node {node_id!r}, which has it "
                     f"attached ({err.message}); nothing was cut: retry when the node is back",
                     field="source_volume_id",
                 ) from None
+        if held:
+            renewer.start()
         yield
+        renewer.done.set()
+        if renewer.is_alive():
+            renewer.join()
+        lapsed = renewer.lapsed()
+        if lapsed:
+            names = ", ".join(f"{h.volume_id} on node {h.node_id!r}" for h in lapsed)
+            raise FreezeLapsed(
+                f"the freeze of {names} may have ended before the cut did (its agent could "
+                "not be reached to renew it): the cut was dropped; retry",
+                field="source_volume_id",
+            )
     finally:
-        for client, volume_id, node_id in reversed(asked):
+        renewer.done.set()
+        if renewer.is_alive():
+            renewer.join()
+        for h in reversed(held):
             try:
-                client.thaw(volume_id)
+                h.client.thaw(h.volume_id)
             except TesseraError as err:  # the agent thaws by itself when the lease ends
                 log.warning(
                     "thawing volume %s on node %s failed (%s); its agent thaws it when the "
                     "%.0f s lease ends",
-                    volume_id,
-                    node_id,
+                    h.volume_id,
+                    h.node_id,
                     err.message,
                     FREEZE_LEASE_SECONDS,
                 )

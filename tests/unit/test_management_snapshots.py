@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from fastapi.testclient import TestClient
 
+from management import snapshots
 from management.app import create_app
 from tessera.errors import NotFound, Unauthenticated, Unavailable
 from tessera.models import (
@@ -57,6 +59,8 @@ class SnapshotAgent(FakeAgent):
             if request.headers.get("authorization") != f"Bearer {self.token}":
                 raise Unauthenticated("bad token")
             self.calls.append((op, ident))
+            if op in self.hooks:
+                self.hooks.pop(op)()
             if self.fail_nth.get(op) == sum(1 for c in self.calls if c[0] == op):
                 raise Unavailable(f"injected failure of {op} call {self.fail_nth[op]}")
             if op in self.fail:
@@ -467,3 +471,37 @@ def test_a_delete_the_agent_failed_is_finished_by_the_retry(scluster, sagent):
     assert scluster.get(f"/v1/snapshots/{sid}").status_code == 404
     # a create of the same name after a half-done delete starts a new snapshot
     assert snap(scluster, "s", vol).json()["id"] != sid
+
+
+# ---- a cut longer than a freeze's lease ------------------------------------------------
+
+
+def test_freezes_are_renewed_while_a_long_cut_runs(scluster, sagent, monkeypatch):
+    monkeypatch.setattr(snapshots, "FREEZE_LEASE_SECONDS", 0.6)
+    vol = volume_with_data(scluster, sagent, "v", b"x")
+    attach(scluster, vol, "n1")
+    sagent.hooks["snapshot"] = lambda: time.sleep(1.5)  # a long copy
+    resp = snap(scluster, "s", vol)
+    assert resp.status_code == 201 and resp.json()["ready_to_use"]
+    freezes = [c for c in sagent.calls if c == ("freeze", vol["id"])]
+    assert len(freezes) >= 3  # the first and its renewals
+    assert not sagent.frozen
+
+
+def test_a_freeze_that_could_not_be_renewed_drops_the_cut(scluster, sagent, monkeypatch):
+    monkeypatch.setattr(snapshots, "FREEZE_LEASE_SECONDS", 0.6)
+    vol = volume_with_data(scluster, sagent, "v", b"x")
+    attach(scluster, vol, "n1")
+
+    def long_cut_with_the_node_gone() -> None:
+        sagent.fail.add("freeze")
+        time.sleep(1.5)
+
+    sagent.hooks["snapshot"] = long_cut_with_the_node_gone
+    resp = snap(scluster, "s", vol)
+    assert resp.status_code == 503 and "may have ended" in resp.json()["detail"]
+    assert scluster.get("/v1/snapshots").json()["items"] == []
+    assert not list(sagent.root.glob("*/snapshots/*.img"))
+    assert ("thaw", vol["id"]) in sagent.calls
+    sagent.fail.clear()
+    assert snap(scluster, "s", vol).json()["ready_to_use"]
