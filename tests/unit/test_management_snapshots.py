@@ -8,6 +8,7 @@ tests see what management asked of each node and in which order.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import tempfile
@@ -505,3 +506,28 @@ def test_a_freeze_that_could_not_be_renewed_drops_the_cut(scluster, sagent, monk
     assert ("thaw", vol["id"]) in sagent.calls
     sagent.fail.clear()
     assert snap(scluster, "s", vol).json()["ready_to_use"]
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(("volume", "snapshot", "clone"))))
+def test_volume_snapshot_and_clone_delete_in_any_order_each_returning_its_share(
+    scluster, sagent, order
+):
+    empty = pool(scluster, "p1")["allocated_bytes"]
+    vol = volume_with_data(scluster, sagent, "v", os.urandom(MiB))
+    s1 = snap(scluster, "s1", vol).json()
+    body = {"name": "c", "size_bytes": 16 * MiB, "content_source": {"snapshot_id": s1["id"]}}
+    clone = scluster.post("/v1/volumes", json=body).json()
+    share = {"volume": 8 * MiB, "snapshot": s1["allocated_bytes"], "clone": 16 * MiB}
+    url = {
+        "volume": f"/v1/volumes/{vol['id']}",
+        "snapshot": f"/v1/snapshots/{s1['id']}",
+        "clone": f"/v1/volumes/{clone['id']}",
+    }
+    left = empty + sum(share.values())
+    for what in order:
+        assert scluster.delete(url[what]).status_code == 204
+        left -= share[what]
+        assert pool(scluster, "p1")["allocated_bytes"] == left
+    assert left == empty
+    assert not list(sagent.root.glob("*/snapshots/*.img"))
+    assert not list(sagent.root.glob("*/volumes/*.img"))
