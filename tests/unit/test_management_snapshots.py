@@ -22,8 +22,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from fastapi.testclient import TestClient
 
-from management import snapshots
+from management import group_snapshots, snapshots
+from management.agents import AgentClients
 from management.app import create_app
+from management.context import Context
+from management.db import Database
 from tessera.errors import NotFound, Unauthenticated, Unavailable
 from tessera.models import (
     AgentFreeze,
@@ -531,3 +534,24 @@ def test_volume_snapshot_and_clone_delete_in_any_order_each_returning_its_share(
     assert left == empty
     assert not list(sagent.root.glob("*/snapshots/*.img"))
     assert not list(sagent.root.glob("*/volumes/*.img"))
+
+
+def test_a_group_left_creating_by_a_crash_is_redriven_by_the_retry(db_url, sagent):
+    """Management died right after committing the group and its members, before any agent
+    call: the retried create finds the rows and finishes them."""
+    app = create_app(db_url, TOKEN)
+    with TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"}) as api:
+        add_pool_node(api, "n1", sagent.url, "p1", GiB)
+        vols = sorted(volume_with_data(api, sagent, f"v{i}", b"x")["id"] for i in range(2))
+        db = Database(db_url)
+        try:
+            ctx = Context(db=db, agents=AgentClients(TOKEN))
+            with db.write() as s:
+                left = group_snapshots._insert(ctx, s, "g", vols).id
+        finally:
+            db.dispose()
+        resp = api.post("/v1/group-snapshots", json={"name": "g", "source_volume_ids": vols})
+        assert resp.status_code == 200, resp.text
+        group = resp.json()
+        assert group["id"] == left and group["ready_to_use"]
+        assert all(sagent.find_snap(s["id"]) for s in group["snapshots"])
