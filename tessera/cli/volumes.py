@@ -268,8 +268,22 @@ def _display(v: Volume) -> dict[str, str]:
         "legs": _legs(v),
         "condition": v.condition or "ok",
         "parameters": _parameters(v),
+        "cloned from": _source(v),
+        "qos": _qos(v),
         "created": when(v.created_at),
     }
+
+
+def _source(v: Volume) -> str:
+    src = v.content_source
+    if src is None:
+        return "-"
+    return f"snapshot {src.snapshot_id}" if src.snapshot_id else f"volume {src.volume_id}"
+
+
+def _qos(v: Volume) -> str:
+    limits = v.qos.model_dump()
+    return ", ".join(f"{k}={val}" for k, val in limits.items() if val) or "unlimited"
 
 
 def _legs(v: Volume) -> str:

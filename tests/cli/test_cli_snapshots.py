@@ -88,6 +88,8 @@ def test_snapshot_restore_clone_chain_keeps_the_data(cstack: Stack) -> None:
     r = Volume.model_validate_json(restored.out)
     assert r.content_source is not None and r.content_source.snapshot_id
     assert digest(volume_file(cstack, r.id), len(data)) == want
+    shown = run_cli(cstack, "volume", "show", "chain-restored")
+    assert f"snapshot {r.content_source.snapshot_id}" in shown.out, shown
     cloned = run_cli(
         cstack, "volume", "clone", "chain-restored", "chain-clone", "--size", "8M", "-o", "json"
     )
