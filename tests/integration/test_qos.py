@@ -78,6 +78,8 @@ class FakeNode:
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[FakeNode]:
+    if not _v1_blkio():
+        pytest.skip("needs the cgroup v1 blkio hierarchy (this test's host layout)")
     fake = FakeNode(BLKIO / f"tessera-qos-{uuid.uuid4().hex[:8]}", str(uuid.uuid4()))
     fake.make()
     try:
@@ -88,13 +90,16 @@ def node(tmp_path: Path) -> Iterator[FakeNode]:
 
 
 @pytest.fixture
-def agent(tmp_path: Path, node: FakeNode) -> Iterator[Agent]:
+def agent(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Agent]:
+    """An agent whose --cgroup-root is the test's kubepods tree (when the test has one)."""
     (tmp_path / "pool").mkdir()
     pool = Pool.open("default", tmp_path / "pool")
     state = tmp_path / "state"
+    wants_node = "node" in request.fixturenames
+    root = request.getfixturevalue("node").root if wants_node else tmp_path / "no-cgroups"
     try:
         yield Agent(
-            "qos-node", {"default": pool}, tmp_path / "dev", state_dir=state, cgroup_root=node.root
+            "qos-node", {"default": pool}, tmp_path / "dev", state_dir=state, cgroup_root=root
         )
     finally:
         release_loops(tmp_path)
