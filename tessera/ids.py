@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Callable
 
 from tessera.errors import InvalidArgument, NotFound
 
@@ -68,24 +69,28 @@ def check_volume_id(
     are reported as not found (they can't name any volume) when the caller
     says so, which is what CSI asks of Delete/Publish/Stage with foreign IDs.
     """
-    if not value:
-        raise InvalidArgument(f"{field} is required", field=field)
-    if not is_volume_id(value):
-        msg = f"{field} {value[:80]!r} is not a Tessera volume ID (expected vol-<hex>)"
-        if missing_is_not_found:
-            raise NotFound(msg, field=field)
-        raise InvalidArgument(msg, field=field)
-    return value
+    return _check_id(
+        value, field, is_volume_id, "volume ID (expected vol-<hex>)", missing_is_not_found
+    )
 
 
 def check_snapshot_id(
     value: str, field: str = "snapshot_id", *, missing_is_not_found: bool = True
 ) -> str:
     """Validate a snapshot ID: the same rules as `check_volume_id` (snap-<hex>)."""
+    return _check_id(
+        value, field, is_snapshot_id, "snapshot ID (expected snap-<hex>)", missing_is_not_found
+    )
+
+
+def _check_id(
+    value: str, field: str, ours: Callable[[str], bool], what: str, missing_is_not_found: bool
+) -> str:
+    """Empty is INVALID_ARGUMENT; not ours is NOT_FOUND (or INVALID_ARGUMENT when asked)."""
     if not value:
         raise InvalidArgument(f"{field} is required", field=field)
-    if not is_snapshot_id(value):
-        msg = f"{field} {value[:80]!r} is not a Tessera snapshot ID (expected snap-<hex>)"
+    if not ours(value):
+        msg = f"{field} {value[:80]!r} is not a Tessera {what}"
         if missing_is_not_found:
             raise NotFound(msg, field=field)
         raise InvalidArgument(msg, field=field)
@@ -94,14 +99,9 @@ def check_snapshot_id(
 
 def check_group_snapshot_id(value: str, field: str = "group_snapshot_id") -> str:
     """Validate a group snapshot ID (group-<hex>); a foreign one names nothing: NotFound."""
-    if not value:
-        raise InvalidArgument(f"{field} is required", field=field)
-    if not is_group_snapshot_id(value):
-        raise NotFound(
-            f"{field} {value[:80]!r} is not a Tessera group snapshot ID (expected group-<hex>)",
-            field=field,
-        )
-    return value
+    return _check_id(
+        value, field, is_group_snapshot_id, "group snapshot ID (expected group-<hex>)", True
+    )
 
 
 def check_node_id(value: str, field: str = "node_id") -> str:
