@@ -21,29 +21,23 @@ def freeze(mountpoint: str) -> bool:
     EBUSY means someone else froze it: it is frozen (what a caller wants),
     but not ours to thaw.
     """
-    try:
-        _ioctl(mountpoint, FIFREEZE)
-    except OSError as exc:
-        if exc.errno == errno.EBUSY:
-            return False
-        raise
-    return True
+    return _ioctl(mountpoint, FIFREEZE, already=errno.EBUSY)
 
 
 def thaw(mountpoint: str) -> bool:
     """Thaw it; False when it was not frozen (EINVAL), which is fine: thaw is retried."""
-    try:
-        _ioctl(mountpoint, FITHAW)
-    except OSError as exc:
-        if exc.errno == errno.EINVAL:
-            return False
-        raise
-    return True
+    return _ioctl(mountpoint, FITHAW, already=errno.EINVAL)
 
 
-def _ioctl(mountpoint: str, request: int) -> None:
+def _ioctl(mountpoint: str, request: int, already: int) -> bool:
+    """Issue `request`; False when the kernel answers `already` (the state is already so)."""
     fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fcntl.ioctl(fd, request, 0)
+    except OSError as exc:
+        if exc.errno == already:
+            return False
+        raise
     finally:
         os.close(fd)
+    return True
