@@ -41,7 +41,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.datapath import Csi, Node
+from bench.datapath import Csi, Node, rss_mib
 from tessera.system.mounts import mounts_under
 from tessera_dev.multinode import MultiNodeStack
 
@@ -72,16 +72,6 @@ def cpu_seconds(pids: list[int]) -> float:
         except psutil.NoSuchProcess:
             pass
     return total
-
-
-def rss_mib(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            total += psutil.Process(pid).memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total / MiB
 
 
 DATA_PATH = ("nbdkit", "nbdfuse")
