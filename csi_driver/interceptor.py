@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -73,23 +74,8 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
         inner = handler.unary_unary
 
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
-            started = time.perf_counter()
-            code = grpc.StatusCode.OK
-            with request_scope(_request_id(context)) as request_id:
-                try:
-                    return inner(request, context)
-                except errors.TesseraError as err:
-                    code = status_for(err)
-                    context.abort(code, err.message)
-                except Exception:
-                    if context.code() not in (None, grpc.StatusCode.OK):
-                        code = context.code()  # already aborted by the handler
-                        raise
-                    code = grpc.StatusCode.INTERNAL
-                    log.exception("%s failed unexpectedly", method)
-                    context.abort(code, f"{method}: internal error (see plugin log)")
-                finally:
-                    _observe(method, request, code, time.perf_counter() - started, request_id)
+            with _guarded(method, request, context):
+                return inner(request, context)
 
         return grpc.unary_unary_rpc_method_handler(
             wrapped,
@@ -107,29 +93,40 @@ def _wrap_stream(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodH
     inner = handler.unary_stream
 
     def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        with request_scope(_request_id(context)) as request_id:
-            try:
-                yield from inner(request, context)
-            except errors.TesseraError as err:
-                code = status_for(err)
-                context.abort(code, err.message)
-            except Exception:
-                if context.code() not in (None, grpc.StatusCode.OK):
-                    code = context.code()
-                    raise
-                code = grpc.StatusCode.INTERNAL
-                log.exception("%s failed unexpectedly", method)
-                context.abort(code, f"{method}: internal error (see plugin log)")
-            finally:
-                _observe(method, request, code, time.perf_counter() - started, request_id)
+        with _guarded(method, request, context):
+            yield from inner(request, context)
 
     return grpc.unary_stream_rpc_method_handler(
         wrapped,
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
+
+
+@contextmanager
+def _guarded(method: str, request: Any, context: grpc.ServicerContext) -> Iterator[None]:
+    """Map what the handler raises to a status code, and observe the call, however it ends.
+
+    One guard for unary and streaming handlers alike: a streaming handler's
+    error raised mid-stream reaches here too, between two messages.
+    """
+    started = time.perf_counter()
+    code = grpc.StatusCode.OK
+    with request_scope(_request_id(context)) as request_id:
+        try:
+            yield
+        except errors.TesseraError as err:
+            code = status_for(err)
+            context.abort(code, err.message)
+        except Exception:
+            if context.code() not in (None, grpc.StatusCode.OK):
+                code = context.code()  # already aborted by the handler
+                raise
+            code = grpc.StatusCode.INTERNAL
+            log.exception("%s failed unexpectedly", method)
+            context.abort(code, f"{method}: internal error (see plugin log)")
+        finally:
+            _observe(method, request, code, time.perf_counter() - started, request_id)
 
 
 def _request_id(context: grpc.ServicerContext) -> str:
