@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,10 +19,10 @@ from node_agent.pools import Pool
 from tessera.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
 from tessera.models import AgentSnapshot, SnapshotMethod
 from tessera.system import reflink
+from tessera.system.files import TMP_PREFIX, fsync_path, temporary_beside
 
 log = logging.getLogger(__name__)
 
-TMP_PREFIX = ".tmp-"
 XATTR_SOURCE = "user.tessera.source"
 XATTR_METHOD = "user.tessera.method"
 
@@ -78,23 +77,16 @@ def create(pool: Pool, snapshot_id: str, source_volume_id: str, source: Path) ->
     path = pool.snapshot_path(snapshot_id, missing_is_not_found=False)
     if path.exists():
         return _same_source_or_conflict(pool, snapshot_id, source_volume_id)
-    tmp = path.with_name(f"{TMP_PREFIX}{snapshot_id}-{uuid.uuid4().hex[:8]}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with temporary_beside(path, snapshot_id) as (tmp, fd):
+        method = copy_into(pool, source, fd)
+        os.setxattr(fd, XATTR_SOURCE, source_volume_id.encode())
+        os.setxattr(fd, XATTR_METHOD, str(method).encode())
+        os.fsync(fd)
         try:
-            method = copy_into(pool, source, fd)
-            os.setxattr(fd, XATTR_SOURCE, source_volume_id.encode())
-            os.setxattr(fd, XATTR_METHOD, str(method).encode())
-            os.fsync(fd)
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return _same_source_or_conflict(pool, snapshot_id, source_volume_id)
-            fsync_dir(path.parent)
-        finally:
-            os.close(fd)
-    finally:
-        tmp.unlink(missing_ok=True)
+            os.link(tmp, path)
+        except FileExistsError:
+            return _same_source_or_conflict(pool, snapshot_id, source_volume_id)
+        fsync_path(path.parent)
     log.info("snapshot %s of volume %s cut in pool %s", snapshot_id, source_volume_id, pool.name)
     return describe(pool, snapshot_id)
 
@@ -141,16 +133,8 @@ def _same_source_or_conflict(pool: Pool, snapshot_id: str, source_volume_id: str
             field="source_volume_id",
         )
     # a retry after a crash between the link and the directory's fsync
-    fsync_dir(Path(current.path).parent)
+    fsync_path(Path(current.path).parent)
     return current
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def delete(pool: Pool, snapshot_id: str) -> None:
@@ -160,7 +144,7 @@ def delete(pool: Pool, snapshot_id: str) -> None:
         path.unlink()
     except FileNotFoundError:
         return
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
     log.info("deleted snapshot %s from pool %s", snapshot_id, pool.name)
 
 

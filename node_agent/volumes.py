@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -19,10 +18,9 @@ from node_agent.pools import Pool
 from node_agent.snapshots import copy_into
 from tessera.errors import AlreadyExists, NotFound, OutOfRange, ResourceExhausted
 from tessera.models import AgentVolume
+from tessera.system.files import TMP_PREFIX, fsync_path, temporary_beside
 
 log = logging.getLogger(__name__)
-
-TMP_PREFIX = ".tmp-"
 
 
 def describe(pool: Pool, volume_id: str) -> AgentVolume:
@@ -76,31 +74,24 @@ def create(pool: Pool, volume_id: str, size_bytes: int, source: Path | None = No
     if path.exists():
         return _same_size_or_conflict(pool, volume_id, size_bytes)
     check_fits(pool, size_bytes)
-    tmp = path.with_name(f"{TMP_PREFIX}{volume_id}-{uuid.uuid4().hex[:8]}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with temporary_beside(path, volume_id) as (tmp, fd):
+        if source is not None:
+            _clone_into(pool, source, fd, size_bytes)
+        _truncate(fd, size_bytes)
         try:
-            if source is not None:
-                _clone_into(pool, source, fd, size_bytes)
-            _truncate(fd, size_bytes)
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                # Lost a race with another creator (another agent instance, a retry).
-                return _same_size_or_conflict(pool, volume_id, size_bytes)
-            # The file, then its directory entry, made durable. Linking first
-            # lets a journaling filesystem commit both in one log force (the
-            # link changes the file's inode too), so the second fsync is cheap.
-            try:
-                os.fsync(fd)
-                _fsync(path.parent)
-            except OSError:
-                path.unlink(missing_ok=True)  # our link: no name without a durable file
-                raise
-        finally:
-            os.close(fd)
-    finally:
-        tmp.unlink(missing_ok=True)
+            os.link(tmp, path)
+        except FileExistsError:
+            # Lost a race with another creator (another agent instance, a retry).
+            return _same_size_or_conflict(pool, volume_id, size_bytes)
+        # The file, then its directory entry, made durable. Linking first
+        # lets a journaling filesystem commit both in one log force (the
+        # link changes the file's inode too), so the second fsync is cheap.
+        try:
+            os.fsync(fd)
+            fsync_path(path.parent)
+        except OSError:
+            path.unlink(missing_ok=True)  # our link: no name without a durable file
+            raise
     log.info("created volume %s (%d bytes) in pool %s", volume_id, size_bytes, pool.name)
     return describe(pool, volume_id)
 
@@ -131,8 +122,8 @@ def _same_size_or_conflict(pool: Pool, volume_id: str, size_bytes: int) -> Agent
         )
     # A retry after a crash between naming the file and fsyncing it must not
     # report success for a file that is not yet durable.
-    _fsync(Path(current.path))
-    _fsync(Path(current.path).parent)
+    fsync_path(Path(current.path))
+    fsync_path(Path(current.path).parent)
     return current
 
 
@@ -167,15 +158,6 @@ def _truncate(fd: int, size_bytes: int) -> None:
         raise
 
 
-def _fsync(path: Path) -> None:
-    """Make a file, or a directory's entries, durable (a crash cannot lose them)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def resize(pool: Pool, volume_id: str, size_bytes: int) -> AgentVolume:
     """Grow a volume file; equal size is a no-op, shrinking is refused (data loss)."""
     current = describe(pool, volume_id)
@@ -205,7 +187,7 @@ def delete(pool: Pool, volume_id: str) -> None:
         path.unlink()
     except FileNotFoundError:
         return
-    _fsync(path.parent)
+    fsync_path(path.parent)
     log.info("deleted volume %s from pool %s", volume_id, pool.name)
 
 
