@@ -24,7 +24,7 @@ from tessera.cli.output import (
     print_object,
     when,
 )
-from tessera.cli.volumes import VolumeRef, check_ref
+from tessera.cli.volumes import VolumeRef, check_ref, delete_found
 from tessera.errors import NotFound
 from tessera.ids import is_snapshot_id
 from tessera.units import format_size
@@ -188,14 +188,10 @@ def snapshot_delete(
     """Delete a snapshot by name or ID (its clones keep their data)."""
     check_ref(snapshot)
     with connect(state_dir, management, token_file) as client:
-        try:
-            s = find_snapshot(client, snapshot)
-            client.delete_snapshot(s.id)
-        except NotFound:
-            if not ignore_not_found:
-                raise
-            console.print(
-                f"no snapshot {snapshot!r}; nothing to delete", markup=False, soft_wrap=True
-            )
-            return
-    console.print(f"deleted {s.id} ({s.name})", markup=False, soft_wrap=True)
+        delete_found(
+            snapshot,
+            "snapshot",
+            lambda ref: find_snapshot(client, ref),
+            client.delete_snapshot,
+            ignore_not_found,
+        )

@@ -7,8 +7,9 @@ volume), otherwise the name, resolved by management's exact-name filter.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Protocol
 
 import typer
 
@@ -223,15 +224,37 @@ def volume_delete(
     """Delete a volume by name or ID (refused while it is attached to a node)."""
     check_ref(volume)
     with connect(state_dir, management, token_file) as client:
-        try:
-            v = client.find_volume(volume)
-            client.delete_volume(v.id)
-        except NotFound:
-            if not ignore_not_found:
-                raise
-            console.print(f"no volume {volume!r}; nothing to delete", markup=False, soft_wrap=True)
-            return
-    console.print(f"deleted {v.id} ({v.name})", markup=False, soft_wrap=True)
+        delete_found(volume, "volume", client.find_volume, client.delete_volume, ignore_not_found)
+
+
+class Named(Protocol):
+    """What management answers for a volume or a snapshot, as far as delete says it."""
+
+    id: str
+    name: str
+
+
+def delete_found(
+    ref: str,
+    noun: str,
+    find: Callable[[str], Named],
+    delete: Callable[[str], object],
+    ignore_not_found: bool,
+) -> None:
+    """`tessera <noun> delete`: find `ref` by name or ID, delete it by ID, say which.
+
+    Not found is an error unless --ignore-not-found, which scripts use to
+    make a delete that may be retried exit 0.
+    """
+    try:
+        found = find(ref)
+        delete(found.id)
+    except NotFound:
+        if not ignore_not_found:
+            raise
+        console.print(f"no {noun} {ref!r}; nothing to delete", markup=False, soft_wrap=True)
+        return
+    console.print(f"deleted {found.id} ({found.name})", markup=False, soft_wrap=True)
 
 
 def check_ref(value: str, what: str = "NAME|ID") -> str:
