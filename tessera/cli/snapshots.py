@@ -18,13 +18,12 @@ from tessera.cli.output import (
     Column,
     Output,
     OutputOpt,
-    console,
     examples,
     print_list,
     print_object,
     when,
 )
-from tessera.cli.volumes import VolumeRef, check_ref, delete_found
+from tessera.cli.volumes import VolumeRef, check_ref, delete_found, print_made
 from tessera.errors import NotFound
 from tessera.ids import is_snapshot_id
 from tessera.units import format_size
@@ -159,13 +158,10 @@ def snapshot_create(
     with connect(state_dir, management, token_file) as client:
         source = client.find_volume(volume)
         s = client.create_snapshot(SnapshotCreate(name=name, source_volume_id=source.id))
-    if output in (Output.JSON, Output.YAML):
-        print_object(s, [], output)
-        return
-    console.print(
+    print_made(
+        s,
+        output,
         f"{s.id}  {s.name}  of {source.name} ({s.source_volume_id})  {format_size(s.size_bytes)}",
-        markup=False,
-        soft_wrap=True,
     )
 
 

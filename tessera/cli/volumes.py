@@ -30,6 +30,8 @@ from tessera.ids import is_snapshot_id
 from tessera.units import format_size, parse_size
 
 if TYPE_CHECKING:
+    from pydantic import BaseModel
+
     from tessera.clients import ManagementClient
     from tessera.models import Volume
 
@@ -125,14 +127,7 @@ def volume_create(
     request = VolumeCreate(name=name, size_bytes=_size(size), vpg=vpg)
     with connect(state_dir, management, token_file) as client:
         v = client.create_volume(request)
-    if output in (Output.JSON, Output.YAML):
-        print_object(v, [], output)
-        return
-    console.print(
-        f"{v.id}  {v.name}  {format_size(v.size_bytes)}  on {v.node_id}/{v.pool}",
-        markup=False,
-        soft_wrap=True,
-    )
+    print_made(v, output, f"{v.id}  {v.name}  {format_size(v.size_bytes)}  on {v.node_id}/{v.pool}")
 
 
 @app.command(
@@ -171,13 +166,10 @@ def volume_clone(
         v = client.create_volume(
             VolumeCreate(name=name, size_bytes=wanted, content_source=ContentSource(**content))
         )
-    if output in (Output.JSON, Output.YAML):
-        print_object(v, [], output)
-        return
-    console.print(
+    print_made(
+        v,
+        output,
         f"{v.id}  {v.name}  {format_size(v.size_bytes)}  on {v.node_id}/{v.pool}  from {source}",
-        markup=False,
-        soft_wrap=True,
     )
 
 
@@ -255,6 +247,14 @@ def delete_found(
         console.print(f"no {noun} {ref!r}; nothing to delete", markup=False, soft_wrap=True)
         return
     console.print(f"deleted {found.id} ({found.name})", markup=False, soft_wrap=True)
+
+
+def print_made(made: BaseModel, output: Output, line: str) -> None:
+    """What a create command answers: the model for -o json/yaml, else one line."""
+    if output in (Output.JSON, Output.YAML):
+        print_object(made, [], output)
+        return
+    console.print(line, markup=False, soft_wrap=True)
 
 
 def check_ref(value: str, what: str = "NAME|ID") -> str:
