@@ -238,6 +238,15 @@ def bare_nbd(owner: Node, consumer: Node, size: int, work: Path) -> Iterator[Bar
         yield BarePipeline(device, server_pid, int(client_pidfile.read_text()))
 
 
+def remove_unless_mounted(*directories: Path) -> None:
+    """Remove a run's scratch directories; one with something still mounted is left (said why)."""
+    for leftover in directories:
+        if mounts_under(leftover):
+            print(f"left {leftover} in place: still mounted", file=sys.stderr)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def stop_pid(pid: int) -> None:
     try:
         proc = psutil.Process(pid)
@@ -583,11 +592,7 @@ def main() -> int:
             finally:
                 csi.close()
     finally:
-        for leftover in (work, state):
-            if mounts_under(leftover):
-                print(f"left {leftover} in place: still mounted", file=sys.stderr)
-            else:
-                shutil.rmtree(leftover, ignore_errors=True)
+        remove_unless_mounted(work, state)
     print_report(report)
     print(f"\n(total {time.monotonic() - started:.0f} s)")
     return 0

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -41,8 +40,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.datapath import Csi, Node, rss_mib
-from tessera.system.mounts import mounts_under
+from bench.datapath import Csi, Node, remove_unless_mounted, rss_mib
 from tessera_dev.multinode import MultiNodeStack
 
 MiB = 1024**2
@@ -280,11 +278,7 @@ def main() -> int:
             finally:
                 csi.close()
     finally:
-        for leftover in (work, state):
-            if mounts_under(leftover):
-                print(f"left {leftover} in place: still mounted", file=sys.stderr)
-            else:
-                shutil.rmtree(leftover, ignore_errors=True)
+        remove_unless_mounted(work, state)
     print_table(idle, loaded, args.volumes)
     print("CPU while creating and attaching them (a burst, 100% = one core): " + ", ".join(
         f"{c} {busy[c]:.0f}%" for c in CONTAINERS))  # fmt: skip
