@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 from tessera.ids import check_volume_id
+from tessera.system.files import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def write_private(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def holds_key(path: Path, identity: str, key: str) -> bool:
@@ -61,14 +62,6 @@ def holds_key(path: Path, identity: str, key: str) -> bool:
     except OSError:
         return False
     return hmac.compare_digest(present, psk_line(identity, key))
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class KeyStore:
