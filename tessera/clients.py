@@ -408,15 +408,22 @@ class AgentClient(_TypedClient):
         return self._parse(ExtentPage, self._c.request("GET", path, params=params))
 
     # consistency points: a mounted filesystem frozen for the instant of a snapshot
-    def freeze(self, volume_id: str, lease_seconds: float = 10.0) -> AgentFreezeState:
-        """Freeze the volume's filesystems mounted here; thawed by the agent after the lease."""
-        body = {"lease_seconds": lease_seconds}
+    def freeze(
+        self, volume_id: str, lease_seconds: float = 10.0, *, holder: str = "", renew: bool = False
+    ) -> AgentFreezeState:
+        """Freeze the volume's filesystems mounted here for `holder`; thawed after the lease.
+
+        `renew`: only extend the holder's lease; Conflict when it no longer holds
+        the freeze (lapsed, thawed or the agent restarted: the instant was lost).
+        """
+        body = {"lease_seconds": lease_seconds, "holder": holder, "renew": renew}
         data = self._c.request("POST", f"/v1/attachments/{volume_id}/freeze", json=body)
         return self._parse(AgentFreezeState, data)
 
-    def thaw(self, volume_id: str) -> AgentFreezeState:
-        """Thaw what `freeze` froze; not frozen is fine."""
-        data = self._c.request("POST", f"/v1/attachments/{volume_id}/thaw")
+    def thaw(self, volume_id: str, *, holder: str = "") -> AgentFreezeState:
+        """Release `holder`'s freeze (every holder's when empty); not frozen is fine."""
+        body = {"holder": holder}
+        data = self._c.request("POST", f"/v1/attachments/{volume_id}/thaw", json=body)
         return self._parse(AgentFreezeState, data)
 
     # QoS on this node's data path (cgroup limits, and the export's rate filter)

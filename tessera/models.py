@@ -546,12 +546,35 @@ class AgentSnapshot(BaseModel):
     allocated_bytes: int = 0
 
 
+#: who holds a freeze: a snapshot or group snapshot id (a filesystem is thawed
+#: only when its last holder lets go, so two cuts of one volume cannot thaw each other)
+FREEZE_HOLDER_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+
+
 class AgentFreeze(Strict):
     lease_seconds: float = Field(
         default=10.0,
         gt=0,
         le=120,
         description="the agent thaws by itself after this long, whatever happens to the caller",
+    )
+    holder: str = Field(
+        default="",
+        pattern="^$|" + FREEZE_HOLDER_PATTERN[1:],
+        description="the cut this freeze is for (a snapshot or group snapshot id)",
+    )
+    renew: bool = Field(
+        default=False,
+        description="extend this holder's lease only: 409 when its freeze is no longer held "
+        "(lapsed, thawed, or the agent restarted), so the caller knows the instant was lost",
+    )
+
+
+class AgentThaw(Strict):
+    holder: str = Field(
+        default="",
+        pattern="^$|" + FREEZE_HOLDER_PATTERN[1:],
+        description="release this holder's freeze; empty: every holder (thaw now)",
     )
 
 
