@@ -112,7 +112,11 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         if existing:
             top = existing[-1]
             if mounts.uses_device(top, device) and top.fs_type == fs_type:
-                return  # staged already: the retry converges
+                # staged already: the retry converges, and finishes a growth that
+                # failed once mounted (the pod must get the size it asked for)
+                if not readonly and filesystems.needs_growth(device, fs_type):
+                    filesystems.resize_filesystem(device, staging, fs_type)
+                return
             raise AlreadyExists(
                 f"staging_target_path {staging} already has a {top.fs_type} mount of "
                 f"{top.source}, not this volume's {fs_type}",

@@ -24,14 +24,14 @@ TIMEOUT = 120
 MKFS_TIMEOUT = 600
 
 
-def _run(args: list[str], timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
+def _run(args: list[str], timeout: float | None = TIMEOUT) -> subprocess.CompletedProcess[str]:
     try:
         return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired as exc:
         raise Unavailable(f"{args[0]} timed out after {timeout:.0f}s") from exc
 
 
-def _check(args: list[str], what: str, timeout: float = TIMEOUT) -> None:
+def _check(args: list[str], what: str, timeout: float | None = TIMEOUT) -> None:
     res = _run(args, timeout)
     if res.returncode != 0:
         raise Internal(f"{what} failed: {res.stderr.strip() or res.stdout.strip()}")
@@ -137,13 +137,16 @@ def grow_unmounted_ext(device: str) -> None:
     only makes the repairs that are always safe; anything more is left to a
     person, and the volume is not mounted.
     """
-    res = _run(["e2fsck", "-f", "-p", device], MKFS_TIMEOUT)
+    # No timeout on either: killing e2fsck or an offline resize2fs half-way can
+    # leave the filesystem damaged; a slow one holds this RPC, and the kubelet
+    # waits (its own deadline only abandons the call, the work goes on).
+    res = _run(["e2fsck", "-f", "-p", device], None)
     if res.returncode >= 4:  # 0: clean, 1/2: safely repaired; 4+: errors left
         raise FailedPrecondition(
             f"the filesystem on {device} has errors e2fsck -p will not repair "
             f"(exit {res.returncode}); check it by hand before using the volume"
         )
-    _check(["resize2fs", device], f"resize2fs {device}", MKFS_TIMEOUT)
+    _check(["resize2fs", device], f"resize2fs {device}", None)
 
 
 def device_size(device: str) -> int:
