@@ -59,6 +59,12 @@ ALLOWED_CLUSTER_RULES = {
     ),
     "node": _rules(("", "nodes", ("get",))),
 }
+# snapshots.groupSnapshots: the snapshotter's group snapshot contents
+SNAPSHOTTER_GROUP_RULES = _rules(
+    ("groupsnapshot.storage.k8s.io", "volumegroupsnapshotclasses", READ),
+    ("groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents", (*READ, "update", "patch")),
+    ("groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents/status", ("update", "patch")),
+)
 # a PVC restored from a snapshot: the provisioner reads the snapshot objects
 PROVISIONER_SNAPSHOT_RULES = _rules(
     ("snapshot.storage.k8s.io", "volumesnapshots", ("get", "list")),
@@ -195,6 +201,8 @@ def test_cluster_roles_grant_exactly_the_documented_verbs(
     expected = dict(ALLOWED_CLUSTER_RULES)
     if snapshots:
         expected["provisioner"] = expected["provisioner"] | PROVISIONER_SNAPSHOT_RULES
+        if values.get("snapshots", {}).get("groupSnapshots", False):
+            expected["snapshotter"] = expected["snapshotter"] | SNAPSHOTTER_GROUP_RULES
     else:
         del expected["snapshotter"]
     assert set(roles) == set(expected)
@@ -374,3 +382,18 @@ def test_services_reach_named_ports_of_their_pods(
         names = {p["name"] for _, c in containers(backends) for p in c.get("ports", [])}
         for port in service["spec"]["ports"]:
             assert port["targetPort"] in names, f"{service['metadata']['name']}: {port}"
+
+
+def test_group_snapshots_turn_on_the_snapshotters_gate_only_when_asked(
+    rendered: dict[str, list[Doc]],
+) -> None:
+    """With the gate on and the group snapshot CRDs missing, csi-snapshotter stops serving
+    ordinary snapshots too: the gate is opt-in."""
+
+    def snapshotter_args(variant: str) -> list[str]:
+        deploy = one(rendered[variant], "Deployment", "tessera-controller")
+        containers = deploy["spec"]["template"]["spec"]["containers"]
+        return next(c["args"] for c in containers if c["name"] == "csi-snapshotter")
+
+    assert "--feature-gates=CSIVolumeGroupSnapshot=true" in snapshotter_args("snapshots-on")
+    assert not any("CSIVolumeGroupSnapshot" in a for a in snapshotter_args("default"))

@@ -33,7 +33,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
             }
         }
     },
-    "snapshots-on": {"snapshots": {"enabled": True}},
+    "snapshots-on": {"snapshots": {"enabled": True, "groupSnapshots": True}},
     "snapshots-off": {"snapshots": {"enabled": False}},
     "nvme-pools": {
         "node": {

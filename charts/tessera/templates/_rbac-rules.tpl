@@ -77,7 +77,7 @@ never watches pods.
   verbs: ["get", "list", "watch"]
 {{- end }}
 
-{{/* external-snapshotter v8 csi-snapshotter (rbac-csi-snapshotter.yaml, no group snapshots, no secrets). */}}
+{{/* external-snapshotter v8 csi-snapshotter (rbac-csi-snapshotter.yaml, no secrets; group snapshot contents with snapshots.groupSnapshots). */}}
 {{- define "tessera.rules.snapshotter" -}}
 - apiGroups: [""]
   resources: ["events"]
@@ -91,4 +91,15 @@ never watches pods.
 - apiGroups: ["snapshot.storage.k8s.io"]
   resources: ["volumesnapshotcontents/status"]
   verbs: ["update", "patch"]
+{{- if .Values.snapshots.groupSnapshots }}
+- apiGroups: ["groupsnapshot.storage.k8s.io"]
+  resources: ["volumegroupsnapshotclasses"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["groupsnapshot.storage.k8s.io"]
+  resources: ["volumegroupsnapshotcontents"]
+  verbs: ["get", "list", "watch", "update", "patch"]
+- apiGroups: ["groupsnapshot.storage.k8s.io"]
+  resources: ["volumegroupsnapshotcontents/status"]
+  verbs: ["update", "patch"]
+{{- end }}
 {{- end }}
