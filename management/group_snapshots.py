@@ -1,11 +1,24 @@
-"""Group snapshots: several volumes cut at one instant (CSI's GroupController).
+"""Group snapshots: several volumes cut together (CSI's GroupController).
 
-All members' attached nodes are frozen, every member is cut, everything
-is thawed (management.snapshots.drive). Any failure deletes the members
-already cut and the group row: no partial group is ever left. The group
-row and its member rows are committed `creating` before any agent is
-called, so a retry after a crash finds them and re-drives (every agent
-call is idempotent); delete marks `deleting` first for the same reason.
+All members' attached nodes are frozen (each freeze held by the group's
+ID), every member is cut, everything is thawed
+(management.snapshots.drive). Members whose filesystems are mounted
+somewhere are frozen for the whole time, so they are cut at one instant
+of their filesystems. A member published as a raw block device cannot be
+frozen (there is no filesystem to freeze): its writes are not stopped,
+and the members are cut one after another, milliseconds apart with
+reflinks (a `copy` pool takes as long as the copies), so a block member
+is crash-consistent at its own cut, not at one instant shared with the
+others; an application writing to several block members must quiesce
+them itself.
+
+Any failure deletes the members already cut and the group row: no
+partial group is ever left. The group row and its member rows are
+committed `creating`, each member already promising what its source has
+written (a full pool refuses before anything is frozen), before any
+agent is asked to cut, so a retry after a crash finds them and re-drives
+(every agent call is idempotent); delete marks `deleting` first for the
+same reason.
 """
 
 from __future__ import annotations
@@ -21,7 +34,7 @@ from management.context import Context
 from management.limits import check_text
 from management.schema import GroupSnapshotRow, SnapshotRow
 from tessera import ids
-from tessera.errors import AlreadyExists, NotFound, TesseraError
+from tessera.errors import AlreadyExists, NotFound, ResourceExhausted, TesseraError
 from tessera.models import GroupSnapshot, GroupSnapshotCreate, Snapshot, SnapshotState
 
 log = logging.getLogger(__name__)
@@ -63,17 +76,20 @@ def create_group_snapshot(ctx: Context, req: GroupSnapshotCreate) -> tuple[Group
     sources = sorted(set(req.source_volume_ids))
     for volume_id in sources:
         ids.check_volume_id(volume_id, "source_volume_ids")
+    written = _written_if_new(ctx, req.name, sources)
     try:
         with ctx.db.write() as s:
             row = s.scalars(
                 select(GroupSnapshotRow).where(GroupSnapshotRow.name == req.name)
             ).first()
             created = row is None
-            if row is None:
-                row = _insert(ctx, s, req.name, sources)
-            group = _model(row, _members(s, row.id))
+            if row is None and written is not None:
+                row = _insert(ctx, s, req.name, sources, written)
+            group = _model(row, _members(s, row.id)) if row is not None else None
     except IntegrityError:  # a concurrent create of the name won (PostgreSQL)
         return create_group_snapshot(ctx, req)[0], False
+    if row is None or group is None:  # the name was taken, then freed, meanwhile: again
+        return create_group_snapshot(ctx, req)
     if sorted(m.source_volume_id for m in group.snapshots) != sources and not created:
         if row.state != SnapshotState.DELETING:
             raise AlreadyExists(
@@ -89,21 +105,43 @@ def create_group_snapshot(ctx: Context, req: GroupSnapshotCreate) -> tuple[Group
     return group, created
 
 
-def _insert(ctx: Context, s: Session, name: str, sources: list[str]) -> GroupSnapshotRow:
-    """The group row and one `creating` member per source, checked as single snapshots are."""
+def _written_if_new(ctx: Context, name: str, sources: list[str]) -> dict[str, int] | None:
+    """Each source's written bytes when the name is new and the sources fit; else None."""
+    with ctx.db.read() as s:
+        if s.scalars(select(GroupSnapshotRow.id).where(GroupSnapshotRow.name == name)).first():
+            return None
+        for volume_id in sources:
+            vol = snapshots.check_source(s, volume_id, "source_volume_ids", lock=False)
+            snapshots.check_method(s, vol.node_id, vol.pool)
+    return snapshots.written_bytes(ctx, sources, "source_volume_ids")
+
+
+def _insert(
+    ctx: Context, s: Session, name: str, sources: list[str], written: dict[str, int]
+) -> GroupSnapshotRow:
+    """The group row and one `creating` member per source, checked as single snapshots are.
+
+    Each member promises what its source has written (`written`); pools
+    without room for them all: ResourceExhausted and nothing is inserted.
+    """
     row = GroupSnapshotRow(
         id=ids.new_group_snapshot_id(),
         name=name,
         state=SnapshotState.CREATING.value,
         created_at=ctx.clock(),
     )
-    s.add(row)
+    members = []
     for volume_id in sources:
         vol = snapshots.check_source(s, volume_id, "source_volume_ids")
         method = snapshots.check_method(s, vol.node_id, vol.pool)
-        member = snapshots.new_row(ctx, "", vol, method, group_id=row.id)
+        member = snapshots.new_row(ctx, "", vol, method, written[volume_id], group_id=row.id)
         member.name = member.id  # unique, and says which group through group_snapshot_id
-        s.add(member)
+        members.append(member)
+    short = snapshots.check_room(s, members, {m.id: m.allocated_bytes for m in members})
+    if short:
+        raise ResourceExhausted(short, field="source_volume_ids")
+    s.add(row)
+    s.add_all(members)
     s.flush()
     return row
 
@@ -111,7 +149,7 @@ def _insert(ctx: Context, s: Session, name: str, sources: list[str]) -> GroupSna
 def _drive(ctx: Context, group: GroupSnapshot) -> GroupSnapshot:
     """All frozen, all cut, all thawed; on any failure no member and no group row remain."""
     try:
-        members = snapshots.drive(ctx, group.snapshots)
+        members = snapshots.drive(ctx, group.snapshots, group.id)
     except BaseException:
         try:
             _undo(ctx, group)

@@ -16,7 +16,7 @@ from sqlalchemy import Connection, Row, bindparam, case, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from management import liveness
+from management import liveness, snapshots
 from management.context import Context
 from management.inventory import check_vpg_exists
 from management.limits import check_text, sized_within_limit
@@ -333,13 +333,15 @@ def _agent_url(conn: Session | Connection, node_id: str) -> str:
 
 def _drive_create(ctx: Context, agent_url: str, volume: Volume) -> Volume:
     src = volume.content_source
-    source = None
-    if src is not None:
-        kind = AgentSourceKind.SNAPSHOT if src.snapshot_id else AgentSourceKind.VOLUME
-        source = AgentSource(kind=kind, id=src.snapshot_id or src.volume_id)
-    ctx.agents.get(agent_url).create_volume(
-        volume.id, volume.pool, volume.size_bytes, source=source
-    )
+    if src is not None and src.volume_id:
+        _clone_volume(ctx, agent_url, volume, src.volume_id)
+    else:
+        source = None
+        if src is not None:
+            source = AgentSource(kind=AgentSourceKind.SNAPSHOT, id=src.snapshot_id)
+        ctx.agents.get(agent_url).create_volume(
+            volume.id, volume.pool, volume.size_bytes, source=source
+        )
     with ctx.db.write_connection() as conn:
         done = conn.execute(_CREATED, {"volume_id": volume.id, "size": volume.size_bytes})
         if not done.rowcount:  # the row moved on meanwhile (deleting): report what it is now
@@ -352,6 +354,26 @@ def _drive_create(ctx: Context, agent_url: str, volume: Volume) -> Volume:
 
 
 # ---- clones --------------------------------------------------------------------------
+
+
+def _clone_volume(ctx: Context, agent_url: str, volume: Volume, source_id: str) -> None:
+    """Clone a live volume as a snapshot is cut: at one instant of its filesystems.
+
+    The source is frozen wherever it is mounted (held by the clone's ID)
+    for the copy, taking its turn with the source's other cuts; a `copy`
+    pool's long copy of a mounted filesystem is therefore not torn. A
+    freeze that may have ended before the copy did: the clone is deleted
+    (FreezeLapsed, 503), and a retry of the create starts it over.
+    """
+    source = AgentSource(kind=AgentSourceKind.VOLUME, id=source_id)
+    try:
+        with snapshots.CUT_LOCKS.hold([source_id]), snapshots.frozen(ctx, [source_id], volume.id):
+            ctx.agents.get(agent_url).create_volume(
+                volume.id, volume.pool, volume.size_bytes, source=source
+            )
+    except snapshots.FreezeLapsed:
+        delete_volume(ctx, volume.id)  # copied while perhaps thawed: never handed out
+        raise
 
 
 def _clone_pool(

@@ -12,6 +12,7 @@ import itertools
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,12 +28,14 @@ from management.agents import AgentClients
 from management.app import create_app
 from management.context import Context
 from management.db import Database
-from tessera.errors import NotFound, Unauthenticated, Unavailable
+from tessera.errors import Conflict, NotFound, Unauthenticated, Unavailable
 from tessera.models import (
     AgentFreeze,
     AgentFreezeState,
     AgentSnapshot,
     AgentSnapshotCreate,
+    AgentThaw,
+    AgentVolume,
     Extent,
     ExtentPage,
     SnapshotMethod,
@@ -44,8 +47,10 @@ pytest_plugins = ["tests.unit.management_fixtures"]
 
 @dataclass
 class SnapshotAgent(FakeAgent):
-    #: what management asked, in order: ("freeze"|"thaw"|"snapshot"|..., id)
-    frozen: set[str] = field(default_factory=set)
+    #: volume -> the holders whose freeze of it is live (the agent's holder rules)
+    holders: dict[str, set[str]] = field(default_factory=dict)
+    #: every freeze and thaw in order: (op, volume, holder, renew)
+    freeze_log: list[tuple[str, str, str, bool]] = field(default_factory=list)
     #: op -> the call number (1-based) that fails with 503
     fail_nth: dict[str, int] = field(default_factory=dict)
 
@@ -107,17 +112,40 @@ class SnapshotAgent(FakeAgent):
             size = found.stat().st_size
             return ExtentPage(size_bytes=size, extents=[Extent(offset=0, length=size)])
 
+        @app.get("/v1/volumes/{volume_id}")
+        def describe(request: Request, volume_id: str) -> AgentVolume:
+            guard(request, "get_volume", volume_id)
+            path = self.find(volume_id)
+            if path is None:
+                raise NotFound("no such volume")
+            st = path.stat()
+            return AgentVolume(
+                id=volume_id,
+                pool=path.parent.parent.name,
+                size_bytes=st.st_size,
+                path=str(path),
+                allocated_bytes=st.st_blocks * 512,
+            )
+
         @app.post("/v1/attachments/{volume_id}/freeze")
         def freeze(request: Request, volume_id: str, body: AgentFreeze) -> AgentFreezeState:
             guard(request, "freeze", volume_id)
-            self.frozen.add(volume_id)
+            self.freeze_log.append(("freeze", volume_id, body.holder, body.renew))
+            held = self.holders.setdefault(volume_id, set())
+            if body.renew and body.holder not in held:
+                raise Conflict(f"{body.holder} no longer holds the freeze of {volume_id}")
+            held.add(body.holder)
             return AgentFreezeState(volume_id=volume_id, frozen=True, mountpoints=["/mnt/x"])
 
         @app.post("/v1/attachments/{volume_id}/thaw")
-        def thaw(request: Request, volume_id: str) -> AgentFreezeState:
+        def thaw(request: Request, volume_id: str, body: AgentThaw) -> AgentFreezeState:
             guard(request, "thaw", volume_id)
-            self.frozen.discard(volume_id)
-            return AgentFreezeState(volume_id=volume_id, frozen=False)
+            self.freeze_log.append(("thaw", volume_id, body.holder, False))
+            held = self.holders.get(volume_id, set())
+            held.discard(body.holder)
+            if not held:
+                self.holders.pop(volume_id, None)
+            return AgentFreezeState(volume_id=volume_id, frozen=bool(held))
 
         return app
 
@@ -262,7 +290,7 @@ def test_attached_volume_is_frozen_for_the_cut_and_thawed_after(scluster, sagent
     sid = snap(scluster, "s", vol).json()["id"]
     ops = [c for c in sagent.calls if c[0] in ("freeze", "snapshot", "thaw")]
     assert ops == [("freeze", vol["id"]), ("snapshot", sid), ("thaw", vol["id"])]
-    assert not sagent.frozen
+    assert not sagent.holders
 
 
 def test_a_failed_cut_still_thaws_and_a_retry_converges(scluster, sagent):
@@ -271,7 +299,7 @@ def test_a_failed_cut_still_thaws_and_a_retry_converges(scluster, sagent):
     sagent.fail.add("snapshot")
     resp = snap(scluster, "s", vol)
     assert resp.status_code == 503 and is_problem(resp)
-    assert not sagent.frozen and ("thaw", vol["id"]) in sagent.calls
+    assert not sagent.holders and ("thaw", vol["id"]) in sagent.calls
     listed = scluster.get("/v1/snapshots", params={"name": "s"}).json()["items"]
     assert [s["state"] for s in listed] == ["creating"]  # the row a retry re-drives
     sagent.fail.clear()
@@ -321,6 +349,7 @@ def test_pool_without_room_for_what_the_snapshot_pins_is_507_and_keeps_nothing(a
     vol = volume_with_data(api, sagent, "v", os.urandom(3 * MiB))
     resp = snap(api, "s", vol)
     assert resp.status_code == 507 and resp.json()["type"].endswith("/resource-exhausted")
+    assert not [c for c in sagent.calls if c[0] in ("freeze", "snapshot")]  # refused before
     assert api.get("/v1/snapshots").json()["items"] == []
     assert not list(sagent.root.glob("*/snapshots/*.img"))
     assert pool(api, "p1")["allocated_bytes"] == 8 * MiB
@@ -399,7 +428,8 @@ def test_group_snapshot_freezes_all_cuts_all_thaws_all(scluster, sagent):
     assert group["ready_to_use"] and len(group["snapshots"]) == 3
     ops = [c[0] for c in sagent.calls if c[0] in ("freeze", "snapshot", "thaw")]
     assert ops == ["freeze"] * 3 + ["snapshot"] * 3 + ["thaw"] * 3
-    assert not sagent.frozen
+    assert {e[2] for e in sagent.freeze_log} == {group["id"]}  # held in the group's name
+    assert not sagent.holders
     again = scluster.post("/v1/group-snapshots", json=body)
     assert again.status_code == 200 and again.json()["id"] == group["id"]
     other = {**body, "source_volume_ids": [vols[0]["id"]]}
@@ -418,7 +448,7 @@ def test_a_failed_member_leaves_no_group_and_no_snapshot_and_everything_thawed(s
     body = {"name": "g", "source_volume_ids": [v["id"] for v in vols]}
     resp = scluster.post("/v1/group-snapshots", json=body)
     assert resp.status_code == 503
-    assert not sagent.frozen
+    assert not sagent.holders
     assert scluster.get("/v1/snapshots").json()["items"] == []
     assert not list(sagent.root.glob("*/snapshots/*.img"))
     assert ("delete_snapshot", resp_first_cut(sagent)) in sagent.calls
@@ -489,7 +519,7 @@ def test_freezes_are_renewed_while_a_long_cut_runs(scluster, sagent, monkeypatch
     assert resp.status_code == 201 and resp.json()["ready_to_use"]
     freezes = [c for c in sagent.calls if c == ("freeze", vol["id"])]
     assert len(freezes) >= 3  # the first and its renewals
-    assert not sagent.frozen
+    assert not sagent.holders
 
 
 def test_a_freeze_that_could_not_be_renewed_drops_the_cut(scluster, sagent, monkeypatch):
@@ -546,8 +576,9 @@ def test_a_group_left_creating_by_a_crash_is_redriven_by_the_retry(db_url, sagen
         db = Database(db_url)
         try:
             ctx = Context(db=db, agents=AgentClients(TOKEN))
+            written = snapshots.written_bytes(ctx, vols, "source_volume_ids")
             with db.write() as s:
-                left = group_snapshots._insert(ctx, s, "g", vols).id
+                left = group_snapshots._insert(ctx, s, "g", vols, written).id
         finally:
             db.dispose()
         resp = api.post("/v1/group-snapshots", json={"name": "g", "source_volume_ids": vols})
@@ -555,3 +586,132 @@ def test_a_group_left_creating_by_a_crash_is_redriven_by_the_retry(db_url, sagen
         group = resp.json()
         assert group["id"] == left and group["ready_to_use"]
         assert all(sagent.find_snap(s["id"]) for s in group["snapshots"])
+
+
+# ---- freeze holders, one cut of a volume at a time, clones, space promised first -------
+
+
+def test_each_cut_freezes_renews_and_thaws_in_its_own_name(scluster, sagent, monkeypatch):
+    monkeypatch.setattr(snapshots, "FREEZE_LEASE_SECONDS", 0.6)
+    vol = volume_with_data(scluster, sagent, "v", b"x")
+    attach(scluster, vol, "n1")
+    sagent.hooks["snapshot"] = lambda: time.sleep(1.0)  # long enough for renewals
+    sid = snap(scluster, "s", vol).json()["id"]
+    log = [e for e in sagent.freeze_log if e[1] == vol["id"]]
+    assert log[0] == ("freeze", vol["id"], sid, False)
+    assert log[-1] == ("thaw", vol["id"], sid, False)
+    renewals = log[1:-1]
+    assert renewals and all(e == ("freeze", vol["id"], sid, True) for e in renewals)
+
+
+def test_a_renewal_the_agent_refuses_drops_the_cut(scluster, sagent, monkeypatch):
+    """The agent restarted mid-cut (it thawed and forgot the holder): the renewal's 409 means
+    the instant is lost, so no snapshot is kept and a retry cuts a new one."""
+    monkeypatch.setattr(snapshots, "FREEZE_LEASE_SECONDS", 0.6)
+    vol = volume_with_data(scluster, sagent, "v", b"x")
+    attach(scluster, vol, "n1")
+
+    def agent_restarts_during_the_cut() -> None:
+        sagent.holders.clear()
+        time.sleep(1.0)
+
+    sagent.hooks["snapshot"] = agent_restarts_during_the_cut
+    resp = snap(scluster, "s", vol)
+    assert resp.status_code == 503 and is_problem(resp)
+    assert "no longer holds" in resp.json()["detail"]
+    assert any(e[0] == "freeze" and e[3] for e in sagent.freeze_log)  # it was a renewal
+    assert scluster.get("/v1/snapshots").json()["items"] == []
+    assert not list(sagent.root.glob("*/snapshots/*.img"))
+    again = snap(scluster, "s", vol)
+    assert again.status_code == 201 and again.json()["ready_to_use"]
+
+
+def test_two_snapshots_of_one_volume_take_turns(scluster, sagent):
+    """The second create arrives while the first is cutting: its freeze and cut wait for the
+    first's thaw (else one cut's thaw would unfreeze the other's instant)."""
+    vol = volume_with_data(scluster, sagent, "v", b"x")
+    attach(scluster, vol, "n1")
+    second: dict[str, Response] = {}
+
+    def second_create_arrives_mid_cut() -> None:
+        thread = threading.Thread(target=lambda: second.update(r=snap(scluster, "s2", vol)))
+        thread.start()
+        while sum(1 for c in sagent.calls if c == ("get_volume", vol["id"])) < 2:
+            time.sleep(0.01)  # the second has asked what to reserve: it is at the lock
+        time.sleep(0.3)  # room for it to overlap, if nothing stopped it
+        second["thread"] = thread  # type: ignore[assignment]
+
+    sagent.hooks["snapshot"] = second_create_arrives_mid_cut
+    first = snap(scluster, "s1", vol)
+    second["thread"].join(timeout=30)  # type: ignore[attr-defined]
+    assert first.status_code == 201 and second["r"].status_code == 201
+    s1, s2 = first.json()["id"], second["r"].json()["id"]
+    ops = [(c[0], c[1]) for c in sagent.calls if c[0] in ("freeze", "snapshot", "thaw")]
+    assert ops == [
+        ("freeze", vol["id"]),
+        ("snapshot", s1),
+        ("thaw", vol["id"]),
+        ("freeze", vol["id"]),
+        ("snapshot", s2),
+        ("thaw", vol["id"]),
+    ]
+    assert [e[2] for e in sagent.freeze_log] == [s1, s1, s2, s2]
+    assert not sagent.holders
+
+
+def test_cloning_a_mounted_volume_freezes_it_for_the_copy(scluster, sagent):
+    vol = volume_with_data(scluster, sagent, "v", b"live data")
+    attach(scluster, vol, "n1")
+    body = {"name": "c", "size_bytes": 8 * MiB, "content_source": {"volume_id": vol["id"]}}
+    resp = scluster.post("/v1/volumes", json=body)
+    assert resp.status_code == 201, resp.text
+    clone = resp.json()
+    ops = [c for c in sagent.calls if c[0] in ("freeze", "create", "thaw")][-3:]
+    assert ops == [("freeze", vol["id"]), ("create", clone["id"]), ("thaw", vol["id"])]
+    assert [e[2] for e in sagent.freeze_log] == [clone["id"], clone["id"]]
+    assert not sagent.holders
+    assert sagent.path("p1", clone["id"]).read_bytes()[:9] == b"live data"
+
+
+def test_a_clone_whose_freeze_was_lost_is_deleted_and_a_retry_makes_it(
+    scluster, sagent, monkeypatch
+):
+    monkeypatch.setattr(snapshots, "FREEZE_LEASE_SECONDS", 0.6)
+    vol = volume_with_data(scluster, sagent, "v", b"x")
+    attach(scluster, vol, "n1")
+
+    def agent_restarts_during_the_copy() -> None:
+        sagent.holders.clear()
+        time.sleep(1.0)
+
+    sagent.hooks["create"] = agent_restarts_during_the_copy
+    body = {"name": "c", "size_bytes": 8 * MiB, "content_source": {"volume_id": vol["id"]}}
+    resp = scluster.post("/v1/volumes", json=body)
+    assert resp.status_code == 503 and "no longer holds" in resp.json()["detail"]
+    assert scluster.get("/v1/volumes", params={"name": "c"}).json()["items"] == []
+    assert len(list(sagent.root.glob("*/volumes/*.img"))) == 1  # only the source
+    again = scluster.post("/v1/volumes", json=body)
+    assert again.status_code == 201 and again.json()["state"] == "available"
+
+
+def test_a_snapshots_space_is_promised_while_its_cut_runs(scluster, sagent):
+    vol = volume_with_data(scluster, sagent, "v", os.urandom(2 * MiB))
+    before = pool(scluster, "p1")["allocated_bytes"]
+    during: list[int] = []
+    sagent.hooks["snapshot"] = lambda: during.append(pool(scluster, "p1")["allocated_bytes"])
+    done = snap(scluster, "s", vol).json()
+    assert during and during[0] >= before + 2 * MiB  # what the source had written
+    assert pool(scluster, "p1")["allocated_bytes"] == before + done["allocated_bytes"]
+
+
+def test_a_group_snapshot_that_does_not_fit_is_refused_before_anything_is_frozen(api, sagent):
+    add_pool_node(api, "n1", sagent.url, "p1", 20 * MiB)
+    vols = [volume_with_data(api, sagent, f"v{i}", os.urandom(3 * MiB)) for i in range(2)]
+    for v in vols:
+        attach(api, v, "n1")
+    body = {"name": "g", "source_volume_ids": [v["id"] for v in vols]}
+    resp = api.post("/v1/group-snapshots", json=body)
+    assert resp.status_code == 507 and resp.json()["field"] == "source_volume_ids"
+    assert not [c for c in sagent.calls if c[0] in ("freeze", "snapshot")]
+    assert api.get("/v1/snapshots").json()["items"] == []
+    assert pool(api, "p1")["allocated_bytes"] == 16 * MiB
