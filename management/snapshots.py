@@ -475,7 +475,7 @@ class _CutLocks:
             return lock
 
     @contextmanager
-    def hold(self, keys: list[str]) -> Iterator[None]:
+    def hold(self, keys: list[str], field: str = "source_volume_id") -> Iterator[None]:
         taken: list[str] = []
         try:
             for key in sorted(set(keys)):
@@ -484,7 +484,7 @@ class _CutLocks:
                     self._ref(key, -1)
                     raise Aborted(
                         f"another snapshot or clone of volume {key} is being cut; retry later",
-                        field="source_volume_id",
+                        field=field,
                     )
                 taken.append(key)
             yield

@@ -10,6 +10,7 @@ call and converges.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from sqlalchemy import Connection, Row, bindparam, case, insert, select, update
@@ -38,6 +39,7 @@ from tessera.errors import (
     NotFound,
     OutOfRange,
     ResourceExhausted,
+    TesseraError,
     Unavailable,
 )
 from tessera.models import (
@@ -56,6 +58,8 @@ from tessera.models import (
 )
 from tessera.topology import candidate_nodes
 from tessera.units import format_size
+
+log = logging.getLogger(__name__)
 
 
 def volume_model(
@@ -367,12 +371,20 @@ def _clone_volume(ctx: Context, agent_url: str, volume: Volume, source_id: str) 
     """
     source = AgentSource(kind=AgentSourceKind.VOLUME, id=source_id)
     try:
-        with snapshots.CUT_LOCKS.hold([source_id]), snapshots.frozen(ctx, [source_id], volume.id):
+        with (
+            snapshots.CUT_LOCKS.hold([source_id], "content_source"),
+            snapshots.frozen(ctx, [source_id], volume.id),
+        ):
             ctx.agents.get(agent_url).create_volume(
                 volume.id, volume.pool, volume.size_bytes, source=source
             )
     except snapshots.FreezeLapsed:
-        delete_volume(ctx, volume.id)  # copied while perhaps thawed: never handed out
+        try:
+            delete_volume(ctx, volume.id)  # copied while perhaps thawed: never handed out
+        except TesseraError as err:  # left `deleting`: a delete of it finishes the job
+            log.warning(
+                "deleting clone %s after its lost freeze failed: %s", volume.id, err.message
+            )
         raise
 
 
