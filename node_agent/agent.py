@@ -257,19 +257,25 @@ class Agent:
 
     # ---- freezes (consumer side: consistency points for snapshots) -----------------
 
-    def freeze(self, volume_id: str, lease_seconds: float) -> AgentFreezeState:
-        """Freeze the volume's filesystems mounted here; thawed by a timer after the lease.
+    def freeze(
+        self, volume_id: str, lease_seconds: float, holder: str = "", renew: bool = False
+    ) -> AgentFreezeState:
+        """Freeze the volume's filesystems mounted here for `holder`; thawed after its lease.
 
-        Under the volume's lock (its devices do not change meanwhile); thaw
-        takes none, so it is never refused as busy.
+        Under the volume's lock (its devices do not change meanwhile); a
+        renewal and thaw take none (they look at no device), so they are
+        never refused as busy.
         """
         check_volume_id(volume_id)
+        if renew:
+            return self.freezes.freeze(volume_id, lease_seconds, holder, renew=True)
         with self.locks.hold(volume_id):
-            return self.freezes.freeze(volume_id, lease_seconds)
+            return self.freezes.freeze(volume_id, lease_seconds, holder)
 
-    def thaw(self, volume_id: str) -> AgentFreezeState:
+    def thaw(self, volume_id: str, holder: str = "") -> AgentFreezeState:
+        """Release `holder`'s freeze (every holder's when empty); thawed when none is left."""
         check_volume_id(volume_id)
-        return self.freezes.thaw(volume_id)
+        return self.freezes.thaw(volume_id, holder)
 
     # ---- attachments -----------------------------------------------------------
 

@@ -33,6 +33,7 @@ from tessera.models import (
     AgentNode,
     AgentSnapshot,
     AgentSnapshotCreate,
+    AgentThaw,
     AgentView,
     AgentVolume,
     AgentVolumeCreate,
@@ -173,14 +174,17 @@ def create_app(
     @app.post(
         "/v1/attachments/{volume_id}/freeze",
         response_model=AgentFreezeState,
-        responses=problems(409),
+        responses=problems(409, 503),
     )
     def freeze(volume_id: VolumeId, body: AgentFreeze) -> Response:
-        return json_response(agent.freeze(volume_id, body.lease_seconds))
+        return json_response(
+            agent.freeze(volume_id, body.lease_seconds, body.holder, renew=body.renew)
+        )
 
     @app.post("/v1/attachments/{volume_id}/thaw", response_model=AgentFreezeState)
-    def thaw(volume_id: VolumeId) -> Response:
-        return json_response(agent.thaw(volume_id))
+    def thaw(volume_id: VolumeId, body: AgentThaw | None = None) -> Response:
+        # no body (an older caller): the anonymous holder, i.e. every holder
+        return json_response(agent.thaw(volume_id, body.holder if body else ""))
 
     @app.get("/v1/attachments")
     def list_attachments() -> dict[str, list[AgentAttachment]]:

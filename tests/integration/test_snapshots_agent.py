@@ -465,7 +465,8 @@ def test_the_agent_thaws_by_itself_when_the_lease_runs_out(
     mounted_volume: tuple[Agent, str, str],
 ) -> None:
     agent, vid, mnt = mounted_volume
-    agent.freeze(vid, 0.5)
+    agent.freeze(vid, 30)  # FIFREEZE may take half a lease: a fresh XFS needs more than 0.25 s
+    agent.freeze(vid, 0.5, renew=True)  # then a short lease
     assert is_frozen(mnt)
     deadline = time.monotonic() + 10
     while agent.freezes.is_frozen(vid):
@@ -479,8 +480,12 @@ def test_a_restarted_agent_thaws_what_a_crashed_one_left_frozen(
 ) -> None:
     agent, vid, mnt = mounted_volume
     agent.freeze(vid, 60)
-    agent.freezes._frozen[vid][1].cancel()  # the crash: its timer dies with it
-    agent.freezes._frozen.clear()
+    crashed = agent.freezes._volumes.pop(vid)  # the crash: its timer and fds die with it
+    assert crashed.timer is not None
+    crashed.timer.cancel()
+    for fd, _ in crashed.fds.values():
+        os.close(fd)  # closing the fd does not thaw: the filesystem stays frozen
+    assert is_frozen(mnt)
     restarted = make_agent(tmp_path, agent.pools["p"].directory)
     restarted.recover()
     assert not is_frozen(mnt)
