@@ -92,6 +92,8 @@ def mounted(node: Node) -> Iterator[Callable[[str], tuple[str, str]]]:
         node.agent.freezes.thaw_all()
         for vid, mnt in reversed(made):
             if mnt:
+                if is_frozen(mnt):  # a regression must not leave an orphaned frozen superblock
+                    fs_freeze.thaw(mnt)
                 mounts.unmount(mnt)
             node.agent.detach(vid)
             node.agent.delete_volume(vid)
@@ -206,6 +208,7 @@ def test_a_stuck_freeze_of_one_volume_does_not_delay_another_volumes_thaw(
         assert "not answering" in str(answered[0])
     finally:
         fs_freeze.thaw(outer)
+        wait_until(lambda: bool(answered), "b's freeze still blocked after its storage came back")
     # b's FIFREEZE ends once its storage answers; nobody holds b: thawed again
     wait_until(lambda: not node.agent.freezes.stuck(vid_b), "b's late freeze never ended")
     assert not node.agent.freezes.is_frozen(vid_b)
@@ -220,6 +223,7 @@ def test_a_thaw_reaches_the_filesystem_after_its_mountpoint_was_replaced(
     pod.mkdir()
     mounts.bind_mount(staging, str(pod), readonly=False)  # the pod's view of the volume
     replaced = False
+    written = threading.Event()
     try:
         assert node.agent.freeze(vid, 30, holder="snap-a").mountpoints == [staging]
         # the staging path is detached and something else mounted there meanwhile
@@ -233,6 +237,7 @@ def test_a_thaw_reaches_the_filesystem_after_its_mountpoint_was_replaced(
     finally:
         if is_frozen(str(pod)):
             fs_freeze.thaw(str(pod))
+        written.wait(SETTLE_SECONDS)  # the writer's file is closed before the unmount
         if replaced:
             mounts.unmount(staging)  # the tmpfs
             mounts.bind_mount(str(pod), staging, readonly=False)  # for the fixture's teardown
