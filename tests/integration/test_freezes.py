@@ -27,7 +27,7 @@ from tessera.system import filesystems, mounts
 from tessera.system import freeze as fs_freeze
 from tessera.system.loopdev import bound_under
 from tests.conftest import needs_root
-from tests.integration.processes import mounted_pool
+from tests.integration.processes import mounted_pool, processes
 from tests.integration.test_node_agent_loop import release_loops
 from tests.integration.test_snapshots_agent import is_frozen
 
@@ -242,3 +242,39 @@ def test_a_thaw_reaches_the_filesystem_after_its_mountpoint_was_replaced(
             mounts.unmount(staging)  # the tmpfs
             mounts.bind_mount(str(pod), staging, readonly=False)  # for the fixture's teardown
         mounts.unmount(str(pod))
+
+
+def test_the_agent_api_takes_holders_and_answers_409_to_a_lost_renewal(tmp_path: Path) -> None:
+    (tmp_path / "p").mkdir()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with mounted_pool(tmp_path / "p", "ext4", 256 * MiB) as pool:
+        try:
+            with processes(tmp_path) as procs:
+                procs.start_management()
+                agent = procs.start_agent("freeze-node", {"p": pool})
+                vid = new_volume_id()
+                agent.create_volume(vid, "p", 64 * MiB)
+                device = agent.attach(vid).device
+                filesystems.make_filesystem(device, "ext4", [])
+                mounts.mount(device, str(mnt), "ext4", [])
+                try:
+                    assert agent.freeze(vid, 30, holder="snap-a").frozen
+                    assert agent.freeze(vid, 30, holder="snap-b").frozen
+                    assert agent.thaw(vid, holder="snap-a").frozen  # snap-b still holds it
+                    assert agent.freeze(vid, 30, holder="snap-b", renew=True).frozen
+                    with pytest.raises(Conflict) as err:  # 409 problem+json, rebuilt
+                        agent.freeze(vid, 30, holder="snap-a", renew=True)
+                    assert err.value.field == "holder"
+                    # an older caller's thaw has no body: every holder is released
+                    agent._c.request("POST", f"/v1/attachments/{vid}/thaw")
+                    assert not is_frozen(str(mnt))
+                finally:
+                    if is_frozen(str(mnt)):
+                        fs_freeze.thaw(str(mnt))
+                    mounts.unmount(str(mnt))
+                    agent.detach(vid)
+                    agent.delete_volume(vid)
+        finally:
+            release_loops(tmp_path)
+    assert bound_under(tmp_path) == []
