@@ -131,7 +131,10 @@ def device_number(device: str) -> tuple[int, int]:
 def set_limits(h: Hierarchy, cgroup: Path, device: tuple[int, int], limits: IoLimits) -> bool:
     """Make the device's rules in `cgroup` be `limits` (all zero: no rule); True if changed.
 
-    A cgroup that went away meanwhile (a container that exited) is skipped.
+    A cgroup that went away meanwhile (a container that exited) is skipped; one that is
+    there without the I/O controller's files (v2: `io` not in its parent's
+    cgroup.subtree_control) is FailedPrecondition, so the volume's condition says
+    its limits are not enforced instead of nothing saying so.
     """
     if not h.contains(cgroup.resolve()):
         raise InvalidArgument(f"{cgroup} is not under {h.root}", field="cgroup")
@@ -139,7 +142,13 @@ def set_limits(h: Hierarchy, cgroup: Path, device: tuple[int, int], limits: IoLi
         if read_limits(h, cgroup, device) == limits:
             return False
     except FileNotFoundError:
-        return False
+        if not cgroup.is_dir():
+            return False
+        enable = "blkio controller" if h.version == 1 else "'io' in its parent's subtree_control"
+        raise FailedPrecondition(
+            f"cgroup {cgroup} has no I/O limit files (enable the {enable}): limits not enforced",
+            field="cgroup",
+        ) from None
     dev = f"{device[0]}:{device[1]}"
     if h.version == 1:
         for key, name in _V1_FILES.items():

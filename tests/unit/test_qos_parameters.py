@@ -241,3 +241,20 @@ def test_a_cgroup_v2_rule_names_every_limit_and_max_for_none(tmp_path: Path) -> 
     assert (tmp_path / "io.max").read_text() == "7:3 rbps=1048576 wbps=max riops=max wiops=50\n"
     assert cgroups.read_limits(h, tmp_path, (7, 3)) == limits
     assert not cgroups.set_limits(h, tmp_path, (7, 3), limits)  # already so: nothing written
+
+
+def test_a_cgroup_v2_without_the_io_controller_says_so_instead_of_limiting_nothing(
+    tmp_path: Path,
+) -> None:
+    from tessera.errors import FailedPrecondition
+    from tessera.system import cgroups
+
+    (tmp_path / "cgroup.controllers").write_text("io")
+    pod = tmp_path / "kubepods" / "pod1"
+    pod.mkdir(parents=True)  # a pod cgroup whose parent never enabled `io` for it
+    h = cgroups.hierarchy(tmp_path)
+    assert h is not None and h.version == 2
+    with pytest.raises(FailedPrecondition, match="subtree_control"):
+        cgroups.set_limits(h, pod, (7, 3), cgroups.IoLimits(rbps=1048576))
+    # a cgroup that went away (its container exited) is still simply skipped
+    assert not cgroups.set_limits(h, tmp_path / "gone", (7, 3), cgroups.IoLimits(rbps=1))
