@@ -8,10 +8,16 @@ docs/data-path.md).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from tessera.errors import InvalidArgument
-from tessera.models import Connection, Transport
+from tessera.models import (
+    CLIENT_ADDRESS_PATTERN,
+    OPTIONAL_NODE_ID_PATTERN,
+    Connection,
+    Transport,
+)
 
 TRANSPORT = "transport"
 OWNER_NODE = "ownerNode"
@@ -56,11 +62,22 @@ def from_publish_context(context: Mapping[str, str]) -> tuple[Connection, bool]:
             f"publish_context.{PORT} {port[:20]!r} is not a TCP port",
             field=f"publish_context.{PORT}",
         )
+    host, identity = context.get(HOST, ""), context.get(PSK_IDENTITY, "")
+    if not re.fullmatch(CLIENT_ADDRESS_PATTERN, host):
+        raise InvalidArgument(
+            f"publish_context.{HOST} {host[:80]!r} is not a host name or IP address",
+            field=f"publish_context.{HOST}",
+        )
+    if not re.fullmatch(OPTIONAL_NODE_ID_PATTERN, identity) or len(identity) > 128:
+        raise InvalidArgument(
+            f"publish_context.{PSK_IDENTITY} {identity[:80]!r} is not a node ID",
+            field=f"publish_context.{PSK_IDENTITY}",
+        )
     connection = Connection(
         transport=transport,
         owner_node=context.get(OWNER_NODE, ""),
-        host=context.get(HOST, ""),
+        host=host,
         port=int(port),
-        psk_identity=context.get(PSK_IDENTITY, ""),
+        psk_identity=identity,
     )
     return connection, readonly

@@ -364,9 +364,19 @@ class Connection(BaseModel):
 
     transport: Transport = Transport.LOOP
     owner_node: str = ""
-    host: str = ""
+    host: str = Field(
+        default="",
+        max_length=253,
+        pattern=CLIENT_ADDRESS_PATTERN,
+        description="the owner's export address: a host name or IP address (nbd)",
+    )
     port: int = Field(default=0, ge=0, le=65535)
-    psk_identity: str = ""
+    psk_identity: str = Field(
+        default="",
+        max_length=128,
+        pattern=OPTIONAL_NODE_ID_PATTERN,
+        description="the TLS-PSK identity: the consumer's node id (nbd)",
+    )
 
     def endpoint(self) -> tuple[str, str, int, str]:
         """What a device made from this connection talks to: two publishes of one volume

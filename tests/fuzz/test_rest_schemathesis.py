@@ -229,6 +229,9 @@ RULES_NOT_IN_THE_SCHEMA = {
     "readonly": "a reader-only access mode needs readonly=true: a rule across two fields",
     "preferred_nodes": "with locality=required the consumer (the first preferred node) must be "
     "one of requisite_nodes: a rule across fields",
+    "publish_context": "an nbd connection needs host and port: a rule across fields",
+    "publish_context.pskIdentity": "an nbd connection needs a TLS-PSK identity: a rule across "
+    "fields",
 }
 
 
