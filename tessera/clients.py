@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from tessera.errors import Misconfigured, NotFound, TesseraError
 from tessera.http import JsonClient, Service
-from tessera.ids import is_volume_id
+from tessera.ids import is_snapshot_id, is_volume_id
 from tessera.models import (
     AccessMode,
     AgentAttachment,
@@ -156,16 +157,26 @@ class ManagementClient(_TypedClient):
         A name may itself look like an ID (names are free text), so an ID
         that names no volume is tried as a name before giving up.
         """
-        if is_volume_id(name_or_id):
-            try:
-                return self.get_volume(name_or_id)
-            except NotFound:
-                pass
         params = {"name": name_or_id}
-        page = self._parse(Page[Volume], self._c.request("GET", "/v1/volumes", params=params))
-        if not page.items:
-            raise NotFound(f"no volume has the name or ID {name_or_id!r}", field="volume")
-        return page.items[0]
+        return _find(
+            name_or_id,
+            "volume",
+            self.get_volume if is_volume_id(name_or_id) else None,
+            lambda: (
+                self._parse(
+                    Page[Volume], self._c.request("GET", "/v1/volumes", params=params)
+                ).items
+            ),
+        )
+
+    def find_snapshot(self, name_or_id: str) -> Snapshot:
+        """The snapshot a person means: by ID when it looks like one, else (or then) by name."""
+        return _find(
+            name_or_id,
+            "snapshot",
+            self.get_snapshot if is_snapshot_id(name_or_id) else None,
+            lambda: self.list_snapshots(name=name_or_id).items,
+        )
 
     def delete_volume(self, volume_id: str) -> None:
         self._c.request("DELETE", f"/v1/volumes/{volume_id}")
@@ -444,6 +455,24 @@ class AgentClient(_TypedClient):
 
     def delete_key(self, volume_id: str) -> None:
         self._c.request("DELETE", f"/v1/keys/{volume_id}")
+
+
+def _find(
+    name_or_id: str,
+    noun: str,
+    by_id: Callable[[str], _M] | None,
+    by_name: Callable[[], list[_M]],
+) -> _M:
+    """By ID first when `by_id` is given (the text looks like an ID), then by name."""
+    if by_id is not None:
+        try:
+            return by_id(name_or_id)
+        except NotFound:
+            pass
+    items = by_name()
+    if not items:
+        raise NotFound(f"no {noun} has the name or ID {name_or_id!r}", field=noun)
+    return items[0]
 
 
 def _extent_params(offset: int, max_entries: int) -> dict[str, str | int]:

@@ -9,7 +9,7 @@ it holds space only as the volume diverges from it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
@@ -24,13 +24,7 @@ from tessera.cli.output import (
     when,
 )
 from tessera.cli.volumes import VolumeRef, check_ref, delete_found, print_made
-from tessera.errors import NotFound
-from tessera.ids import is_snapshot_id
 from tessera.units import format_size
-
-if TYPE_CHECKING:
-    from tessera.clients import ManagementClient
-    from tessera.models import Snapshot
 
 app = typer.Typer(
     help="Snapshots: instant copies of a volume, to restore or clone from.",
@@ -57,19 +51,6 @@ COLUMNS = [
     Column("METHOD", lambda s: s.method.value, wide_only=True),
     Column("GROUP", lambda s: s.group_snapshot_id or "-", wide_only=True),
 ]
-
-
-def find_snapshot(client: ManagementClient, name_or_id: str) -> Snapshot:
-    """The snapshot a person means: by ID when it looks like one, else (or then) by name."""
-    if is_snapshot_id(name_or_id):
-        try:
-            return client.get_snapshot(name_or_id)
-        except NotFound:
-            pass
-    page = client.list_snapshots(name=name_or_id)
-    if not page.items:
-        raise NotFound(f"no snapshot has the name or ID {name_or_id!r}", field="snapshot")
-    return page.items[0]
 
 
 @app.command(
@@ -117,7 +98,7 @@ def snapshot_show(
     """Show one snapshot, by name or ID. -o json/yaml: the Snapshot model."""
     check_ref(snapshot)
     with connect(state_dir, management, token_file) as client:
-        s = find_snapshot(client, snapshot)
+        s = client.find_snapshot(snapshot)
     fields = [
         ("id", s.id),
         ("name", s.name),
@@ -187,7 +168,7 @@ def snapshot_delete(
         delete_found(
             snapshot,
             "snapshot",
-            lambda ref: find_snapshot(client, ref),
+            client.find_snapshot,
             client.delete_snapshot,
             ignore_not_found,
         )

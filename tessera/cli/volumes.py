@@ -175,11 +175,9 @@ def volume_clone(
 
 def _clone_source(client: ManagementClient, ref: str) -> tuple[dict[str, str], int]:
     """({snapshot_id|volume_id: ID}, size) of what SOURCE names; ambiguous names are refused."""
-    from tessera.cli.snapshots import find_snapshot
-
     found: list[tuple[dict[str, str], int]] = []
     try:
-        snap = find_snapshot(client, ref)
+        snap = client.find_snapshot(ref)
         found.append(({"snapshot_id": snap.id}, snap.size_bytes))
     except NotFound:
         pass
