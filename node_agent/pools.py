@@ -105,6 +105,7 @@ class Pool:
                 # A symlinked volumes/ could point anywhere; refuse instead of following it.
                 raise InvalidArgument(f"pool {name}: {sub} is a symlink", field="pool")
             sub.mkdir(mode=0o700, exist_ok=True)
+        pool._reflinks()  # probed now, so no scratch files appear while volumes are in use
         return pool
 
     @cached_property
@@ -152,25 +153,33 @@ class Pool:
                     found.append((entry.name, Path(entry.path)))
         return sorted(found)
 
-    @cached_property
+    def _reflinks(self) -> bool | None:
+        """The reflink probe's answer, None while it cannot run (e.g. a full pool).
+
+        A definite answer is kept: a mounted filesystem does not gain or lose
+        reflink, and a probe per heartbeat would keep scratch files coming and
+        going in the pool.
+        """
+        if "_reflink_answer" not in self.__dict__:
+            try:
+                self.__dict__["_reflink_answer"] = reflink.can_reflink(self.directory)
+            except OSError:
+                return None
+        return self.__dict__["_reflink_answer"]
+
+    @property
     def shares_blocks(self) -> bool:
         """Whether files here can share blocks (reflink): else no extent map is needed.
 
-        Asked once: a mounted filesystem does not gain or lose reflink. A probe
-        that cannot run (a full pool) answers yes: the slower count is right too.
+        A probe that could not run answers yes: the slower count is right too.
         """
-        try:
-            return reflink.can_reflink(self.directory)
-        except OSError:
-            return True
+        return self._reflinks() is not False
 
     def snapshot_method(self) -> SnapshotMethod:
         """How snapshots and clones are made here: probed (FICLONE on scratch files)."""
-        try:
-            if reflink.can_reflink(self.directory):
-                return SnapshotMethod.REFLINK
-        except OSError:
-            pass  # e.g. a full pool cannot write the probe: report what a copy would do
+        if self._reflinks():
+            return SnapshotMethod.REFLINK
+        # no reflink, or a probe that could not run: report what a copy would do
         return SnapshotMethod.COPY if self.copy_fallback else SnapshotMethod.NONE
 
     def used_bytes(self) -> int:
