@@ -113,6 +113,29 @@ class Transport(StrEnum):
 
     LOOP = "loop"  # the volume's file is on this node
     NBD = "nbd"  # another node exports it over NBD (TLS-PSK)
+    NVME_TCP = "nvme-tcp"  # another node exports it as an nvmet namespace (DH-HMAC-CHAP)
+    COMPOSED = "composed"  # several legs, each loop or remote, composed by md or dm
+
+
+#: the transports a leg of a composed volume can come over
+LEG_TRANSPORTS = (Transport.LOOP, Transport.NVME_TCP, Transport.NBD)
+
+
+class Layout(StrEnum):
+    """How a volume's legs make its blocks (docs/layouts.md)."""
+
+    CONCAT = "concat"  # one leg (today's volumes)
+    RAID0 = "raid0"  # striped over `legs` legs, `chunk_bytes` at a time (device-mapper)
+    RAID1 = "raid1"  # `legs` full copies, 2 or 3 (md, internal bitmap)
+    RAID10 = "raid10"  # striped mirrors: 2 copies of each chunk over `legs` legs (md)
+
+
+class LegState(StrEnum):
+    """Whether a leg holds the volume's current data."""
+
+    IN_SYNC = "in_sync"
+    REBUILDING = "rebuilding"  # placed by a repair; being resynced from the others
+    STALE = "stale"  # missed writes (its node died): never read again, discarded
 
 
 class VolumeState(StrEnum):
@@ -141,6 +164,11 @@ class NodeRegistration(Strict):
     max_volumes: int = Field(
         default=0, ge=0, le=MAX_VOLUMES_PER_NODE, description="0 means no limit"
     )
+    transports: list[Transport] = Field(
+        default_factory=lambda: [Transport.LOOP, Transport.NBD],
+        max_length=8,
+        description="what this host can serve and attach over (modules present, tools installed)",
+    )
 
 
 class Node(BaseModel):
@@ -148,6 +176,7 @@ class Node(BaseModel):
     agent_url: str
     topology: dict[str, str]
     max_volumes: int
+    transports: list[str] = Field(default_factory=lambda: ["loop", "nbd"])
     last_heartbeat: float
     online: bool
     state: NodeState = NodeState.ONLINE
@@ -235,11 +264,26 @@ class Pool(BaseModel):
 class VpgCreate(Strict):
     name: str = Field(min_length=1, max_length=63, pattern=NAME_PATTERN)
     layout: str = "concat"
+    legs: int = Field(
+        default=0,
+        ge=0,
+        le=16,
+        description="legs per volume (raid0: stripe width >= 2; raid1: copies, 2 or 3; "
+        "raid10: >= 3); 0: the layout's default (concat 1, raid0 2, raid1 2, raid10 4)",
+    )
+    chunk_bytes: int = Field(
+        default=0,
+        ge=0,
+        le=16 * MiB,
+        description="stripe chunk (raid0, raid10): a power of two from 4 KiB; 0: 64 KiB",
+    )
 
 
 class Vpg(BaseModel):
     name: str
     layout: str
+    legs: int = 1
+    chunk_bytes: int = 0
 
 
 # ---- volumes -----------------------------------------------------------------
@@ -310,11 +354,17 @@ class VolumeCreate(Strict):
 
 
 class Leg(BaseModel):
-    """One piece of a volume: a file in one node's pool (a concat volume has one)."""
+    """One piece of a volume: a file in one node's pool (a concat volume has one).
+
+    Legs of one volume are on distinct nodes, so the file on each is still
+    `<pool>/volumes/<volume-id>.img` and exports stay keyed by volume id.
+    """
 
     node_id: str
     pool: str
     size_bytes: int
+    index: int = Field(default=0, description="the leg's slot in the layout (stripe order)")
+    state: LegState = LegState.IN_SYNC
 
 
 class Volume(BaseModel):
@@ -354,6 +404,18 @@ class AttachmentCreate(Strict):
     readonly: bool = False
 
 
+class LegConnection(BaseModel):
+    """How a consumer reaches one leg of a composed volume (loop, nvme-tcp or nbd)."""
+
+    index: int = Field(ge=0, le=15)
+    node_id: str = Field(max_length=128, pattern=NODE_ID_PATTERN)
+    transport: Transport = Transport.LOOP
+    host: str = Field(default="", max_length=253, pattern=CLIENT_ADDRESS_PATTERN)
+    port: int = Field(default=0, ge=0, le=65535)
+    subsystem_nqn: str = Field(default="", max_length=223, pattern=r"^$|^nqn\.[a-z0-9.:-]{1,219}$")
+    state: LegState = LegState.IN_SYNC
+
+
 class Connection(BaseModel):
     """How a consumer node reaches the volume: publish_context, without any secret.
 
@@ -376,6 +438,26 @@ class Connection(BaseModel):
         max_length=128,
         pattern=OPTIONAL_NODE_ID_PATTERN,
         description="the TLS-PSK identity: the consumer's node id (nbd)",
+    )
+
+    subsystem_nqn: str = Field(
+        default="",
+        max_length=223,
+        pattern=r"^$|^nqn\.[a-z0-9.:-]{1,219}$",
+        description="the nvmet subsystem that exports the volume (nvme-tcp)",
+    )
+    layout: Layout = Field(default=Layout.CONCAT, description="composed: how the legs combine")
+    chunk_bytes: int = Field(default=0, ge=0, le=16 * MiB, description="composed: stripe chunk")
+    array_uuid: str = Field(
+        default="",
+        pattern=r"^$|^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
+        description="composed raid1/raid10: the md array's UUID (assemble exactly this array)",
+    )
+    data_bytes: int = Field(
+        default=0, ge=0, le=MAX_BYTES, description="composed: the volume's size (what it shows)"
+    )
+    legs: list[LegConnection] = Field(
+        default_factory=list, max_length=16, description="composed: one per in-sync leg"
     )
 
     def endpoint(self) -> tuple[str, str, int, str]:
@@ -630,8 +712,11 @@ PskKey = Annotated[str, StringConstraints(pattern=PSK_KEY_PATTERN)]
 
 
 class AgentExportCreate(Strict):
-    """Export a volume to one client node over NBD with TLS-PSK (owner side)."""
+    """Export a volume to one client node (owner side): NBD with TLS-PSK, or an nvmet
+    subsystem whose host entry (per client and volume) authenticates with DH-HMAC-CHAP
+    using the same key material."""
 
+    transport: Transport = Field(default=Transport.NBD, description="nbd or nvme-tcp")
     psk_identity: NodeId
     psk_key: PskKey = Field(description="256-bit key, hex; never logged, never echoed", repr=False)
     readonly: bool = False
@@ -649,6 +734,8 @@ class AgentExport(BaseModel):
     host: str
     port: int
     readonly: bool
+    transport: Transport = Transport.NBD
+    subsystem_nqn: str = ""
 
 
 class AgentKey(Strict):
