@@ -21,7 +21,12 @@ MIN_CHUNK = 4 * 1024
 MD_DATA_OFFSET = 4 * MiB
 DEFAULT_LEGS = {Layout.CONCAT: 1, Layout.RAID0: 2, Layout.RAID1: 2, Layout.RAID10: 4}
 #: (fewest, most) legs a layout takes
-LEG_RANGE = {Layout.CONCAT: (1, 1), Layout.RAID0: (2, 16), Layout.RAID1: (2, 3), Layout.RAID10: (3, 16)}
+LEG_RANGE = {
+    Layout.CONCAT: (1, 1),
+    Layout.RAID0: (2, 16),
+    Layout.RAID1: (2, 3),
+    Layout.RAID10: (3, 16),
+}
 
 
 def is_mirrored(layout: Layout | str) -> bool:
