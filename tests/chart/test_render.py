@@ -261,6 +261,30 @@ def test_several_vpgs_make_classes_and_management_ensures_each_vpg(
     ]
 
 
+def test_layout_classes_give_management_each_vpgs_legs_and_chunk_once(
+    rendered: dict[str, list[Doc]],
+) -> None:
+    docs = rendered["layouts"]
+    args = container(one(docs, "Deployment", "tessera-management"), "management")["args"]
+    assert [a for a in args if a.startswith("--vpg")] == [
+        "--vpg=default=concat",
+        "--vpg=fast=raid0,legs=3,chunk=128KiB",
+        "--vpg=safe=raid1",
+    ]
+    classes = {d["metadata"]["name"]: d for d in find(docs, "StorageClass")}
+    assert classes["tessera-striped"]["parameters"]["transport"] == "nvme-tcp"
+    assert "transport" not in classes["tessera-mirrored"]["parameters"]
+
+
+def test_the_agent_reads_the_hosts_kernel_modules_read_only(rendered: dict[str, list[Doc]]) -> None:
+    ds = one(rendered["default"], "DaemonSet", "tessera-node")
+    agent = container(ds, "node-agent")
+    modules = [m for m in agent["volumeMounts"] if m["mountPath"] == "/lib/modules"]
+    assert modules == [{"name": "lib-modules", "mountPath": "/lib/modules", "readOnly": True}]
+    host = {v["name"]: v for v in ds["spec"]["template"]["spec"]["volumes"]}["lib-modules"]
+    assert host["hostPath"] == {"path": "/lib/modules", "type": "Directory"}
+
+
 def test_postgresql_url_reaches_management_only_from_the_secret(
     rendered: dict[str, list[Doc]],
 ) -> None:

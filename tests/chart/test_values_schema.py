@@ -41,6 +41,24 @@ BAD_VALUES: list[tuple[str, dict[str, Any], list[str]]] = [
         ["/storageClasses/0/layout"],
     ),
     (
+        "chunk-in-bytes",
+        {
+            "storageClasses": [
+                {"name": "t", "vpg": "v", "layout": "raid0", "chunk": "65536", "fstype": "ext4"}
+            ]
+        },
+        ["/storageClasses/0/chunk"],
+    ),
+    (
+        "transport-typo",
+        {
+            "storageClasses": [
+                {"name": "t", "vpg": "v", "layout": "raid0", "transport": "nvme", "fstype": "ext4"}
+            ]
+        },
+        ["/storageClasses/0/transport"],
+    ),
+    (
         "locality-typo",
         {
             "storageClasses": [
@@ -93,6 +111,16 @@ TEMPLATE_REFUSALS: list[tuple[str, dict[str, Any], str]] = [
         "hostpath-database-without-node",
         {"management": {"database": {"type": "sqlite", "sqlite": {"storage": "hostPath"}}}},
         "management.database.sqlite.hostPath.nodeSelector",
+    ),
+    (
+        "one-vpg-two-layouts",
+        {
+            "storageClasses": [
+                {"name": "a", "vpg": "v", "layout": "raid1", "fstype": "ext4"},
+                {"name": "b", "vpg": "v", "layout": "raid0", "legs": 3, "fstype": "ext4"},
+            ]
+        },
+        'vpg "v" is given two layouts ("raid1" and "raid0,legs=3")',
     ),
 ]
 

@@ -78,6 +78,22 @@ VARIANTS: dict[str, dict[str, Any]] = {
             },
         ]
     },
+    "layouts": {
+        "storageClasses": [
+            {"name": "tessera", "vpg": "default", "layout": "concat", "fstype": "ext4"},
+            {
+                "name": "tessera-striped",
+                "vpg": "fast",
+                "layout": "raid0",
+                "legs": 3,
+                "chunk": "128KiB",
+                "fstype": "xfs",
+                "transport": "nvme-tcp",
+            },
+            {"name": "tessera-mirrored", "vpg": "safe", "layout": "raid1", "fstype": "ext4"},
+            {"name": "tessera-mirrored-xfs", "vpg": "safe", "layout": "raid1", "fstype": "xfs"},
+        ]
+    },
     "observability": {
         "networkPolicy": {
             "enabled": True,

@@ -98,16 +98,20 @@ one VPG with different layouts is a values error, refused here rather than
 left for management to refuse at start.
 */}}
 {{- define "tessera.vpgs" -}}
-{{- $layouts := dict }}
+{{- /* NAME=LAYOUT[,legs=N][,chunk=SIZE]: one flag per vpg; two entries of one vpg must agree */}}
+{{- $specs := dict }}
 {{- range .Values.storageClasses }}
-{{- $seen := get $layouts .vpg }}
-{{- if and $seen (ne $seen .layout) }}
-{{- fail (printf "storageClasses: vpg %q is given two layouts (%q and %q)" .vpg $seen .layout) }}
+{{- $spec := .layout }}
+{{- if .legs }}{{ $spec = printf "%s,legs=%d" $spec (int .legs) }}{{ end }}
+{{- if .chunk }}{{ $spec = printf "%s,chunk=%s" $spec .chunk }}{{ end }}
+{{- $seen := get $specs .vpg }}
+{{- if and $seen (ne $seen $spec) }}
+{{- fail (printf "storageClasses: vpg %q is given two layouts (%q and %q)" .vpg $seen $spec) }}
 {{- end }}
-{{- $_ := set $layouts .vpg .layout }}
+{{- $_ := set $specs .vpg $spec }}
 {{- end }}
-{{- range $name := keys $layouts | sortAlpha }}
-- --vpg={{ $name }}={{ get $layouts $name }}
+{{- range $name := keys $specs | sortAlpha }}
+- --vpg={{ $name }}={{ get $specs $name }}
 {{- end }}
 {{- end }}
 
