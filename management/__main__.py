@@ -62,8 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--vpg",
         action="append",
         default=[],
-        metavar="NAME=LAYOUT",
-        help="a volume provisioning group to ensure at start, like `default` (repeatable)",
+        metavar="NAME=LAYOUT[,legs=N][,chunk=SIZE]",
+        help="a volume provisioning group to ensure at start, like `default` (repeatable); "
+        "LAYOUT: concat, raid0, raid1 or raid10 (e.g. safe=raid1,legs=3 or "
+        "wide=raid0,legs=4,chunk=128K)",
     )
     p.add_argument("--token-file", required=True, help="file holding the API bearer token")
     p.add_argument(

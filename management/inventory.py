@@ -10,6 +10,7 @@ and only online nodes get new volumes. A fence is lifted only by an admin
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import Connection, bindparam, select
@@ -23,12 +24,13 @@ from management.liveness import node_state
 from management.pagination import fetch_page
 from management.placement import PoolSpace, allocated_by_pool, pool_space
 from management.schema import AttachmentRow, NodeRow, PoolRow, VolumeRow, VpgRow
-from tessera import ids
+from tessera import ids, layouts
 from tessera.errors import AlreadyExists, InvalidArgument, NotFound
 from tessera.models import (
     Capacity,
     ExportRef,
     HeartbeatReply,
+    Layout,
     Locality,
     Node,
     NodeRegistration,
@@ -41,9 +43,8 @@ from tessera.models import (
     Vpg,
     VpgCreate,
 )
+from tessera.units import format_size, parse_size
 
-#: layouts that exist today; striping/mirroring need dm/md on the nodes and come later
-SUPPORTED_LAYOUTS = ("concat",)
 DEFAULT_VPG = "default"
 
 log = logging.getLogger(__name__)
@@ -260,21 +261,47 @@ def ensure_default_vpg(ctx: Context) -> None:
 
 
 def parse_vpg_flag(text: str) -> VpgCreate:
-    """`NAME=LAYOUT` of `tessera-management --vpg`; InvalidArgument naming what is wrong."""
-    name, sep, layout = text.partition("=")
+    """`NAME=LAYOUT[,legs=N][,chunk=SIZE]` of `tessera-management --vpg`.
+
+    InvalidArgument naming what is wrong; the values are checked as the
+    REST create checks them (resolve_vpg), so a bad flag stops the start.
+    """
+    name, sep, rest = text.partition("=")
+    layout, *options = rest.split(",")
     if not sep or not layout:
         raise InvalidArgument(
-            f"--vpg {text[:80]!r}: expected NAME=LAYOUT (e.g. fast=concat)", field="vpg"
-        )
-    try:
-        req = VpgCreate(name=name, layout=layout)
-    except ValidationError:
-        raise InvalidArgument(
-            f"--vpg {text[:80]!r}: the name must be 1-63 letters, digits, '.', '_' or '-'",
+            f"--vpg {text[:80]!r}: expected NAME=LAYOUT[,legs=N][,chunk=SIZE] "
+            "(e.g. fast=concat, safe=raid1,legs=2, wide=raid0,legs=4,chunk=128K)",
             field="vpg",
-        ) from None
+        )
+    fields: dict[str, int] = {}
+    for option in options:
+        key, eq, value = option.partition("=")
+        target = {"legs": "legs", "chunk": "chunk_bytes"}.get(key.strip())
+        if not eq or target is None or target in fields:
+            raise InvalidArgument(
+                f"--vpg {text[:80]!r}: {option[:40]!r} is not legs=N or chunk=SIZE (each once)",
+                field="vpg",
+            )
+        try:
+            fields[target] = int(value) if target == "legs" else parse_size(value)
+        except ValueError:
+            raise InvalidArgument(
+                f"--vpg {text[:80]!r}: {key.strip()}={value[:40]!r} is not a "
+                f"{'number' if target == 'legs' else 'size (e.g. 64K)'}",
+                field="vpg",
+            ) from None
     try:
-        check_layout(layout)
+        req = VpgCreate(name=name, layout=layout, **fields)
+    except ValidationError as err:
+        where = str(err.errors()[0]["loc"][0]) if err.errors()[0]["loc"] else "name"
+        rule = {
+            "legs": "legs must be 0-16",
+            "chunk_bytes": "chunk must be at most 16 MiB",
+        }.get(where, "the name must be 1-63 letters, digits, '.', '_' or '-'")
+        raise InvalidArgument(f"--vpg {text[:80]!r}: {rule}", field="vpg") from None
+    try:
+        resolve_vpg(req)
     except InvalidArgument as err:
         raise InvalidArgument(f"--vpg {text[:80]!r}: {err.message}", field="vpg") from None
     return req
@@ -284,9 +311,9 @@ def ensure_vpgs(ctx: Context, wanted: list[VpgCreate]) -> list[Vpg]:
     """Create the vpgs `--vpg` names at start; those that exist with the same layout stay.
 
     Idempotent, so every start (and every replica) may run it. A vpg that
-    exists with another layout is not changed (its volumes were made for
-    the old one): AlreadyExists, which stops the start with a message
-    saying which vpg and both layouts.
+    exists with another layout, leg count or chunk is not changed (its
+    volumes were made for the old one): AlreadyExists, which stops the
+    start with a message saying which vpg and both values.
     """
     ensured = []
     for req in wanted:
@@ -301,33 +328,81 @@ def ensure_vpgs(ctx: Context, wanted: list[VpgCreate]) -> list[Vpg]:
     return ensured
 
 
-def check_layout(layout: str) -> None:
-    if layout not in SUPPORTED_LAYOUTS:
+def check_layout(layout: str) -> Layout:
+    try:
+        return Layout(layout)
+    except ValueError:
         raise InvalidArgument(
-            f"layout {layout[:40]!r} is not available yet: only 'concat' is supported "
-            "(striping and mirroring need device-mapper/md on the nodes and are planned)",
+            f"layout {layout[:40]!r} is not one of {', '.join(v.value for v in Layout)}",
             field="layout",
+        ) from None
+
+
+def resolve_vpg(req: VpgCreate) -> Vpg:
+    """The vpg a request makes: its layout checked, legs and chunk resolved to their defaults.
+
+    legs within tessera.layouts.LEG_RANGE; chunk a power of two of at least
+    4 KiB, and only for layouts that stripe (raid1 and concat have none).
+    """
+    layout = check_layout(req.layout)
+    legs = req.legs or layouts.DEFAULT_LEGS[layout]
+    low, high = layouts.LEG_RANGE[layout]
+    if not low <= legs <= high:
+        raise InvalidArgument(
+            f"legs {legs} is outside {low}-{high}, the range layout {layout.value} takes",
+            field="legs",
         )
+    chunk = req.chunk_bytes
+    if not layouts.is_striped(layout):
+        if chunk:
+            raise InvalidArgument(
+                f"chunk_bytes applies to striped layouts (raid0, raid10), not {layout.value}",
+                field="chunk_bytes",
+            )
+    elif not chunk:
+        chunk = layouts.DEFAULT_CHUNK
+    elif chunk < layouts.MIN_CHUNK or chunk & (chunk - 1):
+        raise InvalidArgument(
+            f"chunk_bytes {chunk} must be a power of two of at least "
+            f"{format_size(layouts.MIN_CHUNK)}",
+            field="chunk_bytes",
+        )
+    return Vpg(name=req.name, layout=layout.value, legs=legs, chunk_bytes=chunk)
+
+
+def vpg_model(row: VpgRow) -> Vpg:
+    return Vpg(name=row.name, layout=row.layout, legs=row.legs or 1, chunk_bytes=row.chunk_bytes)
 
 
 def create_vpg(ctx: Context, req: VpgCreate) -> tuple[Vpg, bool]:
-    """Create a vpg; idempotent by name. Returns (vpg, created)."""
+    """Create a vpg; idempotent by name and resolved values. Returns (vpg, created)."""
     ids.check_name(req.name, "name")
-    check_layout(req.layout)
-    return again_on_conflict(lambda: _get_or_insert_vpg(ctx, req))
+    wanted = resolve_vpg(req)
+    return again_on_conflict(lambda: _get_or_insert_vpg(ctx, wanted))
 
 
-def _get_or_insert_vpg(ctx: Context, req: VpgCreate) -> tuple[Vpg, bool]:
+def _get_or_insert_vpg(ctx: Context, wanted: Vpg) -> tuple[Vpg, bool]:
     with ctx.db.write() as s:
-        row = s.get(VpgRow, req.name)
-        if row is not None:
-            if row.layout != req.layout:
+        row = s.get(VpgRow, wanted.name)
+        if row is None:
+            s.add(VpgRow(**wanted.model_dump()))
+            return wanted, True
+        found = vpg_model(row)
+        for field in ("layout", "legs", "chunk_bytes"):
+            if getattr(found, field) != getattr(wanted, field):
                 raise AlreadyExists(
-                    f"vpg {req.name!r} exists with layout {row.layout!r}", field="layout"
+                    f"vpg {wanted.name!r} exists with {field} {getattr(found, field)!r}, "
+                    f"not {getattr(wanted, field)!r}",
+                    field=field,
                 )
-            return Vpg(name=row.name, layout=row.layout), False
-        s.add(VpgRow(name=req.name, layout=req.layout))
-        return Vpg(name=req.name, layout=req.layout), True
+        return found, False
+
+
+def get_vpg_row(conn: Session | Connection, name: str) -> Any:
+    """The vpg's (layout, legs, chunk_bytes); NotFound as check_vpg_exists."""
+    check_vpg_exists(conn, name)
+    stmt = select(VpgRow.layout, VpgRow.legs, VpgRow.chunk_bytes).where(VpgRow.name == name)
+    return conn.execute(stmt).one()
 
 
 _VPG_EXISTS = select(VpgRow.name).where(VpgRow.name == bindparam("name"))
@@ -359,7 +434,7 @@ def _could_be_name(name: str) -> bool:
 def list_vpgs(ctx: Context, page_token: str, max_entries: int) -> Page[Vpg]:
     with ctx.db.read() as s:
         rows, token = fetch_page(s, VpgRow, [VpgRow.name], page_token, max_entries)
-    return Page[Vpg](items=[Vpg(name=r.name, layout=r.layout) for r in rows], next_token=token)
+    return Page[Vpg](items=[vpg_model(r) for r in rows], next_token=token)
 
 
 # ---- capacity ------------------------------------------------------------------------

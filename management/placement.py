@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import Connection, Select, bindparam, func, select
 from sqlalchemy.orm import Session
 
-from management.schema import NodeRow, PoolRow, SnapshotRow, VolumeLegRow
+from management.schema import DiscardedLegRow, NodeRow, PoolRow, SnapshotRow, VolumeLegRow
 from tessera.errors import OutOfRange, ResourceExhausted
 from tessera.models import Locality
 from tessera.units import format_size
@@ -44,10 +44,12 @@ class PoolSpace:
 
 
 def allocated_by_pool(session: Session, node_id: str | None = None) -> dict[tuple[str, str], int]:
-    """Logical allocation per pool: the legs placed there plus what its snapshots may pin."""
+    """Logical allocation per pool: the legs placed there (live or waiting to be deleted)
+    plus what its snapshots may pin."""
     out: dict[tuple[str, str], int] = {}
     for table, size in (
         (VolumeLegRow, VolumeLegRow.size_bytes),
+        (DiscardedLegRow, DiscardedLegRow.size_bytes),
         (SnapshotRow, SnapshotRow.allocated_bytes),
     ):
         stmt = select(table.node_id, table.pool, func.sum(size)).group_by(table.node_id, table.pool)
@@ -62,15 +64,25 @@ def allocated_by_pool(session: Session, node_id: str | None = None) -> dict[tupl
 # writes to the source (or the snapshot's clones) may need that much again, so it is
 # promised like a leg and a write the pool accepted never meets ENOSPC.
 _ALLOCATED = (
-    select(func.coalesce(func.sum(VolumeLegRow.size_bytes), 0))
-    .where(VolumeLegRow.node_id == PoolRow.node_id, VolumeLegRow.pool == PoolRow.name)
-    .correlate(PoolRow)
-    .scalar_subquery()
-) + (
-    select(func.coalesce(func.sum(SnapshotRow.allocated_bytes), 0))
-    .where(SnapshotRow.node_id == PoolRow.node_id, SnapshotRow.pool == PoolRow.name)
-    .correlate(PoolRow)
-    .scalar_subquery()
+    (
+        select(func.coalesce(func.sum(VolumeLegRow.size_bytes), 0))
+        .where(VolumeLegRow.node_id == PoolRow.node_id, VolumeLegRow.pool == PoolRow.name)
+        .correlate(PoolRow)
+        .scalar_subquery()
+    )
+    + (
+        # a discarded leg's file is still there until its node deletes it
+        select(func.coalesce(func.sum(DiscardedLegRow.size_bytes), 0))
+        .where(DiscardedLegRow.node_id == PoolRow.node_id, DiscardedLegRow.pool == PoolRow.name)
+        .correlate(PoolRow)
+        .scalar_subquery()
+    )
+    + (
+        select(func.coalesce(func.sum(SnapshotRow.allocated_bytes), 0))
+        .where(SnapshotRow.node_id == PoolRow.node_id, SnapshotRow.pool == PoolRow.name)
+        .correlate(PoolRow)
+        .scalar_subquery()
+    )
 )
 
 

@@ -52,6 +52,11 @@ class NodeRow(Base):
     last_heartbeat: Mapped[float] = mapped_column(Float, default=0.0)
     #: when an admin (or ControllerUnpublish via `tessera node fence`) fenced it; 0: not fenced
     fenced_at: Mapped[float] = mapped_column(Float, default=0.0, server_default=text("0"))
+    #: tessera.models.Transport values the agent can serve and attach over, comma-separated
+    #: (an agent older than nvme-tcp registers none: loop and nbd)
+    transports: Mapped[str] = mapped_column(
+        String(128), default="loop,nbd", server_default=text("'loop,nbd'")
+    )
 
 
 class PoolRow(Base):
@@ -76,6 +81,10 @@ class VpgRow(Base):
 
     name: Mapped[str] = mapped_column(String(63), primary_key=True)
     layout: Mapped[str] = mapped_column(String(32))
+    #: legs per volume, resolved at create (tessera.layouts.DEFAULT_LEGS when not given)
+    legs: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))
+    #: stripe chunk of raid0/raid10 (0 for layouts that do not stripe)
+    chunk_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
 
 
 class VolumeRow(Base):
@@ -109,6 +118,14 @@ class VolumeRow(Base):
     qos_write_bps: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
     qos_read_iops: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
     qos_write_iops: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    #: tessera.models.Layout, copied from the vpg at create (a vpg's layout never changes,
+    #: but the volume's geometry must not depend on another row)
+    layout: Mapped[str] = mapped_column(
+        String(16), default="concat", server_default=text("'concat'")
+    )
+    chunk_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    #: raid1/raid10: the md array's UUID (uuid4), "" for layouts without md metadata
+    array_uuid: Mapped[str] = mapped_column(String(36), default="", server_default=text("''"))
 
 
 class VolumeLegRow(Base):
@@ -134,6 +151,36 @@ class VolumeLegRow(Base):
     node_id: Mapped[str] = mapped_column(String(128))
     pool: Mapped[str] = mapped_column(String(128))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
+    #: tessera.models.LegState: in_sync, or rebuilding after a repair placed it
+    state: Mapped[str] = mapped_column(
+        String(16), default="in_sync", server_default=text("'in_sync'")
+    )
+
+
+class DiscardedLegRow(Base):
+    """A leg file that must go but whose node could not delete it yet.
+
+    A stale leg replaced by a repair (never read again: it missed writes),
+    or a leg of a deleted volume whose node was down at the delete. Its file
+    still takes space, so placement counts it like a leg; the node is never
+    given a new leg of the same volume while it is here (the file path is
+    the volume's). Deleted on its node as soon as the node answers again
+    (management.legs.sweep_discarded). No foreign key to the volume: it may
+    be gone already.
+    """
+
+    __tablename__ = "discarded_legs"
+    __table_args__ = (
+        ForeignKeyConstraint(["node_id", "pool"], ["pools.node_id", "pools.name"]),
+        Index("ix_discarded_legs_pool", "node_id", "pool"),
+    )
+
+    volume_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    node_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    pool: Mapped[str] = mapped_column(String(128))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    #: the leg's slot in its volume (shown as a stale leg while the volume exists)
+    position: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class AttachmentRow(Base):

@@ -149,7 +149,9 @@ def test_garbage_bytes_are_rejected_as_problem_json(api, raw):
 
 
 def test_default_vpg_exists_and_is_concat(api):
-    assert api.get("/v1/vpgs").json()["items"] == [{"name": "default", "layout": "concat"}]
+    assert api.get("/v1/vpgs").json()["items"] == [
+        {"name": "default", "layout": "concat", "legs": 1, "chunk_bytes": 0}
+    ]
 
 
 def test_other_layouts_are_refused_with_clear_message(api):
@@ -158,7 +160,7 @@ def test_other_layouts_are_refused_with_clear_message(api):
     assert is_problem(resp)
     body = resp.json()
     assert body["field"] == "layout"
-    assert "not available yet" in body["detail"] and "concat" in body["detail"]
+    assert "'stripe' is not one of concat, raid0, raid1, raid10" in body["detail"]
 
 
 def test_creating_a_vpg_is_idempotent(api):

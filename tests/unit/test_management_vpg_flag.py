@@ -121,7 +121,7 @@ def test_an_unsupported_layout_in_a_vpg_flag_is_a_usage_error_before_the_databas
         timeout=60,
     )
     assert done.returncode == 2
-    assert "'raid5' is not available yet" in done.stderr
+    assert "'raid5' is not one of concat, raid0, raid1, raid10" in done.stderr
     assert not db.exists()
 
 
@@ -134,7 +134,15 @@ def test_an_unsupported_layout_in_a_vpg_flag_is_a_usage_error_before_the_databas
         ("a..b=concat", "the name must be"),
         ("../x=concat", "the name must be"),
         ("x" * 64 + "=concat", "the name must be"),
-        ("fast=striped", "is not available yet"),
+        ("fast=striped", "is not one of"),
+        ("safe=raid1,legs=4", "legs 4 is outside 2-3"),
+        ("safe=raid1,legs=x", "legs='x' is not a number"),
+        ("safe=raid1,chunk=64K", "chunk_bytes applies to striped layouts"),
+        ("wide=raid0,chunk=3K", "must be a power of two of at least 4 KiB"),
+        ("wide=raid0,chunk=6K", "must be a power of two"),
+        ("wide=raid0,legs=2,legs=3", "each once"),
+        ("wide=raid0,width=2", "is not legs=N or chunk=SIZE"),
+        ("wide=raid0,legs=17", "legs must be 0-16"),
     ],
 )
 def test_a_malformed_vpg_flag_is_refused_saying_what_is_wrong(flag, says):
@@ -146,3 +154,9 @@ def test_a_malformed_vpg_flag_is_refused_saying_what_is_wrong(flag, says):
 def test_a_well_formed_vpg_flag_names_the_vpg_and_its_layout():
     req = parse_vpg_flag("fast-nvme=concat")
     assert (req.name, req.layout) == ("fast-nvme", "concat")
+
+
+def test_a_vpg_flag_gives_a_layouts_legs_and_chunk():
+    req = parse_vpg_flag("wide=raid10,legs=6,chunk=128K")
+    assert (req.layout, req.legs, req.chunk_bytes) == ("raid10", 6, 128 * 1024)
+    assert parse_vpg_flag("safe=raid1").legs == 0  # the layout's default, resolved at create
