@@ -60,11 +60,17 @@ def node_model(ctx: Context, row: NodeRow) -> Node:
         agent_url=row.agent_url,
         topology=dict(row.topology or {}),
         max_volumes=row.max_volumes,
+        transports=node_transports(row),
         last_heartbeat=row.last_heartbeat,
         online=state == NodeState.ONLINE,
         state=state,
         fenced_at=row.fenced_at or 0.0,
     )
+
+
+def node_transports(row: NodeRow | Any) -> list[str]:
+    """What the node's agent said it can serve and attach over (loop and nbd before it said)."""
+    return [t for t in (row.transports or "loop,nbd").split(",") if t]
 
 
 def register_node(ctx: Context, node_id: str, reg: NodeRegistration) -> Node:
@@ -86,6 +92,8 @@ def _upsert_node(ctx: Context, node_id: str, reg: NodeRegistration) -> Node:
         row.agent_url = reg.agent_url
         row.topology = dict(reg.topology)
         row.max_volumes = reg.max_volumes
+        # in the order of tessera.models.Transport, once each, whatever the agent sent
+        row.transports = ",".join(t.value for t in Transport if t in reg.transports)
         row.last_heartbeat = ctx.clock()
         # fenced_at stays: fencing is lifted only by an admin (unfence_node), never by
         # the node itself, which may come back with a pod still writing to a local volume

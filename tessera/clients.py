@@ -90,9 +90,20 @@ class ManagementClient(_TypedClient):
 
     # nodes and pools
     def register_node(
-        self, node_id: str, agent_url: str, topology: dict[str, str], max_volumes: int = 0
+        self,
+        node_id: str,
+        agent_url: str,
+        topology: dict[str, str],
+        max_volumes: int = 0,
+        transports: list[str] | None = None,
     ) -> Node:
-        body = {"agent_url": agent_url, "topology": topology, "max_volumes": max_volumes}
+        body: dict[str, object] = {
+            "agent_url": agent_url,
+            "topology": topology,
+            "max_volumes": max_volumes,
+        }
+        if transports is not None:  # none: management assumes loop and nbd (older agents)
+            body["transports"] = transports
         return self._parse(Node, self._c.request("PUT", f"/v1/nodes/{node_id}", json=body))
 
     def heartbeat(self, node_id: str) -> HeartbeatReply:

@@ -40,6 +40,8 @@ NODE_COLUMNS = [
     # upper case where a person must act: an unreachable node blocks its volumes
     Column("STATE", lambda n: n.state.value if n.online else n.state.value.upper()),
     Column("LAST HEARTBEAT", lambda n: _age(n.last_heartbeat), drop=2),
+    # what its remote legs and attachments can come over (nvme-tcp needs kernel modules)
+    Column("TRANSPORTS", lambda n: ",".join(n.transports) or "-", drop=2),
     Column("MAX VOLUMES", lambda n: str(n.max_volumes or "-"), drop=3),
     Column("AGENT", lambda n: n.agent_url, drop=4, fold=True),
     Column("TOPOLOGY", lambda n: _topology(n), wide_only=True),
@@ -65,7 +67,7 @@ def node_list(
     management: Management = None,
     token_file: TokenFile = None,
 ) -> None:
-    """List nodes, their state (online, unreachable, fenced) and their last heartbeat."""
+    """List nodes, their state (online, unreachable, fenced), last heartbeat and transports."""
     with connect(state_dir, management, token_file) as client:
         nodes = all_items(client.list_nodes)
     print_list(nodes, NODE_COLUMNS, output, noun="nodes")

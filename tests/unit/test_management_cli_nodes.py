@@ -53,8 +53,8 @@ def started(tmp_path: Path, *flags: str) -> Iterator[tuple[ManagementClient, dic
             time.sleep(0.05)
         env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
         env.update(COLUMNS="80", TESSERA_MANAGEMENT=url, TESSERA_TOKEN_FILE=str(token_file))
-        for node in ("n1", "n2"):
-            client.register_node(node, f"unix://{sock_dir}/{node}.sock", {})
+        for node, transports in (("n1", None), ("n2", ["nvme-tcp", "loop", "nvme-tcp"])):
+            client.register_node(node, f"unix://{sock_dir}/{node}.sock", {}, 0, transports)
         yield client, env
     finally:
         client.close()
@@ -99,6 +99,21 @@ def test_forced_fence_reports_the_node_fenced_and_node_list_shows_it(management)
     assert lines[0].split()[:4] == ["ID", "STATE", "LAST", "HEARTBEAT"]
     rows = {line.split()[0]: line.split()[1] for line in lines[1:]}
     assert rows == {"n1": "online", "n2": "FENCED"}
+
+
+def test_node_list_shows_what_transports_each_node_offers_old_agents_loop_and_nbd(management):
+    _client, env = management
+    table = tessera(env, "node", "list")
+    assert table.returncode == 0, table.stderr
+    assert "TRANSPORTS" in table.stdout.splitlines()[0]
+    rows = {line.split()[0]: line.split() for line in table.stdout.splitlines()[1:]}
+    assert "loop,nbd" in rows["n1"]  # registered without transports, as older agents do
+    assert "loop,nvme-tcp" in rows["n2"]  # in one order, once each
+    listed = json.loads(tessera(env, "node", "list", "-o", "json").stdout)["items"]
+    assert {n["id"]: n["transports"] for n in listed} == {
+        "n1": ["loop", "nbd"],
+        "n2": ["loop", "nvme-tcp"],
+    }
 
 
 def test_a_fenced_node_stays_fenced_when_it_beats_until_the_admin_unfences_it(management):

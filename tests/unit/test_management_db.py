@@ -124,6 +124,7 @@ def test_a_database_made_by_the_previous_version_is_upgraded_at_start(tmp_path: 
             assert pool["allocated_bytes"] == 256 * 1024**2  # the old volume still takes space
             node = api.get("/v1/nodes/n1").json()
             assert node["state"] == "online" and node["fenced_at"] == 0
+            assert node["transports"] == ["loop", "nbd"]  # what agents of that time could do
             (att,) = api.get(f"/v1/volumes/{vol['id']}/attachments").json()["items"]
             assert att["connection"]["transport"] == "loop"
     with sqlite3.connect(path) as conn:
