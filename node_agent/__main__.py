@@ -34,6 +34,7 @@ from node_agent.agent import DEFAULT_STATE_DIR, Agent
 from node_agent.api import create_app
 from node_agent.attachments import DEFAULT_DEV_DIR
 from node_agent.exports import DEFAULT_PORTS, parse_port_range
+from node_agent.nvme_exports import DEFAULT_NVME_PORT
 from node_agent.pools import DEFAULT_RESERVE, Pool, Reserve, parse_overcommit, parse_pool_spec
 from node_agent.registration import HEARTBEAT_SECONDS, Follower, Registrar
 from tessera.clients import ManagementClient
@@ -109,6 +110,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"ports for NBD exports (default {DEFAULT_PORTS[0]}-{DEFAULT_PORTS[1]})",
     )
     p.add_argument(
+        "--nvme-port",
+        type=_port,
+        default=DEFAULT_NVME_PORT,
+        metavar="PORT",
+        help=f"the port nvme-tcp exports listen on (default {DEFAULT_NVME_PORT})",
+    )
+    p.add_argument(
         "--heartbeat-interval",
         type=float,
         default=HEARTBEAT_SECONDS,
@@ -158,6 +166,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.pool and not args.file_pool:
         p.error("give at least one --pool NAME=DIR or --file-pool NAME=IMAGE:SIZE")
     return args
+
+
+def _port(text: str) -> int:
+    """One TCP port, 1-65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port within 1-65535")
+    return port
 
 
 def _port_range(text: str) -> tuple[int, int]:
@@ -356,6 +375,7 @@ def start_agent(args: argparse.Namespace, network: Network | None) -> Agent:
         export_address=export_address,
         export_ports=args.export_ports,
         cgroup_root=args.cgroup_root,
+        nvme_port=args.nvme_port,
     )
     agent.qos.watch()  # containers' cgroups appear after a publish (cgroup v1)
     agent.recover()

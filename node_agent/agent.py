@@ -12,9 +12,10 @@ from pathlib import Path
 
 from node_agent import extents, snapshots, volumes
 from node_agent.attachments import DEFAULT_DEV_DIR, AttachmentManager
-from node_agent.exports import DEFAULT_PORTS, Exports
+from node_agent.exports import DEFAULT_PORTS
 from node_agent.freezes import Freezes
 from node_agent.keys import KeyStore
+from node_agent.nvme_exports import DEFAULT_NVME_PORT, NvmeExports, TransportExports
 from node_agent.pools import Pool
 from node_agent.qos import Qos
 from node_agent.transports import Transport, build_transports
@@ -56,6 +57,7 @@ class Agent:
         export_address: str = "",
         export_ports: tuple[int, int] = DEFAULT_PORTS,
         cgroup_root: Path = DEFAULT_CGROUP_ROOT,
+        nvme_port: int = DEFAULT_NVME_PORT,
     ) -> None:
         self.node_id = check_node_id(node_id)
         self.pools = pools
@@ -63,7 +65,12 @@ class Agent:
         self.state_dir = state_dir
         #: consumer side: keys to reach remote volumes; owner side: NBD exports
         self.keys = KeyStore(state_dir / "keys")
-        self.exports = Exports(state_dir / "exports", export_address, export_ports)
+        self.exports = TransportExports(
+            state_dir / "exports",
+            export_address,
+            export_ports,
+            NvmeExports(state_dir / "nvme-exports", self.node_id, export_address, nvme_port),
+        )
         self.transports = (
             transports
             if transports is not None

@@ -1,0 +1,358 @@
+"""NVMe/TCP exports of this node's volumes (the owner side), beside the NBD ones.
+
+An export to a client node is, in nvmet (tessera/system/nvmet.py): the
+subsystem `subsystem_nqn(volume, this node)` with namespace 1 on the
+volume file, the host `host_nqn(client, volume)` with the attachment's
+key as its DH-HMAC-CHAP key, allowed on that subsystem, and the subsystem
+served on this node's one port (--data-address/--export-address,
+--nvme-port). nvmet has no per-host read-only mode, so a read-only
+request is refused (management sends read-only attachments over NBD).
+
+Records, in `<state-dir>/nvme-exports/<volume_id>/<client_node>.*`:
+`json` (volume file, address, port) and `key` (the hex key, 0600). They
+are written before configfs is touched and removed after it was cleaned,
+so every configfs object of ours has a record that finds it, and a reboot
+(configfs is empty after one) is repaired at start from the records. The
+kernel does the serving: nothing runs that an agent restart could take
+along.
+
+`TransportExports` is the agent's `exports`: the NBD `Exports` it extends
+(every NBD behaviour unchanged) plus these, dispatched by
+AgentExportCreate.transport. An export of one (volume, client) exists over
+one transport at a time: opening it over the other closes the first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from node_agent.exports import Exports
+from node_agent.keys import write_private
+from tessera.errors import FailedPrecondition, InvalidArgument
+from tessera.ids import check_node_id, check_volume_id, is_volume_id
+from tessera.models import AgentExport, AgentExportCreate, Transport
+from tessera.nvme_names import dhchap_secret, host_nqn, subsystem_nqn
+from tessera.system import nvmet
+
+log = logging.getLogger(__name__)
+
+#: nvme-tcp's registered port, the default of --nvme-port
+DEFAULT_NVME_PORT = 4420
+
+Key = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class NvmeRecord:
+    volume_id: str
+    client_node: str
+    volume_file: str
+    host: str
+    port: int
+
+    def model(self, owner: str) -> AgentExport:
+        return AgentExport(
+            volume_id=self.volume_id,
+            client_node=self.client_node,
+            host=self.host,
+            port=self.port,
+            readonly=False,
+            transport=Transport.NVME_TCP,
+            subsystem_nqn=subsystem_nqn(self.volume_id, owner),
+        )
+
+
+class NvmeExports:
+    """This node's nvmet exports; the caller holds the volume's lock around changes."""
+
+    def __init__(
+        self,
+        directory: Path,
+        owner_node: str,
+        address: str,
+        port: int = DEFAULT_NVME_PORT,
+        configfs: Path = nvmet.CONFIGFS,
+    ) -> None:
+        self.directory = directory
+        self.owner = owner_node
+        self.address = address
+        self.port = port
+        self.configfs = configfs
+
+    # ---- records -------------------------------------------------------------------
+
+    def _file(self, volume_id: str, client_node: str, suffix: str) -> Path:
+        return self.directory / volume_id / f"{client_node}.{suffix}"
+
+    def _read(self, volume_id: str, client_node: str) -> NvmeRecord | None:
+        return _load(self._file(volume_id, client_node, "json"))
+
+    def records(self, volume_id: str | None = None) -> list[NvmeRecord]:
+        if not self.directory.is_dir():
+            return []
+        dirs = [self.directory / volume_id] if volume_id else sorted(self.directory.iterdir())
+        found = []
+        for vdir in dirs:
+            if not is_volume_id(vdir.name) or not vdir.is_dir():
+                continue
+            for path in sorted(vdir.glob("*.json")):
+                record = _load(path)
+                if record is not None:
+                    found.append(record)
+        return found
+
+    def has(self, volume_id: str, client_node: str) -> bool:
+        return self._file(volume_id, client_node, "json").is_file()
+
+    def list(self) -> list[AgentExport]:
+        return [r.model(self.owner) for r in self.records()]
+
+    def of_volume(self, volume_id: str) -> list[AgentExport]:
+        return [r.model(self.owner) for r in self.records(volume_id)]
+
+    def keys(self) -> list[Key]:
+        return [(r.volume_id, r.client_node) for r in self.records()]
+
+    # ---- the kernel ------------------------------------------------------------------
+
+    def _target(self) -> nvmet.Nvmet:
+        return nvmet.Nvmet(self.owner, nvmet.ensure_loaded(self.configfs))
+
+    def _apply(self, record: NvmeRecord, key_hex: str) -> None:
+        """Make configfs serve `record` (every step idempotent)."""
+        target = self._target()
+        subnqn = subsystem_nqn(record.volume_id, self.owner)
+        hostnqn = host_nqn(record.client_node, record.volume_id)
+        port = target.ensure_port(record.host, record.port)
+        rekeyed = target.ensure_host(hostnqn, dhchap_secret(key_hex))
+        target.ensure_subsystem(subnqn, Path(record.volume_file))
+        target.allow_host(subnqn, hostnqn)
+        target.link_port(port, subnqn)
+        if rekeyed:
+            # a controller authenticated with the old key must not keep the volume
+            target.bounce(subnqn)
+
+    def serving(self, record: NvmeRecord) -> bool:
+        """Whether configfs serves `record` (subsystem enabled on a port, host allowed)."""
+        root = self.configfs / "nvmet"
+        if not root.is_dir():
+            return False
+        found = nvmet.Nvmet(self.owner, root).subsystem(subsystem_nqn(record.volume_id, self.owner))
+        return (
+            found is not None
+            and found.enabled
+            and bool(found.ports)
+            and host_nqn(record.client_node, record.volume_id) in found.hosts
+        )
+
+    # ---- the API's operations ----------------------------------------------------------
+
+    def open(
+        self, volume_id: str, client_node: str, volume_file: Path, req: AgentExportCreate
+    ) -> AgentExport:
+        """Export the volume to `client_node` over nvme-tcp; again: the same export."""
+        check_volume_id(volume_id)
+        check_node_id(client_node, "client_node")
+        if req.readonly:
+            raise InvalidArgument(
+                "readonly: nvmet has no per-host read-only mode; read-only attachments are "
+                "exported over nbd",
+                field="readonly",
+            )
+        if not self.address:
+            raise FailedPrecondition(
+                "this agent has no address to export on: start it with --export-address "
+                "(or --listen/--advertise)"
+            )
+        record = NvmeRecord(
+            volume_id=volume_id,
+            client_node=client_node,
+            volume_file=str(volume_file),
+            host=nvmet.resolve(self.address),
+            port=self.port,
+        )
+        write_private(self._file(volume_id, client_node, "json"), _dump(record))
+        write_private(self._file(volume_id, client_node, "key"), req.psk_key.encode())
+        self._apply(record, req.psk_key)
+        log.info(
+            "exported volume %s to node %s over nvme-tcp on %s:%d",
+            volume_id,
+            client_node,
+            record.host,
+            record.port,
+        )
+        return record.model(self.owner)
+
+    def close(self, volume_id: str, client_node: str) -> None:
+        """Revoke: the host is no longer allowed, its connections end; idempotent."""
+        check_volume_id(volume_id)
+        check_node_id(client_node, "client_node")
+        had = self.has(volume_id, client_node)
+        root = self.configfs / "nvmet"
+        if root.is_dir():
+            self._unserve(nvmet.Nvmet(self.owner, root), volume_id, client_node)
+        self._remove(volume_id, client_node)
+        if had:
+            log.info("closed nvme-tcp export of volume %s to node %s", volume_id, client_node)
+
+    def _unserve(self, target: nvmet.Nvmet, volume_id: str, client_node: str) -> None:
+        subnqn = subsystem_nqn(volume_id, self.owner)
+        hostnqn = host_nqn(client_node, volume_id)
+        target.disallow_host(subnqn, hostnqn)
+        found = target.subsystem(subnqn)
+        if found is not None and not found.hosts:
+            target.remove_subsystem(subnqn)  # no host left: nothing serves the file
+        elif found is not None:
+            target.bounce(subnqn)  # the revoked host's live controller ends now
+        target.remove_host_if_unused(hostnqn)
+
+    def _remove(self, volume_id: str, client_node: str) -> None:
+        for suffix in ("key", "json"):
+            self._file(volume_id, client_node, suffix).unlink(missing_ok=True)
+        try:
+            (self.directory / volume_id).rmdir()
+        except OSError:
+            pass
+
+    def revalidate(self, volume_id: str) -> None:
+        """After a resize: connected hosts learn the namespace's new size."""
+        root = self.configfs / "nvmet"
+        if self.records(volume_id) and root.is_dir():
+            nvmet.Nvmet(self.owner, root).revalidate(subsystem_nqn(volume_id, self.owner))
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    def recover(self, volume_file_of: Callable[[str], Path | None]) -> list[AgentExport]:
+        """At start: serve every record again (after a reboot configfs is empty); drop
+        records whose volume or key is gone; remove our subsystems no record wants."""
+        kept = []
+        wanted: set[str] = set()
+        for record in self.records():
+            volume_file = volume_file_of(record.volume_id)
+            key = self._key(record)
+            if volume_file is None or key is None:
+                log.warning(
+                    "dropped the nvme-tcp export of volume %s to node %s: %s",
+                    record.volume_id,
+                    record.client_node,
+                    "the volume is not on this node" if volume_file is None else "no key",
+                )
+                self.close(record.volume_id, record.client_node)
+                continue
+            moved = NvmeRecord(**{**asdict(record), "volume_file": str(volume_file)})
+            try:
+                if moved != record:
+                    write_private(
+                        self._file(record.volume_id, record.client_node, "json"), _dump(moved)
+                    )
+                self._apply(moved, key)
+            except (OSError, FailedPrecondition) as err:
+                log.error(
+                    "could not serve volume %s to node %s over nvme-tcp again: %s",
+                    record.volume_id,
+                    record.client_node,
+                    err,
+                )
+                continue
+            wanted.add(subsystem_nqn(record.volume_id, self.owner))
+            kept.append(moved.model(self.owner))
+        self._sweep(wanted)
+        return kept
+
+    def _sweep(self, wanted: set[str]) -> None:
+        """Our subsystems without a record (a close that crashed half way): removed."""
+        root = self.configfs / "nvmet"
+        if not root.is_dir():
+            return
+        target = nvmet.Nvmet(self.owner, root)
+        for found in target.subsystems():
+            if found.nqn in wanted:
+                continue
+            target.remove_subsystem(found.nqn)
+            for hostnqn in found.hosts:
+                target.remove_host_if_unused(hostnqn)
+
+    def _key(self, record: NvmeRecord) -> str | None:
+        try:
+            key = self._file(record.volume_id, record.client_node, "key").read_text().strip()
+        except OSError:
+            return None
+        return key if len(key) == 64 else None
+
+
+class TransportExports(Exports):
+    """The agent's exports: NBD (the base class, unchanged) and nvme-tcp (`nvme`)."""
+
+    def __init__(
+        self,
+        directory: Path,
+        address: str,
+        ports: tuple[int, int],
+        nvme: NvmeExports,
+    ) -> None:
+        super().__init__(directory, address, ports)
+        self.nvme = nvme
+
+    def open(
+        self, volume_id: str, client_node: str, volume_file: Path, req: AgentExportCreate
+    ) -> AgentExport:
+        if req.transport == Transport.NVME_TCP:
+            self._stamp((volume_id, client_node))  # see Exports.mark
+            if self._read(volume_id, client_node) is not None:
+                super().close(volume_id, client_node)
+            return self.nvme.open(volume_id, client_node, volume_file, req)
+        if req.transport != Transport.NBD:
+            raise InvalidArgument(
+                f"transport: exports are nbd or nvme-tcp, not {req.transport.value}",
+                field="transport",
+            )
+        if self.nvme.has(volume_id, client_node):
+            self.nvme.close(volume_id, client_node)
+        return super().open(volume_id, client_node, volume_file, req)
+
+    def close(self, volume_id: str, client_node: str) -> None:
+        self.nvme.close(volume_id, client_node)
+        super().close(volume_id, client_node)
+
+    def list(self) -> list[AgentExport]:
+        return super().list() + self.nvme.list()
+
+    def of_volume(self, volume_id: str) -> list[AgentExport]:
+        return super().of_volume(volume_id) + self.nvme.of_volume(volume_id)
+
+    def liveness(self) -> list[bool]:
+        return super().liveness() + [self.nvme.serving(r) for r in self.nvme.records()]
+
+    def unwanted(self, wanted: set[Key], mark: int) -> list[Key]:
+        nvme = [k for k in self.nvme.keys() if k not in wanted and self._older_than(k, mark)]
+        return super().unwanted(wanted, mark) + nvme
+
+    def reap(self, volume_id: str, client_node: str, mark: int) -> bool:
+        if self._older_than((volume_id, client_node), mark) and self.nvme.has(
+            volume_id, client_node
+        ):
+            self.close(volume_id, client_node)
+            log.info("volume %s to node %s was not wanted by management", volume_id, client_node)
+            return True
+        return super().reap(volume_id, client_node, mark)
+
+    def recover(self, volume_file_of: Callable[[str], Path | None]) -> list[AgentExport]:
+        return super().recover(volume_file_of) + self.nvme.recover(volume_file_of)
+
+
+def _dump(record: NvmeRecord) -> bytes:
+    return json.dumps(asdict(record)).encode()
+
+
+def _load(path: Path) -> NvmeRecord | None:
+    try:
+        return NvmeRecord(**json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError) as err:
+        log.warning("ignored the unreadable nvme export record %s: %s", path, err)
+        return None
