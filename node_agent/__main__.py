@@ -33,6 +33,7 @@ from node_agent import file_pools
 from node_agent.agent import DEFAULT_STATE_DIR, Agent
 from node_agent.api import create_app
 from node_agent.attachments import DEFAULT_DEV_DIR
+from node_agent.capabilities import host_transports
 from node_agent.exports import DEFAULT_PORTS, parse_port_range
 from node_agent.nvme_exports import DEFAULT_NVME_PORT
 from node_agent.pools import DEFAULT_RESERVE, Pool, Reserve, parse_overcommit, parse_pool_spec
@@ -413,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
             args.max_volumes,
             heartbeat_seconds=args.heartbeat_interval,
             follower=Follower(agent),
+            transports=[t.value for t in host_transports()],
         )
         registrar.start()
     try:

@@ -138,8 +138,11 @@ class Registrar:
         max_volumes: int = 0,
         heartbeat_seconds: float = HEARTBEAT_SECONDS,
         follower: Follower | None = None,
+        transports: list[str] | None = None,
     ) -> None:
         self.client = client
+        #: what this host can serve and attach over (node_agent/capabilities.py); None: unsaid
+        self.transports = transports
         self.node_id = node_id
         self.agent_url = agent_url
         self.capacities = capacities
@@ -174,7 +177,10 @@ class Registrar:
     def register(self) -> None:
         """One full registration: the node, then each pool with its capacity."""
         topology = {TOPOLOGY_KEY: self.node_id}
-        self.client.register_node(self.node_id, self.agent_url, topology, self.max_volumes)
+        offered = {"transports": self.transports} if self.transports is not None else {}
+        self.client.register_node(
+            self.node_id, self.agent_url, topology, self.max_volumes, **offered
+        )
         self._reported.clear()
         self.report_pools()
         self.registered.set()

@@ -1,0 +1,110 @@
+"""Which transports this host can serve and attach over, as registration reports them.
+
+- loop: always (the loop driver is everywhere we run);
+- nbd: nbdkit (exports, and the client nbdfuse starts) and nbdfuse installed;
+- nvme-tcp: the kernel has, loaded or loadable, the NVMe/TCP host (nvme_tcp),
+  its DH-HMAC-CHAP support (nvme_auth: every connection authenticates) and
+  the target (nvmet_tcp), and configfs is mounted or mountable (nvmet is
+  configured there). nvme-cli is not needed: tessera.system.nvme_host talks
+  to /dev/nvme-fabrics itself;
+- composed: mdadm and dmsetup installed, md (raid1, raid10) and
+  device-mapper loadable.
+
+"Loadable" means present in /sys/module (loaded or built in with
+parameters) or listed in the running kernel's modules.dep or
+modules.builtin: a check that loads nothing, so registering never changes
+the host. Management chooses nvme-tcp for a remote volume only when both
+ends list it, and falls back to nbd otherwise, so a wrong "no" costs speed
+and a wrong "yes" costs a failed attach: hence every piece is checked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from tessera.models import Transport
+
+log = logging.getLogger(__name__)
+
+SYS_MODULE = Path("/sys/module")
+MODULES_ROOT = Path("/lib/modules")
+CONFIGFS = Path("/sys/kernel/config")
+
+NVME_MODULES = ("nvme_tcp", "nvme_auth", "nvmet_tcp")
+COMPOSED_MODULES = ("raid1", "raid10", "dm_mod")
+
+
+def _norm(name: str) -> str:
+    return name.replace("-", "_")
+
+
+def kernel_modules(release: str | None = None, root: Path = MODULES_ROOT) -> set[str]:
+    """Module names (underscored) the running kernel can load or has built in."""
+    directory = root / (release or os.uname().release)
+    names: set[str] = set()
+    for listing in ("modules.dep", "modules.builtin"):
+        try:
+            lines = (directory / listing).read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            path = line.split(":", 1)[0].strip()
+            if path:
+                names.add(_norm(Path(path).name.split(".ko", 1)[0]))
+    return names
+
+
+def missing_modules(
+    wanted: tuple[str, ...], available: set[str] | None = None, sys_module: Path = SYS_MODULE
+) -> list[str]:
+    """Which of `wanted` are neither loaded nor loadable."""
+    loadable = kernel_modules() if available is None else available
+    return [m for m in wanted if not (sys_module / m).exists() and _norm(m) not in loadable]
+
+
+def configfs_usable(configfs: Path = CONFIGFS) -> bool:
+    """configfs mounted, or the kernel knows the file system (we mount it when needed)."""
+    if os.path.ismount(configfs):
+        return True
+    try:
+        known = Path("/proc/filesystems").read_text().split()
+    except OSError:
+        return False
+    return "configfs" in known and configfs.is_dir()
+
+
+def nvme_tcp_missing(available: set[str] | None = None) -> list[str]:
+    """What keeps this host from nvme-tcp; empty when it can use it."""
+    missing = [f"kernel module {m}" for m in missing_modules(NVME_MODULES, available)]
+    if not configfs_usable():
+        missing.append("configfs (mounted at /sys/kernel/config)")
+    return missing
+
+
+def composed_missing(available: set[str] | None = None) -> list[str]:
+    missing = [f"{tool} (not installed)" for tool in ("mdadm", "dmsetup") if not shutil.which(tool)]
+    return missing + [f"kernel module {m}" for m in missing_modules(COMPOSED_MODULES, available)]
+
+
+def nbd_missing() -> list[str]:
+    return [f"{tool} (not installed)" for tool in ("nbdkit", "nbdfuse") if not shutil.which(tool)]
+
+
+def host_transports() -> list[Transport]:
+    """The transports this host offers, in the order management lists them; logs why
+    the others are not offered."""
+    available = kernel_modules()
+    offered = [Transport.LOOP]
+    for transport, missing in (
+        (Transport.NBD, nbd_missing()),
+        (Transport.NVME_TCP, nvme_tcp_missing(available)),
+        (Transport.COMPOSED, composed_missing(available)),
+    ):
+        if missing:
+            log.info("transport %s is not offered: missing %s", transport, ", ".join(missing))
+        else:
+            offered.append(transport)
+    return offered
