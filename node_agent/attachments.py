@@ -153,6 +153,10 @@ class AttachmentManager:
         else:
             _check_same(device, readonly, connection)
             transport = self.transports[device.transport]
+            # a composed volume re-published with other legs (a repair) adopts them in place
+            reconcile = getattr(transport, "reconcile", None)
+            if connection is not None and reconcile is not None:
+                reconcile(device, connection)
             transport.extend(device, min_size_bytes)
             for view in views:
                 transport.extend(view)

@@ -142,6 +142,7 @@ def check_transport(name: str, transports: dict[str, Transport]) -> Transport:
 
 
 def _register_builtins() -> None:
+    from node_agent.transports.composed import ComposedTransport
     from node_agent.transports.loop import LoopTransport
     from node_agent.transports.nbd import NbdTransport
     from node_agent.transports.nvme_tcp import NvmeTcpTransport
@@ -149,6 +150,7 @@ def _register_builtins() -> None:
     register_transport(LoopTransport.name, lambda pools, _state, _keys: LoopTransport(pools))
     register_transport(NbdTransport.name, NbdTransport.from_state_dir)
     register_transport(NvmeTcpTransport.name, NvmeTcpTransport.from_state_dir)
+    register_transport(ComposedTransport.name, ComposedTransport.from_state_dir)
 
 
 _register_builtins()

@@ -27,6 +27,9 @@ _LOOP_DEVICE = re.compile(r"/dev/loop[0-9]+")
 # A view's lo_file_name (loopdev.attach's label): how a restarted agent tells
 # a read-only view from a read-only primary on the same file.
 VIEW_LABEL = "tessera-view:"
+# A composed volume's local leg (its label): md or dm sits on it, so it is never
+# a device of the loop transport (or an attachment's primary) itself.
+LEG_LABEL = "tessera-leg:"
 
 # LOOP_CTL_GET_FREE names the lowest free device without claiming it; two
 # attaches at once in one process would be given the same one, so find-free +
@@ -43,11 +46,17 @@ def check_loop_device(device: str) -> str:
 
 
 def bind(
-    volume_id: str, file: str, readonly: bool, transport: str, view_key: str = ""
+    volume_id: str,
+    file: str,
+    readonly: bool,
+    transport: str,
+    view_key: str = "",
+    leg: bool = False,
 ) -> BlockDevice:
-    """A new loop device on `file`; a view (with `view_key`) is read-only by definition."""
+    """A new loop device on `file`; a view (with `view_key`) is read-only by definition;
+    a composed volume's `leg` is labelled so that `bound` never lists it."""
     readonly = readonly or bool(view_key)
-    label = VIEW_LABEL + view_key if view_key else ""
+    label = VIEW_LABEL + view_key if view_key else LEG_LABEL + volume_id if leg else ""
     try:
         with _FIND_LOCK:
             device, direct_io = loopdev.attach(file, readonly=readonly, direct_io=True, label=label)
@@ -75,11 +84,19 @@ def bound(volume_of: Callable[[str], str | None], transport: str) -> list[BlockD
     devices = []
     for b in found:
         volume_id = volume_of(b.backing)
-        if volume_id is not None:
+        if volume_id is not None and not is_leg(b.path):
             devices.append(
                 BlockDevice(volume_id, b.path, b.backing, b.readonly, transport, _view_key(b))
             )
     return devices
+
+
+def is_leg(device: str) -> bool:
+    """Whether the loop device is a composed volume's leg (its label); gone is no leg."""
+    try:
+        return loopdev.read_label(device).startswith(LEG_LABEL)
+    except OSError:
+        return False
 
 
 def unbind(device: BlockDevice) -> None:

@@ -1,0 +1,761 @@
+"""The composed transport: a volume made of legs on several nodes, put together here.
+
+Every leg in `Connection.legs` is attached (a loop device on this node's
+leg file when the leg is local, an nvme-tcp namespace otherwise), then:
+
+- raid0: a device-mapper `striped` device `tessera-<volume-id>` over the
+  legs in index order (tessera.system.dm): no metadata, the table is the
+  stored geometry;
+- raid1 / raid10: the md array whose UUID is `Connection.array_uuid`
+  (tessera.system.md). Created only when no leg carries any signature at all
+  (every leg a fresh, zero, sparse file); otherwise assembled from exactly
+  the listed legs that carry this array's superblock and are not stale
+  (events behind the newest): never --scan, never a device not listed,
+  never a create over data.
+
+State per volume, `<state-dir>/composed/<volume-id>/record.json` (0700):
+the connection as assembled (legs included), the mode, which listed legs
+were left out as stale, the md array's kernel name, and a digest of the key
+(never the key). The kernel is the rest of the record: the dm device by
+name, the md array by the UUID in its members' superblocks, local legs by
+their loop label, remote legs by subsystem and host NQN in sysfs. So an
+agent restarted at any point adopts exactly what is there, and a repeated
+connect or disconnect converges.
+
+A re-publish whose legs differ (a repair placed a new leg) is reconciled
+without touching the device above: the new leg is connected and added (md
+recovers it; `condition` shows the progress), a leg no longer listed is
+failed, removed and disconnected.
+
+Read-only views are loop devices on the composed device, tagged like every
+view (node_agent/transports/loops.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from node_agent.pools import Pool
+from node_agent.transports import BlockDevice, loops
+from tessera import layouts
+from tessera.errors import FailedPrecondition, Internal, InvalidArgument, NotFound, Unavailable
+from tessera.ids import check_volume_id, is_volume_id
+from tessera.models import Connection, LegConnection, Transport
+from tessera.nvme_names import dhchap_secret, host_id, host_nqn
+from tessera.system import blockdev, dm, filesystems, loopdev, md, nvme_host
+
+log = logging.getLogger(__name__)
+
+RECORD = "record.json"
+#: how long a remote leg gets to show its grown size after a rescan
+GROW_WAIT = 15.0
+MD_DIR = Path("/dev/md")
+
+
+@dataclass(frozen=True)
+class Record:
+    """What was composed: the connection as assembled, and what the kernel cannot say."""
+
+    connection: Connection
+    readonly: bool
+    key_digest: str = ""
+    array: str = ""  # md: the array's kernel name (md127) when last seen
+    stale: tuple[int, ...] = ()  # listed legs left out: their superblock is behind
+
+    def leg(self, index: int) -> LegConnection | None:
+        return next((leg for leg in self.connection.legs if leg.index == index), None)
+
+
+class ComposedTransport:
+    name = Transport.COMPOSED.value
+
+    def __init__(
+        self, pools: dict[str, Pool], records_dir: Path, key_path: Callable[[str], Path]
+    ) -> None:
+        self.pools = pools
+        self.dir = records_dir
+        self.key_path = key_path
+
+    @classmethod
+    def from_state_dir(
+        cls, pools: dict[str, Pool], state_dir: Path, key_path: Callable[[str], Path]
+    ) -> ComposedTransport:
+        return cls(pools, state_dir / "composed", key_path)
+
+    # ---- connect ---------------------------------------------------------------
+
+    def connect(self, volume_id: str, connection: Connection, readonly: bool) -> BlockDevice:
+        """Attach every leg, then make (or adopt) the composed device."""
+        check_connection(connection)
+        check_volume_id(volume_id)
+        record = Record(connection, readonly, self._key_digest(volume_id, connection))
+        self._write(volume_id, record)  # first: a crash from here on is cleaned up by disconnect
+        legs = {leg.index: self._attach_leg(volume_id, leg, connection) for leg in connection.legs}
+        if layouts.is_mirrored(connection.layout):
+            record = self._compose_md(volume_id, record, legs)
+        else:
+            self._compose_dm(volume_id, connection, legs, readonly)
+        self._write(volume_id, record)
+        device = self._device(volume_id, record)
+        if device is None:
+            raise Internal(f"volume {volume_id} was composed but its device is not there")
+        log.info(
+            "composed volume %s (%s over %d legs) as %s%s",
+            volume_id,
+            connection.layout.value,
+            len(legs),
+            device.path,
+            " (read-only)" if readonly else "",
+        )
+        return device
+
+    def _compose_dm(
+        self, volume_id: str, connection: Connection, legs: dict[int, str], readonly: bool
+    ) -> None:
+        table = dm.striped_table(
+            [dm.device_number(legs[i]) for i in sorted(legs)],
+            connection.chunk_bytes,
+            connection.data_bytes,
+        )
+        name = dm.dm_name(volume_id)
+        if dm.find(name) is not None:
+            if dm.table(name) == table:
+                return  # made before a crash: adopt
+            dm.remove(name)  # from another publish, and nothing above it (no device of ours)
+        dm.create(name, dm.dm_uuid(volume_id), table, readonly)
+
+    def _compose_md(self, volume_id: str, record: Record, legs: dict[int, str]) -> Record:
+        connection = record.connection
+        array = find_array(connection.array_uuid)
+        if array is not None and md.state(array).array_state == "inactive":
+            md.stop(
+                f"/dev/{array}"
+            )  # a half assembly (udev's incremental, a crash): redo it exactly
+            array = None
+        stale: tuple[int, ...] = ()
+        if array is None:
+            members, stale, blank = plan_md(volume_id, connection, legs)
+            if not members:
+                md.create(
+                    self._md_path(volume_id),
+                    connection.array_uuid,
+                    md.md_name(volume_id),
+                    connection.layout,
+                    [legs[i] for i in sorted(legs)],
+                    layouts.leg_data_bytes(
+                        connection.layout, connection.data_bytes, len(connection.legs)
+                    ),
+                    connection.chunk_bytes,
+                )
+            else:
+                md.assemble(
+                    self._md_path(volume_id),
+                    connection.array_uuid,
+                    [legs[i] for i in sorted(members)],
+                    record.readonly,
+                )
+            array = find_array(connection.array_uuid)
+            if array is None:
+                raise Internal(f"md array {connection.array_uuid} is not running after mdadm")
+            if record.readonly and not members:
+                md.set_readonly(f"/dev/{array}")
+            if members:
+                for index in blank:
+                    md.add(f"/dev/{array}", legs[index])
+        return Record(connection, record.readonly, record.key_digest, array, stale)
+
+    def _md_path(self, volume_id: str) -> str:
+        return str(MD_DIR / md.md_name(volume_id))
+
+    # ---- legs ------------------------------------------------------------------
+
+    def _attach_leg(self, volume_id: str, leg: LegConnection, connection: Connection) -> str:
+        """The leg's block device, attached now or found attached (idempotent)."""
+        if leg.transport == Transport.LOOP:
+            found = self._local_leg(volume_id)
+            if found is not None:
+                return found
+            return loops.bind(
+                volume_id, str(self._leg_file(volume_id)), False, self.name, leg=True
+            ).path
+        target = self._target(volume_id, leg, connection)
+        device = nvme_host.namespace_device(target)
+        if device is not None and os.path.exists(device):
+            return device
+        timeouts = (
+            nvme_host.MIRROR_LEG if layouts.is_mirrored(connection.layout) else nvme_host.SINGLE_LEG
+        )
+        nvme_host.connect(target, self._secret(volume_id), timeouts)
+        return nvme_host.wait_namespace(target)
+
+    def _leg_device(self, volume_id: str, leg: LegConnection, connection: Connection) -> str | None:
+        """Where the leg is attached now; None when it is not."""
+        if leg.transport == Transport.LOOP:
+            return self._local_leg(volume_id)
+        return nvme_host.namespace_device(self._target(volume_id, leg, connection))
+
+    def _detach_leg(self, volume_id: str, leg: LegConnection, connection: Connection) -> None:
+        if leg.transport == Transport.LOOP:
+            for path in self._local_legs(volume_id):
+                loops.unbind(BlockDevice(volume_id, path, "", False, self.name))
+            return
+        nvme_host.disconnect(self._target(volume_id, leg, connection))
+
+    def _local_legs(self, volume_id: str) -> list[str]:
+        """Loop devices labelled as this volume's leg (normally one)."""
+        label = loops.LEG_LABEL + volume_id
+        found = []
+        for bound in loopdev.bound_devices():
+            try:
+                if loopdev.read_label(bound.path) == label:
+                    found.append(bound.path)
+            except OSError:
+                continue  # unbound meanwhile
+        return found
+
+    def _local_leg(self, volume_id: str) -> str | None:
+        found = self._local_legs(volume_id)
+        return found[0] if found else None
+
+    def _leg_file(self, volume_id: str) -> Path:
+        for pool in self.pools.values():
+            path = pool.volume_path(volume_id)
+            if path.is_file():
+                return path
+        raise NotFound(f"volume {volume_id} has a leg on this node but it is in no pool here")
+
+    def _target(
+        self, volume_id: str, leg: LegConnection, connection: Connection
+    ) -> nvme_host.Target:
+        me = connection.psk_identity
+        nqn = host_nqn(me, volume_id)
+        return nvme_host.Target(leg.host, leg.port, leg.subsystem_nqn, nqn, host_id(nqn))
+
+    def _secret(self, volume_id: str) -> str:
+        """The DH-HMAC-CHAP secret of the attachment's key (key file: `identity:hexkey`)."""
+        try:
+            line = self.key_path(volume_id).read_text().strip()
+        except OSError:
+            raise FailedPrecondition(
+                f"no key for volume {volume_id} on this node: management hands it over at "
+                "ControllerPublishVolume; publish the volume to this node again",
+                field="publish_context",
+            ) from None
+        try:
+            return dhchap_secret(line.rpartition(":")[2])
+        except ValueError:
+            raise FailedPrecondition(
+                f"the key file of volume {volume_id} does not hold a 256-bit key",
+                field="publish_context",
+            ) from None
+
+    # ---- reconcile (a re-publish with other legs) -------------------------------
+
+    def reconcile(self, device: BlockDevice, connection: Connection) -> None:
+        """Make the assembled legs the listed ones: add new legs (md recovers them),
+        fail, remove and disconnect legs no longer listed. Nothing else changes."""
+        if device.view_key:
+            return
+        check_connection(connection)
+        record = self._read(device.volume_id)
+        if record is None:
+            raise Internal(f"volume {device.volume_id} is composed here but has no record")
+        had = {leg.index: leg for leg in record.connection.legs}
+        want = {leg.index: leg for leg in connection.legs}
+        gone = [i for i in had if i not in want or _moved(had[i], want[i])]
+        new = [i for i in want if i not in had or _moved(had[i], want[i])]
+        if not gone and not new:
+            if connection != record.connection:  # the same legs, reached anew (ports)
+                self._write(device.volume_id, _with(record, connection=connection))
+            return
+        if not layouts.is_mirrored(record.connection.layout):
+            raise FailedPrecondition(
+                f"volume {device.volume_id} is striped ({record.connection.layout.value}): "
+                "its legs cannot change while it is attached",
+                field="connection.legs",
+            )
+        array = record.array or find_array(record.connection.array_uuid) or ""
+        for index in gone:
+            self._drop_leg(device.volume_id, record, array, had[index])
+        stale = tuple(i for i in record.stale if i in want and i not in new)
+        # the new list is the record from here: a crash while adding is redone by the next publish
+        self._write(
+            device.volume_id, Record(connection, record.readonly, record.key_digest, array, stale)
+        )
+        for index in new:
+            self._add_leg(device.volume_id, connection, array, want[index])
+
+    def _drop_leg(self, volume_id: str, record: Record, array: str, leg: LegConnection) -> None:
+        path = self._leg_device(volume_id, leg, record.connection)
+        if path is not None and array:
+            md.fail_and_remove(array, os.path.basename(os.path.realpath(path)))
+        elif array:
+            for member in _missing_members(array):
+                md.fail_and_remove(array, member)
+        self._detach_leg(volume_id, leg, record.connection)
+        log.warning("volume %s: leg %d (node %s) removed", volume_id, leg.index, leg.node_id)
+
+    def _add_leg(
+        self, volume_id: str, connection: Connection, array: str, leg: LegConnection
+    ) -> None:
+        path = self._attach_leg(volume_id, leg, connection)
+        kernel = os.path.basename(os.path.realpath(path))
+        if kernel in md.member_names(array):
+            return  # added before a crash
+        check_blank(path, f"leg {leg.index} (node {leg.node_id})")
+        md.add(f"/dev/{array}", path)
+        log.warning(
+            "volume %s: leg %d (node %s) added, resyncing", volume_id, leg.index, leg.node_id
+        )
+
+    # ---- state -------------------------------------------------------------------
+
+    def devices(self) -> list[BlockDevice]:
+        """Composed devices with a record, and the views (loops) on them."""
+        found: list[BlockDevice] = []
+        paths: dict[str, str] = {}
+        for volume_id in self._recorded():
+            record = self._read(volume_id)
+            if record is None:
+                continue
+            device = self._device(volume_id, record)
+            if device is not None:
+                found.append(device)
+                paths[device.path] = volume_id
+        if paths:
+            found += loops.bound(paths.get, self.name)
+        return found
+
+    def _device(self, volume_id: str, record: Record) -> BlockDevice | None:
+        if layouts.is_mirrored(record.connection.layout):
+            array = self._array_of(record)
+            if array is None:
+                return None
+            return BlockDevice(
+                volume_id,
+                f"/dev/{array}",
+                f"md:{record.connection.array_uuid}",
+                record.readonly,
+                self.name,
+            )
+        path = dm.find(dm.dm_name(volume_id))
+        if path is None:
+            return None
+        return BlockDevice(
+            volume_id, path, f"dm:{dm.dm_name(volume_id)}", record.readonly, self.name
+        )
+
+    def _array_of(self, record: Record) -> str | None:
+        """The array's kernel name: the recorded one when its members still say so."""
+        if record.array and _array_uuid(record.array) == record.connection.array_uuid:
+            return record.array
+        return find_array(record.connection.array_uuid)
+
+    def connection_of(self, device: BlockDevice) -> Connection:
+        record = self._read(device.volume_id)
+        if record is None:
+            raise Internal(f"volume {device.volume_id} has a composed device but no record")
+        return record.connection
+
+    def is_current(self, device: BlockDevice, connection: Connection) -> bool:
+        """The same array (UUID, layout) with the key this publish delivered; other legs
+        are reconciled, not a reason to replace the device."""
+        record = self._read(device.volume_id)
+        if record is None:
+            return False
+        had = record.connection
+        if (had.layout, had.array_uuid, had.chunk_bytes) != (
+            connection.layout,
+            connection.array_uuid,
+            connection.chunk_bytes,
+        ):
+            return False
+        return not record.key_digest or record.key_digest == self._key_digest(
+            device.volume_id, connection
+        )
+
+    def connections(self) -> dict[str, float]:
+        """Composed volumes with a remote leg (what management may take back), by record time."""
+        found = {}
+        for volume_id in self._recorded():
+            record = self._read(volume_id)
+            if record is None or any(
+                leg.transport != Transport.LOOP for leg in record.connection.legs
+            ):
+                found[volume_id] = (self.dir / volume_id / RECORD).stat().st_mtime
+        return found
+
+    def condition(self, device: BlockDevice, probe: bool = False) -> str:
+        record = self._read(device.volume_id)
+        if record is None:
+            return "the record of this composed volume is gone"
+        if device.view_key:
+            return ""
+        if layouts.is_mirrored(record.connection.layout):
+            array = self._array_of(record)
+            if array is None:
+                return f"md array {record.connection.array_uuid} is not running"
+            return md_condition(
+                md.state(array), record, self._member_legs(device.volume_id, record)
+            )
+        return self._dm_condition(device.volume_id, record)
+
+    def _member_legs(self, volume_id: str, record: Record) -> dict[str, int]:
+        """Member kernel name -> leg index, for the legs attached now."""
+        found = {}
+        for leg in record.connection.legs:
+            path = self._leg_device(volume_id, leg, record.connection)
+            if path is not None:
+                found[os.path.basename(os.path.realpath(path))] = leg.index
+        return found
+
+    def _dm_condition(self, volume_id: str, record: Record) -> str:
+        problems = []
+        for leg in sorted(record.connection.legs, key=lambda leg: leg.index):
+            if leg.transport == Transport.LOOP:
+                if self._local_leg(volume_id) is None:
+                    problems.append(f"leg {leg.index} ({leg.node_id}): its loop device is gone")
+                continue
+            why = nvme_host.condition(self._target(volume_id, leg, record.connection))
+            if why:
+                problems.append(f"leg {leg.index} ({leg.node_id}): {why}")
+        return "; ".join(problems)
+
+    def size_bytes(self, device: BlockDevice) -> int:
+        return blockdev.size_bytes(device.path)
+
+    # ---- views -------------------------------------------------------------------
+
+    def add_view(self, primary: BlockDevice, view_key: str) -> BlockDevice:
+        return loops.bind(primary.volume_id, primary.path, True, self.name, view_key)
+
+    # ---- release / disconnect ----------------------------------------------------
+
+    def release(self, device: BlockDevice) -> None:
+        """A view's loop, or the composed device itself (stopped / removed)."""
+        if device.view_key:
+            loops.unbind(device)
+        elif device.backing.startswith("md:"):
+            md.stop(device.path)
+        else:
+            dm.remove(dm.dm_name(device.volume_id))
+
+    def disconnect(self, volume_id: str) -> None:
+        """Whatever is left of the volume here: its device, every leg, the record."""
+        check_volume_id(volume_id)
+        record = self._read(volume_id)
+        if record is None:
+            if (self.dir / volume_id).is_dir():
+                self._remove_home(volume_id)
+            return
+        device = self._device(volume_id, record)
+        if device is not None:
+            self.release(device)
+        for leg in record.connection.legs:
+            self._detach_leg(volume_id, leg, record.connection)
+        _remove_md_link(md.md_name(volume_id))
+        self._remove_home(volume_id)
+        log.info("disconnected composed volume %s", volume_id)
+
+    # ---- extend ------------------------------------------------------------------
+
+    def extend(self, device: BlockDevice, min_size_bytes: int = 0) -> None:
+        """Every leg shows its grown size, then the composed device grows over them."""
+        if device.view_key:
+            if loops.size_bytes(device) < blockdev.size_bytes(device.backing):
+                loops.refresh(device)
+            return
+        record = self._read(device.volume_id)
+        if record is None:
+            raise Internal(f"volume {device.volume_id} has a composed device but no record")
+        connection = record.connection
+        legs = self._refreshed_legs(device.volume_id, connection, min_size_bytes)
+        if layouts.is_mirrored(connection.layout):
+            data = min(blockdev.size_bytes(p) for p in legs.values()) - layouts.MD_DATA_OFFSET
+            if data > md_component_bytes(os.path.basename(device.path)):
+                md.grow(device.path)
+            return
+        table = dm.table(dm.dm_name(device.volume_id))
+        if table is None:
+            raise Internal(f"{dm.dm_name(device.volume_id)} no longer has a striped table")
+        grown = grown_table(
+            table, [blockdev.size_bytes(p) for p in legs.values()], connection.chunk_bytes
+        )
+        if grown is not None:
+            dm.reload(dm.dm_name(device.volume_id), grown)
+
+    def _refreshed_legs(
+        self, volume_id: str, connection: Connection, min_size_bytes: int
+    ) -> dict[int, str]:
+        """Each attached leg after it was told to look at its size again; with
+        `min_size_bytes`, waits until every leg shows what that size needs."""
+        want = 0
+        if min_size_bytes:
+            want = layouts.leg_size(connection.layout, min_size_bytes, len(connection.legs))
+        legs = {}
+        for leg in connection.legs:
+            path = self._leg_device(volume_id, leg, connection)
+            if path is None:
+                continue  # a missing leg: md carries on without it, condition says so
+            if leg.transport == Transport.LOOP:
+                loops.refresh_if_grown(
+                    BlockDevice(volume_id, path, str(self._leg_file(volume_id)), False, self.name)
+                )
+            else:
+                nvme_host.rescan(self._target(volume_id, leg, connection))
+            legs[leg.index] = path
+        if not legs:
+            raise Unavailable(
+                f"volume {volume_id}: none of its legs is attached", field="volume_id"
+            )
+        deadline = time.monotonic() + GROW_WAIT
+        while want and any(blockdev.size_bytes(p) < want for p in legs.values()):
+            if time.monotonic() > deadline:
+                small = [f"leg {i} ({p})" for i, p in legs.items() if blockdev.size_bytes(p) < want]
+                raise Unavailable(
+                    f"volume {volume_id}: {', '.join(small)} did not grow to {want} bytes "
+                    f"within {GROW_WAIT:g} s",
+                    field="volume_id",
+                )
+            time.sleep(0.1)
+        return legs
+
+    # ---- records -----------------------------------------------------------------
+
+    def _recorded(self) -> list[str]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(e.name for e in self.dir.iterdir() if is_volume_id(e.name))
+
+    def _key_digest(self, volume_id: str, connection: Connection) -> str:
+        if all(leg.transport == Transport.LOOP for leg in connection.legs):
+            return ""
+        try:
+            return hashlib.sha256(self.key_path(volume_id).read_bytes()).hexdigest()[:16]
+        except OSError:
+            return ""
+
+    def _write(self, volume_id: str, record: Record) -> None:
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        home = self.dir / volume_id
+        home.mkdir(mode=0o700, exist_ok=True)
+        data = {
+            "connection": record.connection.model_dump(mode="json"),
+            "readonly": record.readonly,
+            "key_digest": record.key_digest,
+            "array": record.array,
+            "stale": list(record.stale),
+        }
+        tmp = home / f"{RECORD}.tmp"
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, home / RECORD)
+
+    def _read(self, volume_id: str) -> Record | None:
+        try:
+            data = json.loads((self.dir / volume_id / RECORD).read_text())
+            return Record(
+                Connection.model_validate(data["connection"]),
+                bool(data["readonly"]),
+                str(data.get("key_digest", "")),
+                str(data.get("array", "")),
+                tuple(int(i) for i in data.get("stale", [])),
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _remove_home(self, volume_id: str) -> None:
+        home = self.dir / volume_id
+        for name in (RECORD, f"{RECORD}.tmp"):
+            (home / name).unlink(missing_ok=True)
+        try:
+            home.rmdir()  # never recursive
+        except FileNotFoundError:
+            pass
+
+
+# ---- pure logic (tested on the host) ------------------------------------------------
+
+
+def check_connection(connection: Connection) -> None:
+    """What composition needs from management, refused naming the field."""
+    layout = connection.layout
+    fewest, most = layouts.LEG_RANGE[layout]
+    if layout.value == "concat":
+        raise InvalidArgument(
+            "a composed connection needs layout raid0, raid1 or raid10", field="connection.layout"
+        )
+    if not fewest <= len(connection.legs) <= most:
+        raise InvalidArgument(
+            f"layout {layout.value} takes {fewest} to {most} legs, not {len(connection.legs)}",
+            field="connection.legs",
+        )
+    indexes = [leg.index for leg in connection.legs]
+    if len(set(indexes)) != len(indexes):
+        raise InvalidArgument("two legs have the same index", field="connection.legs")
+    if layouts.is_mirrored(layout) and not connection.array_uuid:
+        raise InvalidArgument(
+            f"layout {layout.value} needs array_uuid", field="connection.array_uuid"
+        )
+    if layouts.is_striped(layout) and not connection.chunk_bytes:
+        raise InvalidArgument(
+            f"layout {layout.value} needs chunk_bytes", field="connection.chunk_bytes"
+        )
+    if connection.data_bytes <= 0:
+        raise InvalidArgument(
+            "a composed connection needs data_bytes", field="connection.data_bytes"
+        )
+    if layout.value == "raid0" and sorted(indexes) != list(range(len(indexes))):
+        raise InvalidArgument("a striped volume needs every leg 0..n-1", field="connection.legs")
+    for leg in connection.legs:
+        if leg.transport == Transport.LOOP:
+            continue
+        if leg.transport != Transport.NVME_TCP:
+            raise InvalidArgument(
+                f"leg {leg.index} (node {leg.node_id}) comes over {leg.transport.value}: "
+                "remote legs of a composed volume need nvme-tcp",
+                field="connection.legs",
+            )
+        if not (leg.host and leg.port and leg.subsystem_nqn):
+            raise InvalidArgument(
+                f"leg {leg.index} (node {leg.node_id}) needs host, port and subsystem_nqn",
+                field="connection.legs",
+            )
+        if not connection.psk_identity:
+            raise InvalidArgument(
+                "a composed connection with remote legs needs psk_identity (this node's id)",
+                field="connection.psk_identity",
+            )
+
+
+def plan_md(
+    volume_id: str, connection: Connection, legs: dict[int, str]
+) -> tuple[list[int], tuple[int, ...], list[int]]:
+    """(legs to assemble, stale legs left out, blank legs to add after) for an array that is
+    not running. No member at all: create (every leg was checked blank). Refused: a leg
+    with another array's superblock or any other signature, and an array with no fresh leg."""
+    supers = {i: md.examine(path) for i, path in legs.items()}
+    ours = {i: sb for i, sb in supers.items() if sb is not None}
+    for index, sb in ours.items():
+        if sb.array_uuid != connection.array_uuid:
+            raise FailedPrecondition(
+                f"volume {volume_id}: leg {index} ({legs[index]}) belongs to md array "
+                f"{sb.array_uuid}, not {connection.array_uuid}; not touching it",
+                field="connection.legs",
+            )
+    blank = [i for i in sorted(legs) if i not in ours]
+    for index in blank:
+        check_blank(legs[index], f"volume {volume_id}: leg {index}")
+    if not ours:
+        return [], (), []
+    newest = max(sb.events for sb in ours.values())
+    stale = tuple(sorted(i for i, sb in ours.items() if md.is_stale(sb, newest)))
+    for index in stale:
+        log.warning(
+            "volume %s: leg %d (%s) is stale (events %d, newest %d): not assembled",
+            volume_id, index, legs[index], ours[index].events, newest,
+        )  # fmt: skip
+    members = [i for i in sorted(ours) if i not in stale]
+    return members, stale, blank
+
+
+def check_blank(path: str, what: str) -> None:
+    """Only a device with no signature at all may be made part of an array."""
+    found = filesystems.probe_filesystem(path)
+    if found is not None:
+        raise FailedPrecondition(
+            f"{what} ({path}) carries {found}; refusing to make it part of an array",
+            field="connection.legs",
+        )
+
+
+def md_condition(state: md.ArrayState, record: Record, members: dict[str, int]) -> str:
+    """The volume's condition from its array: empty when every listed leg is in sync."""
+    legs = {leg.index: leg for leg in record.connection.legs}
+    problems: list[str] = []
+    by_index = {members[m.name]: m for m in state.members if m.name in members}
+    recovering = []
+    for index, leg in sorted(legs.items()):
+        where = f"leg {index} ({leg.node_id})"
+        member = by_index.get(index)
+        if index in record.stale:
+            problems.append(f"{where} is stale: not assembled")
+        elif member is None:
+            problems.append(f"{where} missing")
+        elif member.faulty:
+            problems.append(f"{where} failed")
+        elif not member.in_sync:
+            recovering.append(where)
+    parts = [f"degraded: {', '.join(problems)}"] if problems else []
+    done = state.sync_completed
+    percent = f"{100 * done[0] // done[1]}%" if done else "0%"
+    if recovering:
+        parts += [f"resyncing {where}: {percent}" for where in recovering]
+    elif state.sync_action == "resync" and done:
+        parts.append(f"resyncing: {percent}")
+    if not parts and state.degraded:
+        parts.append(f"degraded: {state.degraded} member(s) missing")
+    return "; ".join(parts)
+
+
+def grown_table(table: dm.Striped, leg_sizes: list[int], chunk_bytes: int) -> dm.Striped | None:
+    """The table over legs grown to `leg_sizes` (whole chunks of the smallest); None when
+    it would not be longer."""
+    per_leg = min(leg_sizes) // chunk_bytes * chunk_bytes
+    length = per_leg * len(table.devices) // dm.SECTOR
+    if length <= table.length:
+        return None
+    return dm.Striped(length, table.chunk, table.devices)
+
+
+def md_component_bytes(array: str) -> int:
+    """The data per member md uses now (`component_size`, KiB)."""
+    text = (md.SYS_BLOCK / array / "md" / "component_size").read_text().strip()
+    return int(text) * 1024
+
+
+def find_array(array_uuid: str) -> str | None:
+    """The kernel name of the md array with this UUID (its members' superblocks say)."""
+    for name in md.arrays():
+        if _array_uuid(name) == array_uuid:
+            return name
+    return None
+
+
+def _array_uuid(name: str) -> str | None:
+    for member in md.member_names(name):
+        path = f"/dev/{member}"
+        try:
+            sb = md.examine(path)
+        except Unavailable:
+            continue
+        if sb is not None:
+            return sb.array_uuid
+    return None
+
+
+def _missing_members(array: str) -> list[str]:
+    """Members whose device is gone (a deleted controller's namespace)."""
+    return [m for m in md.member_names(array) if not os.path.exists(f"/dev/{m}")]
+
+
+def _moved(had: LegConnection, want: LegConnection) -> bool:
+    """Another leg in the same slot: a repair placed it on another node."""
+    return had.node_id != want.node_id
+
+
+def _with(record: Record, *, connection: Connection) -> Record:
+    return Record(connection, record.readonly, record.key_digest, record.array, record.stale)
+
+
+def _remove_md_link(name: str) -> None:
+    """mdadm's /dev/md/<name> symlink, once it leads nowhere (no udev removed it)."""
+    link = MD_DIR / name
+    if link.is_symlink() and not link.exists():
+        link.unlink(missing_ok=True)
