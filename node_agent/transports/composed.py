@@ -33,6 +33,7 @@ view (node_agent/transports/loops.py).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -44,11 +45,12 @@ from pathlib import Path
 
 from node_agent.pools import Pool
 from node_agent.transports import BlockDevice, loops
+from node_agent.transports.nvme_tcp import read_key, target_of
 from tessera import layouts
 from tessera.errors import FailedPrecondition, Internal, InvalidArgument, NotFound, Unavailable
 from tessera.ids import check_volume_id, is_volume_id
-from tessera.models import Connection, LegConnection, Transport
-from tessera.nvme_names import dhchap_secret, host_id, host_nqn
+from tessera.models import Connection, Layout, LegConnection, Transport
+from tessera.nvme_names import subsystem_nqn
 from tessera.system import blockdev, dm, filesystems, loopdev, md, nvme_host
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,7 @@ class Record:
     key_digest: str = ""
     array: str = ""  # md: the array's kernel name (md127) when last seen
     stale: tuple[int, ...] = ()  # listed legs left out: their superblock is behind
+    identity: str = ""  # this node's id in the key: remote legs' host NQN (kept past the key)
 
     def leg(self, index: int) -> LegConnection | None:
         return next((leg for leg in self.connection.legs if leg.index == index), None)
@@ -93,11 +96,17 @@ class ComposedTransport:
 
     def connect(self, volume_id: str, connection: Connection, readonly: bool) -> BlockDevice:
         """Attach every leg, then make (or adopt) the composed device."""
-        check_connection(connection)
         check_volume_id(volume_id)
-        record = Record(connection, readonly, self._key_digest(volume_id, connection))
+        check_connection(volume_id, connection)
+        identity, secret = self._key(volume_id, connection)
+        record = Record(
+            connection, readonly, self._key_digest(volume_id, connection), identity=identity
+        )
         self._write(volume_id, record)  # first: a crash from here on is cleaned up by disconnect
-        legs = {leg.index: self._attach_leg(volume_id, leg, connection) for leg in connection.legs}
+        legs = {
+            leg.index: self._attach_leg(volume_id, leg, connection.layout, identity, secret)
+            for leg in connection.legs
+        }
         if layouts.is_mirrored(connection.layout):
             record = self._compose_md(volume_id, record, legs)
         else:
@@ -169,14 +178,16 @@ class ComposedTransport:
             if members:
                 for index in blank:
                     md.add(f"/dev/{array}", legs[index])
-        return Record(connection, record.readonly, record.key_digest, array, stale)
+        return _with(record, array=array, stale=stale)
 
     def _md_path(self, volume_id: str) -> str:
         return str(MD_DIR / md.md_name(volume_id))
 
     # ---- legs ------------------------------------------------------------------
 
-    def _attach_leg(self, volume_id: str, leg: LegConnection, connection: Connection) -> str:
+    def _attach_leg(
+        self, volume_id: str, leg: LegConnection, layout: Layout, identity: str, secret: str
+    ) -> str:
         """The leg's block device, attached now or found attached (idempotent)."""
         if leg.transport == Transport.LOOP:
             found = self._local_leg(volume_id)
@@ -185,28 +196,26 @@ class ComposedTransport:
             return loops.bind(
                 volume_id, str(self._leg_file(volume_id)), False, self.name, leg=True
             ).path
-        target = self._target(volume_id, leg, connection)
+        target = self._target(volume_id, leg, identity)
         device = nvme_host.namespace_device(target)
         if device is not None and os.path.exists(device):
             return device
-        timeouts = (
-            nvme_host.MIRROR_LEG if layouts.is_mirrored(connection.layout) else nvme_host.SINGLE_LEG
-        )
-        nvme_host.connect(target, self._secret(volume_id), timeouts)
+        timeouts = nvme_host.MIRROR_LEG if layouts.is_mirrored(layout) else nvme_host.SINGLE_LEG
+        nvme_host.connect(target, secret, timeouts)
         return nvme_host.wait_namespace(target)
 
-    def _leg_device(self, volume_id: str, leg: LegConnection, connection: Connection) -> str | None:
+    def _leg_device(self, volume_id: str, leg: LegConnection, identity: str) -> str | None:
         """Where the leg is attached now; None when it is not."""
         if leg.transport == Transport.LOOP:
             return self._local_leg(volume_id)
-        return nvme_host.namespace_device(self._target(volume_id, leg, connection))
+        return nvme_host.namespace_device(self._target(volume_id, leg, identity))
 
-    def _detach_leg(self, volume_id: str, leg: LegConnection, connection: Connection) -> None:
+    def _detach_leg(self, volume_id: str, leg: LegConnection, identity: str) -> None:
         if leg.transport == Transport.LOOP:
             for path in self._local_legs(volume_id):
                 loops.unbind(BlockDevice(volume_id, path, "", False, self.name))
             return
-        nvme_host.disconnect(self._target(volume_id, leg, connection))
+        nvme_host.disconnect(self._target(volume_id, leg, identity))
 
     def _local_legs(self, volume_id: str) -> list[str]:
         """Loop devices labelled as this volume's leg (normally one)."""
@@ -231,30 +240,16 @@ class ComposedTransport:
                 return path
         raise NotFound(f"volume {volume_id} has a leg on this node but it is in no pool here")
 
-    def _target(
-        self, volume_id: str, leg: LegConnection, connection: Connection
-    ) -> nvme_host.Target:
-        me = connection.psk_identity
-        nqn = host_nqn(me, volume_id)
-        return nvme_host.Target(leg.host, leg.port, leg.subsystem_nqn, nqn, host_id(nqn))
+    def _target(self, volume_id: str, leg: LegConnection, identity: str) -> nvme_host.Target:
+        """The leg's nvme target, reached as this node (`identity`: the key's node id)."""
+        return target_of(volume_id, leg.node_id, leg.host, leg.port, identity)
 
-    def _secret(self, volume_id: str) -> str:
-        """The DH-HMAC-CHAP secret of the attachment's key (key file: `identity:hexkey`)."""
-        try:
-            line = self.key_path(volume_id).read_text().strip()
-        except OSError:
-            raise FailedPrecondition(
-                f"no key for volume {volume_id} on this node: management hands it over at "
-                "ControllerPublishVolume; publish the volume to this node again",
-                field="publish_context",
-            ) from None
-        try:
-            return dhchap_secret(line.rpartition(":")[2])
-        except ValueError:
-            raise FailedPrecondition(
-                f"the key file of volume {volume_id} does not hold a 256-bit key",
-                field="publish_context",
-            ) from None
+    def _key(self, volume_id: str, connection: Connection) -> tuple[str, str]:
+        """(this node's id, DH-HMAC-CHAP secret) from the attachment's key; ("", "")
+        when every leg is local (no key is handed over for those)."""
+        if all(leg.transport == Transport.LOOP for leg in connection.legs):
+            return "", ""
+        return read_key(self.key_path(volume_id), volume_id)
 
     # ---- reconcile (a re-publish with other legs) -------------------------------
 
@@ -263,7 +258,7 @@ class ComposedTransport:
         fail, remove and disconnect legs no longer listed. Nothing else changes."""
         if device.view_key:
             return
-        check_connection(connection)
+        check_connection(device.volume_id, connection)
         record = self._read(device.volume_id)
         if record is None:
             raise Internal(f"volume {device.volume_id} is composed here but has no record")
@@ -285,28 +280,29 @@ class ComposedTransport:
         for index in gone:
             self._drop_leg(device.volume_id, record, array, had[index])
         stale = tuple(i for i in record.stale if i in want and i not in new)
+        identity, secret = self._key(device.volume_id, connection)
+        record = _with(record, connection=connection, array=array, stale=stale)
+        record = _with(record, identity=record.identity or identity)
         # the new list is the record from here: a crash while adding is redone by the next publish
-        self._write(
-            device.volume_id, Record(connection, record.readonly, record.key_digest, array, stale)
-        )
+        self._write(device.volume_id, record)
         for index in new:
-            self._add_leg(device.volume_id, connection, array, want[index])
+            self._add_leg(device.volume_id, record, want[index], secret)
 
     def _drop_leg(self, volume_id: str, record: Record, array: str, leg: LegConnection) -> None:
-        path = self._leg_device(volume_id, leg, record.connection)
+        path = self._leg_device(volume_id, leg, record.identity)
         if path is not None and array:
             md.fail_and_remove(array, os.path.basename(os.path.realpath(path)))
         elif array:
             for member in _missing_members(array):
                 md.fail_and_remove(array, member)
-        self._detach_leg(volume_id, leg, record.connection)
+        self._detach_leg(volume_id, leg, record.identity)
         log.warning("volume %s: leg %d (node %s) removed", volume_id, leg.index, leg.node_id)
 
-    def _add_leg(
-        self, volume_id: str, connection: Connection, array: str, leg: LegConnection
-    ) -> None:
-        path = self._attach_leg(volume_id, leg, connection)
+    def _add_leg(self, volume_id: str, record: Record, leg: LegConnection, secret: str) -> None:
+        layout = record.connection.layout
+        path = self._attach_leg(volume_id, leg, layout, record.identity, secret)
         kernel = os.path.basename(os.path.realpath(path))
+        array = record.array
         if kernel in md.member_names(array):
             return  # added before a crash
         check_blank(path, f"leg {leg.index} (node {leg.node_id})")
@@ -411,7 +407,7 @@ class ComposedTransport:
         """Member kernel name -> leg index, for the legs attached now."""
         found = {}
         for leg in record.connection.legs:
-            path = self._leg_device(volume_id, leg, record.connection)
+            path = self._leg_device(volume_id, leg, record.identity)
             if path is not None:
                 found[os.path.basename(os.path.realpath(path))] = leg.index
         return found
@@ -423,7 +419,7 @@ class ComposedTransport:
                 if self._local_leg(volume_id) is None:
                     problems.append(f"leg {leg.index} ({leg.node_id}): its loop device is gone")
                 continue
-            why = nvme_host.condition(self._target(volume_id, leg, record.connection))
+            why = nvme_host.condition(self._target(volume_id, leg, record.identity))
             if why:
                 problems.append(f"leg {leg.index} ({leg.node_id}): {why}")
         return "; ".join(problems)
@@ -459,7 +455,7 @@ class ComposedTransport:
         if device is not None:
             self.release(device)
         for leg in record.connection.legs:
-            self._detach_leg(volume_id, leg, record.connection)
+            self._detach_leg(volume_id, leg, record.identity)
         _remove_md_link(md.md_name(volume_id))
         self._remove_home(volume_id)
         log.info("disconnected composed volume %s", volume_id)
@@ -476,7 +472,7 @@ class ComposedTransport:
         if record is None:
             raise Internal(f"volume {device.volume_id} has a composed device but no record")
         connection = record.connection
-        legs = self._refreshed_legs(device.volume_id, connection, min_size_bytes)
+        legs = self._refreshed_legs(device.volume_id, record, min_size_bytes)
         if layouts.is_mirrored(connection.layout):
             data = min(blockdev.size_bytes(p) for p in legs.values()) - layouts.MD_DATA_OFFSET
             if data > md_component_bytes(os.path.basename(device.path)):
@@ -492,16 +488,17 @@ class ComposedTransport:
             dm.reload(dm.dm_name(device.volume_id), grown)
 
     def _refreshed_legs(
-        self, volume_id: str, connection: Connection, min_size_bytes: int
+        self, volume_id: str, record: Record, min_size_bytes: int
     ) -> dict[int, str]:
         """Each attached leg after it was told to look at its size again; with
         `min_size_bytes`, waits until every leg shows what that size needs."""
+        connection = record.connection
         want = 0
         if min_size_bytes:
             want = layouts.leg_size(connection.layout, min_size_bytes, len(connection.legs))
         legs = {}
         for leg in connection.legs:
-            path = self._leg_device(volume_id, leg, connection)
+            path = self._leg_device(volume_id, leg, record.identity)
             if path is None:
                 continue  # a missing leg: md carries on without it, condition says so
             if leg.transport == Transport.LOOP:
@@ -509,7 +506,7 @@ class ComposedTransport:
                     BlockDevice(volume_id, path, str(self._leg_file(volume_id)), False, self.name)
                 )
             else:
-                nvme_host.rescan(self._target(volume_id, leg, connection))
+                nvme_host.rescan(self._target(volume_id, leg, record.identity))
             legs[leg.index] = path
         if not legs:
             raise Unavailable(
@@ -552,6 +549,7 @@ class ComposedTransport:
             "key_digest": record.key_digest,
             "array": record.array,
             "stale": list(record.stale),
+            "identity": record.identity,
         }
         tmp = home / f"{RECORD}.tmp"
         tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -566,6 +564,7 @@ class ComposedTransport:
                 str(data.get("key_digest", "")),
                 str(data.get("array", "")),
                 tuple(int(i) for i in data.get("stale", [])),
+                str(data.get("identity", "")),
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -583,14 +582,14 @@ class ComposedTransport:
 # ---- pure logic (tested on the host) ------------------------------------------------
 
 
-def check_connection(connection: Connection) -> None:
+def check_connection(volume_id: str, connection: Connection) -> None:
     """What composition needs from management, refused naming the field."""
     layout = connection.layout
-    fewest, most = layouts.LEG_RANGE[layout]
-    if layout.value == "concat":
+    if layout == Layout.CONCAT:
         raise InvalidArgument(
             "a composed connection needs layout raid0, raid1 or raid10", field="connection.layout"
         )
+    fewest, most = layouts.LEG_RANGE[layout]
     if not fewest <= len(connection.legs) <= most:
         raise InvalidArgument(
             f"layout {layout.value} takes {fewest} to {most} legs, not {len(connection.legs)}",
@@ -599,6 +598,8 @@ def check_connection(connection: Connection) -> None:
     indexes = [leg.index for leg in connection.legs]
     if len(set(indexes)) != len(indexes):
         raise InvalidArgument("two legs have the same index", field="connection.legs")
+    if len({leg.node_id for leg in connection.legs}) != len(indexes):
+        raise InvalidArgument("two legs are on the same node", field="connection.legs")
     if layouts.is_mirrored(layout) and not connection.array_uuid:
         raise InvalidArgument(
             f"layout {layout.value} needs array_uuid", field="connection.array_uuid"
@@ -611,27 +612,30 @@ def check_connection(connection: Connection) -> None:
         raise InvalidArgument(
             "a composed connection needs data_bytes", field="connection.data_bytes"
         )
-    if layout.value == "raid0" and sorted(indexes) != list(range(len(indexes))):
+    if layout == Layout.RAID0 and sorted(indexes) != list(range(len(indexes))):
         raise InvalidArgument("a striped volume needs every leg 0..n-1", field="connection.legs")
     for leg in connection.legs:
-        if leg.transport == Transport.LOOP:
-            continue
-        if leg.transport != Transport.NVME_TCP:
-            raise InvalidArgument(
-                f"leg {leg.index} (node {leg.node_id}) comes over {leg.transport.value}: "
-                "remote legs of a composed volume need nvme-tcp",
-                field="connection.legs",
-            )
-        if not (leg.host and leg.port and leg.subsystem_nqn):
-            raise InvalidArgument(
-                f"leg {leg.index} (node {leg.node_id}) needs host, port and subsystem_nqn",
-                field="connection.legs",
-            )
-        if not connection.psk_identity:
-            raise InvalidArgument(
-                "a composed connection with remote legs needs psk_identity (this node's id)",
-                field="connection.psk_identity",
-            )
+        if leg.transport != Transport.LOOP:
+            _check_remote_leg(volume_id, leg)
+
+
+def _check_remote_leg(volume_id: str, leg: LegConnection) -> None:
+    where = f"leg {leg.index} (node {leg.node_id})"
+    if leg.transport != Transport.NVME_TCP:
+        raise InvalidArgument(
+            f"{where} comes over {leg.transport.value}: remote legs of a composed volume "
+            "need nvme-tcp",
+            field="connection.legs",
+        )
+    if not (leg.host and leg.port):
+        raise InvalidArgument(f"{where} needs host and port", field="connection.legs")
+    expected = subsystem_nqn(volume_id, leg.node_id)
+    if leg.subsystem_nqn and leg.subsystem_nqn != expected:
+        raise InvalidArgument(
+            f"{where}: subsystem_nqn {leg.subsystem_nqn[:230]!r} is not volume {volume_id}'s "
+            f"export on node {leg.node_id} ({expected})",
+            field="connection.legs",
+        )
 
 
 def plan_md(
@@ -750,8 +754,8 @@ def _moved(had: LegConnection, want: LegConnection) -> bool:
     return had.node_id != want.node_id
 
 
-def _with(record: Record, *, connection: Connection) -> Record:
-    return Record(connection, record.readonly, record.key_digest, record.array, record.stale)
+def _with(record: Record, **changes: object) -> Record:
+    return dataclasses.replace(record, **changes)  # type: ignore[arg-type]
 
 
 def _remove_md_link(name: str) -> None:

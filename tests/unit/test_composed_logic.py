@@ -83,7 +83,6 @@ def mirror(*nodes: str, layout: Layout = Layout.RAID1) -> Connection:
         )
     return Connection(
         transport=Transport.COMPOSED,
-        psk_identity="node-a",
         layout=layout,
         chunk_bytes=65536 if layout != Layout.RAID1 else 0,
         array_uuid=ARRAY,
@@ -325,34 +324,42 @@ def test_a_grown_stripe_uses_whole_chunks_of_the_smallest_leg() -> None:
 def test_a_mirror_without_its_array_uuid_is_refused() -> None:
     conn = mirror("a", "b").model_copy(update={"array_uuid": ""})
     with pytest.raises(InvalidArgument, match="array_uuid"):
-        composed.check_connection(conn)
+        composed.check_connection("vol-x", conn)
 
 
 def test_too_few_legs_for_the_layout_are_refused() -> None:
     conn = mirror("a", "b", "c", "d", layout=Layout.RAID10)
-    composed.check_connection(conn)
+    composed.check_connection("vol-x", conn)
     with pytest.raises(InvalidArgument, match="raid1 takes 2 to 3 legs, not 4"):
-        composed.check_connection(conn.model_copy(update={"layout": Layout.RAID1}))
+        composed.check_connection("vol-x", conn.model_copy(update={"layout": Layout.RAID1}))
 
 
 def test_a_remote_leg_over_nbd_is_refused_naming_it() -> None:
     conn = mirror("a", "b")
     conn.legs[1] = conn.legs[1].model_copy(update={"transport": Transport.NBD})
     with pytest.raises(InvalidArgument, match="leg 1 .node b. comes over nbd"):
-        composed.check_connection(conn)
+        composed.check_connection("vol-x", conn)
 
 
-def test_remote_legs_need_this_nodes_identity() -> None:
-    conn = mirror("a", "b").model_copy(update={"psk_identity": ""})
-    with pytest.raises(InvalidArgument, match="psk_identity"):
-        composed.check_connection(conn)
+def test_a_remote_leg_of_another_volumes_subsystem_is_refused() -> None:
+    conn = mirror("a", "b")
+    conn.legs[1] = conn.legs[1].model_copy(
+        update={"subsystem_nqn": "nqn.2026-01.io.tessera:vol-other:b"}
+    )
+    with pytest.raises(InvalidArgument, match="vol-other"):
+        composed.check_connection("vol-x", conn)
+
+
+def test_two_legs_on_one_node_are_refused() -> None:
+    with pytest.raises(InvalidArgument, match="same node"):
+        composed.check_connection("vol-x", mirror("a", "a"))
 
 
 def test_a_stripe_needs_every_index() -> None:
     conn = mirror("a", "b", "c", layout=Layout.RAID0)
     conn.legs[2] = conn.legs[2].model_copy(update={"index": 5})
     with pytest.raises(InvalidArgument, match="0..n-1"):
-        composed.check_connection(conn)
+        composed.check_connection("vol-x", conn)
 
 
 # ---- local legs are not loop attachments (real loop devices) -----------------------------
