@@ -175,9 +175,15 @@ class NvmeExports:
             host=nvmet.resolve(self.address),
             port=self.port,
         )
+        fresh = not self.has(volume_id, client_node)
         write_private(self._file(volume_id, client_node, "json"), _dump(record))
         write_private(self._file(volume_id, client_node, "key"), req.psk_key.encode())
-        self._apply(record, req.psk_key)
+        try:
+            self._apply(record, req.psk_key)
+        except Exception:
+            if fresh:  # nothing was promised before this call: leave nothing behind
+                self.close(volume_id, client_node)
+            raise
         log.info(
             "exported volume %s to node %s over nvme-tcp on %s:%d",
             volume_id,

@@ -116,8 +116,13 @@ class NvmeTcpTransport:
         if before is not None and (before[0] != connection or before[1] != digest):
             self._disconnect_record(volume_id)  # an older publish: its export is closed
         self._write_record(volume_id, connection, digest, identity)
-        nvme_host.connect(target, secret, nvme_host.SINGLE_LEG)
-        device = nvme_host.wait_namespace(target)
+        try:
+            nvme_host.connect(target, secret, nvme_host.SINGLE_LEG)
+            device = nvme_host.wait_namespace(target)
+        except Exception:
+            if before is None:  # a first attach that failed leaves nothing behind
+                self.disconnect(volume_id)
+            raise
         log.info(
             "connected volume %s to node %s's nvme-tcp export at %s:%d as %s",
             volume_id,

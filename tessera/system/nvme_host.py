@@ -256,13 +256,17 @@ def ensure_modules() -> None:
     """Load nvme-tcp (and with it nvme-fabrics) when /dev/nvme-fabrics is missing."""
     if FABRICS_DEVICE.exists():
         return
-    done = subprocess.run(
-        ["modprobe", "nvme-tcp"], capture_output=True, text=True, check=False, timeout=60
-    )
-    if done.returncode != 0 or not FABRICS_DEVICE.exists():
+    try:
+        done = subprocess.run(
+            ["modprobe", "nvme-tcp"], capture_output=True, text=True, check=False, timeout=60
+        )
+        why = done.stderr.strip()
+    except (OSError, subprocess.TimeoutExpired) as err:
+        why = str(err)
+    if not FABRICS_DEVICE.exists():
         raise FailedPrecondition(
             f"this node cannot attach over nvme-tcp: modprobe nvme-tcp: "
-            f"{done.stderr.strip() or 'no /dev/nvme-fabrics'}"
+            f"{why or 'no /dev/nvme-fabrics'}"
         )
 
 

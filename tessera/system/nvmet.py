@@ -174,7 +174,10 @@ def ensure_loaded(root: Path = CONFIGFS) -> Path:
 
 
 def _run(argv: list[str], what: str) -> None:
-    done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise FailedPrecondition(f"this node cannot export over nvme-tcp: {what}: {err}") from None
     if done.returncode != 0:
         raise FailedPrecondition(
             f"this node cannot export over nvme-tcp: {what}: {done.stderr.strip() or 'failed'}"
