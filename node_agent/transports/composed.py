@@ -38,6 +38,7 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -108,8 +109,10 @@ class ComposedTransport:
             for leg in connection.legs
         }
         if layouts.is_mirrored(connection.layout):
+            md.ensure_modules(connection.layout)
             record = self._compose_md(volume_id, record, legs)
         else:
+            dm.ensure_module()
             self._compose_dm(volume_id, connection, legs, readonly)
         self._write(volume_id, record)
         device = self._device(volume_id, record)
@@ -142,12 +145,8 @@ class ComposedTransport:
 
     def _compose_md(self, volume_id: str, record: Record, legs: dict[int, str]) -> Record:
         connection = record.connection
-        array = find_array(connection.array_uuid)
-        if array is not None and md.state(array).array_state == "inactive":
-            md.stop(
-                f"/dev/{array}"
-            )  # a half assembly (udev's incremental, a crash): redo it exactly
-            array = None
+        udev_settle()  # udev's incremental assembly may be busy with a leg that just appeared
+        array = _adoptable(find_array(connection.array_uuid), legs)
         stale: tuple[int, ...] = ()
         if array is None:
             members, stale, blank = plan_md(volume_id, connection, legs)
@@ -716,6 +715,38 @@ def grown_table(table: dm.Striped, leg_sizes: list[int], chunk_bytes: int) -> dm
     if length <= table.length:
         return None
     return dm.Striped(length, table.chunk, table.devices)
+
+
+def _adoptable(array: str | None, legs: dict[int, str]) -> str | None:
+    """A running array of ours made of nothing but our legs (made before a crash) is
+    adopted; anything else with our UUID (half assembled, or by udev's incremental
+    assembly from what it saw) is stopped, to be assembled again exactly."""
+    if array is None:
+        return None
+    ours = {os.path.basename(os.path.realpath(p)) for p in legs.values()}
+    members = set(md.member_names(array))
+    if md.state(array).array_state != "inactive" and members and members <= ours:
+        return array
+    held = blockdev.holders(f"/dev/{array}")
+    if held:
+        raise FailedPrecondition(
+            f"md array {array} has this volume's UUID but other members "
+            f"({', '.join(sorted(members))}) and is in use: {'; '.join(held)}",
+            field="connection.array_uuid",
+        )
+    log.warning("stopping %s (members %s) to assemble it exactly", array, sorted(members))
+    md.stop(f"/dev/{array}")
+    return None
+
+
+def udev_settle() -> None:
+    """Wait (briefly) for udev to finish with new devices; no udev is fine."""
+    try:
+        subprocess.run(
+            ["udevadm", "settle", "--timeout=10"], capture_output=True, check=False, timeout=15
+        )
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        pass
 
 
 def md_component_bytes(array: str) -> int:

@@ -94,9 +94,26 @@ def device_number(path: str) -> str:
     return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
 
 
+def ensure_module() -> None:
+    """device-mapper loaded (dmsetup cannot create anything without /dev/mapper/control)."""
+    if Path("/sys/module/dm_mod").exists():
+        return
+    try:
+        done = subprocess.run(
+            ["modprobe", "dm_mod"], capture_output=True, text=True, check=False, timeout=60
+        )
+    except (FileNotFoundError, subprocess.TimeoutExpired) as exc:
+        raise FailedPrecondition(f"cannot load kernel module dm_mod: {exc}") from exc
+    if done.returncode != 0:
+        raise FailedPrecondition(
+            f"this node cannot compose striped volumes: modprobe dm_mod: "
+            f"{done.stderr.strip() or 'failed'}"
+        )
+
+
 def create_argv(name: str, uuid: str, table: Striped, readonly: bool) -> list[str]:
-    argv = [DMSETUP, "create", name, "--uuid", uuid, "--table", table.line()]
-    return argv + (["--readonly"] if readonly else [])
+    options = ["--readonly"] if readonly else []
+    return [DMSETUP, "create", *options, "--uuid", uuid, "--table", table.line(), name]
 
 
 def create(name: str, uuid: str, table: Striped, readonly: bool) -> str:

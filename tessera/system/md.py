@@ -140,6 +140,30 @@ def is_stale(member: Superblock, newest_events: int) -> bool:
 # ---- mdadm -----------------------------------------------------------------------
 
 
+def ensure_modules(layout: Layout | str) -> None:
+    """md and the layout's personality, loaded when they are not (mdadm would only say
+    "personality not loaded" after writing superblocks)."""
+    level = md_level(layout)
+    _modprobe("md_mod", "md_mod")
+    _modprobe(level, level)
+
+
+def _modprobe(module: str, sys_name: str) -> None:
+    if Path("/sys/module", sys_name).exists():
+        return
+    try:
+        done = subprocess.run(
+            ["modprobe", module], capture_output=True, text=True, check=False, timeout=60
+        )
+    except (FileNotFoundError, subprocess.TimeoutExpired) as exc:
+        raise FailedPrecondition(f"cannot load kernel module {module}: {exc}") from exc
+    if done.returncode != 0:
+        raise FailedPrecondition(
+            f"this node cannot compose mirrored volumes: modprobe {module}: "
+            f"{done.stderr.strip() or 'failed'}"
+        )
+
+
 def md_name(volume_id: str) -> str:
     """The array's name in its superblock: the volume id, cut to what md keeps."""
     return volume_id[:MAX_NAME]
