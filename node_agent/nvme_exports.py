@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -82,6 +83,9 @@ class NvmeExports:
         self.address = address
         self.port = port
         self.configfs = configfs
+        #: configfs changes one at a time: a close removing the port when it serves nothing
+        #: must not race an open about to link a subsystem to it
+        self._lock = threading.Lock()
 
     # ---- records -------------------------------------------------------------------
 
@@ -179,7 +183,8 @@ class NvmeExports:
         write_private(self._file(volume_id, client_node, "json"), _dump(record))
         write_private(self._file(volume_id, client_node, "key"), req.psk_key.encode())
         try:
-            self._apply(record, req.psk_key)
+            with self._lock:
+                self._apply(record, req.psk_key)
         except Exception:
             if fresh:  # nothing was promised before this call: leave nothing behind
                 self.close(volume_id, client_node)
@@ -200,7 +205,8 @@ class NvmeExports:
         had = self.has(volume_id, client_node)
         root = self.configfs / "nvmet"
         if root.is_dir():
-            self._unserve(nvmet.Nvmet(self.owner, root), volume_id, client_node)
+            with self._lock:
+                self._unserve(nvmet.Nvmet(self.owner, root), volume_id, client_node)
         self._remove(volume_id, client_node)
         if had:
             log.info("closed nvme-tcp export of volume %s to node %s", volume_id, client_node)
@@ -215,6 +221,11 @@ class NvmeExports:
         elif found is not None:
             target.bounce(subnqn)  # the revoked host's live controller ends now
         target.remove_host_if_unused(hostnqn)
+        if self.address:
+            try:
+                target.remove_port_if_unused(nvmet.resolve(self.address), self.port)
+            except FailedPrecondition:
+                pass  # the address no longer resolves: no port of ours to find by it
 
     def _remove(self, volume_id: str, client_node: str) -> None:
         for suffix in ("key", "json"):
@@ -255,7 +266,8 @@ class NvmeExports:
                     write_private(
                         self._file(record.volume_id, record.client_node, "json"), _dump(moved)
                     )
-                self._apply(moved, key)
+                with self._lock:
+                    self._apply(moved, key)
             except (OSError, FailedPrecondition) as err:
                 log.error(
                     "could not serve volume %s to node %s over nvme-tcp again: %s",

@@ -235,6 +235,20 @@ class Nvmet:
             return port
         raise Internal(f"no free nvmet port id near {first} for {address}:{service}")
 
+    def remove_port_if_unused(self, address: str, service: int) -> bool:
+        """Remove this node's port once it serves nothing (it listens no more anyway)."""
+        port = self.find_port(address, service)
+        if port is None or any((port / "subsystems").iterdir()):
+            return False
+        try:
+            port.rmdir()
+        except OSError as err:
+            if err.errno in (errno.EBUSY, errno.ENOTEMPTY, errno.ENOENT):
+                return False
+            raise
+        log.info("removed nvmet port %s (%s:%d): it serves nothing", port.name, address, service)
+        return True
+
     def link_port(self, port: Path, nqn: str) -> None:
         """Serve subsystem `nqn` on `port` (the first link makes the port listen)."""
         link = port / "subsystems" / nqn
