@@ -318,19 +318,22 @@ class TransportExports(Exports):
     def open(
         self, volume_id: str, client_node: str, volume_file: Path, req: AgentExportCreate
     ) -> AgentExport:
+        # the new export first, then the old one closes: a switch that fails keeps the old
         if req.transport == Transport.NVME_TCP:
             self._stamp((volume_id, client_node))  # see Exports.mark
+            opened = self.nvme.open(volume_id, client_node, volume_file, req)
             if self._read(volume_id, client_node) is not None:
                 super().close(volume_id, client_node)
-            return self.nvme.open(volume_id, client_node, volume_file, req)
+            return opened
         if req.transport != Transport.NBD:
             raise InvalidArgument(
                 f"transport: exports are nbd or nvme-tcp, not {req.transport.value}",
                 field="transport",
             )
+        opened = super().open(volume_id, client_node, volume_file, req)
         if self.nvme.has(volume_id, client_node):
             self.nvme.close(volume_id, client_node)
-        return super().open(volume_id, client_node, volume_file, req)
+        return opened
 
     def close(self, volume_id: str, client_node: str) -> None:
         self.nvme.close(volume_id, client_node)

@@ -66,6 +66,9 @@ NAMESPACE_WAIT = 15.0
 #: nvme-tcp's registered port
 DEFAULT_PORT = 4420
 
+#: controller states that still serve, or will again (the kernel reconnects on its own)
+ALIVE = ("new", "live", "resetting", "connecting")
+
 _PATH_NAME = re.compile(r"^nvme(\d+)c(\d+)n(\d+)$")
 _NS_NAME = re.compile(r"^nvme(\d+)n(\d+)$")
 
@@ -277,7 +280,7 @@ def connect(target: Target, secret: str, timeouts: Timeouts) -> Controller:
     to the kernel: it retries with the key it was given until ctrl_loss.
     """
     existing = controller_of(target)
-    if existing is not None:
+    if existing is not None and existing.state in ALIVE:
         return existing
     ensure_modules()
     options = fabrics_options(target, secret, timeouts)

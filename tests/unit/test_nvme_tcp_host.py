@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -267,3 +268,29 @@ def test_an_nvme_tcp_export_where_nvmet_is_missing_is_refused_and_leaves_no_reco
     assert not any((agent.state_dir / "nvme-exports").rglob("*.*"))
     # the volume can be deleted: nothing counts as exported
     assert client.delete(f"/v1/volumes/{vid}").status_code == 204
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("nbdkit") is None, reason="needs root, nbdkit"
+)
+@pytest.mark.skipif(
+    not capabilities.missing_modules(("nvmet_tcp",)) or Path("/sys/kernel/config/nvmet").exists(),
+    reason="this host has nvmet: exporting would really start serving (see the VM suite)",
+)
+def test_a_switch_to_nvme_tcp_that_fails_keeps_the_nbd_export_serving(
+    agent_client: tuple[Agent, TestClient],
+) -> None:
+    agent, client = agent_client
+    vid = new_volume_id()
+    assert client.put(f"/v1/volumes/{vid}", json={"pool": "default", "size_bytes": MiB}).is_success
+    nbd = client.put(f"/v1/exports/{vid}/node-b", json={"psk_identity": "node-b", "psk_key": KEY})
+    assert nbd.status_code == 200, nbd.text
+    try:
+        body = {"transport": "nvme-tcp", "psk_identity": "node-b", "psk_key": KEY}
+        assert client.put(f"/v1/exports/{vid}/node-b", json=body).status_code >= 400
+        listed = client.get("/v1/exports").json()["items"]
+        assert [(e["transport"], e["port"]) for e in listed] == [("nbd", nbd.json()["port"])]
+        assert agent.exports.liveness() == [True]
+    finally:
+        assert client.delete(f"/v1/exports/{vid}/node-b").status_code == 204
+    assert client.get("/v1/exports").json() == {"items": []}
