@@ -183,3 +183,76 @@ def choose_pool(
         fitting,
         key=lambda c: (rank.get(c.node_id, len(rank)), -c.free_bytes, c.node_id, c.name),
     )
+
+
+def place_legs(
+    pools: list[PoolSpace],
+    *,
+    legs: int,
+    leg_bytes: int,
+    zones: dict[str, str],
+    first_nodes: Sequence[str] | None = None,
+    locality: Locality = Locality.ANY,
+    preferred_nodes: Sequence[str] = (),
+    exclude_nodes: Sequence[str] = (),
+) -> list[PoolSpace]:
+    """One pool for each of `legs` legs of `leg_bytes`, each on a distinct node.
+
+    `pools` are every online pool; `zones` maps a node to its zone label
+    (nodes without one are absent). The first leg honours the request's
+    topology (`first_nodes`: None for any node; the locality and preferred
+    order as choose_pool does); the others go to the nodes with the most
+    free space, in zones no earlier leg took as long as there are such
+    zones. Nodes in `exclude_nodes` (those already holding a leg of the
+    volume, for a repair) get none.
+
+    Too big for every pool even when empty is OutOfRange; fewer eligible
+    nodes (online, not fenced, with a pool that has room) than legs is
+    ResourceExhausted naming both numbers: retrying may help once a node
+    joins or space is freed.
+    """
+    excluded = set(exclude_nodes)
+    usable = [p for p in pools if p.node_id not in excluded]
+    if usable and leg_bytes > max(p.capacity_bytes for p in usable):
+        largest = max(p.capacity_bytes for p in usable)
+        raise OutOfRange(
+            f"each of the {legs} legs needs {format_size(leg_bytes)}, more than the largest "
+            f"eligible pool ({format_size(largest)}); pick a smaller size",
+            field="size_bytes",
+        )
+    fitting = [p for p in usable if p.free_bytes >= leg_bytes]
+    eligible = {p.node_id for p in fitting}
+    if len(eligible) < legs:
+        raise ResourceExhausted(
+            f"the volume needs {legs} distinct nodes with a pool of {format_size(leg_bytes)} "
+            f"free (one per leg) and {len(eligible)} are eligible (online, not fenced, with "
+            "room" + (", holding no leg of the volume" if excluded else "") + "); add nodes "
+            "or free space",
+            field="size_bytes",
+        )
+    first_pools = (
+        fitting if first_nodes is None else [p for p in fitting if p.node_id in set(first_nodes)]
+    )
+    if not first_pools:
+        raise ResourceExhausted(
+            f"no node allowed by the request's topology ({', '.join(first_nodes or [])}) has "
+            f"an online pool with {format_size(leg_bytes)} free for the first leg",
+            field="requisite_nodes",
+        )
+    chosen = [choose_pool(first_pools, leg_bytes, locality, preferred_nodes)]
+    while len(chosen) < legs:
+        used_nodes = {c.node_id for c in chosen}
+        used_zones = {zones[c.node_id] for c in chosen if c.node_id in zones}
+        rest = [p for p in fitting if p.node_id not in used_nodes]
+        chosen.append(
+            min(
+                rest,
+                key=lambda p: (
+                    zones.get(p.node_id) in used_zones,
+                    -p.free_bytes,
+                    p.node_id,
+                    p.name,
+                ),
+            )
+        )
+    return chosen

@@ -10,12 +10,14 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response
+from starlette.background import BackgroundTask
 
 from management import (
     attachments,
     fencing,
     group_snapshots,
     inventory,
+    legs,
     qos,
     reconcile,
     snapshots,
@@ -40,6 +42,7 @@ from tessera.models import (
     Node,
     NodeId,
     NodeRegistration,
+    NodeState,
     Page,
     Pool,
     PoolRegistration,
@@ -121,7 +124,13 @@ def v1_router(ctx: Context) -> APIRouter:
         responses=problems(404),
     )
     def heartbeat(node_id: NodeId) -> Response:
-        return json_response(inventory.heartbeat(ctx, node_id))
+        reply = inventory.heartbeat(ctx, node_id)
+        response = json_response(reply)
+        if reply.state == NodeState.ONLINE:
+            # after the reply is sent: the node is back, so the leg files it still holds
+            # for nothing (stale, or of volumes deleted while it was down) can go now
+            response.background = BackgroundTask(legs.sweep_discarded, ctx, node_id)
+        return response
 
     @r.post(
         "/nodes/{node_id}/fence",

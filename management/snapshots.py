@@ -121,6 +121,13 @@ def check_source(
         raise FailedPrecondition(
             f"source volume {volume_id} is {vol.state}, not available", field=field
         )
+    if vol.layout not in ("", "concat"):
+        # a snapshot is one reflinked file; a striped or mirrored volume is several
+        raise FailedPrecondition(
+            f"source volume {volume_id} has layout {vol.layout}: snapshots are made of "
+            "one-leg (concat) volumes only for now",
+            field=field,
+        )
     return vol
 
 

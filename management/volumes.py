@@ -11,27 +11,29 @@ call and converges.
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
-from sqlalchemy import Connection, Row, bindparam, case, insert, select, update
+from sqlalchemy import Connection, Row, bindparam, case, insert, literal, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from management import liveness, snapshots
 from management.context import Context
-from management.inventory import check_vpg_exists
+from management.inventory import get_vpg_row
 from management.limits import check_text, sized_within_limit
 from management.pagination import fetch_page
-from management.placement import PoolSpace, choose_pool, pool_space
+from management.placement import PoolSpace, choose_pool, place_legs, pool_space
 from management.schema import (
     AttachmentRow,
+    DiscardedLegRow,
     NodeRow,
     PoolRow,
     SnapshotRow,
     VolumeLegRow,
     VolumeRow,
 )
-from tessera import ids
+from tessera import ids, layouts
 from tessera.errors import (
     Aborted,
     AlreadyExists,
@@ -46,7 +48,10 @@ from tessera.models import (
     AgentSource,
     AgentSourceKind,
     ContentSource,
+    Layout,
     Leg,
+    LegState,
+    NodeState,
     Page,
     QosLimits,
     SnapshotMethod,
@@ -56,7 +61,7 @@ from tessera.models import (
     VolumeExpand,
     VolumeState,
 )
-from tessera.topology import candidate_nodes
+from tessera.topology import ZONE_KEY, candidate_nodes
 from tessera.units import format_size
 
 log = logging.getLogger(__name__)
@@ -128,18 +133,26 @@ def _published(s: Session | Connection, volume_ids: list[str]) -> dict[str, list
 
 
 def _legs(s: Session | Connection, volume_ids: list[str]) -> dict[str, list[Leg]]:
+    """Each volume's legs in index order: the live ones, then the stale ones still on disk."""
     if not volume_ids:
         return {}
-    leg = VolumeLegRow
-    stmt = (
-        select(leg.volume_id, leg.node_id, leg.pool, leg.size_bytes)
-        .where(leg.volume_id.in_(volume_ids))
-        .order_by(leg.volume_id, leg.position)
-    )
     out: dict[str, list[Leg]] = {}
-    for vid, node_id, pool, size in s.execute(stmt):
-        out.setdefault(vid, []).append(Leg(node_id=node_id, pool=pool, size_bytes=size))
+    for table, live in ((VolumeLegRow, True), (DiscardedLegRow, False)):
+        stmt = (
+            select(table.volume_id, table.position, table.node_id, table.pool, table.size_bytes)
+            .add_columns(table.state if live else literal(LegState.STALE.value))
+            .where(table.volume_id.in_(volume_ids))
+            .order_by(table.volume_id, table.position)
+        )
+        for vid, index, node_id, pool, size, state in s.execute(stmt):
+            leg = Leg(node_id=node_id, pool=pool, size_bytes=size, index=index, state=state)
+            out.setdefault(vid, []).append(leg)
     return out
+
+
+def live_legs(legs: list[Leg]) -> list[Leg]:
+    """The legs that hold the volume's data (in_sync or rebuilding), in index order."""
+    return [leg for leg in legs if leg.state != LegState.STALE]
 
 
 def _condition(
@@ -247,43 +260,113 @@ def _check_compatible(row: VolumeRow | Row[Any], req: VolumeCreate) -> None:
         raise Aborted(f"volume {req.name!r} is being deleted; retry later", field="name")
 
 
-def _place(ctx: Context, conn: Connection, req: VolumeCreate, size: int) -> tuple[Volume, str]:
-    """Choose a pool and record the volume there; returns it and its agent's URL."""
-    check_vpg_exists(conn, req.vpg)
+def _place(
+    ctx: Context, conn: Connection, req: VolumeCreate, size: int
+) -> tuple[Volume, dict[str, str]]:
+    """Choose pools and record the volume there; returns it and its leg nodes' agent URLs."""
+    layout, nlegs, chunk = get_vpg_row(conn, req.vpg)
     nodes = candidate_nodes(req.locality, req.requisite_nodes, req.preferred_nodes)
-    if req.content_source is not None:
-        chosen = _clone_pool(ctx, conn, req, size, nodes)
+    geometry: dict[str, Any] = {"layout": layout, "chunk_bytes": chunk, "array_uuid": ""}
+    if layout == Layout.CONCAT:
+        if req.content_source is not None:
+            chosen = [_clone_pool(ctx, conn, req, size, nodes)]
+        else:
+            pools = pool_space(conn, online_since=ctx.online_since(), node_ids=nodes, lock=True)
+            chosen = [choose_pool(pools, size, req.locality, req.preferred_nodes)]
+        leg_bytes = size
     else:
-        pools = pool_space(conn, online_since=ctx.online_since(), node_ids=nodes, lock=True)
-        chosen = choose_pool(pools, size, req.locality, req.preferred_nodes)
+        size, leg_bytes, chosen = _place_legs(ctx, conn, req, size, (layout, nlegs, chunk), nodes)
+        if layouts.is_mirrored(layout):
+            geometry["array_uuid"] = str(uuid.uuid4())  # md assembles exactly this array
+    legs = [
+        Leg(node_id=c.node_id, pool=c.name, size_bytes=leg_bytes, index=i)
+        for i, c in enumerate(chosen)
+    ]
     volume = Volume(
         id=ids.new_volume_id(),
         name=req.name,
         size_bytes=size,
         vpg=req.vpg,
-        node_id=chosen.node_id,
-        pool=chosen.name,
+        node_id=legs[0].node_id,
+        pool=legs[0].pool,
         state=VolumeState.CREATING,
         parameters=dict(req.parameters),
         created_at=ctx.clock(),
-        legs=[Leg(node_id=chosen.node_id, pool=chosen.name, size_bytes=size)],
+        legs=legs,
         content_source=req.content_source,
         qos=req.qos,
     )
     row = volume.model_dump(include=_INSERTED, mode="json")
-    conn.execute(_INSERT, [{**row, **_source_columns(req), "agent_size_bytes": 0}])
-    # concat: one leg, the whole volume in the chosen pool
-    legs = [
-        {"volume_id": volume.id, "position": i, **leg.model_dump()}
-        for i, leg in enumerate(volume.legs)
-    ]
-    conn.execute(_INSERT_LEG, legs)
-    return volume, chosen.agent_url
+    conn.execute(_INSERT, [{**row, **_source_columns(req), **geometry, "agent_size_bytes": 0}])
+    conn.execute(_INSERT_LEG, [_leg_columns(volume.id, leg) for leg in legs])
+    return volume, {c.node_id: c.agent_url for c in chosen}
+
+
+def _leg_columns(volume_id: str, leg: Leg) -> dict[str, Any]:
+    return {
+        "volume_id": volume_id,
+        "position": leg.index,
+        "node_id": leg.node_id,
+        "pool": leg.pool,
+        "size_bytes": leg.size_bytes,
+        "state": leg.state.value,
+    }
+
+
+def _place_legs(
+    ctx: Context,
+    conn: Connection,
+    req: VolumeCreate,
+    size: int,
+    vpg: tuple[str, int, int],
+    nodes: list[str] | None,
+) -> tuple[int, int, list[PoolSpace]]:
+    """(volume size, leg size, a pool per leg) of a raid0/raid1/raid10 volume."""
+    layout, nlegs, chunk = vpg
+    if req.content_source is not None:
+        raise FailedPrecondition(
+            f"vpg {req.vpg!r} has layout {layout}: clones are made of one-leg (concat) "
+            "volumes only for now",
+            field="content_source",
+        )
+    size = layouts.volume_size(layout, size, nlegs, chunk)
+    if req.limit_bytes and size > req.limit_bytes:
+        raise OutOfRange(
+            f"layout {layout} over {nlegs} legs rounds the size up to {format_size(size)} "
+            f"({size} bytes, whole chunks on every leg), above limit_bytes {req.limit_bytes}",
+            field="limit_bytes",
+        )
+    leg_bytes = layouts.leg_size(layout, size, nlegs)
+    pools = pool_space(conn, online_since=ctx.online_since(), lock=True)
+    chosen = place_legs(
+        pools,
+        legs=nlegs,
+        leg_bytes=leg_bytes,
+        zones=node_zones(conn, {p.node_id for p in pools}),
+        first_nodes=nodes,
+        locality=req.locality,
+        preferred_nodes=req.preferred_nodes,
+    )
+    return size, leg_bytes, chosen
+
+
+def node_zones(conn: Session | Connection, node_ids: set[str]) -> dict[str, str]:
+    """The zone label (topology.kubernetes.io/zone) of each node that has one."""
+    if not node_ids:
+        return {}
+    stmt = select(NodeRow.id, NodeRow.topology).where(NodeRow.id.in_(sorted(node_ids)))
+    return {
+        node_id: (topology or {})[ZONE_KEY]
+        for node_id, topology in conn.execute(stmt)
+        if (topology or {}).get(ZONE_KEY)
+    }
 
 
 # The statements every create runs, built once; Core, not ORM (see Database.write_connection).
 _BY_NAME = select(VolumeRow.__table__).where(VolumeRow.name == bindparam("name"))
-_AGENT_URL = select(NodeRow.agent_url).where(NodeRow.id == bindparam("node_id"))
+_AGENT_URLS = select(NodeRow.id, NodeRow.agent_url).where(
+    NodeRow.id.in_(bindparam("node_ids", expanding=True))
+)
 _INSERT = insert(VolumeRow)
 _INSERT_LEG = insert(VolumeLegRow)
 _INSERTED = {column.key for column in VolumeRow.__table__.columns} - {"agent_size_bytes"}
@@ -314,38 +397,42 @@ def create_volume(ctx: Context, req: VolumeCreate) -> tuple[Volume, bool]:
             row = conn.execute(_BY_NAME, {"name": req.name}).first()
             created = row is None
             if row is None:
-                volume, agent_url = _place(ctx, conn, req, size)
+                volume, urls = _place(ctx, conn, req, size)
             else:
                 _check_compatible(row, req)
                 volume = _models(ctx, conn, [row])[0]
-                agent_url = _agent_url(conn, row.node_id)
+                urls = agent_urls(conn, [leg.node_id for leg in volume.legs])
     except IntegrityError:
         # A concurrent create of the same name won the race (PostgreSQL; on
         # SQLite BEGIN IMMEDIATE serialises us): answer as for an existing name.
         return create_volume(ctx, req)[0], False
     if volume.state == VolumeState.CREATING:
-        volume = _drive_create(ctx, agent_url, volume)
+        volume = _drive_create(ctx, urls, volume)
     return volume, created
 
 
-def _agent_url(conn: Session | Connection, node_id: str) -> str:
-    url = conn.execute(_AGENT_URL, {"node_id": node_id}).scalar()
-    if url is None:  # nodes are never deleted while they own volumes
-        raise FailedPrecondition(f"node {node_id!r} is not registered", field="node_id")
-    return url
+def agent_urls(conn: Session | Connection, node_ids: list[str]) -> dict[str, str]:
+    """Each node's agent URL; FailedPrecondition for one that is not registered."""
+    found = dict(conn.execute(_AGENT_URLS, {"node_ids": sorted(set(node_ids))}).all())
+    for node_id in node_ids:
+        if node_id not in found:  # nodes are never deleted while they hold legs
+            raise FailedPrecondition(f"node {node_id!r} is not registered", field="node_id")
+    return found
 
 
-def _drive_create(ctx: Context, agent_url: str, volume: Volume) -> Volume:
+def _drive_create(ctx: Context, urls: dict[str, str], volume: Volume) -> Volume:
+    """Make every leg's file on its node (the agent's create is idempotent), then available."""
     src = volume.content_source
     if src is not None and src.volume_id:
-        _clone_volume(ctx, agent_url, volume, src.volume_id)
+        _clone_volume(ctx, urls[volume.node_id], volume, src.volume_id)
     else:
         source = None
         if src is not None:
             source = AgentSource(kind=AgentSourceKind.SNAPSHOT, id=src.snapshot_id)
-        ctx.agents.get(agent_url).create_volume(
-            volume.id, volume.pool, volume.size_bytes, source=source
-        )
+        for leg in live_legs(volume.legs):
+            ctx.agents.get(urls[leg.node_id]).create_volume(
+                volume.id, leg.pool, leg.size_bytes, source=source
+            )
     with ctx.db.write_connection() as conn:
         done = conn.execute(_CREATED, {"volume_id": volume.id, "size": volume.size_bytes})
         if not done.rowcount:  # the row moved on meanwhile (deleting): report what it is now
@@ -468,12 +555,38 @@ def delete_volume(ctx: Context, volume_id: str) -> None:
                 field="volume_id",
             )
         row.state = VolumeState.DELETING.value
-        agent_url = _agent_url(s, row.node_id)
-    ctx.agents.get(agent_url).delete_volume(volume_id)
+        multi_leg = row.layout not in ("", Layout.CONCAT.value)
+        legs = list(s.scalars(select(VolumeLegRow).where(VolumeLegRow.volume_id == volume_id)))
+        nodes = {n.id: n for n in s.scalars(select(NodeRow).where(NodeRow.id.in_(
+            sorted({leg.node_id for leg in legs})
+        )))}  # fmt: skip
+        plan = [(leg.node_id, leg.pool, leg.size_bytes, leg.position) for leg in legs]
+    later = []
+    for node_id, pool, size, position in plan:
+        node = nodes.get(node_id)
+        if node is None:
+            continue  # never registered: nothing of it can be on disk
+        if multi_leg and liveness.node_state(ctx, node) != NodeState.ONLINE:
+            # A leg on a node that is down: the others go now, this one when it returns
+            # (management.legs.sweep_discarded); a concat volume's only leg waits instead.
+            later.append(DiscardedLegRow(
+                volume_id=volume_id, node_id=node_id, pool=pool, size_bytes=size,
+                position=position,
+            ))  # fmt: skip
+            continue
+        ctx.agents.get(node.agent_url).delete_volume(volume_id)
     with ctx.db.write() as s:
         row = s.get(VolumeRow, volume_id)
         if row is not None and row.state == VolumeState.DELETING:
+            for leg in later:
+                if s.get(DiscardedLegRow, (leg.volume_id, leg.node_id)) is None:
+                    s.add(leg)
             s.delete(row)
+            if later:
+                log.info(
+                    "volume %s deleted; its legs on %s go when their nodes return",
+                    volume_id, ", ".join(leg.node_id for leg in later),
+                )  # fmt: skip
 
 
 # ---- expand --------------------------------------------------------------------------
@@ -494,8 +607,11 @@ def expand_volume(ctx: Context, volume_id: str, req: VolumeExpand) -> Volume:
         if row.agent_size_bytes >= row.size_bytes:
             return _snapshot(ctx, s, row)
         target = row.size_bytes
-        agent_url = _agent_url(s, row.node_id)
-    ctx.agents.get(agent_url).resize_volume(volume_id, target)
+        legs = list(s.scalars(select(VolumeLegRow).where(VolumeLegRow.volume_id == volume_id)))
+        urls = agent_urls(s, [leg.node_id for leg in legs])
+        plan = [(urls[leg.node_id], leg.size_bytes) for leg in legs]
+    for url, leg_bytes in plan:  # every leg grows (idempotent: a file never shrinks)
+        ctx.agents.get(url).resize_volume(volume_id, leg_bytes)
     with ctx.db.write() as s:
         row = _load(s, volume_id, lock=True)
         row.agent_size_bytes = max(row.agent_size_bytes, target)
@@ -503,13 +619,30 @@ def expand_volume(ctx: Context, volume_id: str, req: VolumeExpand) -> Volume:
 
 
 def _reserve_growth(ctx: Context, s: Session, row: VolumeRow, new_size: int) -> None:
-    """Grow the volume's last leg (a concat volume's only one) into its pool's free space."""
-    leg = s.scalars(
-        select(VolumeLegRow)
-        .where(VolumeLegRow.volume_id == row.id)
-        .order_by(VolumeLegRow.position.desc())
-        .limit(1)
-    ).one()
+    """Grow every live leg into its pool's free space (a concat volume has one leg).
+
+    Each leg's new size follows the layout (tessera.layouts.leg_size), so a
+    striped volume's size is first rounded to whole chunks on every leg.
+    """
+    legs = list(
+        s.scalars(
+            select(VolumeLegRow)
+            .where(VolumeLegRow.volume_id == row.id)
+            .order_by(VolumeLegRow.position)
+        )
+    )
+    layout = row.layout or Layout.CONCAT.value
+    if layout != Layout.CONCAT:
+        new_size = layouts.volume_size(layout, new_size, len(legs), row.chunk_bytes)
+    leg_bytes = layouts.leg_size(layout, new_size, len(legs))
+    for leg in legs:
+        _check_leg_growth(s, leg, leg_bytes, new_size)
+    for leg in legs:
+        leg.size_bytes = max(leg.size_bytes, leg_bytes)
+    row.size_bytes = new_size
+
+
+def _check_leg_growth(s: Session, leg: VolumeLegRow, leg_bytes: int, new_size: int) -> None:
     pools = pool_space(s, node_ids=[leg.node_id], lock=True)
     pool = next((p for p in pools if p.name == leg.pool), None)
     if pool is None:  # only a fenced node's pools are left out
@@ -518,12 +651,12 @@ def _reserve_growth(ctx: Context, s: Session, row: VolumeRow, new_size: int) -> 
             "volume's file until its agent heartbeats again",
             field="volume_id",
         )
-    growth = new_size - row.size_bytes
-    if leg.size_bytes + growth > pool.capacity_bytes:
+    growth = leg_bytes - leg.size_bytes
+    if leg_bytes > pool.capacity_bytes:
         # Retrying cannot help: the pool could never hold it, even empty.
         raise OutOfRange(
             f"size_bytes {format_size(new_size)} is larger than pool {leg.pool!r} on node "
-            f"{leg.node_id!r} ({format_size(pool.capacity_bytes)}); "
+            f"{leg.node_id!r} ({format_size(pool.capacity_bytes)}) can hold; "
             "a volume cannot outgrow its pool",
             field="size_bytes",
         )
@@ -533,5 +666,3 @@ def _reserve_growth(ctx: Context, s: Session, row: VolumeRow, new_size: int) -> 
             f"growing to {format_size(new_size)} needs {format_size(growth)} more",
             field="size_bytes",
         )
-    leg.size_bytes += growth
-    row.size_bytes = new_size

@@ -169,13 +169,15 @@ def test_attach_on_the_owner_node_is_a_local_loop_with_no_export(cluster):
     vol = cluster.volume()
     resp = cluster.attach(vol, "n1")
     assert resp.status_code == 200, resp.text
-    assert resp.json()["connection"] == {
+    got = resp.json()["connection"]
+    assert {k: got[k] for k in ("transport", "owner_node", "host", "port", "psk_identity")} == {
         "transport": "loop",
         "owner_node": "n1",
         "host": "",
         "port": 0,
         "psk_identity": "",
     }
+    assert got["legs"] == [] and got["layout"] == "concat"
     assert cluster.exports("n1") == set()
 
 
@@ -514,9 +516,10 @@ def test_volume_condition_names_an_unreachable_attached_node_then_the_owner(clus
 def test_the_volume_answer_lists_its_legs_and_an_expand_grows_the_leg(cluster):
     vol = cluster.volume()
     got = cluster.api.get(f"/v1/volumes/{vol}").json()
-    assert got["legs"] == [{"node_id": "n1", "pool": "p", "size_bytes": 4 * MiB}]
+    leg = {"node_id": "n1", "pool": "p", "index": 0, "state": "in_sync"}
+    assert got["legs"] == [{**leg, "size_bytes": 4 * MiB}]
     grown = cluster.api.post(f"/v1/volumes/{vol}/expand", json={"size_bytes": 8 * MiB})
-    assert grown.json()["legs"] == [{"node_id": "n1", "pool": "p", "size_bytes": 8 * MiB}]
+    assert grown.json()["legs"] == [{**leg, "size_bytes": 8 * MiB}]
     pools = cluster.api.get("/v1/pools").json()["items"]
     assert pools[0]["allocated_bytes"] == 8 * MiB
 
