@@ -15,6 +15,7 @@ apt_packages=(
   nbdkit libnbd-bin fuse3 fio psmisc kmod iproute2
   unzip
   debootstrap containerd runc
+  qemu-system-x86 qemu-utils busybox-static zstd
   postgresql
 )
 missing=()
