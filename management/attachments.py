@@ -27,8 +27,8 @@ from sqlalchemy.orm import Session
 
 from management import liveness, qos
 from management.context import Context
-from management.inventory import get_node_row
-from management.schema import AttachmentRow, NodeRow, VolumeRow
+from management.inventory import TRANSPORT_PARAMETER, get_node_row, node_transports
+from management.schema import AttachmentLegRow, AttachmentRow, NodeRow, VolumeLegRow, VolumeRow
 from tessera import ids
 from tessera.access_modes import READ_ONLY_MODES, SINGLE_NODE_MODES
 from tessera.errors import (
@@ -41,6 +41,7 @@ from tessera.errors import (
     TesseraError,
     Unavailable,
 )
+from tessera.layouts import is_mirrored
 from tessera.models import (
     AccessMode,
     AgentExportCreate,
@@ -48,6 +49,9 @@ from tessera.models import (
     Attachment,
     AttachmentCreate,
     Connection,
+    Layout,
+    LegConnection,
+    LegState,
     NodeState,
     Transport,
     VolumeState,
@@ -59,12 +63,27 @@ PENDING = "pending"
 READY = "ready"
 
 
-def attachment_model(row: AttachmentRow, owner: str) -> Attachment:
+def attachment_model(s: Session, row: AttachmentRow, volume: VolumeRow) -> Attachment:
     """The wire model: the connection the consumer needs, never the key."""
-    connection = Connection(transport=Transport(row.transport), owner_node=owner)
-    if row.transport == Transport.NBD:
+    connection = Connection(transport=Transport(row.transport), owner_node=volume.node_id)
+    if row.transport != Transport.LOOP:
         connection.host, connection.port = row.host, row.port
         connection.psk_identity = row.psk_identity
+    if row.transport in (Transport.NVME_TCP, Transport.COMPOSED):
+        exports = {
+            e.leg_node: e
+            for e in s.scalars(
+                select(AttachmentLegRow).where(
+                    AttachmentLegRow.volume_id == row.volume_id,
+                    AttachmentLegRow.node_id == row.node_id,
+                )
+            )
+        }
+        if row.transport == Transport.NVME_TCP:
+            found = exports.get(volume.node_id)
+            connection.subsystem_nqn = found.subsystem_nqn if found is not None else ""
+        else:
+            _compose(s, connection, row, volume, exports)
     return Attachment(
         volume_id=row.volume_id,
         node_id=row.node_id,
@@ -75,10 +94,66 @@ def attachment_model(row: AttachmentRow, owner: str) -> Attachment:
     )
 
 
-def check_mode_rules(
-    mode: AccessMode, readonly: bool, node_id: str, others: list[AttachmentRow]
+def _compose(
+    s: Session,
+    connection: Connection,
+    row: AttachmentRow,
+    volume: VolumeRow,
+    exports: dict[str, AttachmentLegRow],
 ) -> None:
-    """Whether a new attachment on `node_id` may join the volume's attachments elsewhere."""
+    """A composed connection: the layout and one LegConnection per live leg it can reach.
+
+    A leg on the consumer is a loop device; any other comes over the
+    export its owner made for this attachment (a leg a repair placed but
+    not yet exported is left out until it is). Stale legs are never listed:
+    they missed writes.
+    """
+    connection.layout = Layout(volume.layout)
+    connection.chunk_bytes = volume.chunk_bytes
+    connection.array_uuid = volume.array_uuid
+    connection.data_bytes = volume.size_bytes
+    connection.host, connection.port = "", 0
+    legs = s.scalars(
+        select(VolumeLegRow)
+        .where(VolumeLegRow.volume_id == volume.id)
+        .order_by(VolumeLegRow.position)
+    )
+    for leg in legs:
+        state = LegState(leg.state)
+        if leg.node_id == row.node_id:
+            connection.legs.append(
+                LegConnection(index=leg.position, node_id=leg.node_id, state=state)
+            )
+            continue
+        export = exports.get(leg.node_id)
+        if export is None:
+            continue
+        connection.legs.append(
+            LegConnection(
+                index=leg.position,
+                node_id=leg.node_id,
+                transport=Transport.NVME_TCP,
+                host=export.host,
+                port=export.port,
+                subsystem_nqn=export.subsystem_nqn,
+                state=state,
+            )
+        )
+
+
+def check_mode_rules(
+    mode: AccessMode,
+    readonly: bool,
+    node_id: str,
+    others: list[AttachmentRow],
+    layout: str | None = None,
+) -> None:
+    """Whether a new attachment on `node_id` may join the volume's attachments elsewhere.
+
+    Mirrored layouts (raid1, raid10) also refuse a second node whenever any
+    of the nodes writes; striped (raid0) volumes have no state beside the
+    data and take several writers like a one-leg volume.
+    """
     if mode in READ_ONLY_MODES and not readonly:
         raise InvalidArgument(f"access mode {mode.value} requires readonly=true", field="readonly")
     if not others:
@@ -95,6 +170,18 @@ def check_mode_rules(
         raise FailedPrecondition(
             f"access mode {mode.value} allows one node and the volume is attached to {holders}; "
             f"unpublish it there before attaching to {node_id}",
+            field="node_id",
+        )
+    if (
+        layout is not None
+        and is_mirrored(layout)
+        and not (readonly and all(o.readonly for o in others))
+    ):
+        writer = node_id if not readonly else next(o.node_id for o in others if not o.readonly)
+        raise FailedPrecondition(
+            f"volume has layout {layout}: a mirror is composed by md in one node's kernel, so "
+            f"while node {writer} writes no other node may attach it ({holders} has it); two "
+            "md instances writing the same legs would let the copies silently diverge",
             field="node_id",
         )
     if mode == AccessMode.MULTI_NODE_SINGLE_WRITER and not readonly:
@@ -122,6 +209,9 @@ class _ExportPlan:
     readonly: bool
     psk_identity: str
     psk_key: str
+    transport: str = Transport.NBD.value
+    #: (node, agent URL, transport) of every export: the owner's, or each remote leg's
+    exports: tuple[tuple[str, str, str], ...] = ()
 
     def __repr__(self) -> str:  # a traceback or a debug log must not show the key
         return f"_ExportPlan({self.volume_id} on {self.consumer}, owner {self.owner})"
@@ -145,7 +235,7 @@ def _attach(ctx: Context, volume_id: str, node_id: str, req: AttachmentCreate) -
         else:
             _check_same_request(row, req)
         if row.state == READY:  # local, or a remote one already made: nothing to drive
-            return attachment_model(row, volume.node_id)
+            return attachment_model(s, row, volume)
         plan = _plan(ctx, s, volume, consumer, row)
     return _drive_export(ctx, plan)
 
@@ -179,20 +269,21 @@ def _record(
         )
     )
     try:
-        check_mode_rules(req.access_mode, req.readonly, consumer.id, others)
+        check_mode_rules(req.access_mode, req.readonly, consumer.id, others, volume.layout)
     except FailedPrecondition as err:
         raise FailedPrecondition(
             err.message + _fence_hint(ctx, s, others), field=err.field
         ) from None
     _check_node_limit(s, consumer.id, consumer.max_volumes)
-    remote = consumer.id != volume.node_id
+    transport = choose_transport(s, volume, consumer, req.readonly)
+    remote = transport != Transport.LOOP
     row = AttachmentRow(
         volume_id=volume.id,
         node_id=consumer.id,
         access_mode=req.access_mode.value,
         readonly=req.readonly,
         created_at=ctx.clock(),
-        transport=(Transport.NBD if remote else Transport.LOOP).value,
+        transport=transport.value,
         state=PENDING if remote else READY,
         psk_identity=consumer.id if remote else "",
         psk_key=secrets.token_hex(32) if remote else "",
@@ -229,7 +320,12 @@ def _plan(
     owner = get_node_row(s, volume.node_id)
     why = "the remote attachment cannot be completed until it is online again"
     liveness.require_online(ctx, consumer, "node", why)
-    liveness.require_online(ctx, owner, "owner node", f"it holds the data of volume {volume.id}")
+    exports = []
+    for node_id, transport in export_targets(s, row, volume):
+        node = owner if node_id == owner.id else get_node_row(s, node_id)
+        role = "owner node" if node_id == owner.id else "leg node"
+        liveness.require_online(ctx, node, role, f"it holds the data of volume {volume.id}")
+        exports.append((node.id, node.agent_url, transport))
     return _ExportPlan(
         volume_id=volume.id,
         consumer=consumer.id,
@@ -239,7 +335,25 @@ def _plan(
         readonly=row.readonly,
         psk_identity=row.psk_identity,
         psk_key=row.psk_key,
+        transport=row.transport,
+        exports=tuple(exports),
     )
+
+
+def export_targets(s: Session, row: AttachmentRow, volume: VolumeRow) -> list[tuple[str, str]]:
+    """(node, transport) of each export a remote attachment needs.
+
+    One-leg volumes: the owner, over the attachment's transport. Composed:
+    every live leg that is not on the consumer, over nvme-tcp.
+    """
+    if row.transport != Transport.COMPOSED:
+        return [(volume.node_id, row.transport)]
+    legs = s.scalars(
+        select(VolumeLegRow.node_id)
+        .where(VolumeLegRow.volume_id == volume.id, VolumeLegRow.node_id != row.node_id)
+        .order_by(VolumeLegRow.position)
+    )
+    return [(node_id, Transport.NVME_TCP.value) for node_id in legs]
 
 
 def _client_address(agent_url: str) -> str:
@@ -250,16 +364,11 @@ def _client_address(agent_url: str) -> str:
 
 
 def _drive_export(ctx: Context, plan: _ExportPlan) -> Attachment:
-    """Owner exports, consumer gets the key, then the row is ready. Idempotent throughout."""
-    request = AgentExportCreate(
-        psk_identity=plan.psk_identity,
-        psk_key=plan.psk_key,
-        readonly=plan.readonly,
-        client_address=_client_address(plan.consumer_url),
-    )
-    export = ctx.agents.get(plan.owner_url).export(plan.volume_id, plan.consumer, request)
+    """Owners export, consumer gets the key, then the row is ready. Idempotent throughout."""
+    made = make_exports(ctx, plan)
     key = AgentKey(psk_identity=plan.psk_identity, psk_key=plan.psk_key)
     ctx.agents.get(plan.consumer_url).put_key(plan.volume_id, key)
+    first = made[0]
     with ctx.db.write() as s:
         done = s.execute(
             update(AttachmentRow)
@@ -268,20 +377,114 @@ def _drive_export(ctx: Context, plan: _ExportPlan) -> Attachment:
                 AttachmentRow.node_id == plan.consumer,
                 AttachmentRow.psk_key == plan.psk_key,
             )
-            .values(host=export.host, port=export.port, state=READY)
+            .values(host=first.host, port=first.port, state=READY)
         )
         row = s.get(AttachmentRow, (plan.volume_id, plan.consumer)) if done.rowcount else None
         if row is not None:
+            record_exports(s, plan.volume_id, plan.consumer, made)
+            volume = s.get(VolumeRow, plan.volume_id)
             log.info(
-                "volume %s attached to %s over nbd from %s (%s:%d)",
-                plan.volume_id, plan.consumer, plan.owner, export.host, export.port,
+                "volume %s attached to %s over %s from %s",
+                plan.volume_id, plan.consumer, plan.transport,
+                ", ".join(f"{e.node_id} ({e.host}:{e.port})" for e in made),
             )  # fmt: skip
-            return attachment_model(row, plan.owner)
+            if volume is not None:
+                return attachment_model(s, row, volume)
     # Detached (or fenced) while the agents were called: take back what we just made.
     _close_export(ctx, plan.volume_id, plan.consumer, plan.owner_url, plan.consumer_url)
     raise Aborted(
         f"the attachment of volume {plan.volume_id} to {plan.consumer} was removed while it "
         "was being made (a detach or fence ran meanwhile); retry",
+        field="node_id",
+    )
+
+
+@dataclass(frozen=True)
+class MadeExport:
+    """What one owner answered for an export."""
+
+    node_id: str
+    host: str
+    port: int
+    subsystem_nqn: str
+
+
+def make_exports(ctx: Context, plan: _ExportPlan) -> list[MadeExport]:
+    """Every owner exports to the consumer with the attachment's one key (idempotent)."""
+    made = []
+    for node_id, url, transport in plan.exports:
+        request = AgentExportCreate(
+            transport=Transport(transport),
+            psk_identity=plan.psk_identity,
+            psk_key=plan.psk_key,
+            # nvmet has no per-host read-only: nvme-tcp exports are asked read-write and
+            # the consumer keeps a read-only attachment read-only (docs/layouts.md)
+            readonly=plan.readonly and transport == Transport.NBD,
+            client_address=_client_address(plan.consumer_url),
+        )
+        export = ctx.agents.get(url).export(plan.volume_id, plan.consumer, request)
+        made.append(MadeExport(node_id, export.host, export.port, export.subsystem_nqn))
+    return made
+
+
+def record_exports(s: Session, volume_id: str, consumer: str, made: list[MadeExport]) -> None:
+    """Remember each owner's answer (replacing an older one of the same owner)."""
+    for export in made:
+        found = s.get(AttachmentLegRow, (volume_id, consumer, export.node_id))
+        if found is None:
+            found = AttachmentLegRow(volume_id=volume_id, node_id=consumer, leg_node=export.node_id)
+            s.add(found)
+        found.host, found.port = export.host, export.port
+        found.subsystem_nqn = export.subsystem_nqn
+
+
+def choose_transport(s: Session, volume: VolumeRow, consumer: NodeRow, readonly: bool) -> Transport:
+    """How `consumer` reaches the volume (docs/layouts.md, "Transports").
+
+    The file on the consumer: loop. Several legs: composed, every remote
+    leg over nvme-tcp (checked here, so a node that cannot is refused
+    before anything is made). One remote leg: the StorageClass parameter
+    `transport` when given, else nvme-tcp when both nodes offer it, else
+    nbd; read-only attachments use nbd (nvmet has no per-host read-only).
+    """
+    forced = (volume.parameters or {}).get(TRANSPORT_PARAMETER, "")
+    if volume.layout not in ("", Layout.CONCAT.value):
+        if forced == Transport.NBD.value:
+            raise FailedPrecondition(
+                f"volume {volume.id} has layout {volume.layout}, whose remote legs need "
+                "nvme-tcp, but its parameters.transport forces nbd (nbd legs are not supported)",
+                field="parameters",
+            )
+        legs = s.scalars(select(VolumeLegRow.node_id).where(VolumeLegRow.volume_id == volume.id))
+        for leg_node in sorted(set(legs) - {consumer.id}):
+            _require_transport(volume, consumer, get_node_row(s, leg_node), Transport.NVME_TCP)
+        return Transport.COMPOSED
+    if consumer.id == volume.node_id:
+        return Transport.LOOP
+    owner = get_node_row(s, volume.node_id)
+    both = set(node_transports(consumer)) & set(node_transports(owner))
+    if readonly:
+        want = Transport.NBD
+    elif forced:
+        want = Transport(forced)
+    else:
+        want = Transport.NVME_TCP if Transport.NVME_TCP.value in both else Transport.NBD
+    _require_transport(volume, consumer, owner, want)
+    return want
+
+
+def _require_transport(
+    volume: VolumeRow, consumer: NodeRow, owner: NodeRow, want: Transport
+) -> None:
+    """FailedPrecondition naming the node(s) that cannot do `want` and what each offers."""
+    lacking = [n for n in (consumer, owner) if want.value not in node_transports(n)]
+    if not lacking:
+        return
+    offers = "; ".join(f"node {n.id} offers {', '.join(node_transports(n))}" for n in lacking)
+    raise FailedPrecondition(
+        f"volume {volume.id} on node {owner.id} would be reached from node {consumer.id} over "
+        f"{want.value}, which {' and '.join(n.id for n in lacking)} cannot do ({offers}); "
+        "install what it needs there (docs/layouts.md) or change parameters.transport",
         field="node_id",
     )
 
@@ -330,12 +533,15 @@ def detach(ctx: Context, volume_id: str, node_id: str) -> bool:
         key = row.psk_key
         if row.transport == Transport.LOOP:
             _require_local_release(ctx, s.get(NodeRow, node_id), volume_id)
-        if row.transport == Transport.NBD:
+        if row.transport != Transport.LOOP:
             volume = s.get(VolumeRow, volume_id)
-            owner = s.get(NodeRow, volume.node_id) if volume is not None else None
             consumer = s.get(NodeRow, node_id)
-            if owner is not None:
-                _revoke(ctx, volume_id, owner, consumer)
+            owners = []
+            if volume is not None:
+                owners = [s.get(NodeRow, n) for n, _ in export_targets(s, row, volume)]
+            for owner in owners:
+                if owner is not None:
+                    _revoke(ctx, volume_id, owner, consumer)
     with ctx.db.write() as s:
         s.execute(
             delete(AttachmentRow).where(
@@ -417,4 +623,4 @@ def list_attachments(ctx: Context, volume_id: str) -> list[Attachment]:
             .where(AttachmentRow.volume_id == volume_id)
             .order_by(AttachmentRow.node_id)
         )
-        return [attachment_model(r, volume.node_id) for r in rows]
+        return [attachment_model(s, r, volume) for r in rows]

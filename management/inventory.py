@@ -23,7 +23,7 @@ from management.limits import check_bytes, check_count, check_text
 from management.liveness import node_state
 from management.pagination import fetch_page
 from management.placement import PoolSpace, allocated_by_pool, pool_space
-from management.schema import AttachmentRow, NodeRow, PoolRow, VolumeRow, VpgRow
+from management.schema import AttachmentRow, NodeRow, PoolRow, VolumeLegRow, VpgRow
 from tessera import ids, layouts
 from tessera.errors import AlreadyExists, InvalidArgument, NotFound
 from tessera.models import (
@@ -46,6 +46,9 @@ from tessera.models import (
 from tessera.units import format_size, parse_size
 
 DEFAULT_VPG = "default"
+#: the StorageClass parameter (stored with the volume) that forces a remote transport
+TRANSPORT_PARAMETER = "transport"
+TRANSPORT_CHOICES = (Transport.NBD.value, Transport.NVME_TCP.value)
 
 log = logging.getLogger(__name__)
 
@@ -149,12 +152,19 @@ def heartbeat(ctx: Context, node_id: str) -> HeartbeatReply:
             raise NotFound(f"node {node_id!r} is not registered", field="node_id")
         row.last_heartbeat = ctx.clock()
         epoch = read_epoch(s)
+        # every remote attachment of a volume with a live leg here (a one-leg volume's
+        # owner, or a leg of a composed one): a stale leg's export is not listed, so goes
         exports = [
             ExportRef(volume_id=v, client_node=n)
             for v, n in s.execute(
                 select(AttachmentRow.volume_id, AttachmentRow.node_id)
-                .join(VolumeRow, VolumeRow.id == AttachmentRow.volume_id)
-                .where(VolumeRow.node_id == node_id, AttachmentRow.transport == Transport.NBD.value)
+                .join(VolumeLegRow, VolumeLegRow.volume_id == AttachmentRow.volume_id)
+                .where(
+                    VolumeLegRow.node_id == node_id,
+                    AttachmentRow.node_id != node_id,
+                    AttachmentRow.transport != Transport.LOOP.value,
+                )
+                .distinct()
                 .order_by(AttachmentRow.volume_id, AttachmentRow.node_id)
             )
         ]

@@ -195,7 +195,8 @@ class AttachmentRow(Base):
     access_mode: Mapped[str] = mapped_column(String(32))
     readonly: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[float] = mapped_column(Float)
-    #: `loop` (the consumer owns the file) or `nbd` (the owner exports it to the consumer)
+    #: tessera.models.Transport: `loop` (the consumer owns the file), `nbd` or `nvme-tcp`
+    #: (the owner exports it to the consumer), `composed` (several legs, see AttachmentLegRow)
     transport: Mapped[str] = mapped_column(
         String(16), default="loop", server_default=text("'loop'")
     )
@@ -206,6 +207,33 @@ class AttachmentRow(Base):
     psk_key: Mapped[str] = mapped_column(String(64), default="", server_default=text("''"))
     host: Mapped[str] = mapped_column(String(255), default="", server_default=text("''"))
     port: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+
+
+class AttachmentLegRow(Base):
+    """One export a remote attachment uses: a leg's owner exports its file to the consumer.
+
+    nvme-tcp and composed attachments: the subsystem (and its address) each
+    owner answered, so the consumer's connection names exactly what was
+    made. Goes with its attachment.
+    """
+
+    __tablename__ = "attachment_legs"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["volume_id", "node_id"],
+            ["attachments.volume_id", "attachments.node_id"],
+            ondelete="CASCADE",
+        ),
+    )
+
+    volume_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: the consumer
+    node_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    #: the node that holds the leg and exports it
+    leg_node: Mapped[str] = mapped_column(String(128), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255), default="")
+    port: Mapped[int] = mapped_column(Integer, default=0)
+    subsystem_nqn: Mapped[str] = mapped_column(String(223), default="")
 
 
 class SnapshotRow(Base):

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from management import liveness, snapshots
 from management.context import Context
-from management.inventory import get_vpg_row
+from management.inventory import TRANSPORT_CHOICES, TRANSPORT_PARAMETER, get_vpg_row
 from management.limits import check_text, sized_within_limit
 from management.pagination import fetch_page
 from management.placement import PoolSpace, choose_pool, place_legs, pool_space
@@ -38,6 +38,7 @@ from tessera.errors import (
     Aborted,
     AlreadyExists,
     FailedPrecondition,
+    InvalidArgument,
     NotFound,
     OutOfRange,
     ResourceExhausted,
@@ -232,6 +233,13 @@ def _check_create(req: VolumeCreate) -> int:
     for key, value in req.parameters.items():
         check_text(key, "parameters")
         check_text(value, "parameters")
+    forced = req.parameters.get(TRANSPORT_PARAMETER)
+    if forced is not None and forced not in TRANSPORT_CHOICES:
+        raise InvalidArgument(
+            f"parameters.{TRANSPORT_PARAMETER} {forced[:40]!r} is not one of "
+            f"{', '.join(TRANSPORT_CHOICES)}",
+            field="parameters",
+        )
     for field in ("requisite_nodes", "preferred_nodes"):
         for node in getattr(req, field):
             ids.check_node_id(node, field)

@@ -87,7 +87,11 @@ def running_nodes(db_url: str, tmp_path: Path, names: tuple[str, ...]) -> Iterat
         with ExitStack() as stack:
             agents = {
                 name: stack.enter_context(
-                    _served(FakeAgent(root=tmp_path / name, socket=sock_dir / f"{name}.sock"))
+                    _served(
+                        FakeAgent(
+                            root=tmp_path / name, socket=sock_dir / f"{name}.sock", node_id=name
+                        )
+                    )
                 )
                 for name in names
             }

@@ -28,6 +28,7 @@ from fastapi.testclient import TestClient
 from management.app import create_app
 from tessera.errors import (
     AlreadyExists,
+    InvalidArgument,
     NotFound,
     TesseraError,
     Unauthenticated,
@@ -42,7 +43,9 @@ from tessera.models import (
     AgentVolume,
     AgentVolumeCreate,
     AgentVolumeResize,
+    Transport,
 )
+from tessera.nvme_names import subsystem_nqn
 from tessera.rest import announce_service
 from tests.postgresql import PostgresServer, running_server
 
@@ -70,6 +73,8 @@ class FakeAgent:
     #: one create at a time, as the real agent's per-volume lock does: two replicas may
     #: drive the same create at once, and a file seen between open and truncate is no answer
     create_lock: threading.Lock = field(default_factory=threading.Lock)
+    #: the node it serves (names its nvmet subsystems, as nvme_names.subsystem_nqn does)
+    node_id: str = "fake"
 
     @property
     def url(self) -> str:
@@ -154,6 +159,9 @@ class FakeAgent:
         ) -> AgentExport:
             guard(request, "export", f"{volume_id}/{client_node}")
             key = (volume_id, client_node)
+            nvme = body.transport == Transport.NVME_TCP
+            if nvme and body.readonly:  # nvmet has no per-host read-only (the contract)
+                raise InvalidArgument("nvme-tcp exports are read-write", field="readonly")
             if self.exports.get(key) != body:  # another key or flags replace the export
                 self.ports[key] = 10809 + len(self.ports)
             self.exports[key] = body
@@ -161,8 +169,10 @@ class FakeAgent:
                 volume_id=volume_id,
                 client_node=client_node,
                 host="192.0.2.1",
-                port=self.ports[key],
+                port=4420 if nvme else self.ports[key],
                 readonly=body.readonly,
+                transport=body.transport,
+                subsystem_nqn=subsystem_nqn(volume_id, self.node_id) if nvme else "",
             )
 
         @app.delete("/v1/exports/{volume_id}/{client_node}")
