@@ -10,7 +10,12 @@ echo "== ruff"
 .venv/bin/ruff check .
 
 echo "== unit, integration, CLI, fuzzers (fixed seeds and budgets)"
-.venv/bin/python -m pytest -q -p no:cacheprovider tests "$@"
+.venv/bin/python -m pytest -q -p no:cacheprovider tests --ignore=tests/vm "$@"
+
+# nvmet, nvme-tcp, md and dm only exist in the VM's kernel (docs/vm-tests.md):
+# its own step and budget, the image build (debootstrap) included
+echo "== kernel data path in a VM"
+timeout 1500 .venv/bin/python -m pytest -q -p no:cacheprovider tests/vm "$@"
 
 echo "== CSI sanity (mount and block)"
 .venv/bin/python -m pytest -q -p no:cacheprovider sanity --access-type both "$@"

@@ -11,9 +11,11 @@ run starts from the same pristine disk and leaves nothing behind.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -106,6 +108,13 @@ def qemu_args(img: vm_image.Image, results: Path, how: str) -> list[str]:
     return args
 
 
+def _die_with_parent() -> None:
+    """In qemu before exec: killed with us, however we die (a SIGTERM'd runner, a
+    killed pytest), so no VM outlives the run that started it."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def run(
     argv: list[str],
     *,
@@ -127,7 +136,8 @@ def run(
     how = accel()
     started = time.monotonic()
     out = output if output is not None else sys.stdout.buffer
-    proc = subprocess.Popen(qemu_args(img, results, how), stdin=subprocess.DEVNULL, stdout=out)
+    args = qemu_args(img, results, how)
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, preexec_fn=_die_with_parent)
     timed_out = False
     try:
         proc.wait(timeout=timeout)
