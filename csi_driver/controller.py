@@ -44,7 +44,7 @@ from google.protobuf import timestamp_pb2, wrappers_pb2
 
 from csi_driver import validation
 from csi_driver._gen import csi_pb2, csi_pb2_grpc
-from csi_driver.capabilities import parse_capabilities
+from csi_driver.capabilities import Capability, parse_capabilities
 from csi_driver.parameters import (
     CONTEXT_FS_TYPE,
     CONTEXT_LOCALITY,
@@ -64,8 +64,10 @@ from tessera.errors import (
     NotFound,
     OutOfRange,
 )
+from tessera.layouts import is_mirrored
 from tessera.locks import VolumeLocks
 from tessera.models import (
+    AccessMode,
     AccessType,
     ContentSource,
     Locality,
@@ -192,6 +194,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     ) -> csi_pb2.CreateVolumeResponse:
         args = validation.create_volume(request)
         name, params, requisite = args.name, args.params, list(args.requisite)
+        self._refuse_mirrored_multi_writer(params.vpg, args.capabilities)
         with self.locks.hold(f"volume name {name}"), _vpg_is_a_parameter():
             size, params = args.size, args.params
             if args.source is not None:
@@ -220,6 +223,25 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             "volume %s is %s (%d bytes on %s)", name, volume.id, volume.size_bytes, volume.node_id
         )
         return csi_pb2.CreateVolumeResponse(volume=csi_volume(volume))
+
+    def _refuse_mirrored_multi_writer(self, vpg: str, capabilities: tuple[Capability, ...]) -> None:
+        """INVALID_ARGUMENT for MULTI_NODE_MULTI_WRITER on a mirrored (raid1/raid10) vpg.
+
+        md keeps a mirror's state (bitmap, event counts) in the one kernel
+        that composes it: two nodes writing through two md instances would
+        let the copies diverge silently. Striped and one-leg vpgs take it.
+        """
+        if all(c.access_mode != AccessMode.MULTI_NODE_MULTI_WRITER for c in capabilities):
+            return
+        found = next((v for v in self.mgmt.list_vpgs().items if v.name == vpg), None)
+        if found is not None and is_mirrored(found.layout):
+            raise InvalidArgument(
+                f"volume_capabilities: MULTI_NODE_MULTI_WRITER is refused for vpg {vpg!r} "
+                f"(layout {found.layout}): a mirror is composed by md on one node at a time, "
+                "and two nodes writing its legs would let the copies silently diverge; use a "
+                "single-writer access mode, or a raid0/concat vpg",
+                field="volume_capabilities",
+            )
 
     def _clone_size_and_params(
         self, args: validation.CreateVolume

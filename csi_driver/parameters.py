@@ -24,6 +24,9 @@ VPG = "vpg"
 FS_TYPE = "csi.storage.k8s.io/fstype"
 MKFS_OPTIONS = "mkfsOptions"
 LOCALITY = "locality"
+#: force a one-leg volume's remote transport (nbd or nvme-tcp); docs/layouts.md
+TRANSPORT = "transport"
+TRANSPORTS = ("nbd", "nvme-tcp")
 #: QoS (docs/data-services.md): also the only mutable parameters (ControllerModifyVolume);
 #: each maps to its QosLimits field and largest value
 QOS_KEYS = {
@@ -32,7 +35,7 @@ QOS_KEYS = {
     "maxReadIops": ("max_read_iops", MAX_IOPS),
     "maxWriteIops": ("max_write_iops", MAX_IOPS),
 }
-ALLOWED = (VPG, FS_TYPE, MKFS_OPTIONS, LOCALITY, *QOS_KEYS)
+ALLOWED = (VPG, FS_TYPE, MKFS_OPTIONS, LOCALITY, TRANSPORT, *QOS_KEYS)
 #: reserved for the CSI sidecars (pvc/name, pvc/namespace, pv/name, secrets...)
 SIDECAR_PREFIX = "csi.storage.k8s.io/"
 
@@ -53,6 +56,8 @@ class StorageParameters:
     fs_type_given: bool = False
     mkfs_options: str = ""
     locality: Locality = Locality.ANY
+    #: "" (management chooses) or a forced remote transport, stored with the volume
+    transport: str = ""
     #: the sidecars' own keys (PVC/PV names), kept as volume metadata
     sidecar: tuple[tuple[str, str], ...] = ()
     #: I/O limits; mutable later, so kept in VolumeCreate.qos, never in the stored parameters
@@ -67,6 +72,8 @@ class StorageParameters:
         out = dict(self.sidecar)
         out.update(self.volume_context())
         out[CONTEXT_LOCALITY] = self.locality.value
+        if self.transport:
+            out[TRANSPORT] = self.transport  # management reads it at every publish
         return out
 
 
@@ -104,6 +111,13 @@ def parse_parameters(params: Mapping[str, str], field: str = "parameters") -> St
             field=field,
         ) from None
 
+    transport = params.get(TRANSPORT, "")
+    if transport and transport not in TRANSPORTS:
+        raise InvalidArgument(
+            f"{field}.{TRANSPORT} {transport[:40]!r} is not one of {', '.join(TRANSPORTS)}",
+            field=field,
+        )
+
     sidecar = tuple(
         sorted((k, v) for k, v in params.items() if k.startswith(SIDECAR_PREFIX) and k != FS_TYPE)
     )
@@ -113,6 +127,7 @@ def parse_parameters(params: Mapping[str, str], field: str = "parameters") -> St
         fs_type_given=fs_type_given,
         mkfs_options=mkfs_options,
         locality=locality,
+        transport=transport,
         sidecar=sidecar,
         qos=qos_limits(params, field),
     )

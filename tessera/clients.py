@@ -44,6 +44,7 @@ from tessera.models import (
     VolumeCreate,
     VolumeModify,
     Vpg,
+    VpgCreate,
 )
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -149,6 +150,11 @@ class ManagementClient(_TypedClient):
 
     def list_vpgs(self) -> Page[Vpg]:
         return self._parse(Page[Vpg], self._c.request("GET", "/v1/vpgs"))
+
+    def create_vpg(self, req: VpgCreate) -> Vpg:
+        """Idempotent: the same name and values answer the existing vpg."""
+        data = self._c.request("POST", "/v1/vpgs", json=req.model_dump(mode="json"))
+        return self._parse(Vpg, data)
 
     # volumes
     def create_volume(self, req: VolumeCreate) -> Volume:
