@@ -34,6 +34,9 @@ ENV = {
     "PYTHONDONTWRITEBYTECODE": "1",  # the project share is read-only
     "PYTHONUNBUFFERED": "1",
     "TESSERA_VM": "1",
+    # pytest's plugin entry points (schemathesis, hypothesis, anyio) cost ~2 min
+    # of imports under TCG and no guest test uses them; `-p NAME` brings one back
+    "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
 }
 
 

@@ -27,6 +27,7 @@ import pytest
 
 from csi_driver._gen import csi_pb2
 from tessera.models import LegState, Volume
+from tessera_dev import multinode
 from tessera_dev.multinode import MultiNodeStack
 from tests.multihost.conftest import assert_nothing_left, data_path_in_use
 from tests.multihost.support import (
@@ -52,6 +53,8 @@ SIZE = 64 * MiB
 BLOCKS = 8 * MiB // BLOCK
 #: generous: TCG is ~10x slower than the hardware these deadlines were made for
 SLOW = 240.0
+#: five Python processes starting at once on two emulated CPUs
+STACK_READY_TIMEOUT = 600.0
 NVMET_SUBSYSTEMS = Path("/sys/kernel/config/nvmet/subsystems")
 
 
@@ -90,9 +93,19 @@ def kernel_leftovers() -> dict[str, list[str]]:
     }
 
 
+def keep_logs(state: Path) -> None:
+    """The stack's logs into the results share, where the host can read them."""
+    results = os.environ.get("TESSERA_VM_RESULTS")
+    if results and (state / "logs").is_dir():
+        shutil.copytree(
+            state / "logs", Path(results) / f"stack-logs-{state.name}", dirs_exist_ok=True
+        )
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     before = kernel_leftovers()
+    ready_timeout, multinode.READY_TIMEOUT = multinode.READY_TIMEOUT, STACK_READY_TIMEOUT
     state = Path(tempfile.mkdtemp(prefix="tvm-"))
     work = Path(tempfile.mkdtemp(prefix="tvm-k-"))
     vpg_args = [arg for vpg in VPGS for arg in ("--vpg", vpg)]
@@ -107,6 +120,8 @@ def cluster() -> Iterator[Cluster]:
     finally:
         if cluster is not None:
             cluster.close()
+        multinode.READY_TIMEOUT = ready_timeout
+        keep_logs(state)
         try:
             in_use = data_path_in_use(state, work)
         finally:
