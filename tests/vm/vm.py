@@ -93,7 +93,9 @@ def qemu_args(img: vm_image.Image, results: Path, how: str) -> list[str]:
         f"tessera_vm.results={results}",
     ]  # fmt: skip
     args = [
-        QEMU, "-accel", how, "-cpu", "host" if how == "kvm" else "max",
+        # one host thread per vCPU (multi-threaded TCG), else both vCPUs share one
+        QEMU, "-accel", "tcg,thread=multi" if how == "tcg" else how,
+        "-cpu", "host" if how == "kvm" else "max",
         "-m", MEMORY, "-smp", CPUS, "-nic", "none", "-display", "none", "-vga", "none",
         "-monitor", "none", "-no-reboot",
         # ttyS0: the command's output; ttyS1: the kernel console and the init's log
