@@ -35,12 +35,14 @@ a key.
 from __future__ import annotations
 
 import errno
+import hashlib
 import ipaddress
 import logging
 import os
 import socket
 import subprocess
 import time
+import uuid
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +100,16 @@ def resolve(address: str) -> str:
             f"the export address {address!r} does not resolve to an IP address: {err}"
         ) from None
     return str(infos[0][4][0])
+
+
+def namespace_uuid(nqn: str) -> str:
+    """The stable UUID (and NGUID) of a subsystem's namespace."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, nqn))
+
+
+def serial_of(nqn: str) -> str:
+    """A stable serial number (20 characters) for a subsystem."""
+    return hashlib.sha256(nqn.encode()).hexdigest()[:20]
 
 
 def port_id_for(address: str, service: int) -> int:
@@ -326,7 +338,8 @@ class Nvmet:
     def ensure_subsystem(self, nqn: str, volume_file: Path) -> None:
         """The subsystem, closed to any host not listed, with namespace 1 on the file."""
         subsystem = self._own(nqn)
-        _mkdir(subsystem)
+        if _mkdir(subsystem):
+            _write(subsystem / "attr_serial", serial_of(nqn))  # only before a host saw it
         if _read(subsystem / "attr_allow_any_host") != "0":
             _write(subsystem / "attr_allow_any_host", "0")
         namespace = subsystem / "namespaces" / str(NSID)
@@ -337,6 +350,13 @@ class Nvmet:
         if enabled:  # the volume file moved (another pool path): serve the new one
             _write(namespace / "enable", "0")
         _write(namespace / "device_path", str(volume_file))
+        # the same identity every time it is made (after a reboot too): a host that
+        # reconnects to a namespace whose identifiers changed drops it (EIO)
+        ident = namespace_uuid(nqn)
+        if _read(namespace / "device_uuid") != ident:
+            _write(namespace / "device_uuid", ident)
+        if (namespace / "device_nguid").exists() and _read(namespace / "device_nguid") != ident:
+            _write(namespace / "device_nguid", ident)
         self._enable(namespace, nqn)
 
     def _enable(self, namespace: Path, nqn: str) -> None:

@@ -118,7 +118,7 @@ class Consumer:
         return NvmeTcpTransport(self.state, lambda v: self.keys / f"{v}.psk")
 
     def give_key(self, volume_id: str, key: str) -> None:
-        self.keys.mkdir(mode=0o700, exist_ok=True)
+        self.keys.mkdir(mode=0o700, parents=True, exist_ok=True)
         (self.keys / f"{volume_id}.psk").write_text(f"{self.node}:{key}\n")
 
     def attach(self, volume_id: str, owner: Owner) -> BlockDevice:
