@@ -489,6 +489,37 @@ def _require_transport(
     )
 
 
+def refresh_connection(ctx: Context, volume_id: str, node_id: str) -> Attachment | None:
+    """Export every live leg to a ready composed attachment and hand its consumer the
+    connection again: how a repair's new leg reaches the consumer's md array (the agent
+    adds a listed leg it lacks and drops one no longer listed). None when there is no
+    ready composed attachment on the node. Idempotent."""
+    with ctx.db.write() as s:
+        volume = _lock_volume(s, volume_id)
+        row = s.get(AttachmentRow, (volume_id, node_id))
+        if row is None or row.state != READY or row.transport != Transport.COMPOSED:
+            return None
+        plan = _plan(ctx, s, volume, get_node_row(s, node_id), row)
+    made = make_exports(ctx, plan)
+    with ctx.db.write() as s:
+        row = s.get(AttachmentRow, (volume_id, node_id))
+        volume = s.get(VolumeRow, volume_id)
+        if row is None or volume is None or row.psk_key != plan.psk_key:
+            return None  # detached meanwhile: its exports were closed with it
+        record_exports(s, volume_id, node_id, made)
+        s.flush()
+        attachment = attachment_model(s, row, volume)
+    ctx.agents.get(plan.consumer_url).attach(
+        volume_id, readonly=attachment.readonly, connection=attachment.connection
+    )
+    log.info(
+        "volume %s: node %s was sent legs %s", volume_id, node_id,
+        ", ".join(f"{leg.index} ({leg.node_id}, {leg.state.value})"
+                  for leg in attachment.connection.legs),
+    )  # fmt: skip
+    return attachment
+
+
 def _lock_volume(s: Session, volume_id: str) -> VolumeRow:
     row = s.scalar(select(VolumeRow).where(VolumeRow.id == volume_id).with_for_update())
     if row is None:

@@ -20,6 +20,7 @@ from management import (
     legs,
     qos,
     reconcile,
+    repair,
     snapshots,
     volumes,
 )
@@ -264,6 +265,17 @@ def v1_router(ctx: Context) -> APIRouter:
     def detach(volume_id: str, node_id: NodeId) -> Response:
         attachments.detach(ctx, volume_id, node_id)
         return Response(status_code=204)
+
+    @r.post(
+        "/volumes/{volume_id}/repair",
+        response_model=Volume,
+        tags=["volumes"],
+        responses=problems(404, 409, 502, 503, 504, 507),
+    )
+    def repair_volume(volume_id: str) -> Response:
+        """One step of a mirrored volume's repair: failed legs replaced, new legs resynced
+        (docs/layouts.md, "Repair"); call again until no leg is rebuilding."""
+        return json_response(repair.repair(ctx, volume_id))
 
     @r.get("/volumes/{volume_id}/attachments", tags=["attach"])
     def list_attachments(volume_id: str) -> dict[str, list[Attachment]]:

@@ -155,6 +155,9 @@ class VolumeLegRow(Base):
     state: Mapped[str] = mapped_column(
         String(16), default="in_sync", server_default=text("'in_sync'")
     )
+    #: what a consumer last said of this leg ("failed", "resyncing leg 1 (n4): 43%"),
+    #: read by a repair (management.repair); "" when it said nothing
+    report: Mapped[str] = mapped_column(String(255), default="", server_default=text("''"))
 
 
 class DiscardedLegRow(Base):

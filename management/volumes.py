@@ -133,22 +133,29 @@ def _published(s: Session | Connection, volume_ids: list[str]) -> dict[str, list
     return out
 
 
-def _legs(s: Session | Connection, volume_ids: list[str]) -> dict[str, list[Leg]]:
-    """Each volume's legs in index order: the live ones, then the stale ones still on disk."""
-    if not volume_ids:
-        return {}
+def _legs(
+    s: Session | Connection, volume_ids: list[str]
+) -> tuple[dict[str, list[Leg]], dict[tuple[str, int], str]]:
+    """Each volume's legs in index order (the live ones, then the stale ones still on
+    disk), and what a consumer last reported of each live leg, by (volume, index)."""
     out: dict[str, list[Leg]] = {}
+    reports: dict[tuple[str, int], str] = {}
+    if not volume_ids:
+        return out, reports
     for table, live in ((VolumeLegRow, True), (DiscardedLegRow, False)):
         stmt = (
             select(table.volume_id, table.position, table.node_id, table.pool, table.size_bytes)
             .add_columns(table.state if live else literal(LegState.STALE.value))
+            .add_columns(table.report if live else literal(""))
             .where(table.volume_id.in_(volume_ids))
             .order_by(table.volume_id, table.position)
         )
-        for vid, index, node_id, pool, size, state in s.execute(stmt):
+        for vid, index, node_id, pool, size, state, report in s.execute(stmt):
             leg = Leg(node_id=node_id, pool=pool, size_bytes=size, index=index, state=state)
             out.setdefault(vid, []).append(leg)
-    return out
+            if report:
+                reports[(vid, index)] = report
+    return out, reports
 
 
 def live_legs(legs: list[Leg]) -> list[Leg]:
@@ -157,14 +164,25 @@ def live_legs(legs: list[Leg]) -> list[Leg]:
 
 
 def _condition(
-    ctx: Context, nodes: dict[str, Row[Any]], legs: list[Leg], attached: list[str]
+    ctx: Context,
+    nodes: dict[str, Row[Any]],
+    legs: list[Leg],
+    attached: list[str],
+    reports: dict[int, str],
 ) -> str:
-    """What keeps the volume's data path from working, naming each node; "" when nothing."""
+    """What keeps the volume's data path from working, naming each node; "" when nothing.
+
+    A volume of several legs says which leg: `degraded: leg 1 on n2 ...` when
+    its node is unreachable or fenced or a consumer reported it failed, and
+    `rebuilding: leg 1 on n4 ...` (with the consumer's progress) after a repair.
+    """
     problems = []
-    for i, leg in enumerate(legs):
-        node = nodes.get(leg.node_id)
+    if len(legs) == 1:
+        node = nodes.get(legs[0].node_id)
         if node is not None:
-            problems.append(liveness.describe(ctx, node, "owner node" if i == 0 else "leg node"))
+            problems.append(liveness.describe(ctx, node, "owner node"))
+    for leg in live_legs(legs) if len(legs) > 1 else []:
+        problems.append(_leg_condition(ctx, nodes.get(leg.node_id), leg, reports.get(leg.index)))
     for node_id in attached:
         node = nodes.get(node_id)
         if node is not None and all(leg.node_id != node_id for leg in legs):
@@ -172,11 +190,23 @@ def _condition(
     return "; ".join(p for p in problems if p)
 
 
+def _leg_condition(ctx: Context, node: Row[Any] | None, leg: Leg, report: str | None) -> str:
+    where = f"leg {leg.index} on {leg.node_id}"
+    down = liveness.describe(ctx, node, "node") if node is not None else ""
+    if down:
+        return f"degraded: {where}: {down}"
+    if report and not report.startswith("resyncing"):
+        return f"degraded: {where}: {report}"
+    if leg.state == LegState.REBUILDING:
+        return f"rebuilding: {where}" + (f" ({report})" if report else "")
+    return ""
+
+
 def _models(ctx: Context, s: Session | Connection, rows: list[Any]) -> list[Volume]:
     """Wire models of volume rows with their attachments, legs and condition."""
     volume_ids = [r.id for r in rows]
     published = _published(s, volume_ids)
-    legs = _legs(s, volume_ids)
+    legs, reports = _legs(s, volume_ids)
     wanted = {leg.node_id for ls in legs.values() for leg in ls}
     wanted.update(n for ns in published.values() for n in ns)
     nodes: dict[str, Row[Any]] = {}
@@ -188,7 +218,9 @@ def _models(ctx: Context, s: Session | Connection, rows: list[Any]) -> list[Volu
     out = []
     for r in rows:
         attached, pieces = published.get(r.id, []), legs.get(r.id, [])
-        out.append(volume_model(r, attached, pieces, _condition(ctx, nodes, pieces, attached)))
+        said = {i: text for (vid, i), text in reports.items() if vid == r.id}
+        condition = _condition(ctx, nodes, pieces, attached, said)
+        out.append(volume_model(r, attached, pieces, condition))
     return out
 
 

@@ -37,12 +37,15 @@ from tessera.errors import (
 )
 from tessera.http import Service
 from tessera.models import (
+    AgentAttach,
+    AgentAttachment,
     AgentExport,
     AgentExportCreate,
     AgentKey,
     AgentVolume,
     AgentVolumeCreate,
     AgentVolumeResize,
+    Connection,
     Transport,
 )
 from tessera.nvme_names import subsystem_nqn
@@ -75,6 +78,10 @@ class FakeAgent:
     create_lock: threading.Lock = field(default_factory=threading.Lock)
     #: the node it serves (names its nvmet subsystems, as nvme_names.subsystem_nqn does)
     node_id: str = "fake"
+    #: consumer side: the connection each attached volume was last given, and the
+    #: condition its data path reports (what the composed transport would say)
+    attached: dict[str, AgentAttach] = field(default_factory=dict)
+    conditions: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -86,6 +93,19 @@ class FakeAgent:
     def find(self, volume_id: str) -> Path | None:
         hits = list(self.root.glob(f"*/volumes/{volume_id}.img"))
         return hits[0] if hits else None
+
+    def _attachment(self, volume_id: str) -> AgentAttachment:
+        body = self.attached[volume_id]
+        return AgentAttachment(
+            volume_id=volume_id,
+            device=f"/dev/tessera/{volume_id}",
+            backing_device="/dev/md127",
+            transport=body.connection.transport.value if body.connection else "loop",
+            readonly=body.readonly,
+            size_bytes=body.connection.data_bytes if body.connection else 0,
+            condition=self.conditions.get(volume_id, ""),
+            connection=body.connection or Connection(),
+        )
 
     def app(self) -> FastAPI:
         app = FastAPI()
@@ -186,6 +206,19 @@ class FakeAgent:
             guard(request, "put_key", volume_id)
             self.keys[volume_id] = body
             return Response(status_code=204)
+
+        @app.put("/v1/attachments/{volume_id}")
+        def attach(request: Request, volume_id: str, body: AgentAttach) -> AgentAttachment:
+            guard(request, "attach", volume_id)
+            self.attached[volume_id] = body
+            return self._attachment(volume_id)
+
+        @app.get("/v1/attachments/{volume_id}")
+        def get_attachment(request: Request, volume_id: str) -> AgentAttachment:
+            guard(request, "get_attachment", volume_id)
+            if volume_id not in self.attached:
+                raise NotFound(f"volume {volume_id} is not attached here")
+            return self._attachment(volume_id)
 
         @app.delete("/v1/keys/{volume_id}")
         def delete_key(request: Request, volume_id: str) -> Response:

@@ -1,0 +1,340 @@
+"""Repair of mirrored volumes: replace failed legs, follow their resync (docs/layouts.md).
+
+`POST /v1/volumes/{id}/repair` (`tessera volume repair`, or the
+`--auto-repair` loop) runs `repair()`, which is idempotent and may be
+called again at any time; each call moves the volume forward:
+
+1. It asks every consumer's agent for the volume's condition (the composed
+   transport says `degraded: leg 1 (n2) failed` and `resyncing leg 1 (n4):
+   43%`) and keeps what it said per leg (VolumeLegRow.report).
+2. A live leg whose node is unreachable or fenced, or that a consumer
+   reported failed, missing or stale, is made stale (moved to
+   DiscardedLegRow: never listed in a connection again, deleted on its node
+   when the node returns) and a new leg with the same index is placed on a
+   node that holds no leg of the volume, `rebuilding`. One transaction, so
+   a crash leaves either the old leg or the new one, never neither.
+3. For every `rebuilding` leg: its file is made (idempotent), exported to
+   every consumer with that attachment's key, and the consumer's agent is
+   sent the new connection (an attach of what is already attached), which
+   adds the leg to the md array: md resyncs it from the others.
+4. A rebuilding leg that a consumer has in its connection and no longer
+   reports resyncing (or failed) is `in_sync`.
+
+Only mirrored layouts can be repaired: a raid0 leg holds the only copy of
+its stripes, so its node must return.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from dataclasses import dataclass
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from management import attachments, liveness
+from management.context import Context
+from management.placement import PoolSpace, place_legs, pool_space
+from management.schema import (
+    AttachmentLegRow,
+    AttachmentRow,
+    DiscardedLegRow,
+    NodeRow,
+    VolumeLegRow,
+    VolumeRow,
+)
+from management.volumes import get_volume, node_zones
+from tessera import ids, layouts
+from tessera.errors import FailedPrecondition, NotFound, TesseraError
+from tessera.models import AgentAttachment, LegState, NodeState, Volume, VolumeState
+
+log = logging.getLogger(__name__)
+
+#: what the composed transport says of a leg that does not serve: failed, missing, stale
+_BROKEN = re.compile(r"leg (\d+) \(([^)]+)\) (failed|missing|is stale)")
+#: a leg md is copying to: "resyncing leg 2 (n3): 43%"
+_RESYNC_LEG = re.compile(r"resyncing leg (\d+) \(([^)]+)\): (\d+)%")
+#: a resync md reports without naming the leg
+_RESYNC_ANY = re.compile(r"resyncing: (\d+)%")
+
+
+@dataclass(frozen=True)
+class _Consumer:
+    node_id: str
+    agent_url: str
+    online: bool
+
+
+def repair(ctx: Context, volume_id: str) -> Volume:
+    """Drive the volume's repair one step further (see the module docstring)."""
+    ids.check_volume_id(volume_id)
+    consumers = _consumers(ctx, volume_id)
+    heard = _ask_consumers(ctx, volume_id, consumers)
+    _record_reports(ctx, volume_id, heard)
+    replaced = _replace_failed(ctx, volume_id)
+    if replaced:
+        log.warning("volume %s: legs %s replaced by a repair", volume_id, replaced)
+    # a leg placed now is judged at the next call, once its consumers had it for a while:
+    # "in sync" is only believed of a leg a consumer has and does not report resyncing
+    _drive_rebuilding(ctx, volume_id, consumers)
+    return get_volume(ctx, volume_id)
+
+
+def _consumers(ctx: Context, volume_id: str) -> list[_Consumer]:
+    with ctx.db.read() as s:
+        volume = s.get(VolumeRow, volume_id)
+        if volume is None:
+            raise NotFound(f"volume {volume_id} does not exist", field="volume_id")
+        if not layouts.is_mirrored(volume.layout or "concat"):
+            raise FailedPrecondition(
+                f"volume {volume_id} has layout {volume.layout}: only mirrored volumes (raid1, "
+                "raid10) can be repaired; a raid0 leg holds the only copy of its stripes, so "
+                "its node must return, and a concat volume has one leg",
+                field="volume_id",
+            )
+        if volume.state != VolumeState.AVAILABLE:
+            raise FailedPrecondition(
+                f"volume {volume_id} is {volume.state}, not available", field="volume_id"
+            )
+        rows = s.execute(
+            select(NodeRow)
+            .join(AttachmentRow, AttachmentRow.node_id == NodeRow.id)
+            .where(AttachmentRow.volume_id == volume_id)
+            .order_by(NodeRow.id)
+        ).scalars()
+        return [
+            _Consumer(n.id, n.agent_url, liveness.node_state(ctx, n) == NodeState.ONLINE)
+            for n in rows
+        ]
+
+
+def _ask_consumers(
+    ctx: Context, volume_id: str, consumers: list[_Consumer]
+) -> dict[str, AgentAttachment]:
+    """Each online consumer's view of the volume (one that cannot answer is left out)."""
+    heard = {}
+    for consumer in consumers:
+        if not consumer.online:
+            continue
+        try:
+            heard[consumer.node_id] = ctx.agents.get(consumer.agent_url).get_attachment(volume_id)
+        except TesseraError as err:
+            log.warning(
+                "volume %s: consumer %s did not say how the legs are: %s",
+                volume_id, consumer.node_id, err.message,
+            )  # fmt: skip
+    return heard
+
+
+def _leg_reports(condition: str, index: int, node_id: str) -> str:
+    """What a consumer's condition says of one leg: failed/missing/stale, progress or ""."""
+    for found in _BROKEN.finditer(condition):
+        if int(found.group(1)) == index and found.group(2) == node_id:
+            return found.group(3)
+    for found in _RESYNC_LEG.finditer(condition):
+        if int(found.group(1)) == index and found.group(2) == node_id:
+            return found.group(0)
+    found_any = _RESYNC_ANY.search(condition)
+    return f"resyncing: {found_any.group(1)}%" if found_any else ""
+
+
+def _record_reports(ctx: Context, volume_id: str, heard: dict[str, AgentAttachment]) -> None:
+    """Keep what the consumers said; a rebuilding leg they all have and none reports is in sync."""
+    with ctx.db.write() as s:
+        legs = s.scalars(select(VolumeLegRow).where(VolumeLegRow.volume_id == volume_id))
+        for leg in legs:
+            said = [
+                (_leg_reports(a.condition, leg.position, leg.node_id), a) for a in heard.values()
+            ]
+            leg.report = next((text for text, _ in said if text), "")[:255]
+            has_it = bool(said) and all(
+                any(c.index == leg.position and c.node_id == leg.node_id
+                    for c in a.connection.legs)
+                for _, a in said
+            )  # fmt: skip
+            if leg.state == LegState.REBUILDING and has_it and not leg.report:
+                leg.state = LegState.IN_SYNC.value
+                log.info("volume %s: leg %d on %s is in sync", volume_id, leg.position, leg.node_id)
+
+
+def _replace_failed(ctx: Context, volume_id: str) -> list[int]:
+    """Make failed legs stale and place their replacements (one transaction)."""
+    with ctx.db.write() as s:
+        volume = s.get(VolumeRow, volume_id, with_for_update=True)
+        if volume is None:
+            raise NotFound(f"volume {volume_id} does not exist", field="volume_id")
+        legs = list(
+            s.scalars(
+                select(VolumeLegRow)
+                .where(VolumeLegRow.volume_id == volume_id)
+                .order_by(VolumeLegRow.position)
+            )
+        )
+        nodes = {n.id: n for n in s.scalars(select(NodeRow).where(
+            NodeRow.id.in_([leg.node_id for leg in legs])
+        ))}  # fmt: skip
+        failed = [leg for leg in legs if _failed(ctx, nodes.get(leg.node_id), leg)]
+        if not failed:
+            return []
+        if all(
+            leg in failed or leg.state != LegState.IN_SYNC for leg in legs
+        ):  # nothing left to copy from
+            raise FailedPrecondition(
+                f"volume {volume_id}: no in-sync leg is left to rebuild from (failed: "
+                f"{', '.join(f'leg {leg.position} on {leg.node_id}' for leg in failed)}); "
+                "bring one of their nodes back",
+                field="volume_id",
+            )
+        taken = {leg.node_id for leg in legs}
+        taken.update(
+            s.scalars(select(DiscardedLegRow.node_id).where(DiscardedLegRow.volume_id == volume_id))
+        )
+        pools = pool_space(s, online_since=ctx.online_since(), lock=True)
+        zones = node_zones(s, {p.node_id for p in pools} | taken)
+        kept_zones = {zones[x.node_id] for x in legs if x not in failed and x.node_id in zones}
+        for leg in failed:
+            _make_stale(s, volume_id, leg)
+            chosen = _place_one(pools, leg.size_bytes, zones, taken, kept_zones)
+            taken.add(chosen.node_id)
+            if chosen.node_id in zones:
+                kept_zones.add(zones[chosen.node_id])
+            s.add(
+                VolumeLegRow(
+                    volume_id=volume_id,
+                    position=leg.position,
+                    node_id=chosen.node_id,
+                    pool=chosen.name,
+                    size_bytes=leg.size_bytes,
+                    state=LegState.REBUILDING.value,
+                    report="",
+                )
+            )
+            s.flush()
+        if volume.node_id != legs[0].node_id or any(leg.position == 0 for leg in failed):
+            first = s.get(VolumeLegRow, (volume_id, 0))
+            if first is not None:  # the owner columns repeat leg 0
+                volume.node_id, volume.pool = first.node_id, first.pool
+        return [leg.position for leg in failed]
+
+
+def _failed(ctx: Context, node: NodeRow | None, leg: VolumeLegRow) -> bool:
+    if node is None or liveness.node_state(ctx, node) != NodeState.ONLINE:
+        return True
+    return leg.report in ("failed", "missing", "is stale")
+
+
+def _make_stale(s: Session, volume_id: str, leg: VolumeLegRow) -> None:
+    """The leg's row moves to the discarded legs (its file goes when its node answers)."""
+    s.add(
+        DiscardedLegRow(
+            volume_id=volume_id,
+            node_id=leg.node_id,
+            pool=leg.pool,
+            size_bytes=leg.size_bytes,
+            position=leg.position,
+        )
+    )
+    s.execute(
+        delete(AttachmentLegRow).where(
+            AttachmentLegRow.volume_id == volume_id, AttachmentLegRow.leg_node == leg.node_id
+        )
+    )
+    s.delete(leg)
+    s.flush()
+
+
+def _place_one(
+    pools: list[PoolSpace], size: int, zones: dict[str, str], taken: set[str], used: set[str]
+) -> PoolSpace:
+    """A pool for one new leg on a node holding no leg of the volume, in a zone the
+    surviving legs do not use when there is one; errors as placement's."""
+    place_legs(pools, legs=1, leg_bytes=size, zones=zones, exclude_nodes=sorted(taken))
+    fitting = [p for p in pools if p.node_id not in taken and p.free_bytes >= size]
+    return min(
+        fitting,
+        key=lambda p: (zones.get(p.node_id) in used, -p.free_bytes, p.node_id, p.name),
+    )
+
+
+def _drive_rebuilding(ctx: Context, volume_id: str, consumers: list[_Consumer]) -> None:
+    """Make, export and hand to every consumer each rebuilding leg (idempotent)."""
+    with ctx.db.read() as s:
+        rebuilding = list(
+            s.execute(
+                select(
+                    VolumeLegRow.node_id,
+                    VolumeLegRow.pool,
+                    VolumeLegRow.size_bytes,
+                    NodeRow.agent_url,
+                )
+                .join(NodeRow, NodeRow.id == VolumeLegRow.node_id)
+                .where(
+                    VolumeLegRow.volume_id == volume_id,
+                    VolumeLegRow.state == LegState.REBUILDING.value,
+                )
+            )
+        )
+    if not rebuilding:
+        return
+    for _node_id, pool, size, url in rebuilding:
+        ctx.agents.get(url).create_volume(volume_id, pool, size)
+    for consumer in consumers:
+        if consumer.online:
+            attachments.refresh_connection(ctx, volume_id, consumer.node_id)
+
+
+class AutoRepair:
+    """`--auto-repair`: repair every degraded or rebuilding mirrored volume, every interval."""
+
+    def __init__(self, ctx: Context, interval: float) -> None:
+        self.ctx = ctx
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="auto-repair", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            for volume_id in needing_repair(self.ctx):
+                try:
+                    repair(self.ctx, volume_id)
+                except TesseraError as err:
+                    log.warning("auto-repair of volume %s: %s", volume_id, err.message)
+                except Exception:  # noqa: BLE001 - one volume's failure must not stop the rest
+                    log.exception("auto-repair of volume %s failed", volume_id)
+
+
+def needing_repair(ctx: Context) -> list[str]:
+    """Mirrored volumes with a rebuilding leg, or a leg on a node that is not online."""
+    with ctx.db.read() as s:
+        rows = s.execute(
+            select(
+                VolumeLegRow.volume_id,
+                VolumeLegRow.state,
+                NodeRow.last_heartbeat,
+                NodeRow.fenced_at,
+            )
+            .join(VolumeRow, VolumeRow.id == VolumeLegRow.volume_id)
+            .join(NodeRow, NodeRow.id == VolumeLegRow.node_id)
+            .where(
+                VolumeRow.layout.in_(["raid1", "raid10"]),
+                VolumeRow.state == VolumeState.AVAILABLE.value,
+            )
+        ).all()
+    since = ctx.online_since()
+    return sorted(
+        {
+            vid
+            for vid, state, beat, fenced in rows
+            if state == LegState.REBUILDING or fenced or beat < since
+        }
+    )

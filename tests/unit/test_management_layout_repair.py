@@ -1,0 +1,172 @@
+"""Degraded mirrored volumes and their repair: what the volume says, which leg is replaced
+where, what each agent is asked (file, export with the attachment's key, the consumer's new
+connection), rebuilding -> in_sync from the consumer's own report, and stale legs deleted
+when their node returns. SQLite and PostgreSQL; agents serve real files on unix sockets
+(the consumer side reports what the composed transport would: the md data path itself
+runs in the VM suite)."""
+
+from __future__ import annotations
+
+from management.repair import needing_repair
+from tessera import layouts
+from tests.unit.layout_fixtures import Nodes
+from tests.unit.management_fixtures import GiB
+
+pytest_plugins = ["tests.unit.management_fixtures", "tests.unit.layout_fixtures"]
+
+NVME = ["loop", "nbd", "nvme-tcp"]
+ALL = ("n1", "n2", "n3", "n4")
+LEG = GiB + layouts.MD_DATA_OFFSET
+
+
+def _mirror_used_on_n1(nodes: Nodes, names: tuple[str, ...] = ALL) -> tuple[dict, str]:
+    for n in names:
+        nodes.add(n, transports=NVME)
+    nodes.vpg("safe", "raid1")
+    vol = nodes.create("v", GiB, "safe", requisite_nodes=["n1"]).json()
+    body = {"access_mode": "SINGLE_NODE_WRITER", "readonly": False}
+    resp = nodes.api.put(f"/v1/volumes/{vol['id']}/attachments/n1", json=body)
+    assert resp.status_code == 200, resp.text
+    nodes.agents["n1"].attached[vol["id"]] = _attach_body(resp.json())
+    return vol, vol["legs"][1]["node_id"]
+
+
+def _attach_body(attachment: dict):  # noqa: ANN202 - what the CSI node would have sent
+    from tessera.models import AgentAttach, Connection
+
+    return AgentAttach(connection=Connection.model_validate(attachment["connection"]))
+
+
+def repair(nodes: Nodes, vol: dict) -> dict:
+    resp = nodes.api.post(f"/v1/volumes/{vol['id']}/repair")
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def consumer_legs(nodes: Nodes, vol: dict) -> list[tuple[int, str, str]]:
+    conn = nodes.agents["n1"].attached[vol["id"]].connection
+    return [(leg.index, leg.node_id, leg.state.value) for leg in conn.legs]
+
+
+def test_a_leg_whose_node_died_is_replaced_resynced_and_its_old_file_deleted_on_return(
+    nodes: Nodes,
+):
+    vol, lost = _mirror_used_on_n1(nodes)
+    others = [n for n in ALL if n != lost]
+    nodes.pass_time(60, *others)  # `lost` stops beating
+    got = nodes.api.get(f"/v1/volumes/{vol['id']}").json()
+    assert f"degraded: leg 1 on {lost}: node {lost} is unreachable" in got["condition"]
+    assert needing_repair(nodes.ctx) == [vol["id"]]
+
+    fixed = repair(nodes, vol)
+    live = [leg for leg in fixed["legs"] if leg["state"] != "stale"]
+    (stale,) = [leg for leg in fixed["legs"] if leg["state"] == "stale"]
+    assert (stale["index"], stale["node_id"]) == (1, lost)
+    new = live[1]["node_id"]
+    assert live[0]["node_id"] == "n1" and new not in ("n1", lost)
+    assert (live[1]["index"], live[1]["state"], live[1]["size_bytes"]) == (1, "rebuilding", LEG)
+    assert nodes.file(new, vol["id"]).stat().st_size == LEG  # its file made
+    export = nodes.agents[new].exports[(vol["id"], "n1")]  # exported with the attachment's key
+    assert export.transport == "nvme-tcp"
+    assert export.psk_key == nodes.agents["n1"].keys[vol["id"]].psk_key
+    # the consumer was handed the new leg list: the dead leg is never listed again
+    assert consumer_legs(nodes, vol) == [(0, "n1", "in_sync"), (1, new, "rebuilding")]
+    assert f"rebuilding: leg 1 on {new}" in fixed["condition"]
+
+    nodes.agents["n1"].conditions[vol["id"]] = f"resyncing leg 1 ({new}): 43%"
+    again = repair(nodes, vol)  # progress, nothing placed anew
+    assert f"rebuilding: leg 1 on {new} (resyncing leg 1 ({new}): 43%)" in again["condition"]
+    assert [leg["node_id"] for leg in again["legs"]] == [leg["node_id"] for leg in fixed["legs"]]
+
+    nodes.agents["n1"].conditions[vol["id"]] = ""  # md finished
+    done = repair(nodes, vol)
+    assert [leg["state"] for leg in done["legs"]] == ["in_sync", "in_sync", "stale"]
+    assert needing_repair(nodes.ctx) == []
+
+    assert nodes.file(lost, vol["id"]) is not None
+    nodes.beat(lost)  # it returns: its stale leg is deleted, never re-added
+    assert nodes.file(lost, vol["id"]) is None
+    beat = nodes.api.post(f"/v1/nodes/{lost}/heartbeat").json()
+    assert beat["exports"] == []  # its old export to n1 is closed too
+    final = nodes.api.get(f"/v1/volumes/{vol['id']}").json()
+    assert [(leg["node_id"], leg["state"]) for leg in final["legs"]] == [
+        ("n1", "in_sync"),
+        (new, "in_sync"),
+    ]
+    assert final["condition"] == ""
+
+
+def test_a_leg_the_consumer_reports_failed_is_replaced_though_its_node_is_online(nodes: Nodes):
+    vol, bad = _mirror_used_on_n1(nodes)
+    nodes.agents["n1"].conditions[vol["id"]] = f"degraded: leg 1 ({bad}) failed"
+    fixed = repair(nodes, vol)
+    assert [(leg["node_id"], leg["state"]) for leg in fixed["legs"]][2] == (bad, "stale")
+    assert fixed["legs"][1]["node_id"] not in ("n1", bad)
+    nodes.beat(bad)  # online all along: its stale file goes at its next beat
+    assert nodes.file(bad, vol["id"]) is None
+
+
+def test_a_repair_whose_new_leg_could_not_be_made_is_finished_by_the_next_call(nodes: Nodes):
+    vol, bad = _mirror_used_on_n1(nodes)
+    spare = [n for n in ALL if n not in ("n1", bad)]
+    nodes.agents["n1"].conditions[vol["id"]] = f"degraded: leg 1 ({bad}) failed"
+    for n in spare:
+        nodes.agents[n].fail.add("create")
+    assert nodes.api.post(f"/v1/volumes/{vol['id']}/repair").status_code == 503
+    got = nodes.api.get(f"/v1/volumes/{vol['id']}").json()
+    new = got["legs"][1]["node_id"]
+    assert new in spare and got["legs"][1]["state"] == "rebuilding"
+    assert f"rebuilding: leg 1 on {new}" in got["condition"]
+    assert consumer_legs(nodes, vol) == [(0, "n1", "in_sync"), (1, bad, "in_sync")]  # not yet
+    for n in spare:
+        nodes.agents[n].fail.clear()
+    fixed = repair(nodes, vol)
+    assert fixed["legs"][1]["node_id"] == new  # the same leg, driven on
+    assert nodes.file(new, vol["id"]).stat().st_size == LEG
+    assert consumer_legs(nodes, vol) == [(0, "n1", "in_sync"), (1, new, "rebuilding")]
+
+
+def test_a_repair_with_no_free_node_is_refused_and_changes_nothing(nodes: Nodes):
+    vol, lost = _mirror_used_on_n1(nodes, ("n1", "n2"))
+    nodes.pass_time(60, "n1")
+    resp = nodes.api.post(f"/v1/volumes/{vol['id']}/repair")
+    assert resp.status_code == 507, resp.text
+    assert "0 are eligible" in resp.json()["detail"]
+    assert "holding no leg of the volume" in resp.json()["detail"]
+    after = nodes.api.get(f"/v1/volumes/{vol['id']}").json()
+    assert after["legs"] == vol["legs"]  # the dead leg is not made stale without a successor
+    assert "degraded: leg 1" in after["condition"]
+
+
+def test_a_new_leg_goes_to_a_zone_the_surviving_leg_does_not_use(nodes: Nodes):
+    nodes.add("n1", zone="a", transports=NVME)
+    nodes.add("n2", zone="b", transports=NVME)
+    nodes.add("n3", zone="a", capacity=40 * GiB, transports=NVME)  # most room, same zone
+    nodes.add("n4", zone="c", transports=NVME)
+    nodes.vpg("safe", "raid1")
+    vol = nodes.create("v", GiB, "safe", requisite_nodes=["n1"]).json()
+    assert vol["legs"][1]["node_id"] in ("n2", "n4")
+    lost = vol["legs"][1]["node_id"]
+    nodes.pass_time(60, *[n for n in ALL if n != lost])
+    fixed = repair(nodes, vol)
+    assert fixed["legs"][1]["node_id"] == ({"n2", "n4"} - {lost}).pop()
+
+
+def test_raid0_and_concat_volumes_cannot_be_repaired_and_say_why(nodes: Nodes):
+    for n in ("n1", "n2"):
+        nodes.add(n, transports=NVME)
+    nodes.vpg("wide", "raid0")
+    for name, vpg in (("s", "wide"), ("c", "default")):
+        vol = nodes.create(name, GiB, vpg).json()
+        resp = nodes.api.post(f"/v1/volumes/{vol['id']}/repair")
+        assert resp.status_code == 409 and "only mirrored volumes" in resp.json()["detail"]
+
+
+def test_a_healthy_mirror_is_left_as_it_is_by_a_repair(nodes: Nodes):
+    vol, _other = _mirror_used_on_n1(nodes)
+    calls_before = {n: list(a.calls) for n, a in nodes.agents.items()}
+    fixed = repair(nodes, vol)
+    assert fixed["legs"] == vol["legs"] and fixed["condition"] == ""
+    for n, agent in nodes.agents.items():  # only the consumer was asked how it is
+        new = agent.calls[len(calls_before[n]) :]
+        assert new == ([("get_attachment", vol["id"])] if n == "n1" else [])
