@@ -146,38 +146,44 @@ class ComposedTransport:
     def _compose_md(self, volume_id: str, record: Record, legs: dict[int, str]) -> Record:
         connection = record.connection
         udev_settle()  # udev's incremental assembly may be busy with a leg that just appeared
-        array = _adoptable(find_array(connection.array_uuid), legs)
-        stale: tuple[int, ...] = ()
+        members, stale, blank = plan_md(volume_id, connection, legs)
+        array = _adoptable(find_array(connection.array_uuid), legs, stale)
         if array is None:
-            members, stale, blank = plan_md(volume_id, connection, legs)
-            if not members:
-                md.create(
-                    self._md_path(volume_id),
-                    connection.array_uuid,
-                    md.md_name(volume_id),
-                    connection.layout,
-                    [legs[i] for i in sorted(legs)],
-                    layouts.leg_data_bytes(
-                        connection.layout, connection.data_bytes, len(connection.legs)
-                    ),
-                    connection.chunk_bytes,
-                )
-            else:
-                md.assemble(
-                    self._md_path(volume_id),
-                    connection.array_uuid,
-                    [legs[i] for i in sorted(members)],
-                    record.readonly,
-                )
+            self._make_array(volume_id, record, legs, members)
             array = find_array(connection.array_uuid)
             if array is None:
                 raise Internal(f"md array {connection.array_uuid} is not running after mdadm")
-            if record.readonly and not members:
-                md.set_readonly(f"/dev/{array}")
-            if members:
-                for index in blank:
+        if record.readonly:
+            md.set_readonly(f"/dev/{array}")
+        elif members:  # a new leg that a crash kept from being added (reconcile adds the rest)
+            present = set(md.member_names(array))
+            for index in blank:
+                if _kernel_name(legs[index]) not in present:
                     md.add(f"/dev/{array}", legs[index])
         return _with(record, array=array, stale=stale)
+
+    def _make_array(
+        self, volume_id: str, record: Record, legs: dict[int, str], members: list[int]
+    ) -> None:
+        """Create on blank legs (no member anywhere), else assemble exactly the members."""
+        connection = record.connection
+        if members:
+            md.assemble(
+                self._md_path(volume_id),
+                connection.array_uuid,
+                [legs[i] for i in sorted(members)],
+                record.readonly,
+            )
+            return
+        md.create(
+            self._md_path(volume_id),
+            connection.array_uuid,
+            md.md_name(volume_id),
+            connection.layout,
+            [legs[i] for i in sorted(legs)],
+            layouts.leg_data_bytes(connection.layout, connection.data_bytes, len(connection.legs)),
+            connection.chunk_bytes,
+        )
 
     def _md_path(self, volume_id: str) -> str:
         return str(MD_DIR / md.md_name(volume_id))
@@ -657,12 +663,12 @@ def plan_md(
         check_blank(legs[index], f"volume {volume_id}: leg {index}")
     if not ours:
         return [], (), []
-    newest = max(sb.events for sb in ours.values())
+    newest = max(ours.values(), key=lambda sb: sb.events)
     stale = tuple(sorted(i for i, sb in ours.items() if md.is_stale(sb, newest)))
     for index in stale:
         log.warning(
             "volume %s: leg %d (%s) is stale (events %d, newest %d): not assembled",
-            volume_id, index, legs[index], ours[index].events, newest,
+            volume_id, index, legs[index], ours[index].events, newest.events,
         )  # fmt: skip
     members = [i for i in sorted(ours) if i not in stale]
     return members, stale, blank
@@ -717,13 +723,13 @@ def grown_table(table: dm.Striped, leg_sizes: list[int], chunk_bytes: int) -> dm
     return dm.Striped(length, table.chunk, table.devices)
 
 
-def _adoptable(array: str | None, legs: dict[int, str]) -> str | None:
-    """A running array of ours made of nothing but our legs (made before a crash) is
-    adopted; anything else with our UUID (half assembled, or by udev's incremental
-    assembly from what it saw) is stopped, to be assembled again exactly."""
+def _adoptable(array: str | None, legs: dict[int, str], stale: tuple[int, ...]) -> str | None:
+    """A running array of ours made of nothing but our fresh legs (made before a crash,
+    or by udev's incremental assembly) is adopted; anything else with our UUID (half
+    assembled, other devices, a stale leg) is stopped, to be assembled again exactly."""
     if array is None:
         return None
-    ours = {os.path.basename(os.path.realpath(p)) for p in legs.values()}
+    ours = {_kernel_name(p) for i, p in legs.items() if i not in stale}
     members = set(md.member_names(array))
     if md.state(array).array_state != "inactive" and members and members <= ours:
         return array
@@ -737,6 +743,10 @@ def _adoptable(array: str | None, legs: dict[int, str]) -> str | None:
     log.warning("stopping %s (members %s) to assemble it exactly", array, sorted(members))
     md.stop(f"/dev/{array}")
     return None
+
+
+def _kernel_name(path: str) -> str:
+    return os.path.basename(os.path.realpath(path))
 
 
 def udev_settle() -> None:

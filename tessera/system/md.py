@@ -22,6 +22,7 @@ import mmap
 import os
 import struct
 import subprocess
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,10 @@ _READ_BYTES = 2 * 4096
 EVENT_MARGIN = 1
 #: md's names are at most 32 bytes (set_name)
 MAX_NAME = 31
+#: how long a failed member's pending I/O gets to drain before it can be removed
+REMOVE_WAIT = 30.0
+#: how long a new array may be held open (udev's probe) before it can be made read-only
+READONLY_WAIT = 10.0
 
 
 # ---- the superblock ------------------------------------------------------------
@@ -66,10 +71,15 @@ class Superblock:
     role: int  # the slot this member fills; ROLE_SPARE / ROLE_FAULTY otherwise
     data_offset_bytes: int
     size_bytes: int  # used data per member
+    roles: tuple[int, ...] = ()  # every member's role as this superblock last saw them
 
     @property
     def slot(self) -> int | None:
         return self.role if self.role < ROLE_JOURNAL else None
+
+    def says_failed(self, dev_number: int) -> bool:
+        """Whether this superblock records member `dev_number` as failed or removed."""
+        return dev_number < len(self.roles) and self.roles[dev_number] == ROLE_FAULTY
 
 
 def parse_superblock(raw: bytes) -> Superblock | None:
@@ -90,9 +100,9 @@ def parse_superblock(raw: bytes) -> Superblock | None:
     dev_number = struct.unpack_from("<I", block, 160)[0]
     events = struct.unpack_from("<Q", block, 200)[0]
     max_dev = struct.unpack_from("<I", block, 220)[0]
-    role = ROLE_SPARE
-    if dev_number < max_dev and 256 + 2 * dev_number + 2 <= len(block):
-        role = struct.unpack_from("<H", block, 256 + 2 * dev_number)[0]
+    count = min(max_dev, (len(block) - 256) // 2)
+    roles = struct.unpack_from(f"<{count}H", block, 256) if count > 0 else ()
+    role = roles[dev_number] if dev_number < len(roles) else ROLE_SPARE
     return Superblock(
         array_uuid=str(uuid.UUID(bytes=bytes(set_uuid))),
         name=name,
@@ -103,6 +113,7 @@ def parse_superblock(raw: bytes) -> Superblock | None:
         role=role,
         data_offset_bytes=data_offset * 512,
         size_bytes=size * 512,
+        roles=tuple(roles),
     )
 
 
@@ -132,9 +143,15 @@ def examine(device: str) -> Superblock | None:
     return parse_superblock(bytes(buf[:got]))
 
 
-def is_stale(member: Superblock, newest_events: int) -> bool:
-    """Missed writes the others saw: never assembled, never added back (its node died)."""
-    return member.events + EVENT_MARGIN < newest_events
+def is_stale(member: Superblock, newest: Superblock) -> bool:
+    """Missed writes the others saw: never assembled, never added back (its node died).
+
+    Behind the newest superblock by more than mdadm's margin, or recorded by
+    it as failed (md marks a member faulty and goes on: one event later).
+    """
+    if member.events + EVENT_MARGIN < newest.events:
+        return True
+    return member.events < newest.events and newest.says_failed(member.dev_number)
 
 
 # ---- mdadm -----------------------------------------------------------------------
@@ -265,7 +282,20 @@ def grow(array: str) -> None:
 
 
 def set_readonly(array: str) -> None:
-    _mdadm([MDADM, "--readonly", array], f"making {array} read-only")
+    """Read-only for good (not `read-auto`, which the first write turns read-write).
+
+    mdadm refuses while something has the device open (udev's probe of a
+    new array, for a moment): asked again until READONLY_WAIT is over.
+    """
+    name = os.path.basename(os.path.realpath(array))
+    deadline = time.monotonic() + READONLY_WAIT
+    while _read(SYS_BLOCK / name / "md" / "array_state") != "readonly":
+        try:
+            _mdadm([MDADM, "--readonly", array], f"making {array} read-only")
+        except Internal:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def stop(array: str) -> None:
@@ -407,14 +437,20 @@ def fail_and_remove(name: str, member: str) -> None:
     """
     entry = SYS_BLOCK / name / "md" / f"dev-{member}"
     for word in ("faulty", "remove"):
-        if not entry.exists():
-            return
-        try:
-            (entry / "state").write_text(word)
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            raise Internal(f"cannot mark {member} {word} in md array {name}: {exc}") from exc
+        deadline = time.monotonic() + REMOVE_WAIT
+        while True:
+            try:
+                (entry / "state").write_text(word)
+                break
+            except FileNotFoundError:
+                return
+            except OSError as exc:
+                # EBUSY: I/O still pending on the member md just failed; it drains
+                if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise Internal(
+                        f"cannot mark {member} {word} in md array {name}: {exc}"
+                    ) from exc
+                time.sleep(0.1)
     log.info("removed %s from md array %s", member, name)
 
 

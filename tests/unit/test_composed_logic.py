@@ -128,9 +128,17 @@ def test_our_superblock_reader_agrees_with_libblkid(tmp_path: Path) -> None:
 def test_stale_means_more_than_one_event_behind_the_newest() -> None:
     sb = md.parse_superblock(superblock(events=10))
     assert sb is not None
-    assert not md.is_stale(sb, 10)
-    assert not md.is_stale(sb, 11)  # mid-update at a crash: mdadm's own margin
-    assert md.is_stale(sb, 12)
+    for events, stale in ((10, False), (11, False), (12, True)):  # 11: mid-update at a crash
+        newest = md.parse_superblock(superblock(events=events, dev_number=1))
+        assert newest is not None and md.is_stale(sb, newest) is stale
+
+
+def test_a_member_the_newest_superblock_records_as_failed_is_stale() -> None:
+    sb = md.parse_superblock(superblock(events=10, dev_number=2, roles=(0, 1, 2)))
+    newest = md.parse_superblock(superblock(events=11, dev_number=0, roles=(0, 1, md.ROLE_FAULTY)))
+    assert sb is not None and newest is not None
+    assert newest.says_failed(2) and not newest.says_failed(1)
+    assert md.is_stale(sb, newest)
 
 
 # ---- mdadm argument lists ----------------------------------------------------------
@@ -258,6 +266,16 @@ def test_legs_of_the_array_are_assembled_and_a_stale_one_left_out(tmp_path: Path
     }
     members, stale, blank = composed.plan_md("vol-x", mirror("a", "b", "c"), legs)
     assert (members, stale, blank) == ([0, 1], (2,), [])
+
+
+def test_a_leg_failed_one_event_ago_is_left_out(tmp_path: Path) -> None:
+    failed = (0, 1, md.ROLE_FAULTY)
+    legs = {
+        0: leg_file(tmp_path, "a", superblock(events=20, dev_number=0, roles=failed)),
+        1: leg_file(tmp_path, "b", superblock(events=20, dev_number=1, roles=failed)),
+        2: leg_file(tmp_path, "c", superblock(events=19, dev_number=2, roles=(0, 1, 2))),
+    }
+    assert composed.plan_md("vol-x", mirror("a", "b", "c"), legs) == ([0, 1], (2,), [])
 
 
 def test_a_blank_leg_beside_members_is_added_after_assembly(tmp_path: Path) -> None:

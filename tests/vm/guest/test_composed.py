@@ -50,6 +50,7 @@ class Cluster:
     key: str = field(default_factory=lambda: secrets.token_hex(32))
     nodes: dict[str, Path] = field(default_factory=dict)
     exported: list[tuple[str, str, str]] = field(default_factory=list)  # (owner, vol, host)
+    _ports: dict[str, int] = field(default_factory=dict)
 
     def key_path(self, volume_id: str) -> Path:
         return self.state / "keys" / f"{volume_id}.psk"
@@ -59,12 +60,21 @@ class Cluster:
         return ComposedTransport.from_state_dir({"p": self.pool}, self.state, self.key_path)
 
     def port(self, node: str) -> int:
-        return 4420 + sorted(self.nodes).index(node) + 1
+        """Each node's nvmet port: its own service id on the shared loopback address."""
+        self.node_dir(node)
+        return self._ports[node]
+
+    def node_dir(self, node: str) -> Path:
+        if node not in self.nodes:
+            self.nodes[node] = self.root / node
+            self.nodes[node].mkdir()
+            self._ports[node] = 4421 + len(self._ports)
+        return self.nodes[node]
 
     def leg_file(self, node: str, volume_id: str) -> Path:
         if node == ME:
             return self.pool.volume_path(volume_id, missing_is_not_found=False)
-        return self.nodes[node] / f"{volume_id}.img"
+        return self.node_dir(node) / f"{volume_id}.img"
 
     def make_volume(self, layout: Layout, nodes: list[str], chunk: int = 64 * 1024) -> Connection:
         volume_id = new_volume_id()
@@ -87,8 +97,6 @@ class Cluster:
 
     def make_leg(self, volume_id: str, node: str, size: int) -> None:
         path = self.leg_file(node, volume_id)
-        if node != ME:
-            self.nodes.setdefault(node, self.root / node).mkdir(exist_ok=True)
         with open(path, "wb") as f:
             f.truncate(size)
         if node != ME:
