@@ -29,12 +29,14 @@ from typing import TypeVar
 import pytest
 
 from node_agent import capabilities
+from node_agent.agent import Agent
 from node_agent.nvme_exports import NvmeExports
+from node_agent.pools import Pool
 from node_agent.transports import BlockDevice
 from node_agent.transports.nvme_tcp import NvmeTcpTransport
 from tessera.errors import TesseraError, Unavailable
 from tessera.ids import new_volume_id
-from tessera.models import AgentExportCreate, Connection, Transport
+from tessera.models import AgentExportCreate, AgentKey, Connection, Transport
 from tessera.nvme_names import NQN_PREFIX, dhchap_secret, host_nqn, subsystem_nqn
 from tessera.system import blockdev, nvme_host, nvmet
 from tessera_dev import netns
@@ -376,3 +378,62 @@ def test_two_owners_share_a_host_entry_and_the_last_one_removes_it(rig: Rig) -> 
     assert not any(
         p.name.startswith(f"{NQN_PREFIX}:{vid}") for p in (NVMET / "subsystems").iterdir()
     )
+
+
+def test_agents_export_attach_view_and_detach_an_nvme_tcp_volume_and_re_adopt_it(
+    rig: Rig, tmp_path: Path
+) -> None:
+    """The same through the node-agent's operations (what its API calls)."""
+    vid, key = new_volume(rig), secrets.token_hex(32)
+
+    def agent(node: str, address: str) -> Agent:
+        (tmp_path / "agents" / node / "pool").mkdir(parents=True, exist_ok=True)
+        pools = {"default": Pool.open("default", tmp_path / "agents" / node / "pool")}
+        return Agent(
+            node, pools, tmp_path / "agents" / node / "dev", state_dir=tmp_path / "agents" / node,
+            export_address=address, nvme_port=PORT,
+        )  # fmt: skip
+
+    owner, consumer = agent("node-a", rig.a.address), agent("node-b", "")
+    owner.create_volume(vid, "default", SIZE)
+    req = AgentExportCreate(transport=Transport.NVME_TCP, psk_identity="node-b", psk_key=key)
+    exported = in_netns(rig.a.netns, owner.export, vid, "node-b", req)
+    assert (exported.transport, exported.subsystem_nqn) == (
+        Transport.NVME_TCP,
+        subsystem_nqn(vid, "node-a"),
+    )
+    assert [e.subsystem_nqn for e in owner.exports.list()] == [subsystem_nqn(vid, "node-a")]
+    consumer.put_key(vid, AgentKey(psk_identity="node-b", psk_key=key))
+    connection = Connection(
+        transport=Transport.NVME_TCP, owner_node="node-a", host=exported.host,
+        port=exported.port, psk_identity="node-b", subsystem_nqn=exported.subsystem_nqn,
+    )  # fmt: skip
+    attached = in_netns(rig.b.netns, consumer.attach, vid, False, connection)
+    assert attached.transport == "nvme-tcp" and attached.size_bytes == SIZE
+    assert os.readlink(consumer.dev_dir / vid) == attached.backing_device
+    ctrl = (
+        Path("/sys/class/nvme")
+        / nvme_host.find_controllers(
+            nvme_host.Target(exported.host, PORT, exported.subsystem_nqn, host_nqn("node-b", vid))
+        )[0].name
+    )
+    # a single-leg volume waits for its owner rather than failing I/O
+    assert (ctrl / "ctrl_loss_tmo").read_text().strip() == "600"
+    assert (ctrl / "fast_io_fail_tmo").read_text().strip() == "off"
+    view = consumer.attach_view(vid, "snap-view")
+    assert view.device != attached.backing_device
+    again = in_netns(rig.b.netns, consumer.attach, vid, False, connection)  # a retried stage
+    assert again.backing_device == attached.backing_device
+    # a restarted consumer agent finds the same devices and a healthy connection
+    restarted = agent("node-b", "")
+    restarted.recover()
+    found = restarted.get_attachment(vid)
+    assert (found.backing_device, found.condition) == (attached.backing_device, "")
+    assert found.views == {"snap-view": view.device}
+    restarted.release_view(vid, "snap-view")
+    restarted.detach(vid)
+    assert not os.path.exists(attached.backing_device)
+    assert not (consumer.dev_dir / vid).is_symlink()
+    in_netns(rig.a.netns, owner.close_export, vid, "node-b")
+    assert owner.exports.list() == []
+    owner.delete_volume(vid)
