@@ -290,6 +290,8 @@ def test_a_wrong_key_is_refused_and_leaves_no_controller(rig: Rig) -> None:
     with pytest.raises(TesseraError) as err:
         rig.b.attach(vid, rig.a)
     assert isinstance(err.value, Unavailable), err.value
+    assert "could not connect" in str(err.value) and subsystem_nqn(vid, "node-a") in str(err.value)
+    assert "authentication failed" in str(err.value)  # EKEYREJECTED, said as such
     assert wrong not in str(err.value) and dhchap_secret(wrong) not in str(err.value)
     assert [c for c in nvme_host.all_controllers() if vid in c.subsystem_nqn] == []
     assert rig.b.transport().connections() == {}
@@ -437,3 +439,27 @@ def test_agents_export_attach_view_and_detach_an_nvme_tcp_volume_and_re_adopt_it
     in_netns(rig.a.netns, owner.close_export, vid, "node-b")
     assert owner.exports.list() == []
     owner.delete_volume(vid)
+
+
+def test_an_nvme_tcp_export_management_no_longer_wants_is_reaped_but_not_a_newer_one(
+    rig: Rig, tmp_path: Path
+) -> None:
+    old, new, key = new_volume(rig), new_volume(rig), secrets.token_hex(32)
+    (tmp_path / "pool").mkdir()
+    owner = Agent(
+        "node-a", {"default": Pool.open("default", tmp_path / "pool")}, tmp_path / "dev",
+        state_dir=tmp_path / "state", export_address=rig.a.address, nvme_port=PORT,
+    )  # fmt: skip
+    req = AgentExportCreate(transport=Transport.NVME_TCP, psk_identity="node-b", psk_key=key)
+    for vid in (old, new):
+        owner.create_volume(vid, "default", SIZE)
+    in_netns(rig.a.netns, owner.export, old, "node-b", req)
+    mark = owner.exports.mark()  # a heartbeat is sent; then an attach races it
+    in_netns(rig.a.netns, owner.export, new, "node-b", req)
+    closed = in_netns(rig.a.netns, owner.reap_exports, set(), mark)
+    assert closed == [(old, "node-b")]
+    assert [e.volume_id for e in owner.exports.list()] == [new]
+    assert not (NVMET / "subsystems" / subsystem_nqn(old, "node-a")).exists()
+    in_netns(rig.a.netns, owner.close_export, new, "node-b")
+    for vid in (old, new):
+        owner.delete_volume(vid)
