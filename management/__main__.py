@@ -14,6 +14,7 @@ from management.context import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_MIS
 from management.db import SchemaTooOld
 from management.inventory import ensure_vpgs, parse_vpg_flag
 from management.reconcile import PeriodicReconciler
+from management.repair import AutoRepair
 from tessera.errors import TesseraError
 from tessera.http import read_token
 from tessera.observability.logs import add_flags, configure_logging, register_secret
@@ -21,6 +22,8 @@ from tessera.rest import server_options
 
 #: seconds between two periodic reconcile checks (each lists every agent's files and devices)
 DEFAULT_RECONCILE_INTERVAL = 600.0
+#: seconds between two looks of --auto-repair at degraded or rebuilding volumes
+DEFAULT_AUTO_REPAIR_INTERVAL = 30.0
 
 
 def parse_listen(listen: str) -> dict[str, object]:
@@ -96,6 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="compare the agents' files and attachments with the database this often and log "
         "the differences as warnings (never fixes); 0 disables",
     )
+    p.add_argument(
+        "--auto-repair",
+        action="store_true",
+        help="replace the failed legs of mirrored volumes by itself (as `tessera volume "
+        "repair` does) and follow their resync; off by default: an operator decides",
+    )
+    p.add_argument(
+        "--auto-repair-interval",
+        type=float,
+        default=DEFAULT_AUTO_REPAIR_INTERVAL,
+        metavar="SECONDS",
+        help="with --auto-repair: how often degraded or rebuilding volumes are looked at",
+    )
     add_flags(p, log_level=True)
     return p
 
@@ -119,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(exc))
     if args.ca_bundle and not os.access(args.ca_bundle, os.R_OK):
         parser.error(f"--ca-bundle {args.ca_bundle}: not a readable file")
+    if not args.auto_repair_interval > 0:
+        parser.error("--auto-repair-interval must be more than 0 seconds")
     try:
         vpgs = [parse_vpg_flag(v) for v in args.vpg]
     except TesseraError as exc:
@@ -145,6 +163,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.reconcile_interval > 0:
         reconciler = PeriodicReconciler(app.state.ctx, args.reconcile_interval)
         reconciler.start()
+    auto_repair = None
+    if args.auto_repair:
+        auto_repair = AutoRepair(app.state.ctx, args.auto_repair_interval)
+        auto_repair.start()
     try:
         uvicorn.run(
             app,
@@ -156,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if reconciler is not None:
             reconciler.stop()
+        if auto_repair is not None:
+            auto_repair.stop()
 
 
 if __name__ == "__main__":

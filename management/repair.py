@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 _BROKEN = re.compile(r"leg (\d+) \(([^)]+)\) (failed|missing|is stale)")
 #: a leg md is copying to: "resyncing leg 2 (n3): 43%"
 _RESYNC_LEG = re.compile(r"resyncing leg (\d+) \(([^)]+)\): (\d+)%")
+#: what _BROKEN calls a leg that must be replaced
+_FAILED = ("failed", "missing", "is stale")
 #: a resync md reports without naming the leg
 _RESYNC_ANY = re.compile(r"resyncing: (\d+)%")
 
@@ -80,6 +82,30 @@ def repair(ctx: Context, volume_id: str) -> Volume:
     # "in sync" is only believed of a leg a consumer has and does not report resyncing
     _drive_rebuilding(ctx, volume_id, consumers)
     return get_volume(ctx, volume_id)
+
+
+def refresh_reports(ctx: Context, volume_id: str) -> None:
+    """Ask the consumers of a multi-leg volume how its legs are, so that its condition
+    says what they see (a leg md failed while its node still beats). Nothing for a
+    one-leg volume or one attached nowhere; a consumer that does not answer is skipped."""
+    ids.check_volume_id(volume_id)
+    with ctx.db.read() as s:
+        found = s.execute(
+            select(VolumeRow.layout).where(VolumeRow.id == volume_id)
+        ).scalar_one_or_none()
+        if found in (None, "", "concat"):
+            return
+        rows = s.execute(
+            select(NodeRow)
+            .join(AttachmentRow, AttachmentRow.node_id == NodeRow.id)
+            .where(AttachmentRow.volume_id == volume_id, AttachmentRow.state == "ready")
+        ).scalars()
+        consumers = [
+            _Consumer(n.id, n.agent_url, liveness.node_state(ctx, n) == NodeState.ONLINE)
+            for n in rows
+        ]
+    if consumers:
+        _record_reports(ctx, volume_id, _ask_consumers(ctx, volume_id, consumers))
 
 
 def _consumers(ctx: Context, volume_id: str) -> list[_Consumer]:
@@ -141,7 +167,12 @@ def _leg_reports(condition: str, index: int, node_id: str) -> str:
 
 
 def _record_reports(ctx: Context, volume_id: str, heard: dict[str, AgentAttachment]) -> None:
-    """Keep what the consumers said; a rebuilding leg they all have and none reports is in sync."""
+    """Keep what the consumers said; a rebuilding leg they all have and none reports is in sync.
+
+    Nobody answering is not news: what was said before stays.
+    """
+    if not heard:
+        return
     with ctx.db.write() as s:
         legs = s.scalars(select(VolumeLegRow).where(VolumeLegRow.volume_id == volume_id))
         for leg in legs:
@@ -222,7 +253,7 @@ def _replace_failed(ctx: Context, volume_id: str) -> list[int]:
 def _failed(ctx: Context, node: NodeRow | None, leg: VolumeLegRow) -> bool:
     if node is None or liveness.node_state(ctx, node) != NodeState.ONLINE:
         return True
-    return leg.report in ("failed", "missing", "is stale")
+    return leg.report in _FAILED
 
 
 def _make_stale(s: Session, volume_id: str, leg: VolumeLegRow) -> None:
@@ -304,6 +335,11 @@ class AutoRepair:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
+            for volume_id in attached_mirrors(self.ctx):
+                try:  # what their consumers see: a leg md failed while its node still beats
+                    refresh_reports(self.ctx, volume_id)
+                except TesseraError as err:
+                    log.warning("auto-repair: volume %s: %s", volume_id, err.message)
             for volume_id in needing_repair(self.ctx):
                 try:
                     repair(self.ctx, volume_id)
@@ -313,13 +349,29 @@ class AutoRepair:
                     log.exception("auto-repair of volume %s failed", volume_id)
 
 
+def attached_mirrors(ctx: Context) -> list[str]:
+    """Mirrored volumes attached somewhere (their consumers know how the legs are)."""
+    with ctx.db.read() as s:
+        return sorted(
+            set(
+                s.scalars(
+                    select(AttachmentRow.volume_id)
+                    .join(VolumeRow, VolumeRow.id == AttachmentRow.volume_id)
+                    .where(VolumeRow.layout.in_(["raid1", "raid10"]))
+                )
+            )
+        )
+
+
 def needing_repair(ctx: Context) -> list[str]:
-    """Mirrored volumes with a rebuilding leg, or a leg on a node that is not online."""
+    """Mirrored volumes with a rebuilding leg, a leg a consumer reported failed, or a leg
+    on a node that is not online."""
     with ctx.db.read() as s:
         rows = s.execute(
             select(
                 VolumeLegRow.volume_id,
                 VolumeLegRow.state,
+                VolumeLegRow.report,
                 NodeRow.last_heartbeat,
                 NodeRow.fenced_at,
             )
@@ -334,7 +386,7 @@ def needing_repair(ctx: Context) -> list[str]:
     return sorted(
         {
             vid
-            for vid, state, beat, fenced in rows
-            if state == LegState.REBUILDING or fenced or beat < since
+            for vid, state, report, beat, fenced in rows
+            if state == LegState.REBUILDING or report in _FAILED or fenced or beat < since
         }
     )

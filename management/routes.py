@@ -215,6 +215,7 @@ def v1_router(ctx: Context) -> APIRouter:
 
     @r.get("/volumes/{volume_id}", response_model=Volume, tags=["volumes"])
     def get_volume(volume_id: str) -> Response:
+        repair.refresh_reports(ctx, volume_id)  # a multi-leg volume's consumers say how it is
         return json_response(volumes.get_volume(ctx, volume_id))
 
     @r.delete(

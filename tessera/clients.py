@@ -198,6 +198,10 @@ class ManagementClient(_TypedClient):
     def delete_volume(self, volume_id: str) -> None:
         self._c.request("DELETE", f"/v1/volumes/{volume_id}")
 
+    def repair_volume(self, volume_id: str) -> Volume:
+        """One step of a mirrored volume's repair; call again until no leg is rebuilding."""
+        return self._parse(Volume, self._c.request("POST", f"/v1/volumes/{volume_id}/repair"))
+
     def expand_volume(self, volume_id: str, size_bytes: int, limit_bytes: int = 0) -> Volume:
         body = {"size_bytes": size_bytes, "limit_bytes": limit_bytes}
         data = self._c.request("POST", f"/v1/volumes/{volume_id}/expand", json=body)

@@ -7,6 +7,7 @@ volume), otherwise the name, resolved by management's exact-name filter.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Protocol
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Protocol
 import typer
 
 from tessera.cli.connect import Management, StateDir, TokenFile, all_items, connect
-from tessera.cli.failures import usage
+from tessera.cli.failures import CliError, usage
 from tessera.cli.output import (
     Column,
     Output,
@@ -27,16 +28,17 @@ from tessera.cli.output import (
 )
 from tessera.errors import NotFound
 from tessera.ids import is_snapshot_id
+from tessera.models import LegState
 from tessera.units import format_size, parse_size
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
     from tessera.clients import ManagementClient
-    from tessera.models import Volume
+    from tessera.models import Leg, Volume
 
 app = typer.Typer(
-    help="Volumes: list, show, create, clone, delete.",
+    help="Volumes: list, show, create, clone, delete, repair.",
     no_args_is_help=True,
     epilog=examples("tessera volume list", "tessera volume show db-data -o yaml"),
 )
@@ -96,8 +98,12 @@ def volume_show(
     check_ref(volume)
     with connect(state_dir, management, token_file) as client:
         v = client.find_volume(volume)
+        if len(v.legs) > 1:  # by ID: management asks the consumers how the legs are
+            v = client.get_volume(v.id)
         attachments = client.list_attachments(v.id) if output in (Output.TABLE, Output.WIDE) else []
     fields = [(key, str(value)) for key, value in _display(v).items()]
+    if len(v.legs) > 1:  # one line per leg: where it is and whether it holds current data
+        fields += [(f"leg {leg.index}", _leg_line(leg)) for leg in v.legs]
     for a in attachments:
         ro = ", read-only" if a.readonly else ""
         fields.append(("attachment", f"{a.node_id} ({a.access_mode.value}{ro})"))
@@ -308,10 +314,78 @@ def _qos(v: Volume) -> str:
 
 
 def _legs(v: Volume) -> str:
+    if len(v.legs) > 1:
+        live = sum(leg.state != LegState.STALE for leg in v.legs)
+        return f"{live} (each on its own node, below)"
     return (
         ", ".join(f"{leg.node_id}/{leg.pool} {format_size(leg.size_bytes)}" for leg in v.legs)
         or "-"
     )
+
+
+def _leg_line(leg: Leg) -> str:
+    """`n2/p 1.0 GiB in_sync`; a stale leg says it goes when its node returns."""
+    line = f"{leg.node_id}/{leg.pool} {format_size(leg.size_bytes)} {leg.state.value}"
+    if leg.state == LegState.STALE:
+        line += f" (never read again; deleted when {leg.node_id} answers)"
+    return line
+
+
+@app.command(
+    "repair",
+    epilog=examples(
+        "tessera volume repair db-data",
+        "tessera volume repair db-data --wait",
+        "tessera volume repair db-data -o json",
+    ),
+)
+def volume_repair(
+    volume: VolumeRef,
+    wait: Annotated[
+        bool, typer.Option(help="keep going, showing resync progress, until every leg is in sync")
+    ] = False,
+    interval: Annotated[
+        float, typer.Option(min=0.05, help="seconds between two steps with --wait")
+    ] = 2.0,
+    timeout: Annotated[
+        float, typer.Option(min=0, help="give up waiting after this many seconds (0: never)")
+    ] = 3600.0,
+    output: OutputOpt = Output.TABLE,
+    state_dir: StateDir = Path(".state"),
+    management: Management = None,
+    token_file: TokenFile = None,
+) -> None:
+    """Replace the failed legs of a mirrored (raid1/raid10) volume and resync them.
+
+    A leg whose node is unreachable or fenced, or that the node using the
+    volume reports failed, is made stale (never read again, its file deleted
+    when its node returns); a new leg on a node holding no leg of the volume
+    is added to the array, which copies the data onto it. Safe to run again.
+    """
+    check_ref(volume)
+    with connect(state_dir, management, token_file) as client:
+        v = client.repair_volume(client.find_volume(volume).id)
+        _say_repair(v, output)
+        deadline = time.monotonic() + timeout if timeout else None
+        while wait and _rebuilding(v):
+            if deadline is not None and time.monotonic() > deadline:
+                raise CliError(f"volume {v.name} is still rebuilding after {timeout:.0f} s")
+            time.sleep(interval)
+            v = client.repair_volume(v.id)
+            _say_repair(v, output)
+
+
+def _rebuilding(v: Volume) -> bool:
+    return any(leg.state == LegState.REBUILDING for leg in v.legs)
+
+
+def _say_repair(v: Volume, output: Output) -> None:
+    if output in (Output.JSON, Output.YAML):
+        print_object(v, [], output)
+        return
+    legs = "; ".join(f"leg {leg.index} on {leg.node_id} {leg.state.value}" for leg in v.legs)
+    state = v.condition or ("in sync" if not _rebuilding(v) else "rebuilding")
+    console.print(f"volume {v.name} ({v.id}): {legs}: {state}", markup=False, soft_wrap=True)
 
 
 def _parameters(v: Volume) -> str:
