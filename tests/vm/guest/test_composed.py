@@ -237,6 +237,7 @@ def test_data_written_to_a_composed_volume_reads_back_after_detach_and_reattach(
     written = write_pattern(device.path, conn.data_bytes, b"first")
     detach(transport, device)
     assert transport.devices() == []
+    assert_nothing_left(cluster)
 
     device = transport.connect(volume_id, conn, readonly=False)  # assembled, not created
     assert read_digest(device.path, conn.data_bytes) == written
@@ -386,6 +387,45 @@ def test_a_read_only_view_follows_the_composed_device(cluster: Cluster) -> None:
     assert view in transport.devices()
     assert read_digest(view.path, conn.data_bytes) == written
     transport.release(view)
+
+
+# ---- through the agent's attachments (what NodeStage and a repair's re-publish reach) ----------
+
+
+def test_the_agent_links_the_composed_device_and_a_republish_with_a_new_leg_repairs_it(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    from node_agent.attachments import AttachmentManager
+    from node_agent.transports import build_transports
+
+    conn = cluster.make_volume(Layout.RAID1, [ME, "node-b"])
+    volume_id = _volume_of(conn)
+    pools = {"p": cluster.pool}
+    manager = AttachmentManager(
+        pools, tmp_path / "dev", build_transports(pools, cluster.state, cluster.key_path)
+    )
+    attached = manager.attach(volume_id, False, conn)
+    assert attached.transport == "composed" and attached.condition == ""
+    assert os.readlink(attached.device) == attached.backing_device
+    assert attached.backing_device.startswith("/dev/md")
+    assert attached.size_bytes == conn.data_bytes
+    written = write_pattern(attached.device, conn.data_bytes, b"agent")
+    assert manager.attach(volume_id, False, conn) == attached  # again: nothing changes
+
+    cluster.make_leg(volume_id, "node-c", layouts.leg_size(conn.layout, conn.data_bytes, 2))
+    repaired = conn.model_copy(update={"legs": [conn.legs[0], cluster.leg(volume_id, 1, "node-c")]})
+    manager.attach(volume_id, False, repaired)
+    deadline = time.monotonic() + 300
+    while manager.get(volume_id).condition and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert manager.get(volume_id).condition == ""
+    assert manager.get(volume_id).connection == repaired
+    assert read_digest(attached.device, conn.data_bytes) == written
+
+    manager.detach(volume_id)
+    assert not os.path.lexists(attached.device)
+    assert manager.list() == []
+    assert_nothing_left(cluster)
 
 
 # ---- helpers ------------------------------------------------------------------------------------
