@@ -72,6 +72,7 @@ class Record:
     array: str = ""  # md: the array's kernel name (md127) when last seen
     stale: tuple[int, ...] = ()  # listed legs left out: their superblock is behind
     identity: str = ""  # this node's id in the key: remote legs' host NQN (kept past the key)
+    adding: tuple[int, ...] = ()  # legs a re-publish is adding (redone after a crash)
 
     def leg(self, index: int) -> LegConnection | None:
         return next((leg for leg in self.connection.legs if leg.index == index), None)
@@ -271,27 +272,28 @@ class ComposedTransport:
         want = {leg.index: leg for leg in connection.legs}
         gone = [i for i in had if i not in want or _moved(had[i], want[i])]
         new = [i for i in want if i not in had or _moved(had[i], want[i])]
-        if not gone and not new:
-            if connection != record.connection:  # the same legs, reached anew (ports)
-                self._write(device.volume_id, _with(record, connection=connection))
-            return
-        if not layouts.is_mirrored(record.connection.layout):
+        mirrored = layouts.is_mirrored(record.connection.layout)
+        if (gone or new) and not mirrored:
             raise FailedPrecondition(
                 f"volume {device.volume_id} is striped ({record.connection.layout.value}): "
                 "its legs cannot change while it is attached",
                 field="connection.legs",
             )
-        array = record.array or find_array(record.connection.array_uuid) or ""
+        array = (record.array or find_array(record.connection.array_uuid) or "") if mirrored else ""
         for index in gone:
             self._drop_leg(device.volume_id, record, array, had[index])
         stale = tuple(i for i in record.stale if i in want and i not in new)
         identity, secret = self._key(device.volume_id, connection)
-        record = _with(record, connection=connection, array=array, stale=stale)
+        # legs to add: the new ones, and any a crash kept from being added last time
+        adding = tuple(sorted({*new, *(i for i in record.adding if i in want)})) if mirrored else ()
+        record = _with(record, connection=connection, array=array, stale=stale, adding=adding)
         record = _with(record, identity=record.identity or identity)
-        # the new list is the record from here: a crash while adding is redone by the next publish
-        self._write(device.volume_id, record)
-        for index in new:
+        self._write(device.volume_id, record)  # the new list is the record from here
+        if not adding or record.readonly:
+            return
+        for index in adding:
             self._add_leg(device.volume_id, record, want[index], secret)
+        self._write(device.volume_id, _with(record, adding=()))
 
     def _drop_leg(self, volume_id: str, record: Record, array: str, leg: LegConnection) -> None:
         path = self._leg_device(volume_id, leg, record.identity)
@@ -555,6 +557,7 @@ class ComposedTransport:
             "array": record.array,
             "stale": list(record.stale),
             "identity": record.identity,
+            "adding": list(record.adding),
         }
         tmp = home / f"{RECORD}.tmp"
         tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -570,6 +573,7 @@ class ComposedTransport:
                 str(data.get("array", "")),
                 tuple(int(i) for i in data.get("stale", [])),
                 str(data.get("identity", "")),
+                tuple(int(i) for i in data.get("adding", [])),
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="md, dm and nvmet need
 MiB = 1024 * 1024
 ME = "node-a"
 ADDRESS = "127.0.0.1"
-SIZE = 24 * MiB  # small: TCG is slow, and every leg is written through
+SIZE = 16 * MiB  # small: TCG is slow, and every leg is written through
 
 
 @dataclass
