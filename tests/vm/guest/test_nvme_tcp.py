@@ -201,6 +201,9 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
         netns.create(network, 3)
         yield rig
         made = _leftovers(rig.volume_ids)
+        for each in (rig.a, rig.c):  # a port serving nothing goes too
+            port = nvmet.Nvmet(each.node, NVMET).find_port(each.address, PORT)
+            made += [f"port {port.name} of {each.node}"] if port is not None else []
     finally:
         _cleanup(rig, rig.volume_ids)
         netns.destroy(network.tag)
