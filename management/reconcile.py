@@ -36,12 +36,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import Select, delete, select, update
 
 from management.context import Context
-from management.schema import AttachmentRow, NodeRow, VolumeLegRow, VolumeRow
+from management.schema import AttachmentRow, DiscardedLegRow, NodeRow, VolumeLegRow, VolumeRow
 from tessera.clients import AgentClient
 from tessera.errors import NotFound, TesseraError
 from tessera.models import (
@@ -70,6 +70,10 @@ class NodeView:
     rows: dict[str, VolumeRow]
     attached: dict[str, float]  # volume id -> attachment record's created_at
     judged_before: float
+    #: volume id -> (pool, size) of this node's leg (a multi-leg volume's file here is its leg)
+    legs: dict[str, tuple[str, int]] = field(default_factory=dict)
+    #: volumes whose leg here is discarded: its file is known and goes at the node's next beat
+    discarded: frozenset[str] = frozenset()
 
 
 def reconcile(ctx: Context, fix: bool = False) -> ReconcileReport:
@@ -106,7 +110,18 @@ def _read_node(ctx: Context, node_id: str, agent_url: str) -> NodeView:
             AttachmentRow.node_id == node_id
         )
         attached = {volume_id: created_at for volume_id, created_at in s.execute(records)}
-    return NodeView(node_id, agent, files, devices, rows, attached, judged_before)
+        legs = {
+            vid: (pool, size)
+            for vid, pool, size in s.execute(
+                select(VolumeLegRow.volume_id, VolumeLegRow.pool, VolumeLegRow.size_bytes).where(
+                    VolumeLegRow.node_id == node_id
+                )
+            )
+        }
+        discarded = frozenset(
+            s.scalars(select(DiscardedLegRow.volume_id).where(DiscardedLegRow.node_id == node_id))
+        )
+    return NodeView(node_id, agent, files, devices, rows, attached, judged_before, legs, discarded)
 
 
 def _volumes_with_a_leg_on(node_id: str) -> Select[tuple[VolumeRow]]:
@@ -121,12 +136,13 @@ def _volume_findings(ctx: Context, view: NodeView, fix: bool) -> list[ReconcileF
     found = []
     for row in view.rows.values():
         if row.created_at <= view.judged_before:
-            finding = _judge_row(row, view.files.get(row.id))
+            leg = view.legs.get(row.id, (row.pool, row.size_bytes))
+            finding = _judge_row(row, view.files.get(row.id), leg)
             if finding is not None:
                 if fix and _fixable(finding, row, view.files.get(row.id)):
                     finding.fixed = _fix(ctx, view, row)
                 found.append(finding)
-    for volume_id in sorted(set(view.files) - set(view.rows)):
+    for volume_id in sorted(set(view.files) - set(view.rows) - view.discarded):
         finding = _confirm_orphan_file(ctx, view, view.files[volume_id])
         if finding is not None:
             found.append(finding)
@@ -139,14 +155,18 @@ def _finding(kind: FindingKind, row: VolumeRow, detail: str) -> ReconcileFinding
     )
 
 
-def _judge_row(row: VolumeRow, file: AgentVolume | None) -> ReconcileFinding | None:
+def _judge_row(
+    row: VolumeRow, file: AgentVolume | None, leg: tuple[str, int]
+) -> ReconcileFinding | None:
+    """`leg`: the pool and size of this node's leg (a concat volume's: the row's own)."""
     state = row.state
+    pool, size = leg
     if state == VolumeState.CREATING:
         have = "no file yet" if file is None else f"a file of {file.size_bytes} bytes"
         return _finding(
             FindingKind.STUCK_CREATING,
             row,
-            f"row is creating ({row.size_bytes} bytes) and the pool holds {have}; "
+            f"row is creating ({size} bytes here) and the pool holds {have}; "
             "a retry of the create (same name) finishes it",
         )
     if state == VolumeState.DELETING:
@@ -160,24 +180,27 @@ def _judge_row(row: VolumeRow, file: AgentVolume | None) -> ReconcileFinding | N
         return _finding(
             FindingKind.MISSING_FILE,
             row,
-            f"row is available but pool {row.pool!r} has no file for it (pool not mounted? "
+            f"row is available but pool {pool!r} has no file for it (pool not mounted? "
             "data lost?); never repaired automatically",
         )
-    if file.size_bytes != row.size_bytes:
-        pending = (
-            " (an expand is owed to the agent: retry the expand)"
-            if file.size_bytes == row.agent_size_bytes < row.size_bytes
-            else ""
+    if file.size_bytes != size:
+        owed = row.agent_size_bytes < row.size_bytes and (
+            file.size_bytes == row.agent_size_bytes or row.layout not in ("", "concat")
         )
+        pending = " (an expand is owed to the agent: retry the expand)" if owed else ""
         return _finding(
             FindingKind.SIZE_MISMATCH,
             row,
-            f"row says {row.size_bytes} bytes, the file has {file.size_bytes}{pending}",
+            f"the leg here should have {size} bytes, the file has {file.size_bytes}{pending}",
         )
     return None
 
 
 def _fixable(finding: ReconcileFinding, row: VolumeRow, file: AgentVolume | None) -> bool:
+    if row.layout not in ("", "concat"):
+        # one node sees one leg: finishing a create or delete needs every leg's node, which a
+        # retry of the create (same name) or of the delete does (legs on down nodes included)
+        return False
     if finding.kind == FindingKind.STUCK_CREATING:
         return file is not None and file.size_bytes == row.size_bytes
     return finding.kind == FindingKind.STUCK_DELETING

@@ -94,6 +94,12 @@ class FakeAgent:
         hits = list(self.root.glob(f"*/volumes/{volume_id}.img"))
         return hits[0] if hits else None
 
+    def _volume(self, path: Path) -> AgentVolume:
+        return AgentVolume(
+            id=path.stem, pool=path.parent.parent.name, size_bytes=path.stat().st_size,
+            path=str(path),
+        )  # fmt: skip
+
     def _attachment(self, volume_id: str) -> AgentAttachment:
         body = self.attached[volume_id]
         return AgentAttachment(
@@ -145,6 +151,24 @@ class FakeAgent:
             return AgentVolume(
                 id=volume_id, pool=body.pool, size_bytes=body.size_bytes, path=str(path)
             )
+
+        @app.get("/v1/volumes")
+        def list_volumes(request: Request) -> dict[str, list[AgentVolume]]:
+            guard(request, "list_volumes", "")
+            return {"items": [self._volume(p) for p in sorted(self.root.glob("*/volumes/*.img"))]}
+
+        @app.get("/v1/volumes/{volume_id}")
+        def get_volume(request: Request, volume_id: str) -> AgentVolume:
+            guard(request, "get_volume", volume_id)
+            path = self.find(volume_id)
+            if path is None:
+                raise NotFound("no such volume")
+            return self._volume(path)
+
+        @app.get("/v1/attachments")
+        def list_attachments(request: Request) -> dict[str, list[AgentAttachment]]:
+            guard(request, "list_attachments", "")
+            return {"items": [self._attachment(v) for v in sorted(self.attached)]}
 
         @app.post("/v1/volumes/{volume_id}/resize")
         def resize(request: Request, volume_id: str, body: AgentVolumeResize) -> AgentVolume:

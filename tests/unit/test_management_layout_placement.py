@@ -201,3 +201,26 @@ def test_concat_volumes_are_placed_as_before(nodes: Nodes):
     assert vol["legs"] == [
         {"node_id": "n1", "pool": "p", "size_bytes": GiB, "index": 0, "state": "in_sync"}
     ]
+
+
+def test_reconcile_judges_each_leg_by_its_own_size_and_knows_discarded_legs(nodes: Nodes):
+    for n in ("n1", "n2", "n3"):
+        nodes.add(n)
+    nodes.vpg("safe", "raid1")
+    nodes.vpg("wide", "raid0", legs=3)
+    mirror = nodes.create("m", GiB, "safe").json()
+    nodes.create("s", 96 * MiB, "wide")
+    gone = nodes.create("g", GiB, "safe").json()
+    down = gone["legs"][1]["node_id"]
+    nodes.pass_time(120, *[n for n in ("n1", "n2", "n3") if n != down])
+    assert nodes.api.delete(f"/v1/volumes/{gone['id']}").status_code == 204
+    nodes.now[0] += 1
+    report = nodes.api.post("/v1/reconcile", json={}).json()
+    assert [f for f in report["findings"] if f["kind"] != "node_unreachable"] == []
+    # a leg file that is really wrong is still reported, with the leg's own size
+    path = nodes.file(mirror["legs"][1]["node_id"], mirror["id"])
+    with open(path, "r+b") as f:
+        f.truncate(GiB)
+    report = nodes.api.post("/v1/reconcile", json={"fix": True}).json()
+    (finding,) = [f for f in report["findings"] if f["kind"] == "size_mismatch"]
+    assert str(GiB + layouts.MD_DATA_OFFSET) in finding["detail"] and not finding["fixed"]
