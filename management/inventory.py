@@ -475,10 +475,42 @@ def capacity(ctx: Context, vpg: str, node_id: str, locality: Locality = Locality
     placed there, so GetCapacity never offers what a create would refuse.
     """
     with ctx.db.read() as s:
-        check_vpg_exists(s, vpg)
+        layout, legs, chunk = get_vpg_row(s, vpg)
         node_ids = [ids.check_node_id(node_id)] if node_id else None
         if node_id and locality != Locality.REQUIRED:
             node_ids = None if s.get(NodeRow, node_id) is not None else []
+        if layout != Layout.CONCAT and node_ids is not None and node_ids:
+            node_ids = None  # the other legs go to other nodes; the first is pinned below
         pools = pool_space(s, online_since=ctx.online_since(), node_ids=node_ids)
-    best = max((p.free_bytes for p in pools), default=0)
+    if layout != Layout.CONCAT:
+        first = node_id if node_id and locality == Locality.REQUIRED else None
+        best = _layout_capacity(pools, Layout(layout), legs, chunk, first)
+    else:
+        best = max((p.free_bytes for p in pools), default=0)
     return Capacity(available_bytes=best, maximum_volume_bytes=best)
+
+
+def _layout_capacity(
+    pools: list[PoolSpace], layout: Layout, legs: int, chunk: int, first: str | None
+) -> int:
+    """The largest multi-leg volume placement would accept now: each of `legs` distinct
+    nodes needs one pool with a leg's room (`first`, when given, must be one of them)."""
+    best: dict[str, int] = {}
+    for p in pools:
+        best[p.node_id] = max(best.get(p.node_id, 0), p.free_bytes)
+    if first is not None:
+        if first not in best:
+            return 0
+        pinned = [best.pop(first)]
+    else:
+        pinned = []
+    rest = sorted(best.values(), reverse=True)[: legs - len(pinned)]
+    if len(pinned) + len(rest) < legs:
+        return 0
+    leg_room = min(pinned + rest)  # what the smallest of the chosen legs may hold
+    data = leg_room - (layouts.MD_DATA_OFFSET if layouts.is_mirrored(layout) else 0)
+    if data <= 0:
+        return 0
+    size = {Layout.RAID0: data * legs, Layout.RAID10: data * legs // 2}.get(layout, data)
+    unit = layouts.volume_size(layout, 1, legs, chunk)  # the size every volume is a multiple of
+    return size // unit * unit

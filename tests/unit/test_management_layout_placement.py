@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
+
 from management.schema import DiscardedLegRow, VolumeRow
 from tessera import layouts
 from tests.unit.layout_fixtures import Nodes
@@ -224,3 +226,33 @@ def test_reconcile_judges_each_leg_by_its_own_size_and_knows_discarded_legs(node
     report = nodes.api.post("/v1/reconcile", json={"fix": True}).json()
     (finding,) = [f for f in report["findings"] if f["kind"] == "size_mismatch"]
     assert str(GiB + layouts.MD_DATA_OFFSET) in finding["detail"] and not finding["fixed"]
+
+
+@pytest.mark.parametrize(
+    ("layout", "legs", "expected"),
+    [
+        ("raid1", 2, 4 * GiB - layouts.MD_DATA_OFFSET),  # the second-most free node's room
+        ("raid0", 3, 6 * GiB),  # three legs of the third-most free node's room
+        ("raid10", 3, 3 * (2 * GiB - layouts.MD_DATA_OFFSET) // 2 // (3 * MiB) * (3 * MiB)),
+    ],
+)
+def test_capacity_of_a_layout_is_exactly_the_largest_volume_a_create_accepts(
+    nodes: Nodes, layout, legs, expected
+):
+    for n, gib in (("n1", 10), ("n2", 4), ("n3", 2)):
+        nodes.add(n, capacity=gib * GiB)
+    nodes.vpg("g", layout, legs=legs)
+    got = nodes.api.get("/v1/capacity", params={"vpg": "g"}).json()
+    assert got["available_bytes"] == expected
+    unit = layouts.volume_size(layout, 1, legs, layouts.DEFAULT_CHUNK if layout != "raid1" else 0)
+    assert nodes.create("too-big", expected + unit, "g").status_code == 507
+    assert nodes.create("fits", expected, "g").status_code == 201
+
+
+def test_capacity_for_a_required_node_counts_its_own_room_for_the_first_leg(nodes: Nodes):
+    for n, gib in (("n1", 10), ("n2", 4), ("n3", 2)):
+        nodes.add(n, capacity=gib * GiB)
+    nodes.vpg("safe", "raid1")
+    params = {"vpg": "safe", "node_id": "n3", "locality": "required"}
+    got = nodes.api.get("/v1/capacity", params=params).json()
+    assert got["available_bytes"] == 2 * GiB - layouts.MD_DATA_OFFSET
