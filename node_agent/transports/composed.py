@@ -778,15 +778,7 @@ def find_array(array_uuid: str) -> str | None:
 
 
 def _array_uuid(name: str) -> str | None:
-    for member in md.member_names(name):
-        path = f"/dev/{member}"
-        try:
-            sb = md.examine(path)
-        except Unavailable:
-            continue
-        if sb is not None:
-            return sb.array_uuid
-    return None
+    return md.array_uuid(name)
 
 
 def _missing_members(array: str) -> list[str]:

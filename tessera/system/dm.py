@@ -156,10 +156,6 @@ def find(name: str) -> str | None:
     return None
 
 
-def uuid_of(kernel: str) -> str:
-    return _read(SYS_BLOCK / kernel / "dm" / "uuid")
-
-
 def devices() -> list[str]:
     try:
         names = os.listdir(SYS_BLOCK)
@@ -176,15 +172,6 @@ def named(prefix: str) -> dict[str, str]:
         if name.startswith(prefix):
             found[name] = f"/dev/{kernel}"
     return found
-
-
-def slaves(device: str) -> list[str]:
-    """Kernel names of what the dm device sits on."""
-    kernel = os.path.basename(device)
-    try:
-        return sorted(os.listdir(SYS_BLOCK / kernel / "slaves"))
-    except OSError:
-        return []
 
 
 def _read(path: Path) -> str:

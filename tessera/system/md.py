@@ -412,6 +412,32 @@ def state(name: str) -> ArrayState:
         raise Unavailable(f"cannot read the state of md array {name}: {exc}") from exc
 
 
+def array_uuid(name: str) -> str | None:
+    """The UUID of array `name` (md127): its sysfs `uuid` (kernels since 5.10), else the
+    superblock of a member md holds in sync (a failed remote member could block a read
+    for its controller's whole timeout)."""
+    text = _read_or_none(SYS_BLOCK / name / "md" / "uuid")
+    if text:
+        try:
+            return str(uuid.UUID(text))
+        except ValueError:
+            pass
+    try:
+        members = state(name).members
+    except Unavailable:
+        return None
+    for member in sorted(members, key=lambda m: not m.in_sync):
+        if member.faulty:
+            continue
+        try:
+            sb = examine(f"/dev/{member.name}")
+        except Unavailable:
+            continue
+        if sb is not None:
+            return sb.array_uuid
+    return None
+
+
 def member_names(name: str) -> list[str]:
     """Kernel names of the array's members (dev-<name> entries), faulty ones too."""
     base = SYS_BLOCK / name / "md"
@@ -456,3 +482,10 @@ def fail_and_remove(name: str, member: str) -> None:
 
 def _read(path: Path) -> str:
     return path.read_text().strip()
+
+
+def _read_or_none(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None

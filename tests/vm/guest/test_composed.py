@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -272,6 +273,12 @@ def test_the_md_uuid_on_the_legs_is_the_one_management_chose(cluster: Cluster) -
         assert sb is not None and sb.array_uuid == conn.array_uuid
         assert sb.data_offset_bytes == layouts.MD_DATA_OFFSET
     assert any(b.path.endswith(m) for b in leg for m in members)
+    assert md.array_uuid(os.path.basename(device.path)) == conn.array_uuid
+    detail = subprocess.run(
+        ["mdadm", "--detail", "--export", device.path], capture_output=True, text=True, check=True
+    ).stdout
+    mdadm_uuid = dict(line.split("=", 1) for line in detail.splitlines() if "=" in line)["MD_UUID"]
+    assert mdadm_uuid.replace(":", "") == conn.array_uuid.replace("-", "")  # mdadm agrees
 
 
 # ---- degraded, stale, repair ------------------------------------------------------------------
