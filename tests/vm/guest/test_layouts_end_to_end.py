@@ -114,7 +114,8 @@ def cluster() -> Iterator[Cluster]:
     work = Path(tempfile.mkdtemp(prefix="tvm-k-"))
     mgmt_args = [arg for vpg in VPGS for arg in ("--vpg", vpg)]
     mgmt_args += ["--heartbeat-misses", HEARTBEAT_MISSES]  # the last of a repeated flag wins
-    stack = MultiNodeStack(state, nodes=3, pool_size=POOL_SIZE, extra_args={"management": mgmt_args})
+    extra = {"management": mgmt_args}
+    stack = MultiNodeStack(state, nodes=3, pool_size=POOL_SIZE, extra_args=extra)
     namespaces: set[str] = set()
     cluster = None
     try:
