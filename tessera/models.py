@@ -404,6 +404,11 @@ class AttachmentCreate(Strict):
     readonly: bool = False
 
 
+#: an NVMe qualified name as ours are made (tessera.nvme_names): node ids keep their case
+#: and may hold '_', both legal in an NQN
+NQN_PATTERN = r"^$|^nqn\.[A-Za-z0-9._:-]{1,219}$"
+
+
 class LegConnection(BaseModel):
     """How a consumer reaches one leg of a composed volume (loop, nvme-tcp or nbd)."""
 
@@ -412,7 +417,7 @@ class LegConnection(BaseModel):
     transport: Transport = Transport.LOOP
     host: str = Field(default="", max_length=253, pattern=CLIENT_ADDRESS_PATTERN)
     port: int = Field(default=0, ge=0, le=65535)
-    subsystem_nqn: str = Field(default="", max_length=223, pattern=r"^$|^nqn\.[a-z0-9.:-]{1,219}$")
+    subsystem_nqn: str = Field(default="", max_length=223, pattern=NQN_PATTERN)
     state: LegState = LegState.IN_SYNC
 
 
@@ -443,7 +448,7 @@ class Connection(BaseModel):
     subsystem_nqn: str = Field(
         default="",
         max_length=223,
-        pattern=r"^$|^nqn\.[a-z0-9.:-]{1,219}$",
+        pattern=NQN_PATTERN,
         description="the nvmet subsystem that exports the volume (nvme-tcp)",
     )
     layout: Layout = Field(default=Layout.CONCAT, description="composed: how the legs combine")
