@@ -148,6 +148,7 @@ class Agent:
         with self.locks.hold(volume_id):
             volume = volumes.resize(self._require_holder(volume_id), volume_id, size_bytes)
             self.attachments.refresh(volume_id)
+            self.exports.resized(volume_id)  # nvme-tcp serves a loop device on the file
             return volume
 
     def delete_volume(self, volume_id: str) -> None:

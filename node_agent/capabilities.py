@@ -5,7 +5,9 @@
 - nvme-tcp: the kernel has, loaded or loadable, the NVMe/TCP host (nvme_tcp),
   its DH-HMAC-CHAP support (nvme_auth: every connection authenticates) and
   the target (nvmet_tcp), and configfs is mounted or mountable (nvmet is
-  configured there). nvme-cli is not needed: tessera.system.nvme_host talks
+  configured there). The target's DH-HMAC-CHAP is a kernel option
+  (CONFIG_NVME_TARGET_AUTH), no module: read from the kernel's config, or,
+  without one, asked of nvmet itself (the one case that loads a module). nvme-cli is not needed: tessera.system.nvme_host talks
   to /dev/nvme-fabrics itself;
 - composed: mdadm and dmsetup installed, md (raid1, raid10) and
   device-mapper loadable.
@@ -20,12 +22,15 @@ and a wrong "yes" costs a failed attach: hence every piece is checked.
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 from tessera.models import Transport
+from tessera.nvme_names import NQN_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +39,9 @@ MODULES_ROOT = Path("/lib/modules")
 CONFIGFS = Path("/sys/kernel/config")
 
 NVME_MODULES = ("nvme_tcp", "nvme_auth", "nvmet_tcp")
+#: DH-HMAC-CHAP on both ends: the target's is no module, only a kernel option
+AUTH_OPTIONS = ("CONFIG_NVME_AUTH", "CONFIG_NVME_TARGET_AUTH")
+BOOT = Path("/boot")
 COMPOSED_MODULES = ("raid1", "raid10", "dm_mod")
 
 
@@ -76,11 +84,66 @@ def configfs_usable(configfs: Path = CONFIGFS) -> bool:
     return "configfs" in known and configfs.is_dir()
 
 
-def nvme_tcp_missing(available: set[str] | None = None) -> list[str]:
+def kernel_config(release: str | None = None, boot: Path = BOOT) -> dict[str, str] | None:
+    """The running kernel's build options (/boot/config-<release>, else /proc/config.gz)."""
+    try:
+        text = (boot / f"config-{release or os.uname().release}").read_text()
+    except OSError:
+        try:
+            with gzip.open("/proc/config.gz", "rt") as f:
+                text = f.read()
+        except OSError:
+            return None
+    pairs = (line.partition("=") for line in text.splitlines() if line.startswith("CONFIG_"))
+    return {k: v for k, _, v in pairs}
+
+
+def auth_missing(config: dict[str, str] | None, configfs: Path = CONFIGFS) -> list[str]:
+    """What of DH-HMAC-CHAP (host and target) the kernel lacks; every export and
+    connect authenticates, so without it nvme-tcp is useless here.
+
+    From the kernel's config when there is one; else nvmet itself is asked
+    (loaded if need be): a host entry there has `dhchap_key` only with
+    CONFIG_NVME_TARGET_AUTH.
+    """
+    if config is not None:
+        return [
+            f"kernel option {o} (DH-HMAC-CHAP)"
+            for o in AUTH_OPTIONS
+            if config.get(o) not in ("y", "m")
+        ]
+    if _target_auth_probe(configfs):
+        return []
+    return ["DH-HMAC-CHAP in nvmet (no kernel config to read, and nvmet shows no dhchap_key)"]
+
+
+def _target_auth_probe(configfs: Path) -> bool:
+    hosts = configfs / "nvmet" / "hosts"
+    if not hosts.is_dir() and os.geteuid() == 0:
+        subprocess.run(["modprobe", "nvmet"], capture_output=True, check=False, timeout=60)
+    if not hosts.is_dir():
+        return False
+    probe = hosts / f"{NQN_PREFIX}:capability-probe:{os.getpid()}"
+    try:
+        probe.mkdir(exist_ok=True)
+        try:
+            return (probe / "dhchap_key").exists()
+        finally:
+            probe.rmdir()
+    except OSError as err:
+        log.warning("could not ask nvmet whether it has DH-HMAC-CHAP: %s", err)
+        return False
+
+
+def nvme_tcp_missing(
+    available: set[str] | None = None, config: dict[str, str] | None = None
+) -> list[str]:
     """What keeps this host from nvme-tcp; empty when it can use it."""
     missing = [f"kernel module {m}" for m in missing_modules(NVME_MODULES, available)]
     if not configfs_usable():
         missing.append("configfs (mounted at /sys/kernel/config)")
+    if not missing:  # only then: the probe may load nvmet
+        missing += auth_missing(kernel_config() if config is None else config)
     return missing
 
 

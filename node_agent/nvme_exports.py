@@ -24,8 +24,10 @@ one transport at a time: opening it over the other closes the first.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -33,11 +35,13 @@ from pathlib import Path
 
 from node_agent.exports import Exports
 from node_agent.keys import write_private
-from tessera.errors import FailedPrecondition, InvalidArgument
+from node_agent.transports.loops import EXPORT_LABEL
+from tessera.errors import FailedPrecondition, Internal, InvalidArgument, TesseraError
 from tessera.ids import check_node_id, check_volume_id, is_volume_id
 from tessera.models import AgentExport, AgentExportCreate, Transport
-from tessera.nvme_names import dhchap_secret, host_nqn, subsystem_nqn
-from tessera.system import nvmet
+from tessera.nvme_names import dhchap_ctrl_secret, dhchap_secret, host_nqn, subsystem_nqn
+from tessera.system import loopdev, nvmet
+from tessera.system.udev import wait_for_device
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,10 @@ class NvmeRecord:
     volume_file: str
     host: str
     port: int
+    #: a new key was given and controllers that authenticated with the old one may
+    #: still be connected: set before the key is written, cleared once they were
+    #: dropped, so a crash in between still drops them on the retry
+    rekey: bool = False
 
     def model(self, owner: str) -> AgentExport:
         return AgentExport(
@@ -132,13 +140,97 @@ class NvmeExports:
         subnqn = subsystem_nqn(record.volume_id, self.owner)
         hostnqn = host_nqn(record.client_node, record.volume_id)
         port = target.ensure_port(record.host, record.port)
-        rekeyed = target.ensure_host(hostnqn, dhchap_secret(key_hex))
-        target.ensure_subsystem(subnqn, Path(record.volume_file))
-        target.allow_host(subnqn, hostnqn)
+        device = self._loop(record)
+        for attempt in range(2):
+            try:
+                rekeyed = target.ensure_host(
+                    hostnqn, dhchap_secret(key_hex), dhchap_ctrl_secret(key_hex)
+                )
+                target.ensure_subsystem(subnqn, Path(device))
+                target.allow_host(subnqn, hostnqn)
+                break
+            except nvmet.ConfigfsError as err:
+                # another owner sharing this kernel removed the (then unused) host
+                # entry between our mkdir and its use: once more makes it again
+                if err.errno != errno.ENOENT or attempt:
+                    raise
+                log.info("host entry %s vanished while it was set up; again", hostnqn)
         target.link_port(port, subnqn)
-        if rekeyed:
+        if rekeyed or record.rekey:
             # a controller authenticated with the old key must not keep the volume
-            target.bounce(subnqn)
+            target.bounce(subnqn, port)
+
+    # ---- the export's loop device -----------------------------------------------------
+
+    def _loops(self, volume_id: str, volume_file: str) -> list[str]:
+        """This volume's export loop devices on `volume_file` (by label and backing file:
+        owners sharing a kernel label alike, but their files differ)."""
+        backing = os.path.realpath(volume_file)
+        found = []
+        for bound in loopdev.bound_devices():
+            if bound.backing != backing:
+                continue
+            try:
+                if loopdev.read_label(bound.path) == EXPORT_LABEL + volume_id:
+                    found.append(bound.path)
+            except OSError:
+                continue  # unbound meanwhile
+        return found
+
+    def _loop(self, record: NvmeRecord) -> str:
+        """The loop device nvmet serves the volume from: found again, or bound.
+
+        Not the file itself: a file-backed namespace takes its block size from
+        the pool's filesystem (4096), while loop and nbd attachments keep the
+        pool's sector size (loopdev), and a 1 KiB-block ext4 made over one of
+        those would not mount over nvme-tcp. The loop device has the geometry
+        every other path has.
+        """
+        found = self._loops(record.volume_id, record.volume_file)
+        if found:
+            return found[0]
+        try:
+            device, _ = loopdev.attach(
+                record.volume_file,
+                readonly=False,
+                direct_io=True,
+                label=EXPORT_LABEL + record.volume_id,
+            )
+        except OSError as err:
+            raise Internal(f"could not bind {record.volume_file} for nvmet: {err}") from None
+        wait_for_device(device)
+        log.info("bound %s as %s for nvmet", record.volume_file, device)
+        return device
+
+    def _release_loops(self, volume_id: str, record: NvmeRecord | None, served: str) -> None:
+        """Detach the volume's export loop devices once no subsystem serves them."""
+        devices = set(self._loops(volume_id, record.volume_file)) if record else set()
+        try:
+            if served.startswith("/dev/loop") and loopdev.read_label(served) == (
+                EXPORT_LABEL + volume_id
+            ):
+                devices.add(served)
+        except OSError:
+            pass
+        for device in sorted(devices):
+            try:
+                loopdev.detach(device)
+            except OSError as err:
+                raise Internal(f"could not detach {device} (volume {volume_id}): {err}") from None
+            log.info("detached %s (nvmet no longer serves volume %s)", device, volume_id)
+
+    def resized(self, volume_id: str) -> None:
+        """After the file grew: the loop device and nvmet show the new size; connected
+        hosts rescan on nvmet's event (or at their next rescan)."""
+        records = self.records(volume_id)
+        for device in self._loops(volume_id, records[0].volume_file) if records else []:
+            try:
+                loopdev.set_capacity(device)
+            except OSError as err:
+                raise Internal(f"could not refresh the size of {device}: {err}") from None
+        root = self.configfs / "nvmet"
+        if records and root.is_dir():
+            nvmet.Nvmet(self.owner, root).revalidate(subsystem_nqn(volume_id, self.owner))
 
     def serving(self, record: NvmeRecord) -> bool:
         """Whether configfs serves `record` (subsystem enabled on a port, host allowed)."""
@@ -172,14 +264,17 @@ class NvmeExports:
                 "this agent has no address to export on: start it with --export-address "
                 "(or --listen/--advertise)"
             )
+        old = self._read(volume_id, client_node)
+        old_key = self._key(old) if old is not None else None
         record = NvmeRecord(
             volume_id=volume_id,
             client_node=client_node,
             volume_file=str(volume_file),
             host=nvmet.resolve(self.address),
             port=self.port,
+            rekey=old is not None and (old.rekey or old_key != req.psk_key),
         )
-        fresh = not self.has(volume_id, client_node)
+        fresh = old is None
         write_private(self._file(volume_id, client_node, "json"), _dump(record))
         write_private(self._file(volume_id, client_node, "key"), req.psk_key.encode())
         try:
@@ -189,6 +284,9 @@ class NvmeExports:
             if fresh:  # nothing was promised before this call: leave nothing behind
                 self.close(volume_id, client_node)
             raise
+        if record.rekey:
+            record = NvmeRecord(**{**asdict(record), "rekey": False})
+            write_private(self._file(volume_id, client_node, "json"), _dump(record))
         log.info(
             "exported volume %s to node %s over nvme-tcp on %s:%d",
             volume_id,
@@ -202,30 +300,44 @@ class NvmeExports:
         """Revoke: the host is no longer allowed, its connections end; idempotent."""
         check_volume_id(volume_id)
         check_node_id(client_node, "client_node")
-        had = self.has(volume_id, client_node)
+        record = self._read(volume_id, client_node)
         root = self.configfs / "nvmet"
         if root.is_dir():
             with self._lock:
-                self._unserve(nvmet.Nvmet(self.owner, root), volume_id, client_node)
+                self._unserve(nvmet.Nvmet(self.owner, root), volume_id, client_node, record)
         self._remove(volume_id, client_node)
-        if had:
+        if record is not None:
             log.info("closed nvme-tcp export of volume %s to node %s", volume_id, client_node)
 
-    def _unserve(self, target: nvmet.Nvmet, volume_id: str, client_node: str) -> None:
+    def _unserve(
+        self, target: nvmet.Nvmet, volume_id: str, client_node: str, record: NvmeRecord | None
+    ) -> None:
         subnqn = subsystem_nqn(volume_id, self.owner)
         hostnqn = host_nqn(client_node, volume_id)
-        target.disallow_host(subnqn, hostnqn)
+        linked = target.disallow_host(subnqn, hostnqn)
         found = target.subsystem(subnqn)
-        if found is not None and not found.hosts:
-            target.remove_subsystem(subnqn)  # no host left: nothing serves the file
-        elif found is not None:
-            target.bounce(subnqn)  # the revoked host's live controller ends now
+        if found is None or not found.hosts:
+            if found is not None:
+                target.remove_subsystem(subnqn)  # no host left: nothing serves the file
+            self._release_loops(volume_id, record, found.device_path if found else "")
+        elif linked:
+            # the revoked host's live controller ends now; only then: a bounce drops
+            # every other client's connection of this volume too (mirror legs fail)
+            target.bounce(subnqn, self._our_port(target))
         target.remove_host_if_unused(hostnqn)
         if self.address:
             try:
                 target.remove_port_if_unused(nvmet.resolve(self.address), self.port)
             except FailedPrecondition:
                 pass  # the address no longer resolves: no port of ours to find by it
+
+    def _our_port(self, target: nvmet.Nvmet) -> Path | None:
+        if not self.address:
+            return None
+        try:
+            return target.find_port(nvmet.resolve(self.address), self.port)
+        except FailedPrecondition:
+            return None
 
     def _remove(self, volume_id: str, client_node: str) -> None:
         for suffix in ("key", "json"):
@@ -234,12 +346,6 @@ class NvmeExports:
             (self.directory / volume_id).rmdir()
         except OSError:
             pass
-
-    def revalidate(self, volume_id: str) -> None:
-        """After a resize: connected hosts learn the namespace's new size."""
-        root = self.configfs / "nvmet"
-        if self.records(volume_id) and root.is_dir():
-            nvmet.Nvmet(self.owner, root).revalidate(subsystem_nqn(volume_id, self.owner))
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -258,9 +364,16 @@ class NvmeExports:
                     record.client_node,
                     "the volume is not on this node" if volume_file is None else "no key",
                 )
-                self.close(record.volume_id, record.client_node)
+                try:
+                    self.close(record.volume_id, record.client_node)
+                except (TesseraError, OSError, ValueError) as err:
+                    log.error("could not close it: %s", err)
                 continue
+            # kept whether or not it serves again now: its live subsystem (other
+            # clients, a transient failure) must not be swept below
+            wanted.add(subsystem_nqn(record.volume_id, self.owner))
             moved = NvmeRecord(**{**asdict(record), "volume_file": str(volume_file)})
+            kept.append(moved.model(self.owner))
             try:
                 if moved != record:
                     write_private(
@@ -268,16 +381,18 @@ class NvmeExports:
                     )
                 with self._lock:
                     self._apply(moved, key)
-            except (OSError, FailedPrecondition) as err:
+                if moved.rekey:
+                    cleared = NvmeRecord(**{**asdict(moved), "rekey": False})
+                    write_private(
+                        self._file(record.volume_id, record.client_node, "json"), _dump(cleared)
+                    )
+            except (TesseraError, OSError, ValueError) as err:
                 log.error(
                     "could not serve volume %s to node %s over nvme-tcp again: %s",
                     record.volume_id,
                     record.client_node,
                     err,
                 )
-                continue
-            wanted.add(subsystem_nqn(record.volume_id, self.owner))
-            kept.append(moved.model(self.owner))
         self._sweep(wanted)
         return kept
 
@@ -290,9 +405,13 @@ class NvmeExports:
         for found in target.subsystems():
             if found.nqn in wanted:
                 continue
-            target.remove_subsystem(found.nqn)
-            for hostnqn in found.hosts:
-                target.remove_host_if_unused(hostnqn)
+            try:
+                target.remove_subsystem(found.nqn)
+                self._release_loops(found.volume_id, None, found.device_path)
+                for hostnqn in found.hosts:
+                    target.remove_host_if_unused(hostnqn)
+            except (TesseraError, OSError) as err:
+                log.error("could not remove the unwanted subsystem %s: %s", found.nqn, err)
 
     def _key(self, record: NvmeRecord) -> str | None:
         try:
@@ -324,6 +443,9 @@ class TransportExports(Exports):
             opened = self.nvme.open(volume_id, client_node, volume_file, req)
             if self._read(volume_id, client_node) is not None:
                 super().close(volume_id, client_node)
+                # the NBD close forgot the key's birth: stamped again, or a heartbeat
+                # computed before this switch would reap the export just made
+                self._stamp((volume_id, client_node))
             return opened
         if req.transport != Transport.NBD:
             raise InvalidArgument(
@@ -341,6 +463,10 @@ class TransportExports(Exports):
 
     def list(self) -> list[AgentExport]:
         return super().list() + self.nvme.list()
+
+    def resized(self, volume_id: str) -> None:
+        """The volume's file grew: exports that hold a device on it show the new size."""
+        self.nvme.resized(volume_id)
 
     def of_volume(self, volume_id: str) -> list[AgentExport]:
         return super().of_volume(volume_id) + self.nvme.of_volume(volume_id)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import struct
 import uuid
 
@@ -53,3 +55,34 @@ def dhchap_secret(hex_key: str) -> str:
         raise ValueError("a DH-HMAC-CHAP key here is 32 bytes (64 hex digits)")
     crc = struct.pack("<I", binascii.crc32(key) & 0xFFFFFFFF)
     return f"DHHC-1:00:{base64.b64encode(key + crc).decode()}:"
+
+
+#: what the controller (target) key is derived with: a fixed label, so both ends
+#: compute it from the attachment's key without another field on the wire
+_CTRL_KEY_LABEL = b"tessera nvme-tcp controller key v1"
+
+
+def dhchap_ctrl_secret(hex_key: str) -> str:
+    """The controller's DH-HMAC-CHAP secret for bidirectional authentication.
+
+    HMAC-SHA256 of the attachment's key with a fixed label: a different key
+    (the target proves itself with a key the host never sends), derived the
+    same way on both ends. Never log the result.
+    """
+    key = bytes.fromhex(hex_key)
+    if len(key) != 32:
+        raise ValueError("a DH-HMAC-CHAP key here is 32 bytes (64 hex digits)")
+    return dhchap_secret(hmac.new(key, _CTRL_KEY_LABEL, hashlib.sha256).hexdigest())
+
+
+def ctrl_secret_of(secret: str) -> str:
+    """`dhchap_ctrl_secret` of the key inside a `dhchap_secret` (the consumer holds the
+    secret, not the hex key, where it connects). Never log the result."""
+    prefix, _, rest = secret.partition("DHHC-1:00:")
+    try:
+        blob = base64.b64decode(rest.rstrip(":"), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not a DH-HMAC-CHAP secret of ours") from None
+    if prefix or len(blob) != 36:
+        raise ValueError("not a DH-HMAC-CHAP secret of ours")
+    return dhchap_ctrl_secret(blob[:32].hex())

@@ -30,6 +30,9 @@ VIEW_LABEL = "tessera-view:"
 # A composed volume's local leg (its label): md or dm sits on it, so it is never
 # a device of the loop transport (or an attachment's primary) itself.
 LEG_LABEL = "tessera-leg:"
+# The loop device an nvme-tcp export serves (node_agent/nvme_exports.py): nvmet
+# sits on it, so it is no attachment of this node either.
+EXPORT_LABEL = "tessera-nvmet:"
 
 # LOOP_CTL_GET_FREE names the lowest free device without claiming it; two
 # attaches at once in one process would be given the same one, so find-free +
@@ -92,9 +95,10 @@ def bound(volume_of: Callable[[str], str | None], transport: str) -> list[BlockD
 
 
 def is_leg(device: str) -> bool:
-    """Whether the loop device is a composed volume's leg (its label); gone is no leg."""
+    """Whether the loop device is a composed volume's leg or an nvme-tcp export's device
+    (its label), never an attachment; gone is neither."""
     try:
-        return loopdev.read_label(device).startswith(LEG_LABEL)
+        return loopdev.read_label(device).startswith((LEG_LABEL, EXPORT_LABEL))
     except OSError:
         return False
 

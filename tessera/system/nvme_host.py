@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tessera.errors import FailedPrecondition, Unavailable
+from tessera.nvme_names import ctrl_secret_of
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,8 @@ def fabrics_options(target: Target, secret: str, timeouts: Timeouts) -> str:
 
     Contains the secret: write it to the kernel, never log or raise it.
     """
+    if "," in secret or "\n" in secret:
+        raise ValueError("nvme connect option dhchap_secret holds a character it may not")
     values = {
         "transport": "tcp",
         "traddr": target.host,
@@ -138,11 +141,13 @@ def fabrics_options(target: Target, secret: str, timeouts: Timeouts) -> str:
         "reconnect_delay": str(timeouts.reconnect_delay),
         "fast_io_fail_tmo": str(timeouts.fast_io_fail if timeouts.fast_io_fail is not None else -1),
         "dhchap_secret": secret,
+        # bidirectional: the target proves it holds the attachment's key too
+        "dhchap_ctrl_secret": ctrl_secret_of(secret) if secret else "",
     }
     for name, value in values.items():
         # a comma or newline would smuggle in another option; the value itself is never
         # echoed (it may be the secret)
-        if "," in value or "\n" in value or (name != "dhchap_secret" and "=" in value):
+        if "," in value or "\n" in value or (not name.startswith("dhchap") and "=" in value):
             raise ValueError(f"nvme connect option {name} holds a character it may not")
     return ",".join(f"{k}={v}" for k, v in values.items() if v)
 
@@ -281,6 +286,7 @@ def connect(target: Target, secret: str, timeouts: Timeouts) -> Controller:
     """
     existing = controller_of(target)
     if existing is not None and existing.state in ALIVE:
+        protect_secrets(existing.name)
         return existing
     ensure_modules()
     options = fabrics_options(target, secret, timeouts)
@@ -301,6 +307,8 @@ def connect(target: Target, secret: str, timeouts: Timeouts) -> Controller:
         os.close(fd)
     instance = _parse_address(answer.strip()).get("instance", "")
     name = f"nvme{instance}"
+    if instance.isdigit():
+        protect_secrets(name)
     ctrl = _controller(SYSFS_NVME / name) if instance.isdigit() else None
     if ctrl is None or not ctrl.matches(target):
         # the kernel answered for a controller that is gone already (or an odd answer)
@@ -310,8 +318,30 @@ def connect(target: Target, secret: str, timeouts: Timeouts) -> Controller:
                 f"connected to {target.where()} but its controller vanished at once",
                 field="publish_context",
             )
+    protect_secrets(ctrl.name)
     log.info("connected %s as %s (%s)", target.where(), target.host_nqn, ctrl.name)
     return ctrl
+
+
+#: the controller's attributes that show a DH-HMAC-CHAP secret (the kernel makes them 0444)
+SECRET_ATTRIBUTES = ("dhchap_secret", "dhchap_ctrl_secret")
+
+
+def protect_secrets(name: str) -> None:
+    """Make the controller's secret attributes readable by root only (0600).
+
+    The kernel creates them world-readable with the controller: between the
+    connect's write and this chmod (microseconds, on every connect and again
+    on re-adoption) a local user could read them; nothing closes that window
+    short of a kernel change. A controller gone meanwhile has nothing to hide.
+    """
+    if not re.fullmatch(r"nvme\d+", name):
+        raise ValueError(f"{name!r} is not an nvme controller name")
+    for attribute in SECRET_ATTRIBUTES:
+        try:
+            os.chmod(SYSFS_NVME / name / attribute, 0o600)
+        except FileNotFoundError:
+            continue
 
 
 def _refusal(target: Target, err: OSError) -> str:
@@ -349,13 +379,21 @@ def _write_attr(path: Path, value: str) -> bool:
     return True
 
 
-def delete_controller(name: str) -> None:
-    """Delete one controller (`nvme disconnect -d <name>`); gone is fine; waits until gone."""
+def delete_controller(name: str, wait: float = 10.0) -> None:
+    """Delete one controller (`nvme disconnect -d <name>`); gone is fine; waits until gone.
+
+    Still there after `wait`: Unavailable, so the caller keeps its record and a
+    retry finds the controller again (instead of forgetting a live connection).
+    """
     if not re.fullmatch(r"nvme\d+", name):
         raise ValueError(f"{name!r} is not an nvme controller name")
     _write_attr(SYSFS_NVME / name / "delete_controller", "1")
-    deadline = time.monotonic() + 10
-    while (SYSFS_NVME / name).exists() and time.monotonic() < deadline:
+    deadline = time.monotonic() + wait
+    while (SYSFS_NVME / name).exists():
+        if time.monotonic() >= deadline:
+            raise Unavailable(
+                f"the nvme controller {name} is still there {wait:g} s after it was deleted; retry"
+            )
         time.sleep(0.02)
 
 

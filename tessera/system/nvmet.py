@@ -56,6 +56,8 @@ CONFIGFS = Path("/sys/kernel/config")
 #: the namespace id of every export (one volume file per subsystem)
 NSID = 1
 DHCHAP_HASH = "hmac(sha256)"
+#: a host entry's key attributes: the host's key, the controller's (bidirectional)
+SECRET_ATTRIBUTES = ("dhchap_key", "dhchap_ctrl_key")
 #: NVMe limits an NQN to 223 bytes
 MAX_NQN = 223
 
@@ -136,13 +138,25 @@ def _read(path: Path) -> str | None:
         return None
 
 
+class ConfigfsError(FailedPrecondition):
+    """A configfs write the kernel refused: names the attribute, never the value
+    (it may be a key). `errno` says why, for callers that handle one case."""
+
+    def __init__(self, path: Path, err: OSError) -> None:
+        super().__init__(f"nvmet refused a write to {path}: {err.strerror or err}")
+        self.errno = err.errno
+
+
 def _write(path: Path, value: str) -> None:
     """Write a configfs attribute (one write: configfs takes each write whole)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
-        os.write(fd, value.encode())
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
+    except OSError as err:
+        raise ConfigfsError(path, err) from None
 
 
 def _mkdir(path: Path) -> bool:
@@ -151,6 +165,8 @@ def _mkdir(path: Path) -> bool:
         path.mkdir()
     except FileExistsError:
         return False
+    except OSError as err:
+        raise ConfigfsError(path, err) from None
     return True
 
 
@@ -285,29 +301,55 @@ class Nvmet:
         for port in ports.iterdir():
             _unlink(port / "subsystems" / nqn)
 
-    def bounce(self, nqn: str) -> None:
+    def bounce(self, nqn: str, port: Path | None = None) -> None:
         """Drop every controller of `nqn` (unlink and relink its ports): a revoked host's
-        live connection ends; the hosts still allowed reconnect after reconnect_delay."""
+        live connection ends; the hosts still allowed reconnect after reconnect_delay.
+
+        `port` (this node's) is linked at the end whether or not it was before:
+        a bounce whose relink failed (or crashed) once is finished by the next.
+        """
         ports = [
             p for p in (self.root / "ports").iterdir() if (p / "subsystems" / nqn).is_symlink()
         ]
-        for port in ports:
-            _unlink(port / "subsystems" / nqn)
-        for port in ports:
-            self.link_port(port, nqn)
+        for linked in ports:
+            _unlink(linked / "subsystems" / nqn)
+        if port is not None and port not in ports:
+            ports.append(port)
+        for linked in ports:
+            self.link_port(linked, nqn)
 
     # ---- hosts -----------------------------------------------------------------------
 
-    def ensure_host(self, host_nqn: str, secret: str) -> bool:
-        """The host entry with this DH-HMAC-CHAP key; True when its key changed."""
+    def ensure_host(self, host_nqn: str, secret: str, ctrl_secret: str) -> bool:
+        """The host entry with these DH-HMAC-CHAP keys (the host's, and the controller's
+        for bidirectional authentication); True when a key changed.
+
+        The key attributes are made 0600 before any key is written (configfs
+        creates them 0644): no moment in which another local user reads a key.
+        """
         host = self.root / "hosts" / check_nqn(host_nqn, "host NQN")
         _mkdir(host)
+        for attribute in SECRET_ATTRIBUTES:
+            try:
+                if (host / attribute).stat().st_mode & 0o077:
+                    os.chmod(host / attribute, 0o600)
+            except FileNotFoundError as err:
+                if not host.is_dir():  # another owner removed the entry just now: retry
+                    raise ConfigfsError(host / attribute, err) from None
+                raise FailedPrecondition(
+                    f"this kernel's nvmet has no DH-HMAC-CHAP ({host / attribute} is missing): "
+                    "it needs CONFIG_NVME_TARGET_AUTH"
+                ) from None
         if _read(host / "dhchap_hash") != DHCHAP_HASH:
             _write(host / "dhchap_hash", DHCHAP_HASH)
-        if _read(host / "dhchap_key") == secret:
-            return False
-        _write(host / "dhchap_key", secret)
-        return True
+        changed = False
+        for attribute, value in zip(SECRET_ATTRIBUTES, (secret, ctrl_secret), strict=True):
+            old = _read(host / attribute)
+            if old != value:
+                _write(host / attribute, value)
+                # a new entry had no key: no controller can have authenticated with it
+                changed = changed or bool(old)
+        return changed
 
     def remove_host_if_unused(self, host_nqn: str) -> bool:
         """Remove the host entry when no subsystem (any owner's) allows it any more."""
@@ -335,8 +377,9 @@ class Nvmet:
             raise ValueError(f"subsystem {nqn} is not node {self.owner}'s")
         return self.root / "subsystems" / nqn
 
-    def ensure_subsystem(self, nqn: str, volume_file: Path) -> None:
-        """The subsystem, closed to any host not listed, with namespace 1 on the file."""
+    def ensure_subsystem(self, nqn: str, device: Path) -> None:
+        """The subsystem, closed to any host not listed, with namespace 1 on `device`
+        (the export's loop device on the volume file: see nvme_exports)."""
         subsystem = self._own(nqn)
         if _mkdir(subsystem):
             _write(subsystem / "attr_serial", serial_of(nqn))  # only before a host saw it
@@ -345,11 +388,11 @@ class Nvmet:
         namespace = subsystem / "namespaces" / str(NSID)
         _mkdir(namespace)
         enabled = _read(namespace / "enable") == "1"
-        if enabled and _read(namespace / "device_path") == str(volume_file):
+        if enabled and _read(namespace / "device_path") == str(device):
             return
-        if enabled:  # the volume file moved (another pool path): serve the new one
+        if enabled:  # another device (the volume file moved, a new loop): serve the new one
             _write(namespace / "enable", "0")
-        _write(namespace / "device_path", str(volume_file))
+        _write(namespace / "device_path", str(device))
         # the same identity every time it is made (after a reboot too): a host that
         # reconnects to a namespace whose identifiers changed drops it (EIO)
         ident = namespace_uuid(nqn)
@@ -367,19 +410,19 @@ class Nvmet:
         try:
             _write(namespace / "enable", "1")
             return
-        except OSError as err:
+        except ConfigfsError as err:
             if err.errno != errno.EINVAL or not (namespace / "buffered_io").exists():
                 raise FailedPrecondition(
                     f"nvmet could not enable namespace {NSID} of {nqn} on "
-                    f"{_read(namespace / 'device_path')}: {err.strerror}"
+                    f"{_read(namespace / 'device_path')}: {err}"
                 ) from None
         _write(namespace / "buffered_io", "1")
         try:
             _write(namespace / "enable", "1")
-        except OSError as err:
+        except ConfigfsError as err:
             raise FailedPrecondition(
                 f"nvmet could not enable namespace {NSID} of {nqn} on "
-                f"{_read(namespace / 'device_path')}: {err.strerror}"
+                f"{_read(namespace / 'device_path')}: {err}"
             ) from None
         log.info("%s: the volume file cannot do direct I/O; namespace is buffered", nqn)
 
@@ -391,9 +434,17 @@ class Nvmet:
             os.symlink(self.root / "hosts" / host_nqn, link)
         except FileExistsError:
             pass
+        except OSError as err:
+            raise ConfigfsError(link, err) from None
 
-    def disallow_host(self, nqn: str, host_nqn: str) -> None:
-        _unlink(self._own(nqn) / "allowed_hosts" / check_nqn(host_nqn, "host NQN"))
+    def disallow_host(self, nqn: str, host_nqn: str) -> bool:
+        """Unlink the host from the subsystem; whether it was linked."""
+        link = self._own(nqn) / "allowed_hosts" / check_nqn(host_nqn, "host NQN")
+        try:
+            link.unlink()
+        except FileNotFoundError:
+            return False
+        return True
 
     def remove_subsystem(self, nqn: str) -> None:
         """Unserve, disable and remove the subsystem; its hosts' entries stay (see

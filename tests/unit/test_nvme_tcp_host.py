@@ -23,19 +23,29 @@ from node_agent import capabilities
 from node_agent.__main__ import parse_args
 from node_agent.agent import Agent
 from node_agent.api import create_app
-from node_agent.nvme_exports import DEFAULT_NVME_PORT
+from node_agent.nvme_exports import DEFAULT_NVME_PORT, NvmeExports, NvmeRecord
 from node_agent.pools import Pool
 from node_agent.transports.nvme_tcp import NvmeTcpTransport
-from tessera.errors import FailedPrecondition, InvalidArgument
+from tessera.errors import FailedPrecondition, InvalidArgument, Unavailable
 from tessera.ids import new_volume_id
-from tessera.models import Connection, Transport
-from tessera.nvme_names import dhchap_secret, host_nqn, subsystem_nqn
+from tessera.models import AgentExportCreate, Connection, Transport
+from tessera.nvme_names import (
+    ctrl_secret_of,
+    dhchap_ctrl_secret,
+    dhchap_secret,
+    host_nqn,
+    subsystem_nqn,
+)
 from tessera.system import nvme_host, nvmet
 
 KEY = "0123456789abcdef" * 4
 SECRET = dhchap_secret(KEY)
 TOKEN = "s3cret"
 MiB = 1024**2
+
+
+#: as root where nvme-tcp is loadable, connect() would load it and really connect
+_HOST_MODULES_MISSING = bool(capabilities.missing_modules(("nvme_tcp",)))
 
 
 def _target(volume_id: str = "vol-1") -> nvme_host.Target:
@@ -139,7 +149,8 @@ def test_a_refused_connect_says_why_and_names_the_target_never_the_key() -> None
 
 
 @pytest.mark.skipif(
-    nvme_host.FABRICS_DEVICE.exists(), reason="this host can connect: see the VM suite"
+    nvme_host.FABRICS_DEVICE.exists() or (os.geteuid() == 0 and not _HOST_MODULES_MISSING),
+    reason="this host can connect (or load nvme-tcp and then connect): see the VM suite",
 )
 def test_connecting_without_the_nvme_modules_fails_plainly_and_logs_no_secret(
     caplog: pytest.LogCaptureFixture,
@@ -210,7 +221,8 @@ def test_the_consumer_refuses_read_only_and_another_volumes_subsystem_before_con
 
 
 @pytest.mark.skipif(
-    nvme_host.FABRICS_DEVICE.exists(), reason="this host can connect: see the VM suite"
+    nvme_host.FABRICS_DEVICE.exists() or (os.geteuid() == 0 and not _HOST_MODULES_MISSING),
+    reason="this host can connect (or load nvme-tcp and then connect): see the VM suite",
 )
 def test_a_failed_first_connect_leaves_no_record_and_no_key_in_its_error(tmp_path: Path) -> None:
     volume_id = new_volume_id()
@@ -294,3 +306,163 @@ def test_a_switch_to_nvme_tcp_that_fails_keeps_the_nbd_export_serving(
     finally:
         assert client.delete(f"/v1/exports/{vid}/node-b").status_code == 204
     assert client.get("/v1/exports").json() == {"items": []}
+
+
+# ---- the owner's bookkeeping around configfs ----------------------------------------------
+#
+# This host has no nvmet: `NoKernel` skips the configfs step (`_apply`, which the
+# VM suite runs for real) and keeps everything around it real: records, keys, the
+# NBD export beside it, and configfs trees laid out as nvmet lays them out.
+
+
+class NoKernel(NvmeExports):
+    """NvmeExports whose kernel step records what it was asked, or fails when told to."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.applied: list[NvmeRecord] = []
+        self.fail: Exception | None = None
+
+    def _apply(self, record: NvmeRecord, key_hex: str) -> None:
+        self.applied.append(record)
+        if self.fail is not None:
+            raise self.fail
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("nbdkit") is None, reason="needs root, nbdkit"
+)
+def test_an_export_switched_from_nbd_to_nvme_tcp_survives_a_heartbeat_sent_before_the_switch(
+    agent_client: tuple[Agent, TestClient], tmp_path: Path
+) -> None:
+    agent, client = agent_client
+    agent.exports.nvme = NoKernel(
+        agent.state_dir / "nvme-exports", "node-a", "127.0.0.1", configfs=tmp_path / "no-cfs"
+    )
+    vid = new_volume_id()
+    assert client.put(f"/v1/volumes/{vid}", json={"pool": "default", "size_bytes": MiB}).is_success
+    nbd = client.put(f"/v1/exports/{vid}/node-b", json={"psk_identity": "node-b", "psk_key": KEY})
+    assert nbd.status_code == 200, nbd.text
+    try:
+        mark = agent.exports.mark()  # a heartbeat goes out; its reply comes after the switch
+        body = {"transport": "nvme-tcp", "psk_identity": "node-b", "psk_key": KEY}
+        switched = client.put(f"/v1/exports/{vid}/node-b", json=body)
+        assert switched.status_code == 200, switched.text
+        assert agent.reap_exports(set(), mark) == []
+        listed = client.get("/v1/exports").json()["items"]
+        assert [e["transport"] for e in listed] == ["nvme-tcp"]
+        # a heartbeat sent after the switch that does not list it: reaped
+        assert agent.reap_exports(set(), agent.exports.mark()) == [(vid, "node-b")]
+    finally:
+        client.delete(f"/v1/exports/{vid}/node-b")
+    assert client.get("/v1/exports").json() == {"items": []}
+
+
+def test_a_new_key_still_drops_old_controllers_when_the_first_try_crashed(tmp_path: Path) -> None:
+    exports = NoKernel(tmp_path / "nvme", "node-a", "127.0.0.1", configfs=tmp_path / "no-cfs")
+    vid, other = new_volume_id(), "ab" * 32
+    req = AgentExportCreate(transport=Transport.NVME_TCP, psk_identity="node-b", psk_key=KEY)
+    exports.open(vid, "node-b", tmp_path / "v.img", req)
+    assert exports.applied[-1].rekey is False  # a first export: nobody to drop
+    exports.fail = FailedPrecondition("crashed after the new key was written")
+    rekey = req.model_copy(update={"psk_key": other})
+    with pytest.raises(FailedPrecondition):
+        exports.open(vid, "node-b", tmp_path / "v.img", rekey)
+    exports.fail = None
+    exports.open(vid, "node-b", tmp_path / "v.img", rekey)  # the retry: same (new) key
+    assert exports.applied[-1].rekey is True, "the retry must still drop old controllers"
+    exports.open(vid, "node-b", tmp_path / "v.img", rekey)
+    assert exports.applied[-1].rekey is False  # done once: a later call drops nobody
+    exports.close(vid, "node-b")
+
+
+def _configfs(root: Path, owner: str, vid: str, hosts: list[str]) -> tuple[Path, Path]:
+    """A configfs tree as nvmet has it for one subsystem on one port: (nvmet, port link)."""
+    nvmet_dir = root / "nvmet"
+    subnqn = subsystem_nqn(vid, owner)
+    subsystem = nvmet_dir / "subsystems" / subnqn
+    (subsystem / "allowed_hosts").mkdir(parents=True)
+    (subsystem / "namespaces" / "1").mkdir(parents=True)
+    (subsystem / "namespaces" / "1" / "enable").write_text("1\n")
+    for client in hosts:
+        host = nvmet_dir / "hosts" / host_nqn(client, vid)
+        host.mkdir(parents=True)
+        (subsystem / "allowed_hosts" / host.name).symlink_to(host)
+    port = nvmet_dir / "ports" / "7"
+    (port / "subsystems").mkdir(parents=True)
+    for name, value in (("addr_trtype", "tcp"), ("addr_traddr", "127.0.0.1")):
+        (port / name).write_text(value + "\n")
+    (port / "addr_trsvcid").write_text("4420\n")
+    (port / "subsystems" / subnqn).symlink_to(subsystem)
+    return nvmet_dir, port / "subsystems" / subnqn
+
+
+def test_closing_an_export_that_never_served_leaves_other_clients_connected(
+    tmp_path: Path,
+) -> None:
+    vid = new_volume_id()
+    _, link = _configfs(tmp_path, "node-a", vid, ["node-b", "node-c"])
+    exports = NvmeExports(tmp_path / "nvme", "node-a", "127.0.0.1", configfs=tmp_path)
+    before = os.lstat(link).st_ino
+    exports.close(vid, "node-x")  # a pure-NBD export's close, a retried DELETE
+    assert os.lstat(link).st_ino == before, "node-b's and node-c's connections were dropped"
+    exports.close(vid, "node-c")  # a host that was linked: its connection must end
+    assert link.is_symlink() and os.lstat(link).st_ino != before
+
+
+def test_a_bounce_leaves_the_subsystem_served_on_our_port_even_after_a_failed_relink(
+    tmp_path: Path,
+) -> None:
+    vid = new_volume_id()
+    nvmet_dir, link = _configfs(tmp_path, "node-a", vid, ["node-b"])
+    link.unlink()  # a bounce that crashed between its unlink and relink
+    nvmet.Nvmet("node-a", nvmet_dir).bounce(link.name, link.parent.parent)
+    assert link.is_symlink()
+
+
+def test_a_record_that_cannot_be_served_at_start_keeps_its_live_subsystem(tmp_path: Path) -> None:
+    vid, broken = new_volume_id(), new_volume_id()
+    _configfs(tmp_path, "node-a", vid, ["node-b"])
+    exports = NoKernel(tmp_path / "nvme", "node-a", "127.0.0.1", configfs=tmp_path)
+    req = AgentExportCreate(transport=Transport.NVME_TCP, psk_identity="node-b", psk_key=KEY)
+    for volume_id in (vid, broken):
+        exports.open(volume_id, "node-b", tmp_path / f"{volume_id}.img", req)
+    exports.fail = ValueError("nvmet said no")  # any one record's failure
+    kept = exports.recover(lambda v: tmp_path / f"{v}.img")
+    assert sorted(e.volume_id for e in kept) == sorted([vid, broken])
+    assert (tmp_path / "nvmet" / "subsystems" / subsystem_nqn(vid, "node-a")).is_dir()
+
+
+def test_a_configfs_write_the_kernel_refuses_names_the_attribute_never_the_key(
+    tmp_path: Path,
+) -> None:
+    attribute = tmp_path / "hosts" / "gone" / "dhchap_key"
+    with pytest.raises(FailedPrecondition) as err:
+        nvmet._write(attribute, SECRET)
+    assert str(attribute) in str(err.value) and SECRET not in str(err.value)
+
+
+def test_the_target_key_is_derived_from_the_attachment_key_alike_on_both_ends() -> None:
+    ctrl = dhchap_ctrl_secret(KEY)
+    assert ctrl_secret_of(SECRET) == ctrl and ctrl != SECRET
+    assert ctrl.startswith("DHHC-1:00:") and dhchap_ctrl_secret("ab" * 32) != ctrl
+    options = nvme_host.fabrics_options(_target(), SECRET, nvme_host.SINGLE_LEG).split(",")
+    assert f"dhchap_ctrl_secret={ctrl}" in options
+
+
+def test_nvme_tcp_is_not_offered_without_dh_hmac_chap_in_the_kernel() -> None:
+    full = {"CONFIG_NVME_AUTH": "m", "CONFIG_NVME_TARGET_AUTH": "y"}
+    assert capabilities.auth_missing(full) == []
+    bookworm = {"CONFIG_NVME_TCP": "m", "CONFIG_NVME_TARGET_TCP": "m"}  # 6.1: no auth
+    missing = capabilities.auth_missing(bookworm)
+    assert any("CONFIG_NVME_TARGET_AUTH" in m for m in missing), missing
+
+
+def test_a_controller_that_will_not_go_keeps_the_connection_known(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(nvme_host, "SYSFS_NVME", tmp_path)
+    (tmp_path / "nvme7").mkdir()
+    (tmp_path / "nvme7" / "delete_controller").write_text("")
+    with pytest.raises(Unavailable, match="nvme7 is still there"):
+        nvme_host.delete_controller("nvme7", wait=0.05)

@@ -19,6 +19,7 @@ import hashlib
 import mmap
 import os
 import secrets
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,8 +38,14 @@ from node_agent.transports.nvme_tcp import NvmeTcpTransport
 from tessera.errors import TesseraError, Unavailable
 from tessera.ids import new_volume_id
 from tessera.models import AgentExportCreate, AgentKey, Connection, Transport
-from tessera.nvme_names import NQN_PREFIX, dhchap_secret, host_nqn, subsystem_nqn
-from tessera.system import blockdev, nvme_host, nvmet
+from tessera.nvme_names import (
+    NQN_PREFIX,
+    dhchap_ctrl_secret,
+    dhchap_secret,
+    host_nqn,
+    subsystem_nqn,
+)
+from tessera.system import blockdev, loopdev, nvme_host, nvmet
 from tessera_dev import netns
 
 MiB = 1024**2
@@ -358,6 +365,7 @@ def test_a_grown_volume_shows_its_new_size_after_a_rescan(rig: Rig) -> None:
     device = rig.b.attach(vid, rig.a)
     with open(file, "r+b") as f:
         f.truncate(2 * SIZE)
+    rig.a.exports.resized(vid)  # what the owner agent's resize does after growing the file
     in_netns(rig.b.netns, rig.b.transport().extend, device, 2 * SIZE)
     assert blockdev.size_bytes(device.path) == 2 * SIZE
     rig.b.detach(vid)
@@ -466,3 +474,80 @@ def test_an_nvme_tcp_export_management_no_longer_wants_is_reaped_but_not_a_newer
     in_netns(rig.a.netns, owner.close_export, new, "node-b")
     for vid in (old, new):
         owner.delete_volume(vid)
+
+
+def _logical_block_size(device: str) -> int:
+    name = os.path.basename(os.path.realpath(device))
+    return int(Path(f"/sys/class/block/{name}/queue/logical_block_size").read_text())
+
+
+def test_a_small_ext4_made_over_a_loop_device_mounts_over_nvme_tcp(
+    rig: Rig, tmp_path: Path
+) -> None:
+    """One geometry on every path: the namespace has the loop device's sector size."""
+    vid, key = new_volume(rig), secrets.token_hex(32)
+    file = rig.a.volume(vid, 32 * MiB)
+    loop, _ = loopdev.attach(str(file), readonly=False, direct_io=True)  # as a local attach
+    try:
+        local_block = _logical_block_size(loop)
+        subprocess.run(["mkfs.ext4", "-q", "-b", "1024", loop], check=True, capture_output=True)
+    finally:
+        loopdev.detach(loop)
+    rig.a.export(vid, "node-b", key)
+    served = nvmet.Nvmet("node-a", NVMET).subsystem(subsystem_nqn(vid, "node-a"))
+    assert served is not None and served.device_path.startswith("/dev/loop")
+    rig.b.give_key(vid, key)
+    device = rig.b.attach(vid, rig.a)
+    assert _logical_block_size(device.path) == local_block
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "ext4", device.path, str(mnt)], check=True, capture_output=True)
+    try:
+        (mnt / "hello").write_text("over nvme-tcp")
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    rig.b.detach(vid)
+    rig.a.close(vid, "node-b")
+    # the export's loop device goes with the export
+    assert [b.path for b in loopdev.bound_devices() if b.backing == str(file)] == []
+
+
+def _readable_by_nobody(path: Path) -> bool:
+    done = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat", str(path)],
+        capture_output=True,
+        check=False,
+    )
+    return done.returncode == 0
+
+
+def test_dh_hmac_chap_keys_are_root_only_and_the_target_must_prove_it_has_the_key(
+    rig: Rig,
+) -> None:
+    vid, key = new_volume(rig), secrets.token_hex(32)
+    rig.a.volume(vid)
+    rig.a.export(vid, "node-b", key)
+    host = NVMET / "hosts" / host_nqn("node-b", vid)
+    rig.b.give_key(vid, key)
+    rig.b.attach(vid, rig.a)
+    target = nvme_host.Target(
+        rig.a.address, PORT, subsystem_nqn(vid, "node-a"), host_nqn("node-b", vid)
+    )
+    ctrl = Path("/sys/class/nvme") / nvme_host.find_controllers(target)[0].name
+    # bidirectional: the consumer was given the controller key too
+    assert (ctrl / "dhchap_ctrl_secret").read_text().strip() == dhchap_ctrl_secret(key)
+    for secret in (
+        ctrl / "dhchap_secret",
+        ctrl / "dhchap_ctrl_secret",
+        host / "dhchap_key",
+        host / "dhchap_ctrl_key",
+    ):
+        assert not _readable_by_nobody(secret), f"{secret} is readable by nobody"
+    rig.b.detach(vid)
+    # a target that does not know the controller key is refused by the consumer
+    (host / "dhchap_ctrl_key").write_text(dhchap_ctrl_secret(secrets.token_hex(32)))
+    with pytest.raises(Unavailable) as err:
+        rig.b.attach(vid, rig.a)
+    assert key not in str(err.value)
+    assert [c for c in nvme_host.all_controllers() if vid in c.subsystem_nqn] == []
+    rig.a.close(vid, "node-b")
