@@ -19,6 +19,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,6 +60,8 @@ STACK_READY_TIMEOUT = 600.0
 #: multihost default of 3 is too few for agents on two emulated CPUs, which then
 #: drop out of a test that never cut them off
 HEARTBEAT_MISSES = "15"
+#: `tessera volume repair --wait`: a new leg placed, exported, added and resynced
+REPAIR_TIMEOUT = 600.0
 NVMET_SUBSYSTEMS = Path("/sys/kernel/config/nvmet/subsystems")
 
 
@@ -150,6 +153,15 @@ def kube(cluster: Cluster) -> Iterator[LayoutKube]:
 
 def legs_of(cluster: Cluster, vid: str) -> Volume:
     return cluster.mgmt.get_volume(vid)
+
+
+def tessera_cli(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    """`cluster.tessera` with the patience a resync on emulated CPUs needs."""
+    return subprocess.run(
+        [sys.executable, "-m", "tessera.cli", *args, "--management",
+         cluster.info.management_url, "--token-file", str(cluster.info.token_file)],
+        capture_output=True, text=True, timeout=REPAIR_TIMEOUT, check=False,
+    )  # fmt: skip
 
 
 def fsynced(log: Path) -> int:
@@ -286,7 +298,7 @@ def test_a_mirror_keeps_writing_when_a_leg_node_dies_and_repair_restores_it(
         wait_until(lambda: "degraded" in (legs_of(cluster, vid).condition or ""),
                    "the volume to report itself degraded", SLOW)  # fmt: skip
 
-        repair = cluster.tessera("volume", "repair", vid, "--wait")
+        repair = tessera_cli(cluster, "volume", "repair", vid, "--wait")
         assert repair.returncode == 0, repair.stdout + repair.stderr
         after = legs_of(cluster, vid)
         assert victim not in {leg.node_id for leg in after.legs if leg.state != LegState.STALE}
