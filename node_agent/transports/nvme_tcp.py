@@ -150,6 +150,8 @@ class NvmeTcpTransport:
         """Primaries from sysfs (by each record's NQNs), views from the loop devices on them."""
         primaries = {}
         for volume_id, target in self._targets().items():
+            for ctrl in nvme_host.find_controllers(target):
+                nvme_host.protect_secrets(ctrl.name)  # made by an agent that did not
             device = nvme_host.namespace_device(target)
             if device is not None:
                 primaries[device] = BlockDevice(volume_id, device, device, False, self.name)

@@ -338,8 +338,10 @@ def protect_secrets(name: str) -> None:
     if not re.fullmatch(r"nvme\d+", name):
         raise ValueError(f"{name!r} is not an nvme controller name")
     for attribute in SECRET_ATTRIBUTES:
+        path = SYSFS_NVME / name / attribute
         try:
-            os.chmod(SYSFS_NVME / name / attribute, 0o600)
+            if path.stat().st_mode & 0o077:
+                os.chmod(path, 0o600)
         except FileNotFoundError:
             continue
 
