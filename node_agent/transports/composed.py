@@ -392,7 +392,11 @@ class ComposedTransport:
             if record is None or any(
                 leg.transport != Transport.LOOP for leg in record.connection.legs
             ):
-                found[volume_id] = (self.dir / volume_id / RECORD).stat().st_mtime
+                home = self.dir / volume_id
+                try:  # a half-made one (no record yet) counts from its directory
+                    found[volume_id] = (home / RECORD if record else home).stat().st_mtime
+                except FileNotFoundError:
+                    continue  # disconnected meanwhile
         return found
 
     def condition(self, device: BlockDevice, probe: bool = False) -> str:

@@ -397,3 +397,11 @@ def test_a_local_leg_never_shows_up_as_a_loop_attachment(tmp_path: Path) -> None
     finally:
         loops.unbind(leg)
         loops.unbind(plain)
+
+
+def test_a_half_made_composed_connection_is_one_management_may_take_back(tmp_path: Path) -> None:
+    transport = composed.ComposedTransport({}, tmp_path / "composed", lambda v: tmp_path / v)
+    (tmp_path / "composed" / "vol-half").mkdir(parents=True)  # a crash before the record
+    assert list(transport.connections()) == ["vol-half"]
+    transport.disconnect("vol-half")
+    assert transport.connections() == {} and not (tmp_path / "composed" / "vol-half").exists()
