@@ -6,9 +6,10 @@ What one export is (node_agent/nvme_exports.py decides when):
       ports/<id>/            addr_trtype=tcp addr_adrfam addr_traddr addr_trsvcid
         subsystems/<subnqn>  -> ../../../subsystems/<subnqn>   (the port listens once linked)
       subsystems/<subnqn>/   attr_allow_any_host=0 (never 1: only listed hosts connect)
-        namespaces/1/        device_path=<volume file> buffered_io=0 enable=1
+        namespaces/1/        device_path=/dev/loopN (on the volume file) enable=1
         allowed_hosts/<hostnqn> -> ../../../hosts/<hostnqn>
-      hosts/<hostnqn>/       dhchap_key=DHHC-1:00:…: dhchap_hash=hmac(sha256)
+      hosts/<hostnqn>/       dhchap_key=DHHC-1:00:…: dhchap_ctrl_key=DHHC-1:00:…:
+                             dhchap_hash=hmac(sha256)   (key attributes 0600)
 
 configfs is global to the kernel, and where nodes share a kernel (the VM
 suite's network-namespace nodes) several agents work in it at once. So
@@ -48,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tessera.errors import FailedPrecondition, Internal
-from tessera.nvme_names import NQN_PREFIX
+from tessera.nvme_names import NQN_PREFIX, ctrl_secret_of
 
 log = logging.getLogger(__name__)
 
@@ -320,9 +321,10 @@ class Nvmet:
 
     # ---- hosts -----------------------------------------------------------------------
 
-    def ensure_host(self, host_nqn: str, secret: str, ctrl_secret: str) -> bool:
+    def ensure_host(self, host_nqn: str, secret: str, ctrl_secret: str | None = None) -> bool:
         """The host entry with these DH-HMAC-CHAP keys (the host's, and the controller's
-        for bidirectional authentication); True when a key changed.
+        for bidirectional authentication: by default the one derived from `secret`, as
+        every consumer asks for it); True when a key changed.
 
         The key attributes are made 0600 before any key is written (configfs
         creates them 0644): no moment in which another local user reads a key.
@@ -342,6 +344,8 @@ class Nvmet:
                 ) from None
         if _read(host / "dhchap_hash") != DHCHAP_HASH:
             _write(host / "dhchap_hash", DHCHAP_HASH)
+        if ctrl_secret is None:
+            ctrl_secret = ctrl_secret_of(secret)
         changed = False
         for attribute, value in zip(SECRET_ATTRIBUTES, (secret, ctrl_secret), strict=True):
             old = _read(host / attribute)

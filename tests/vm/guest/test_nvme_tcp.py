@@ -551,3 +551,37 @@ def test_dh_hmac_chap_keys_are_root_only_and_the_target_must_prove_it_has_the_ke
     assert key not in str(err.value)
     assert [c for c in nvme_host.all_controllers() if vid in c.subsystem_nqn] == []
     rig.a.close(vid, "node-b")
+
+
+class _Racing(nvmet.Nvmet):
+    """nvmet where another owner sharing the kernel removes the host entry (unused
+    yet) between our ensure_host and allow_host, once: what its close does."""
+
+    raced = False
+
+    def allow_host(self, nqn: str, host_nqn: str) -> None:
+        if not _Racing.raced:
+            _Racing.raced = True
+            assert nvmet.Nvmet("node-c", self.root).remove_host_if_unused(host_nqn)
+        super().allow_host(nqn, host_nqn)
+
+
+class _RacedExports(NvmeExports):
+    def _target(self) -> nvmet.Nvmet:
+        return _Racing(self.owner, nvmet.ensure_loaded(self.configfs))
+
+
+def test_an_export_whose_host_entry_another_owner_removed_meanwhile_is_made_again(
+    rig: Rig,
+) -> None:
+    vid, key = new_volume(rig), secrets.token_hex(32)
+    rig.a.volume(vid)
+    racing = _RacedExports(rig.a.exports.directory, "node-a", rig.a.address, PORT)
+    req = AgentExportCreate(transport=Transport.NVME_TCP, psk_identity="node-b", psk_key=key)
+    in_netns(rig.a.netns, racing.open, vid, "node-b", rig.a.pool / f"{vid}.img", req)
+    assert _Racing.raced
+    rig.b.give_key(vid, key)
+    device = rig.b.attach(vid, rig.a)
+    assert blockdev.size_bytes(device.path) == SIZE
+    rig.b.detach(vid)
+    rig.a.close(vid, "node-b")
