@@ -144,7 +144,7 @@ class ConfigfsError(FailedPrecondition):
     (it may be a key). `errno` says why, for callers that handle one case."""
 
     def __init__(self, path: Path, err: OSError) -> None:
-        super().__init__(f"nvmet refused a write to {path}: {err.strerror or err}")
+        super().__init__(f"nvmet refused a change of {path}: {err.strerror or err}")
         self.errno = err.errno
 
 
@@ -176,6 +176,8 @@ def _rmdir(path: Path) -> None:
         path.rmdir()
     except FileNotFoundError:
         pass
+    except OSError as err:
+        raise ConfigfsError(path, err) from None
 
 
 def _unlink(path: Path) -> None:
@@ -183,6 +185,8 @@ def _unlink(path: Path) -> None:
         path.unlink()
     except FileNotFoundError:
         pass
+    except OSError as err:
+        raise ConfigfsError(path, err) from None
 
 
 def ensure_loaded(root: Path = CONFIGFS) -> Path:
