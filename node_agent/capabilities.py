@@ -7,8 +7,9 @@
   the target (nvmet_tcp), and configfs is mounted or mountable (nvmet is
   configured there). The target's DH-HMAC-CHAP is a kernel option
   (CONFIG_NVME_TARGET_AUTH), no module: read from the kernel's config, or,
-  without one, asked of nvmet itself (the one case that loads a module). nvme-cli is not needed: tessera.system.nvme_host talks
-  to /dev/nvme-fabrics itself;
+  without one, asked of nvmet itself (the one case that loads a module).
+  nvme-cli is not needed: tessera.system.nvme_host talks to
+  /dev/nvme-fabrics itself;
 - composed: mdadm and dmsetup installed, md (raid1, raid10) and
   device-mapper loadable.
 
