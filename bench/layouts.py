@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from csi_driver._gen import csi_pb2
+from tessera_dev import multinode
 from tessera_dev.multinode import MultiNodeStack
 from tests.multihost.support import RPC_TIMEOUT, TOPOLOGY_KEY, Cluster, Kube, MiB, block_cap
 
@@ -94,8 +95,10 @@ def ratio(ours: str, base: str, job: str, runtime: int, rounds: int) -> float:
 def stack() -> Iterator[Cluster]:
     state = Path(tempfile.mkdtemp(prefix="tbl-"))
     work = Path(tempfile.mkdtemp(prefix="tbl-k-"))
-    vpg_args = [a for v in VPGS for a in ("--vpg", v)]
-    s = MultiNodeStack(state, nodes=3, pool_size=2048 * MiB, extra_args={"management": vpg_args})
+    # emulated CPUs: minutes to start, heartbeats late (as tests/vm/guest does)
+    multinode.READY_TIMEOUT = 600.0
+    args = [a for v in VPGS for a in ("--vpg", v)] + ["--heartbeat-misses", "15"]
+    s = MultiNodeStack(state, nodes=3, pool_size=2048 * MiB, extra_args={"management": args})
     info = s.start()
     cluster = Cluster(s, info, work, Path(info.token_file).read_text().strip())
     try:
