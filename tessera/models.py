@@ -464,6 +464,13 @@ class Connection(BaseModel):
     legs: list[LegConnection] = Field(
         default_factory=list, max_length=16, description="composed: one per in-sync leg"
     )
+    generation: int = Field(
+        default=0,
+        ge=0,
+        le=2**31 - 1,
+        description="composed: bumped by management on every change of the volume's legs "
+        "(repair, discard); a consumer never applies legs older than those it has applied",
+    )
 
     def endpoint(self) -> tuple[str, str, int, str]:
         """What a device made from this connection talks to: two publishes of one volume
