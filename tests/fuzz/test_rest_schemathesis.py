@@ -225,7 +225,12 @@ def problem_documents(ctx: CheckContext, response: Response, case: Case) -> bool
 #: rules a JSON schema cannot state; input that breaks only these is refused though schema-valid
 RULES_NOT_IN_THE_SCHEMA = {
     "page_token": "an opaque token is valid only if this server issued it",
-    "layout": "layouts that are planned but not built yet are refused with a message naming them",
+    "layout": "a layout that is not one of concat, raid0, raid1, raid10 is refused naming them",
+    "legs": "how many legs a layout takes depends on the layout (tessera.layouts.LEG_RANGE): a "
+    "rule across fields",
+    "chunk_bytes": "a chunk is a power of two, and only striped layouts take one: a rule across "
+    "fields",
+    "parameters": "parameters.transport (in a free-form map) must be nbd or nvme-tcp",
     "readonly": "a reader-only access mode needs readonly=true: a rule across two fields",
     "preferred_nodes": "with locality=required the consumer (the first preferred node) must be "
     "one of requisite_nodes: a rule across fields",

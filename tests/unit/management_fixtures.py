@@ -95,9 +95,10 @@ class FakeAgent:
         return hits[0] if hits else None
 
     def _volume(self, path: Path) -> AgentVolume:
+        st = path.stat()
         return AgentVolume(
-            id=path.stem, pool=path.parent.parent.name, size_bytes=path.stat().st_size,
-            path=str(path),
+            id=path.stem, pool=path.parent.parent.name, size_bytes=st.st_size, path=str(path),
+            allocated_bytes=st.st_blocks * 512,
         )  # fmt: skip
 
     def _attachment(self, volume_id: str) -> AgentAttachment:
@@ -156,14 +157,6 @@ class FakeAgent:
         def list_volumes(request: Request) -> dict[str, list[AgentVolume]]:
             guard(request, "list_volumes", "")
             return {"items": [self._volume(p) for p in sorted(self.root.glob("*/volumes/*.img"))]}
-
-        @app.get("/v1/volumes/{volume_id}")
-        def get_volume(request: Request, volume_id: str) -> AgentVolume:
-            guard(request, "get_volume", volume_id)
-            path = self.find(volume_id)
-            if path is None:
-                raise NotFound("no such volume")
-            return self._volume(path)
 
         @app.get("/v1/attachments")
         def list_attachments(request: Request) -> dict[str, list[AgentAttachment]]:

@@ -59,7 +59,10 @@ def test_a_postgresql_database_made_by_the_previous_version_is_upgraded_at_start
         ) as api:
             epochs.add(api.post("/v1/nodes/n1/heartbeat").json()["epoch"])
             vol = api.get("/v1/volumes/vol-00000000000000000000000000000001").json()
-            assert vol["legs"] == [{"node_id": "n1", "pool": "p", "size_bytes": 256 * 1024**2}]
+            assert vol["legs"] == [
+                {"node_id": "n1", "pool": "p", "size_bytes": 256 * 1024**2, "index": 0,
+                 "state": "in_sync"}
+            ]  # fmt: skip
             assert api.get("/v1/pools").json()["items"][0]["allocated_bytes"] == 256 * 1024**2
             node = api.get("/v1/nodes/n1").json()
             assert node["state"] == "online" and node["fenced_at"] == 0
