@@ -97,18 +97,20 @@ class ComposedTransport:
     # ---- connect ---------------------------------------------------------------
 
     def connect(self, volume_id: str, connection: Connection, readonly: bool) -> BlockDevice:
-        """Attach every leg, then make (or adopt) the composed device."""
+        """Attach every leg (a mirror carries on without an unreachable remote leg),
+        then make (or adopt) the composed device at the legs' real size."""
         check_volume_id(volume_id)
         check_connection(volume_id, connection)
+        previous = self._read(volume_id)
+        connection = applied_connection(volume_id, connection, previous)
         identity, secret = self._key(volume_id, connection)
+        if previous is not None:  # legs of the old record not in this one: no leak
+            self._detach_dropped(volume_id, previous, connection)
         record = Record(
             connection, readonly, self._key_digest(volume_id, connection), identity=identity
         )
         self._write(volume_id, record)  # first: a crash from here on is cleaned up by disconnect
-        legs = {
-            leg.index: self._attach_leg(volume_id, leg, connection.layout, identity, secret)
-            for leg in connection.legs
-        }
+        legs = self._attach_legs(volume_id, connection, identity, secret)
         if layouts.is_mirrored(connection.layout):
             md.ensure_modules(connection.layout)
             record = self._compose_md(volume_id, record, legs)
@@ -119,6 +121,8 @@ class ComposedTransport:
         device = self._device(volume_id, record)
         if device is None:
             raise Internal(f"volume {volume_id} was composed but its device is not there")
+        if not readonly:  # legs grown while it was not attached here (expand, then re-stage)
+            self._grow_to_legs(device, record, legs)
         log.info(
             "composed volume %s (%s over %d legs) as %s%s",
             volume_id,
@@ -129,13 +133,57 @@ class ComposedTransport:
         )
         return device
 
+    def _attach_legs(
+        self, volume_id: str, connection: Connection, identity: str, secret: str
+    ) -> dict[int, str]:
+        """Every leg's device; a mirror's remote leg that cannot be reached is left out
+        (md runs degraded without it) as long as md can still run."""
+        legs: dict[int, str] = {}
+        unreachable: list[str] = []
+        for leg in connection.legs:
+            try:
+                legs[leg.index] = self._attach_leg(
+                    volume_id, leg, connection.layout, identity, secret
+                )
+            except Unavailable as err:
+                if leg.transport == Transport.LOOP or not layouts.is_mirrored(connection.layout):
+                    raise
+                unreachable.append(f"leg {leg.index} (node {leg.node_id})")
+                log.warning("volume %s: leg %d (node %s) left out: %s",
+                            volume_id, leg.index, leg.node_id, err)  # fmt: skip
+        if unreachable and not md_can_run(connection.layout, len(connection.legs), set(legs)):
+            raise Unavailable(
+                f"volume {volume_id}: {', '.join(unreachable)} cannot be reached and the "
+                f"{connection.layout.value} array cannot run without it",
+                field="connection.legs",
+            )
+        return legs
+
+    def _detach_dropped(self, volume_id: str, previous: Record, connection: Connection) -> None:
+        """Disconnect the legs `previous` attached that `connection` no longer lists."""
+        want = {leg.index: leg for leg in connection.legs}
+        for leg in previous.connection.legs:
+            if leg.index in want and not _moved(leg, want[leg.index]):
+                continue
+            if leg.transport == Transport.LOOP and any(
+                w.transport == Transport.LOOP for w in want.values()
+            ):
+                continue  # the local leg stays this node's leg
+            self._detach_leg(volume_id, leg, previous.identity)
+            log.warning("volume %s: leg %d (node %s) of the previous connection disconnected",
+                        volume_id, leg.index, leg.node_id)  # fmt: skip
+
     def _compose_dm(
         self, volume_id: str, connection: Connection, legs: dict[int, str], readonly: bool
     ) -> None:
         table = dm.striped_table(
             [dm.device_number(legs[i]) for i in sorted(legs)],
             connection.chunk_bytes,
-            connection.data_bytes,
+            striped_bytes(
+                [blockdev.size_bytes(legs[i]) for i in sorted(legs)],
+                connection.chunk_bytes,
+                connection.data_bytes,
+            ),
         )
         name = dm.dm_name(volume_id)
         if dm.find(name) is not None:
@@ -143,6 +191,14 @@ class ComposedTransport:
                 return  # made before a crash: adopt
             dm.remove(name)  # from another publish, and nothing above it (no device of ours)
         dm.create(name, dm.dm_uuid(volume_id), table, readonly)
+
+    def _grow_to_legs(self, device: BlockDevice, record: Record, legs: dict[int, str]) -> None:
+        """An array whose legs are larger than it uses (grown while detached) uses them."""
+        if not layouts.is_mirrored(record.connection.layout) or not legs:
+            return
+        data = min(blockdev.size_bytes(p) for p in legs.values()) - layouts.MD_DATA_OFFSET
+        if data > md_component_bytes(os.path.basename(device.path)):
+            md.grow(device.path)
 
     def _compose_md(self, volume_id: str, record: Record, legs: dict[int, str]) -> Record:
         connection = record.connection
@@ -168,6 +224,12 @@ class ComposedTransport:
     ) -> None:
         """Create on blank legs (no member anywhere), else assemble exactly the members."""
         connection = record.connection
+        if not members and record.readonly:
+            raise FailedPrecondition(
+                f"volume {volume_id} was never written: no leg carries its md array "
+                f"{connection.array_uuid}; publish it read-write first",
+                field="readonly",
+            )
         if members:
             md.assemble(
                 self._md_path(volume_id),
@@ -176,6 +238,14 @@ class ComposedTransport:
                 record.readonly,
             )
             return
+        absent = [leg for leg in connection.legs if leg.index not in legs]
+        if absent:
+            raise Unavailable(
+                f"volume {volume_id}: its md array is made on every leg, and "
+                + ", ".join(f"leg {leg.index} (node {leg.node_id})" for leg in absent)
+                + " cannot be reached",
+                field="connection.legs",
+            )
         md.create(
             self._md_path(volume_id),
             connection.array_uuid,
@@ -205,6 +275,9 @@ class ComposedTransport:
         target = self._target(volume_id, leg, identity)
         device = nvme_host.namespace_device(target)
         if device is not None and os.path.exists(device):
+            ctrl = nvme_host.controller_of(target)
+            if ctrl is not None:  # adopted: its key attributes 0600 as after a connect
+                nvme_host.protect_secrets(ctrl.name)
             return device
         timeouts = nvme_host.MIRROR_LEG if layouts.is_mirrored(layout) else nvme_host.SINGLE_LEG
         nvme_host.connect(target, secret, timeouts)
@@ -268,6 +341,12 @@ class ComposedTransport:
         record = self._read(device.volume_id)
         if record is None:
             raise Internal(f"volume {device.volume_id} is composed here but has no record")
+        if connection.generation < record.connection.generation:
+            log.warning(
+                "volume %s: legs of generation %d are older than the applied %d: kept",
+                device.volume_id, connection.generation, record.connection.generation,
+            )  # fmt: skip
+            return
         had = {leg.index: leg for leg in record.connection.legs}
         want = {leg.index: leg for leg in connection.legs}
         gone = [i for i in had if i not in want or _moved(had[i], want[i])]
@@ -280,6 +359,8 @@ class ComposedTransport:
                 field="connection.legs",
             )
         array = (record.array or find_array(record.connection.array_uuid) or "") if mirrored else ""
+        if gone and array:
+            self._check_keeps_a_copy(device.volume_id, record, array, gone)
         for index in gone:
             self._drop_leg(device.volume_id, record, array, had[index])
         stale = tuple(i for i in record.stale if i in want and i not in new)
@@ -294,6 +375,25 @@ class ComposedTransport:
         for index in adding:
             self._add_leg(device.volume_id, record, want[index], secret)
         self._write(device.volume_id, _with(record, adding=()))
+
+    def _check_keeps_a_copy(
+        self, volume_id: str, record: Record, array: str, gone: list[int]
+    ) -> None:
+        """Refused, changing nothing: dropping `gone` would take the last in-sync copy."""
+        members = self._member_legs(volume_id, record)
+        in_sync = {
+            members[m.name] for m in md.state(array).members if m.in_sync and m.name in members
+        }
+        layout, count = record.connection.layout, len(record.connection.legs)
+        kept = in_sync - set(gone)
+        if in_sync and not md_can_run(layout, count, kept):
+            last = sorted(set(gone) & in_sync)
+            names = ", ".join(f"leg {i} (node {record.leg(i).node_id})" for i in last)  # type: ignore[union-attr]
+            raise FailedPrecondition(
+                f"volume {volume_id}: {names} holds the last in-sync copy of its data; "
+                "not removing it",
+                field="connection.legs",
+            )
 
     def _drop_leg(self, volume_id: str, record: Record, array: str, leg: LegConnection) -> None:
         path = self._leg_device(volume_id, leg, record.identity)
@@ -680,6 +780,39 @@ def plan_md(
         )  # fmt: skip
     members = [i for i in sorted(ours) if i not in stale]
     return members, stale, blank
+
+
+def applied_connection(volume_id: str, connection: Connection, record: Record | None) -> Connection:
+    """The connection to apply: one older (generation) than the record's keeps the record's
+    legs, so a stale publish_context cannot undo a repair; no record: as given."""
+    if record is None or connection.generation >= record.connection.generation:
+        return connection
+    had = record.connection
+    if (had.layout, had.array_uuid) != (connection.layout, connection.array_uuid):
+        return connection  # another volume's array: nothing of the record applies
+    log.warning(
+        "volume %s: connection of generation %d is older than the applied %d: its legs kept",
+        volume_id, connection.generation, had.generation,
+    )  # fmt: skip
+    return connection.model_copy(update={"legs": had.legs, "generation": had.generation})
+
+
+def striped_bytes(leg_sizes: list[int], chunk_bytes: int, data_bytes: int) -> int:
+    """A striped device's length: whole chunks of the smallest leg on every leg (grown legs
+    are used), never less than the volume's size (the kernel refuses legs too small)."""
+    per_leg = min(leg_sizes) // chunk_bytes * chunk_bytes
+    return max(per_leg * len(leg_sizes), data_bytes)
+
+
+def md_can_run(layout: Layout, legs: int, present: set[int]) -> bool:
+    """Whether md can run a mirrored array with only the legs (slots) `present`: raid1 with
+    any one; raid10 (near 2: chunk copies on slots 2k, 2k+1 mod n) with no pair all gone."""
+    if layout == Layout.RAID1:
+        return bool(present)
+    if layout == Layout.RAID10:
+        pairs = {(2 * k % legs, (2 * k + 1) % legs) for k in range(legs)}
+        return all(a in present or b in present for a, b in pairs)
+    return len(present) == legs
 
 
 def check_blank(path: str, what: str) -> None:

@@ -405,3 +405,49 @@ def test_a_half_made_composed_connection_is_one_management_may_take_back(tmp_pat
     assert list(transport.connections()) == ["vol-half"]
     transport.disconnect("vol-half")
     assert transport.connections() == {} and not (tmp_path / "composed" / "vol-half").exists()
+
+
+# ---- review fixes: growth, degraded mirrors, read-only, stale connections ----------------
+
+
+def test_a_stripe_restaged_after_growth_spans_the_grown_legs_never_less_than_the_volume() -> None:
+    chunk = 64 * 1024
+    # publish_context still says 3 x 4 chunks; the legs grew to 8 chunks (one a bit more)
+    assert composed.striped_bytes([8 * chunk, 8 * chunk + 4096, 8 * chunk], chunk, 12 * chunk) == (
+        24 * chunk
+    )
+    assert composed.striped_bytes([4 * chunk] * 3, chunk, 12 * chunk) == 12 * chunk
+    # legs smaller than the volume: the volume's size (the kernel refuses, nothing is cut)
+    assert composed.striped_bytes([2 * chunk] * 3, chunk, 12 * chunk) == 12 * chunk
+
+
+def test_a_mirror_runs_degraded_only_while_every_chunk_keeps_a_copy() -> None:
+    assert composed.md_can_run(Layout.RAID1, 2, {0})
+    assert composed.md_can_run(Layout.RAID1, 3, {2})
+    assert not composed.md_can_run(Layout.RAID1, 2, set())
+    assert composed.md_can_run(Layout.RAID10, 4, {0, 3})
+    assert not composed.md_can_run(Layout.RAID10, 4, {2, 3})  # pair (0, 1) all gone
+    assert composed.md_can_run(Layout.RAID10, 3, {0, 1})  # odd: copies on (0,1), (2,0), (1,2)
+    assert not composed.md_can_run(Layout.RAID10, 3, {0})  # (1, 2) all gone
+    assert not composed.md_can_run(Layout.RAID0, 3, {0, 1})  # a stripe needs every leg
+
+
+def test_an_older_publish_context_keeps_the_legs_a_repair_applied() -> None:
+    repaired = mirror("node-a", "node-c").model_copy(update={"generation": 2})
+    stale = mirror("node-a", "node-b").model_copy(update={"generation": 1})
+    applied = composed.applied_connection("vol-x", stale, Record(repaired, False))
+    assert applied.legs == repaired.legs and applied.generation == 2
+    newer = mirror("node-a", "node-d").model_copy(update={"generation": 3})
+    assert composed.applied_connection("vol-x", newer, Record(repaired, False)) == newer
+    assert composed.applied_connection("vol-x", stale, None) == stale  # no record: as given
+
+
+def test_a_read_only_attach_of_a_never_written_mirror_is_refused_before_mdadm(
+    tmp_path: Path,
+) -> None:
+    conn = mirror("node-a", "node-b")
+    transport = composed.ComposedTransport({}, tmp_path / "composed", lambda v: tmp_path / v)
+    legs = {0: leg_file(tmp_path, "a"), 1: leg_file(tmp_path, "b")}
+    with pytest.raises(FailedPrecondition, match="never written.*read-write first"):
+        transport._make_array("vol-x", Record(conn, True), legs, [])
+    assert all(Path(p).read_bytes() == bytes(16 * MiB) for p in legs.values())

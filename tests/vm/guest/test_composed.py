@@ -28,6 +28,7 @@ from node_agent.pools import Pool
 from node_agent.transports import BlockDevice, loops
 from node_agent.transports.composed import ComposedTransport
 from tessera import layouts
+from tessera.errors import FailedPrecondition, Unavailable
 from tessera.ids import new_volume_id
 from tessera.models import Connection, Layout, LegConnection, Transport
 from tessera.nvme_names import dhchap_secret, host_nqn, subsystem_nqn
@@ -179,7 +180,8 @@ def assert_nothing_left(c: Cluster) -> None:
     assert md.arrays() == [], "an md array is left"
     assert dm.named(dm.NAME_PREFIX) == {}, "a dm device is left"
     assert [b.path for b in loops.loopdev.bound_devices() if loops.is_leg(b.path)] == []
-    assert nvme_host.controllers(f"{host_nqn(ME, '')[:-1]}") == [], "an nvme controller is left"
+    # exactly this node's host NQNs ("...:host:node-a:<volume>"), not node-aX's
+    assert nvme_host.controllers(host_nqn(ME, "")) == [], "an nvme controller is left"
     assert _recorded(c.state) == [], "a record is left"
     assert not [p for p in Path("/dev/md").glob("vol-*")] if Path("/dev/md").is_dir() else True
 
@@ -435,6 +437,147 @@ def test_the_agent_links_the_composed_device_and_a_republish_with_a_new_leg_repa
     assert not os.path.lexists(attached.device)
     assert manager.list() == []
     assert_nothing_left(cluster)
+
+
+# ---- review fixes -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", [Layout.RAID0, Layout.RAID1], ids=lambda layout: layout.value)
+def test_a_grown_volume_restaged_with_its_original_publish_context_keeps_its_grown_size(
+    cluster: Cluster, layout: Layout
+) -> None:
+    conn = cluster.make_volume(layout, LAYOUTS[layout])
+    volume_id = _volume_of(conn)
+    transport = cluster.transport()
+    device = transport.connect(volume_id, conn, readonly=False)
+    written = write_pattern(device.path, SAMPLE, b"grow-restage")
+    new_size = layouts.volume_size(layout, 2 * conn.data_bytes, len(conn.legs), conn.chunk_bytes)
+    cluster.grow(conn, volume_id, new_size)
+    transport.extend(device, new_size)
+    tail = write_pattern_at(device.path, new_size - MiB, b"grown tail")
+    detach(transport, device)  # a node reboot: unstaged, then staged with the frozen context
+
+    device = cluster.transport().connect(volume_id, conn, readonly=False)
+    assert blockdev.size_bytes(device.path) == new_size
+    assert read_digest(device.path, SAMPLE) == written
+    assert read_at(device.path, new_size - MiB) == tail
+
+
+def test_a_mirror_whose_leg_node_is_dead_is_staged_degraded(cluster: Cluster) -> None:
+    conn = cluster.make_volume(Layout.RAID1, [ME, "node-b"])
+    volume_id = _volume_of(conn)
+    transport = cluster.transport()
+    device = transport.connect(volume_id, conn, readonly=False)
+    written = write_pattern(device.path, SAMPLE, b"dead-leg")
+    detach(transport, device)
+    cluster.kill_node("node-b")
+
+    device = transport.connect(volume_id, conn, readonly=False)
+    assert transport.condition(device) == "degraded: leg 1 (node-b) missing"
+    assert read_digest(device.path, SAMPLE) == written
+
+
+def test_a_stripe_with_a_dead_leg_node_is_not_staged(cluster: Cluster) -> None:
+    conn = cluster.make_volume(Layout.RAID0, LAYOUTS[Layout.RAID0])
+    volume_id = _volume_of(conn)
+    cluster.kill_node("node-c")
+    with pytest.raises(Unavailable):
+        cluster.transport().connect(volume_id, conn, readonly=False)
+    assert dm.named(dm.NAME_PREFIX) == {}
+
+
+def test_a_read_only_attach_of_a_never_written_mirror_writes_nothing(cluster: Cluster) -> None:
+    conn = cluster.make_volume(Layout.RAID1, [ME, "node-b"])
+    volume_id = _volume_of(conn)
+    with pytest.raises(FailedPrecondition, match="publish it read-write first"):
+        cluster.transport().connect(volume_id, conn, readonly=True)
+    assert md.arrays() == []
+    for leg in conn.legs:
+        assert md.examine(str(cluster.leg_file(leg.node_id, volume_id))) is None
+
+
+def test_a_republish_dropping_the_last_in_sync_leg_is_refused_and_changes_nothing(
+    cluster: Cluster,
+) -> None:
+    conn = cluster.make_volume(Layout.RAID1, [ME, "node-b"])
+    volume_id = _volume_of(conn)
+    transport = cluster.transport()
+    device = transport.connect(volume_id, conn, readonly=False)
+    array = os.path.basename(device.path)
+    local = os.path.basename(loops_of(volume_id)[0])
+    (md.SYS_BLOCK / array / "md" / f"dev-{local}" / "state").write_text("faulty")
+    before = md.member_names(array)
+    cluster.make_leg(volume_id, "node-c", layouts.leg_size(conn.layout, conn.data_bytes, 2))
+    dropping_b = conn.model_copy(
+        update={"legs": [conn.legs[0], cluster.leg(volume_id, 1, "node-c")]}
+    )
+    with pytest.raises(FailedPrecondition, match=r"leg 1 \(node node-b\)"):
+        transport.reconcile(device, dropping_b)
+    assert md.member_names(array) == before
+    assert transport.connection_of(device) == conn
+    assert not nvme_host.find_controllers(_target(cluster, volume_id, dropping_b.legs[1]))
+
+
+def test_an_older_publish_context_does_not_undo_a_repair(cluster: Cluster) -> None:
+    conn = cluster.make_volume(Layout.RAID1, [ME, "node-b"])
+    conn = conn.model_copy(update={"generation": 2})
+    volume_id = _volume_of(conn)
+    cluster.make_leg(volume_id, "node-c", layouts.leg_size(conn.layout, conn.data_bytes, 2))
+    older = conn.model_copy(
+        update={"generation": 1, "legs": [conn.legs[0], cluster.leg(volume_id, 1, "node-c")]}
+    )
+    transport = cluster.transport()
+    device = transport.connect(volume_id, conn, readonly=False)
+    transport.reconcile(device, older)
+    again = transport.connect(volume_id, older, readonly=False)  # a retried stage
+    assert again.path == device.path
+    assert transport.connection_of(device) == conn
+    assert not nvme_host.find_controllers(_target(cluster, volume_id, older.legs[1]))
+    assert transport.condition(device) == ""
+
+
+def test_a_connect_with_other_legs_disconnects_the_old_ones_and_guards_the_key(
+    cluster: Cluster,
+) -> None:
+    conn = cluster.make_volume(Layout.RAID1, [ME, "node-b"])
+    volume_id = _volume_of(conn)
+    transport = cluster.transport()
+    transport.connect(volume_id, conn, readonly=False)
+    ctrl = nvme_host.controller_of(_target(cluster, volume_id, conn.legs[1]))
+    assert ctrl is not None
+    secret = nvme_host.SYSFS_NVME / ctrl.name / "dhchap_secret"
+    os.chmod(secret, 0o444)
+    cluster.transport().connect(volume_id, conn, readonly=False)  # adopted after a restart
+    assert secret.stat().st_mode & 0o077 == 0
+
+    cluster.make_leg(volume_id, "node-c", layouts.leg_size(conn.layout, conn.data_bytes, 2))
+    moved = conn.model_copy(
+        update={"generation": 1, "legs": [conn.legs[0], cluster.leg(volume_id, 1, "node-c")]}
+    )
+    cluster.transport().connect(volume_id, moved, readonly=False)
+    assert not nvme_host.find_controllers(_target(cluster, volume_id, conn.legs[1]))
+    assert nvme_host.find_controllers(_target(cluster, volume_id, moved.legs[1]))
+
+
+def write_pattern_at(device: str, offset: int, seed: bytes) -> str:
+    """One MiB of a pattern at `offset`; its sha256."""
+    data = hashlib.sha256(seed).digest() * (MiB // 32)
+    fd = os.open(device, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.pwrite(fd, data, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_at(device: str, offset: int) -> str:
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return hashlib.sha256(os.pread(fd, MiB, offset)).hexdigest()
+    finally:
+        os.close(fd)
 
 
 # ---- helpers ------------------------------------------------------------------------------------
