@@ -480,6 +480,8 @@ class ComposedTransport:
             connection.chunk_bytes,
         ):
             return False
+        if connection.generation < had.generation:
+            return True  # an old publish_context: never a reason to re-make it from old legs
         return not record.key_digest or record.key_digest == self._key_digest(
             device.volume_id, connection
         )

@@ -451,3 +451,17 @@ def test_a_read_only_attach_of_a_never_written_mirror_is_refused_before_mdadm(
     with pytest.raises(FailedPrecondition, match="never written.*read-write first"):
         transport._make_array("vol-x", Record(conn, True), legs, [])
     assert all(Path(p).read_bytes() == bytes(16 * MiB) for p in legs.values())
+
+
+def test_an_older_publish_context_with_another_key_does_not_replace_the_device(
+    tmp_path: Path,
+) -> None:
+    key = tmp_path / "vol-x.psk"
+    key.write_text("node-a:" + "ab" * 32 + "\n")
+    transport = composed.ComposedTransport({}, tmp_path / "composed", lambda v: key)
+    repaired = mirror("node-a", "node-c").model_copy(update={"generation": 2})
+    transport._write("vol-x", Record(repaired, False, key_digest="an older key"))
+    device = composed.BlockDevice("vol-x", "/dev/md127", f"md:{ARRAY}", False, "composed")
+    stale = mirror("node-a", "node-b").model_copy(update={"generation": 1})
+    assert transport.is_current(device, stale)  # kept: reconcile ignores its legs
+    assert not transport.is_current(device, repaired)  # same generation, new key: replaced
