@@ -22,6 +22,14 @@ from tessera.errors import TesseraError
 log = logging.getLogger(__name__)
 
 
+def raid10_pairs(legs: int) -> list[tuple[int, int]]:
+    """Leg indexes of a raid10 holding the same chunks: md's near-2 layout puts chunk k on
+    legs 2k and 2k+1 mod n, so (0,1), (2,3) for 4 legs and every adjacent pair for an odd
+    count. md runs while each pair keeps one leg."""
+    found = {(2 * k % legs, (2 * k + 1) % legs) for k in range(legs)}
+    return sorted((min(p), max(p)) for p in found)
+
+
 def sweep_discarded(ctx: Context, node_id: str) -> list[str]:
     """Delete the discarded legs on `node_id` (a node that just beat); the volumes done.
 

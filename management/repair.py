@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session
 
 from management import attachments, liveness
 from management.context import Context
+from management.legs import raid10_pairs
 from management.placement import PoolSpace, place_legs, pool_space
 from management.schema import (
     AttachmentLegRow,
@@ -67,6 +68,7 @@ class _Consumer:
     node_id: str
     agent_url: str
     online: bool
+    readonly: bool = False
 
 
 def repair(ctx: Context, volume_id: str) -> Volume:
@@ -75,7 +77,7 @@ def repair(ctx: Context, volume_id: str) -> Volume:
     consumers = _consumers(ctx, volume_id)
     heard = _ask_consumers(ctx, volume_id, consumers)
     _record_reports(ctx, volume_id, heard)
-    replaced = _replace_failed(ctx, volume_id)
+    replaced = _replace_failed(ctx, volume_id, consumers, _reported_broken(heard))
     if replaced:
         log.warning("volume %s: legs %s replaced by a repair", volume_id, replaced)
     # a leg placed now is judged at the next call, once its consumers had it for a while:
@@ -125,14 +127,14 @@ def _consumers(ctx: Context, volume_id: str) -> list[_Consumer]:
                 f"volume {volume_id} is {volume.state}, not available", field="volume_id"
             )
         rows = s.execute(
-            select(NodeRow)
+            select(NodeRow, AttachmentRow.readonly)
             .join(AttachmentRow, AttachmentRow.node_id == NodeRow.id)
             .where(AttachmentRow.volume_id == volume_id)
             .order_by(NodeRow.id)
-        ).scalars()
+        ).all()
         return [
-            _Consumer(n.id, n.agent_url, liveness.node_state(ctx, n) == NodeState.ONLINE)
-            for n in rows
+            _Consumer(n.id, n.agent_url, liveness.node_state(ctx, n) == NodeState.ONLINE, ro)
+            for n, ro in rows
         ]
 
 
@@ -190,7 +192,22 @@ def _record_reports(ctx: Context, volume_id: str, heard: dict[str, AgentAttachme
                 log.info("volume %s: leg %d on %s is in sync", volume_id, leg.position, leg.node_id)
 
 
-def _replace_failed(ctx: Context, volume_id: str) -> list[int]:
+def _reported_broken(heard: dict[str, AgentAttachment]) -> dict[tuple[int, str], str]:
+    """(index, node) -> failed/missing/is stale, of each leg an online consumer said in
+    THIS call does not serve: only such a word (or a fence) may discard a leg."""
+    broken: dict[tuple[int, str], str] = {}
+    for answer in heard.values():
+        for found in _BROKEN.finditer(answer.condition):
+            broken.setdefault((int(found.group(1)), found.group(2)), found.group(3))
+    return broken
+
+
+def _replace_failed(
+    ctx: Context,
+    volume_id: str,
+    consumers: list[_Consumer],
+    broken: dict[tuple[int, str], str],
+) -> list[int]:
     """Make failed legs stale and place their replacements (one transaction)."""
     with ctx.db.write() as s:
         volume = s.get(VolumeRow, volume_id, with_for_update=True)
@@ -206,16 +223,20 @@ def _replace_failed(ctx: Context, volume_id: str) -> list[int]:
         nodes = {n.id: n for n in s.scalars(select(NodeRow).where(
             NodeRow.id.in_([leg.node_id for leg in legs])
         ))}  # fmt: skip
-        failed = [leg for leg in legs if _failed(ctx, nodes.get(leg.node_id), leg)]
+        offline = {c.node_id for c in consumers if not c.online}
+        failed = [
+            leg
+            for leg in legs
+            if leg.node_id not in offline and _failed(ctx, nodes.get(leg.node_id), leg, broken)
+        ]
         if not failed:
             return []
-        if all(
-            leg in failed or leg.state != LegState.IN_SYNC for leg in legs
-        ):  # nothing left to copy from
+        _require_survivors(volume_id, volume.layout or "", legs, failed)
+        if consumers and all(c.readonly for c in consumers):
+            # md on a read-only consumer never adds a leg: every call would place another
             raise FailedPrecondition(
-                f"volume {volume_id}: no in-sync leg is left to rebuild from (failed: "
-                f"{', '.join(f'leg {leg.position} on {leg.node_id}' for leg in failed)}); "
-                "bring one of their nodes back",
+                f"volume {volume_id}: no read-write consumer to resync the new leg; publish "
+                "it read-write",
                 field="volume_id",
             )
         taken = {leg.node_id for leg in legs}
@@ -250,10 +271,45 @@ def _replace_failed(ctx: Context, volume_id: str) -> list[int]:
         return [leg.position for leg in failed]
 
 
-def _failed(ctx: Context, node: NodeRow | None, leg: VolumeLegRow) -> bool:
-    if node is None or liveness.node_state(ctx, node) != NodeState.ONLINE:
+def _failed(
+    ctx: Context, node: NodeRow | None, leg: VolumeLegRow, broken: dict[tuple[int, str], str]
+) -> bool:
+    """Whether the leg is to be discarded: its node is fenced (the admin's word that it is
+    down, as single-writer attachments need), or an online consumer said just now that md
+    does not use it. A node that is merely unreachable may be the one still writing (a
+    partition cuts the consumer off with its local leg): its leg may be the only current
+    copy. A rebuilding leg the consumer has not added yet is `missing`, not failed."""
+    if node is None or liveness.node_state(ctx, node) == NodeState.FENCED:
         return True
-    return leg.report in _FAILED
+    said = broken.get((leg.position, leg.node_id), "")
+    if said == "missing" and leg.state == LegState.REBUILDING:
+        return False
+    return said in _FAILED
+
+
+def _require_survivors(
+    volume_id: str, layout: str, legs: list[VolumeLegRow], failed: list[VolumeLegRow]
+) -> None:
+    """FailedPrecondition unless md keeps a whole copy once `failed` are gone: raid1 an
+    in-sync leg, raid10 one in-sync leg of every pair holding the same chunks
+    (legs.raid10_pairs). Never discard the last current copy of anything."""
+    good = [leg.position for leg in legs if leg not in failed and leg.state == LegState.IN_SYNC]
+    named = ", ".join(f"leg {leg.position} on {leg.node_id}" for leg in failed)
+    if not good:
+        raise FailedPrecondition(
+            f"volume {volume_id}: no in-sync leg is left to rebuild from (failed: {named}); "
+            "bring one of their nodes back",
+            field="volume_id",
+        )
+    if layout != "raid10":
+        return
+    for i, j in raid10_pairs(len(legs)):
+        if i not in good and j not in good:
+            raise FailedPrecondition(
+                f"volume {volume_id}: legs {i} and {j} of the raid10 hold the same chunks and "
+                f"neither is in sync (failed: {named}); bring leg {i} or {j} back first",
+                field="volume_id",
+            )
 
 
 def _make_stale(s: Session, volume_id: str, leg: VolumeLegRow) -> None:

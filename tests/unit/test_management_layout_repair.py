@@ -7,7 +7,7 @@ runs in the VM suite)."""
 
 from __future__ import annotations
 
-from management.repair import needing_repair
+from management.repair import needing_repair, refresh_reports
 from tessera import layouts
 from tests.unit.layout_fixtures import Nodes
 from tests.unit.management_fixtures import GiB
@@ -37,6 +37,17 @@ def _attach_body(attachment: dict):  # noqa: ANN202 - what the CSI node would ha
     return AgentAttach(connection=Connection.model_validate(attachment["connection"]))
 
 
+def comes_back(nodes: Nodes, node: str) -> dict:
+    """The node heartbeats, closes the exports the reply no longer lists (as the real agent
+    does: its file cannot be deleted while exported) and beats again; the second reply."""
+    reply = nodes.api.post(f"/v1/nodes/{node}/heartbeat").json()
+    keep = {(e["volume_id"], e["client_node"]) for e in reply["exports"]}
+    agent = nodes.agents[node]
+    for key in [k for k in agent.exports if k not in keep]:
+        del agent.exports[key]
+    return nodes.api.post(f"/v1/nodes/{node}/heartbeat").json()
+
+
 def repair(nodes: Nodes, vol: dict) -> dict:
     resp = nodes.api.post(f"/v1/volumes/{vol['id']}/repair")
     assert resp.status_code == 200, resp.text
@@ -57,6 +68,8 @@ def test_a_leg_whose_node_died_is_replaced_resynced_and_its_old_file_deleted_on_
     got = nodes.api.get(f"/v1/volumes/{vol['id']}").json()
     assert f"degraded: leg 1 on {lost}: node {lost} is unreachable" in got["condition"]
     assert needing_repair(nodes.ctx) == [vol["id"]]
+    # md on n1 failed the leg it could no longer reach: that word discards it
+    nodes.agents["n1"].conditions[vol["id"]] = f"degraded: leg 1 ({lost}) failed"
 
     fixed = repair(nodes, vol)
     live = [leg for leg in fixed["legs"] if leg["state"] != "stale"]
@@ -84,9 +97,8 @@ def test_a_leg_whose_node_died_is_replaced_resynced_and_its_old_file_deleted_on_
     assert needing_repair(nodes.ctx) == []
 
     assert nodes.file(lost, vol["id"]) is not None
-    nodes.beat(lost)  # it returns: its stale leg is deleted, never re-added
+    beat = comes_back(nodes, lost)  # it returns: its stale leg is deleted, never re-added
     assert nodes.file(lost, vol["id"]) is None
-    beat = nodes.api.post(f"/v1/nodes/{lost}/heartbeat").json()
     assert beat["exports"] == []  # its old export to n1 is closed too
     final = nodes.api.get(f"/v1/volumes/{vol['id']}").json()
     assert [(leg["node_id"], leg["state"]) for leg in final["legs"]] == [
@@ -102,7 +114,7 @@ def test_a_leg_the_consumer_reports_failed_is_replaced_though_its_node_is_online
     fixed = repair(nodes, vol)
     assert [(leg["node_id"], leg["state"]) for leg in fixed["legs"]][2] == (bad, "stale")
     assert fixed["legs"][1]["node_id"] not in ("n1", bad)
-    nodes.beat(bad)  # online all along: its stale file goes at its next beat
+    comes_back(nodes, bad)  # online all along: its stale file goes once its export is closed
     assert nodes.file(bad, vol["id"]) is None
 
 
@@ -129,6 +141,7 @@ def test_a_repair_whose_new_leg_could_not_be_made_is_finished_by_the_next_call(n
 def test_a_repair_with_no_free_node_is_refused_and_changes_nothing(nodes: Nodes):
     vol, lost = _mirror_used_on_n1(nodes, ("n1", "n2"))
     nodes.pass_time(60, "n1")
+    nodes.agents["n1"].conditions[vol["id"]] = f"degraded: leg 1 ({lost}) failed"
     resp = nodes.api.post(f"/v1/volumes/{vol['id']}/repair")
     assert resp.status_code == 507, resp.text
     assert "0 are eligible" in resp.json()["detail"]
@@ -148,6 +161,7 @@ def test_a_new_leg_goes_to_a_zone_the_surviving_leg_does_not_use(nodes: Nodes):
     assert vol["legs"][1]["node_id"] in ("n2", "n4")
     lost = vol["legs"][1]["node_id"]
     nodes.pass_time(60, *[n for n in ALL if n != lost])
+    assert nodes.api.post(f"/v1/nodes/{lost}/fence", json={}).status_code == 200
     fixed = repair(nodes, vol)
     assert fixed["legs"][1]["node_id"] == ({"n2", "n4"} - {lost}).pop()
 
@@ -170,3 +184,93 @@ def test_a_healthy_mirror_is_left_as_it_is_by_a_repair(nodes: Nodes):
     for n, agent in nodes.agents.items():  # only the consumer was asked how it is
         new = agent.calls[len(calls_before[n]) :]
         assert new == ([("get_attachment", vol["id"])] if n == "n1" else [])
+
+
+def test_a_partitioned_consumer_keeps_its_local_leg_the_only_current_copy(nodes: Nodes):
+    """n1 (consumer, leg 0 local) is cut off from management and n2: md on n1 goes on
+    writing leg 0 alone. Management only sees n1 silent: it must not discard leg 0 and
+    keep n2's leg (which missed every write), nor delete n1's file when it returns."""
+    vol, other = _mirror_used_on_n1(nodes)
+    nodes.pass_time(60, *[n for n in ALL if n != "n1"])
+    # a report n1 made before the cut (leg 1 fine then) must not count either
+    fixed = repair(nodes, vol)
+    assert fixed["legs"] == vol["legs"]
+    comes_back(nodes, "n1")
+    assert nodes.file("n1", vol["id"]) is not None
+    assert nodes.file(other, vol["id"]) is not None
+
+
+def test_an_unreachable_leg_node_nobody_reported_is_not_discarded_until_fenced(nodes: Nodes):
+    vol, lost = _mirror_used_on_n1(nodes)
+    nodes.pass_time(60, *[n for n in ALL if n != lost])
+    assert repair(nodes, vol)["legs"] == vol["legs"]  # it may come back with its data
+    assert nodes.api.post(f"/v1/nodes/{lost}/fence", json={}).status_code == 200
+    fixed = repair(nodes, vol)
+    assert (fixed["legs"][2]["node_id"], fixed["legs"][2]["state"]) == (lost, "stale")
+
+
+def test_an_old_failure_report_does_not_discard_a_leg_once_the_consumer_is_silent(
+    nodes: Nodes,
+):
+    vol, bad = _mirror_used_on_n1(nodes)
+    nodes.agents["n1"].conditions[vol["id"]] = f"degraded: leg 1 ({bad}) failed"
+    refresh_reports(nodes.ctx, vol["id"])  # recorded: leg 1 failed
+    nodes.pass_time(60, *[n for n in ALL if n != "n1"])  # then n1 falls silent
+    assert repair(nodes, vol)["legs"] == vol["legs"]
+
+
+def test_a_repair_never_discards_the_last_in_sync_leg(nodes: Nodes):
+    vol, other = _mirror_used_on_n1(nodes)
+    nodes.agents["n1"].conditions[vol["id"]] = (
+        f"degraded: leg 0 (n1) failed; degraded: leg 1 ({other}) failed"
+    )
+    resp = nodes.api.post(f"/v1/volumes/{vol['id']}/repair")
+    assert resp.status_code == 409 and "no in-sync leg is left" in resp.json()["detail"]
+    assert nodes.api.get(f"/v1/volumes/{vol['id']}").json()["legs"] == vol["legs"]
+
+
+def test_a_raid10_repair_refuses_to_discard_both_legs_holding_the_same_chunks(nodes: Nodes):
+    for n in ("n1", "n2", "n3", "n4", "n5"):
+        nodes.add(n, transports=NVME)
+    nodes.vpg("wide", "raid10", legs=4)
+    vol = nodes.create("v", GiB, "wide", requisite_nodes=["n1"]).json()
+    body = {"access_mode": "SINGLE_NODE_WRITER", "readonly": False}
+    resp = nodes.api.put(f"/v1/volumes/{vol['id']}/attachments/n1", json=body)
+    assert resp.status_code == 200, resp.text
+    nodes.agents["n1"].attached[vol["id"]] = _attach_body(resp.json())
+    leg = {x["index"]: x["node_id"] for x in vol["legs"]}
+    nodes.agents["n1"].conditions[vol["id"]] = (
+        f"degraded: leg 2 ({leg[2]}) failed; degraded: leg 3 ({leg[3]}) failed"
+    )
+    resp = nodes.api.post(f"/v1/volumes/{vol['id']}/repair")
+    assert resp.status_code == 409, resp.text
+    assert "bring leg 2 or 3 back" in resp.json()["detail"]
+    assert nodes.api.get(f"/v1/volumes/{vol['id']}").json()["legs"] == vol["legs"]
+
+
+def test_a_mirror_only_read_by_readers_is_not_repaired_into_ever_more_legs(nodes: Nodes):
+    for n in ALL:
+        nodes.add(n, transports=NVME)
+    nodes.vpg("safe", "raid1")
+    vol = nodes.create("v", GiB, "safe", requisite_nodes=["n1"]).json()
+    body = {"access_mode": "MULTI_NODE_READER_ONLY", "readonly": True}
+    resp = nodes.api.put(f"/v1/volumes/{vol['id']}/attachments/n1", json=body)
+    assert resp.status_code == 200, resp.text
+    nodes.agents["n1"].attached[vol["id"]] = _attach_body(resp.json())
+    bad = vol["legs"][1]["node_id"]
+    nodes.agents["n1"].conditions[vol["id"]] = f"degraded: leg 1 ({bad}) failed"
+    resp = nodes.api.post(f"/v1/volumes/{vol['id']}/repair")
+    assert resp.status_code == 409, resp.text
+    assert "no read-write consumer" in resp.json()["detail"]
+    assert nodes.api.get(f"/v1/volumes/{vol['id']}").json()["legs"] == vol["legs"]
+
+
+def test_a_new_leg_not_added_yet_is_not_replaced_again(nodes: Nodes):
+    vol, bad = _mirror_used_on_n1(nodes)
+    nodes.agents["n1"].conditions[vol["id"]] = f"degraded: leg 1 ({bad}) failed"
+    new = repair(nodes, vol)["legs"][1]["node_id"]
+    nodes.agents["n1"].conditions[vol["id"]] = f"degraded: leg 1 ({new}) missing"
+    again = repair(nodes, vol)
+    assert [(x["node_id"], x["state"]) for x in again["legs"]] == [
+        ("n1", "in_sync"), (new, "rebuilding"), (bad, "stale"),
+    ]  # fmt: skip
