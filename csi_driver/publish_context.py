@@ -40,6 +40,9 @@ LAYOUT = "layout"
 CHUNK_BYTES = "chunkBytes"
 ARRAY_UUID = "arrayUuid"
 DATA_BYTES = "dataBytes"
+#: composed: the legs' version (Kubernetes never refreshes a publish_context: the node
+#: must know an old one from the legs a repair sent it since)
+GENERATION = "generation"
 LEGS = "legs"
 LEG_FIELDS = ("index", "node_id", "transport", "host", "port", "subsystem_nqn", "state")
 
@@ -57,6 +60,7 @@ def to_publish_context(connection: Connection, readonly: bool) -> dict[str, str]
             CHUNK_BYTES: str(connection.chunk_bytes),
             ARRAY_UUID: connection.array_uuid,
             DATA_BYTES: str(connection.data_bytes),
+            GENERATION: str(connection.generation),
             LEGS: json.dumps(
                 [[leg.model_dump(mode="json")[f] for f in LEG_FIELDS] for leg in connection.legs],
                 separators=(",", ":"),
@@ -123,7 +127,7 @@ def from_publish_context(context: Mapping[str, str]) -> tuple[Connection, bool]:
 def _composed(context: Mapping[str, str]) -> Connection:
     """A composed connection; InvalidArgument naming the key that does not parse."""
     numbers = {}
-    for key in (CHUNK_BYTES, DATA_BYTES):
+    for key in (CHUNK_BYTES, DATA_BYTES, GENERATION):
         raw = context.get(key, "0")
         if not (raw.isascii() and raw.isdigit()) or len(raw) > 20:
             raise InvalidArgument(
@@ -153,6 +157,7 @@ def _composed(context: Mapping[str, str]) -> Connection:
             chunk_bytes=numbers[CHUNK_BYTES],
             array_uuid=context.get(ARRAY_UUID, ""),
             data_bytes=numbers[DATA_BYTES],
+            generation=numbers[GENERATION],
             legs=parsed_legs,
         ),
     )
@@ -181,4 +186,5 @@ _KEY_OF_FIELD = {
     "chunk_bytes": CHUNK_BYTES,
     "array_uuid": ARRAY_UUID,
     "data_bytes": DATA_BYTES,
+    "generation": GENERATION,
 }

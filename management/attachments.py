@@ -112,6 +112,7 @@ def _compose(
     connection.chunk_bytes = volume.chunk_bytes
     connection.array_uuid = volume.array_uuid
     connection.data_bytes = volume.size_bytes
+    connection.generation = volume.legs_generation or 0
     connection.host, connection.port = "", 0
     legs = s.scalars(
         select(VolumeLegRow)

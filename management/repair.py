@@ -264,6 +264,7 @@ def _replace_failed(
                 )
             )
             s.flush()
+        volume.legs_generation = (volume.legs_generation or 0) + 1  # publish_contexts age
         if volume.node_id != legs[0].node_id or any(leg.position == 0 for leg in failed):
             first = s.get(VolumeLegRow, (volume_id, 0))
             if first is not None:  # the owner columns repeat leg 0

@@ -126,6 +126,9 @@ class VolumeRow(Base):
     chunk_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
     #: raid1/raid10: the md array's UUID (uuid4), "" for layouts without md metadata
     array_uuid: Mapped[str] = mapped_column(String(36), default="", server_default=text("''"))
+    #: composed: bumped on every change of the leg list (repair); sent in every composed
+    #: Connection so a node never applies legs older than some it already applied
+    legs_generation: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
 
 
 class VolumeLegRow(Base):

@@ -66,6 +66,7 @@ def _composed(volume_id: str, legs: int) -> Connection:
         chunk_bytes=65536,
         array_uuid="0b5e8a4e-6f0c-4b8e-9d1e-2f3a4b5c6d7e",
         data_bytes=8 * 1024**3,
+        generation=2**31 - 1,  # a repair's newer legs are told from older ones by it
         legs=[
             LegConnection(
                 index=i,
@@ -113,6 +114,8 @@ def test_an_nvme_connection_survives_publish_context_with_its_subsystem() -> Non
         ("layout", "raid5"),
         ("arrayUuid", "not-a-uuid"),
         ("dataBytes", "-1"),
+        ("generation", "x"),
+        ("generation", str(2**31)),
     ],
 )
 def test_a_broken_composed_publish_context_is_invalid_argument_naming_the_key(key, value):

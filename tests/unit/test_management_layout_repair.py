@@ -274,3 +274,16 @@ def test_a_new_leg_not_added_yet_is_not_replaced_again(nodes: Nodes):
     assert [(x["node_id"], x["state"]) for x in again["legs"]] == [
         ("n1", "in_sync"), (new, "rebuilding"), (bad, "stale"),
     ]  # fmt: skip
+
+
+def test_every_connection_after_a_repair_carries_a_newer_legs_generation(nodes: Nodes):
+    """Kubernetes keeps the publish_context of the first publish: the node must be able to
+    tell those legs from the ones a repair sent it since."""
+    vol, bad = _mirror_used_on_n1(nodes)
+    before = nodes.agents["n1"].attached[vol["id"]].connection.generation
+    nodes.agents["n1"].conditions[vol["id"]] = f"degraded: leg 1 ({bad}) failed"
+    repair(nodes, vol)
+    sent = nodes.agents["n1"].attached[vol["id"]].connection.generation
+    assert sent > before
+    listed = nodes.api.get(f"/v1/volumes/{vol['id']}/attachments").json()["items"]
+    assert listed[0]["connection"]["generation"] == sent
