@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 from management import liveness, qos
 from management.context import Context
 from management.inventory import TRANSPORT_PARAMETER, get_node_row, node_transports
+from management.legs import raid10_pairs
 from management.schema import AttachmentLegRow, AttachmentRow, NodeRow, VolumeLegRow, VolumeRow
 from tessera import ids
 from tessera.access_modes import READ_ONLY_MODES, SINGLE_NODE_MODES
@@ -322,11 +323,18 @@ def _plan(
     why = "the remote attachment cannot be completed until it is online again"
     liveness.require_online(ctx, consumer, "node", why)
     exports = []
+    degraded = row.transport == Transport.COMPOSED and is_mirrored(volume.layout or "")
+    missing: list[str] = []
     for node_id, transport in export_targets(s, row, volume):
         node = owner if node_id == owner.id else get_node_row(s, node_id)
         role = "owner node" if node_id == owner.id else "leg node"
+        if degraded and liveness.node_state(ctx, node) != NodeState.ONLINE:
+            missing.append(node_id)  # md runs without it, if the others hold a whole copy
+            continue
         liveness.require_online(ctx, node, role, f"it holds the data of volume {volume.id}")
         exports.append((node.id, node.agent_url, transport))
+    if missing:
+        _require_whole_copy(ctx, s, volume, missing)
     return _ExportPlan(
         volume_id=volume.id,
         consumer=consumer.id,
@@ -338,6 +346,35 @@ def _plan(
         psk_key=row.psk_key,
         transport=row.transport,
         exports=tuple(exports),
+    )
+
+
+def _require_whole_copy(ctx: Context, s: Session, volume: VolumeRow, missing: list[str]) -> None:
+    """Unavailable unless the in-sync legs on reachable nodes hold every chunk: raid1 one
+    of them, raid10 one of each pair holding the same chunks. A mirror with a dead leg
+    node can then still be published (degraded, its condition names the leg missing)."""
+    legs = list(
+        s.scalars(
+            select(VolumeLegRow)
+            .where(VolumeLegRow.volume_id == volume.id)
+            .order_by(VolumeLegRow.position)
+        )
+    )
+    good = {
+        leg.position for leg in legs if leg.node_id not in missing and leg.state == LegState.IN_SYNC
+    }
+    pairs = raid10_pairs(len(legs)) if volume.layout == "raid10" else []
+    lost = [p for p in pairs if not good & set(p)]
+    if good and not lost:
+        log.warning("volume %s: published without the legs on %s", volume.id, ", ".join(missing))
+        return
+    nodes = [get_node_row(s, n) for n in missing]
+    why = "; ".join(liveness.describe(ctx, n, "leg node") for n in nodes)
+    held = f" (legs {lost[0][0]} and {lost[0][1]} hold the same chunks)" if lost else ""
+    raise Unavailable(
+        f"volume {volume.id} ({volume.layout}) has no whole in-sync copy on reachable nodes"
+        f"{held}: {why}; bring one of them back",
+        field="node_id",
     )
 
 
@@ -369,7 +406,8 @@ def _drive_export(ctx: Context, plan: _ExportPlan) -> Attachment:
     made = make_exports(ctx, plan)
     key = AgentKey(psk_identity=plan.psk_identity, psk_key=plan.psk_key)
     ctx.agents.get(plan.consumer_url).put_key(plan.volume_id, key)
-    first = made[0]
+    # a degraded mirror may have no reachable remote leg: its local leg is all there is
+    first = made[0] if made else MadeExport(plan.consumer, "", 0, "")
     with ctx.db.write() as s:
         done = s.execute(
             update(AttachmentRow)
@@ -570,7 +608,11 @@ def detach(ctx: Context, volume_id: str, node_id: str) -> bool:
             consumer = s.get(NodeRow, node_id)
             owners = []
             if volume is not None:
-                owners = [s.get(NodeRow, n) for n, _ in export_targets(s, row, volume)]
+                owners = [
+                    s.get(NodeRow, n)
+                    for n, _ in export_targets(s, row, volume)
+                    if not _never_exported(ctx, s, row, n)
+                ]
             for owner in owners:
                 if owner is not None:
                     _revoke(ctx, volume_id, owner, consumer)
@@ -584,6 +626,18 @@ def detach(ctx: Context, volume_id: str, node_id: str) -> bool:
         )
     log.info("volume %s detached from %s", volume_id, node_id)
     return True
+
+
+def _never_exported(ctx: Context, s: Session, row: AttachmentRow, leg_node: str) -> bool:
+    """A leg node a ready composed attachment was made without (down at publish, see
+    _require_whole_copy) and that is still not online: it holds no export to close, and
+    its heartbeat reply would have it reap one anyway."""
+    if row.transport != Transport.COMPOSED or row.state != READY:
+        return False
+    if s.get(AttachmentLegRow, (row.volume_id, row.node_id, leg_node)) is not None:
+        return False
+    node = s.get(NodeRow, leg_node)
+    return node is None or liveness.node_state(ctx, node) != NodeState.ONLINE
 
 
 def _require_local_release(ctx: Context, consumer: NodeRow | None, volume_id: str) -> None:

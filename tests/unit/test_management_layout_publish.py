@@ -161,3 +161,55 @@ def test_a_striped_volume_takes_several_writers(nodes: Nodes):
     mode = "MULTI_NODE_MULTI_WRITER"
     assert attach(nodes, vol["id"], "n1", mode=mode).status_code == 200
     assert attach(nodes, vol["id"], "n3", mode=mode).status_code == 200
+
+
+def _legs(resp) -> list[tuple[int, str]]:  # noqa: ANN001
+    return [(x["index"], x["node_id"]) for x in resp.json()["connection"]["legs"]]
+
+
+def test_a_raid1_whose_leg_node_is_down_is_still_published_with_its_live_leg(nodes: Nodes):
+    for n in ("n1", "n2", "n3"):
+        nodes.add(n, transports=NVME)
+    nodes.vpg("safe", "raid1")
+    vol = nodes.create("v", GiB, "safe", requisite_nodes=["n1"]).json()
+    down = vol["legs"][1]["node_id"]
+    up = next(n for n in ("n1", "n2", "n3") if n not in ("n1", down))
+    nodes.pass_time(60, "n1", up)
+    local = attach(nodes, vol["id"], "n1")
+    assert local.status_code == 200, local.text
+    assert _legs(local) == [(0, "n1")]  # only what it can reach: md runs degraded
+    got = nodes.api.get(f"/v1/volumes/{vol['id']}").json()
+    assert f"degraded: leg 1 on {down}" in got["condition"]
+    assert nodes.api.delete(f"/v1/volumes/{vol['id']}/attachments/n1").status_code in (200, 204)
+    remote = attach(nodes, vol["id"], up)  # from a node holding no leg
+    assert remote.status_code == 200, remote.text
+    assert _legs(remote) == [(0, "n1")]
+    assert exports(nodes, down) == {}
+
+
+def test_a_raid0_whose_leg_node_is_down_cannot_be_published(nodes: Nodes):
+    for n in ("n1", "n2"):
+        nodes.add(n, transports=NVME)
+    nodes.vpg("wide", "raid0")
+    vol = nodes.create("v", GiB, "wide", requisite_nodes=["n1"]).json()
+    nodes.pass_time(60, "n1")
+    resp = attach(nodes, vol["id"], "n1")
+    assert resp.status_code == 503, resp.text
+    assert "n2" in resp.json()["detail"]
+
+
+def test_a_raid10_is_published_while_each_chunk_has_a_reachable_copy(nodes: Nodes):
+    for n in ("n1", "n2", "n3", "n4", "n5"):
+        nodes.add(n, transports=NVME)
+    nodes.vpg("wide", "raid10", legs=4)
+    vol = nodes.create("v", GiB, "wide", requisite_nodes=["n1"]).json()
+    leg = {x["index"]: x["node_id"] for x in vol["legs"]}
+    spare = ({"n1", "n2", "n3", "n4", "n5"} - set(leg.values())).pop()
+    nodes.pass_time(60, leg[0], leg[1], spare)  # legs 2 and 3: the same chunks, both gone
+    resp = attach(nodes, vol["id"], spare)
+    assert resp.status_code == 503, resp.text
+    assert "legs 2 and 3 hold the same chunks" in resp.json()["detail"]
+    nodes.pass_time(60, leg[0], leg[3], spare)  # legs 1 and 2 gone: (0,1), (2,3) each keep one
+    resp = attach(nodes, vol["id"], spare)
+    assert resp.status_code == 200, resp.text
+    assert _legs(resp) == [(0, leg[0]), (3, leg[3])]
