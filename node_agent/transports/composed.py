@@ -40,7 +40,7 @@ import logging
 import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,6 +205,9 @@ class ComposedTransport:
         udev_settle()  # udev's incremental assembly may be busy with a leg that just appeared
         members, stale, blank = plan_md(volume_id, connection, legs)
         array = _adoptable(find_array(connection.array_uuid), legs, stale)
+        for held in _arrays_holding(legs.values()) if array is None else []:
+            # udev's incremental assembly of a leg (inactive while a leg is missing): stopped
+            array = array or _adoptable(held, legs, stale)
         if array is None:
             self._make_array(volume_id, record, legs, members)
             array = find_array(connection.array_uuid)
@@ -567,11 +570,26 @@ class ComposedTransport:
         device = self._device(volume_id, record)
         if device is not None:
             self.release(device)
+        self._stop_inactive_arrays(volume_id, record)
         for leg in record.connection.legs:
             self._detach_leg(volume_id, leg, record.identity)
         _remove_md_link(md.md_name(volume_id))
         self._remove_home(volume_id)
         log.info("disconnected composed volume %s", volume_id)
+
+    def _stop_inactive_arrays(self, volume_id: str, record: Record) -> None:
+        """An inactive array udev made of our legs (a connect that failed after a leg
+        appeared) holds them: stopped too, so nothing is left."""
+        if not layouts.is_mirrored(record.connection.layout):
+            return
+        paths = [
+            path
+            for leg in record.connection.legs
+            if (path := self._leg_device(volume_id, leg, record.identity)) is not None
+        ]
+        for name in _arrays_holding(paths):
+            if md.state(name).array_state == "inactive" and not blockdev.holders(f"/dev/{name}"):
+                md.stop(f"/dev/{name}")
 
     # ---- extend ------------------------------------------------------------------
 
@@ -886,6 +904,20 @@ def _adoptable(array: str | None, legs: dict[int, str], stale: tuple[int, ...]) 
     log.warning("stopping %s (members %s) to assemble it exactly", array, sorted(members))
     md.stop(f"/dev/{array}")
     return None
+
+
+def _arrays_holding(paths: Iterable[str]) -> list[str]:
+    """md arrays holding any of these devices (sysfs holders): udev's `mdadm --incremental`
+    takes a leg into an array that stays inactive while a mirror's leg is missing, and
+    the superblock UUID of such an array is not always readable to find it by."""
+    found: set[str] = set()
+    for path in paths:
+        holders = md.SYS_BLOCK / _kernel_name(path) / "holders"
+        try:
+            found.update(n for n in os.listdir(holders) if n.startswith("md"))
+        except OSError:
+            continue
+    return sorted(found)
 
 
 def _kernel_name(path: str) -> str:
