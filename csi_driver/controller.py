@@ -339,10 +339,12 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         args = validation.validate_volume_capabilities(request)
         volume = self.mgmt.get_volume(args.volume_id)
         try:
-            parse_capabilities(request.volume_capabilities)
+            capabilities = parse_capabilities(request.volume_capabilities)
             for raw in request.volume_capabilities:
                 _check_filesystem(volume, raw)
             parse_parameters(request.parameters)
+            # what CreateVolume refuses is not confirmed either
+            self._refuse_mirrored_multi_writer(volume.vpg, tuple(capabilities))
         except InvalidArgument as err:
             return csi_pb2.ValidateVolumeCapabilitiesResponse(message=err.message)
         return csi_pb2.ValidateVolumeCapabilitiesResponse(
@@ -391,6 +393,13 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         if unsupported:
             # no volume with these capabilities can be made anywhere
             log.info("GetCapacity: 0 for unsupported capabilities: %s", unsupported)
+            return csi_pb2.GetCapacityResponse(available_capacity=0)
+        try:  # a mirrored vpg takes no MULTI_NODE_MULTI_WRITER volume (CreateVolume refuses)
+            if request.volume_capabilities:  # optional in GetCapacity
+                capabilities = tuple(parse_capabilities(request.volume_capabilities))
+                self._refuse_mirrored_multi_writer(params.vpg, capabilities)
+        except InvalidArgument as err:
+            log.info("GetCapacity: 0: %s", err.message)
             return csi_pb2.GetCapacityResponse(available_capacity=0)
         with _vpg_is_a_parameter():
             try:

@@ -6,6 +6,7 @@ publish_context carries nvme-tcp and composed connections to NodeStage intact.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,7 @@ pytest.importorskip("csi_driver._gen.csi_pb2", reason="CSI stubs not generated y
 
 import grpc  # noqa: E402
 
+from csi_driver._gen import csi_pb2  # noqa: E402
 from csi_driver.publish_context import from_publish_context, to_publish_context  # noqa: E402
 from csi_driver.validation import MAX_MAP_BYTES  # noqa: E402
 from tessera.errors import InvalidArgument  # noqa: E402
@@ -22,11 +24,13 @@ from tessera.nvme_names import subsystem_nqn  # noqa: E402
 from tessera_dev.csi_client import block_capability  # noqa: E402
 from tests.unit.test_csi_controller import create_req  # noqa: E402
 from tests.unit.test_csi_controller_fixtures import (  # noqa: E402, F401 - fixtures
+    TOKEN,
     Stack,
     agent_url,
     code_of,
     management_url,
     mgmt,
+    serving,
     sock_dir,
     stack,
 )
@@ -125,3 +129,48 @@ def test_a_broken_composed_publish_context_is_invalid_argument_naming_the_key(ke
         from_publish_context(context)
     assert err.value.field == f"publish_context.{key}"
     assert err.value.message.startswith(f"publish_context.{key}")
+
+
+def test_multi_writer_is_not_confirmed_for_a_mirrored_volume_nor_given_capacity(
+    stack: Stack, tmp_path: Path, sock_dir: Path
+) -> None:
+    from node_agent.agent import Agent
+    from node_agent.api import create_app
+    from node_agent.pools import Pool
+
+    # a leg per node: n2 needs its own agent (the stack's one serves both nodes' pools)
+    (tmp_path / "n2-p2").mkdir()
+    pools = {"p2": Pool.open("p2", tmp_path / "n2-p2")}
+    agent = Agent("n2", pools, dev_dir=tmp_path / "n2-dev", transports={},
+                  state_dir=tmp_path / "n2-state")  # fmt: skip
+    with serving(create_app(agent, TOKEN), sock_dir / "n2.sock"):
+        url = f"unix://{sock_dir / 'n2.sock'}"
+        stack.mgmt.register_node("n2", url, {"topology.tessera.io/node": "n2"})
+        _mirrored_multi_writer_refused(stack)
+
+
+def _mirrored_multi_writer_refused(stack: Stack) -> None:
+    stack.mgmt.create_vpg(VpgCreate(name="safe", layout="raid1"))
+    vol = stack.csi.controller.CreateVolume(create_req(parameters={"vpg": "safe"})).volume
+    multi = [block_capability("MULTI_NODE_MULTI_WRITER")]
+    resp = stack.csi.controller.ValidateVolumeCapabilities(
+        csi_pb2.ValidateVolumeCapabilitiesRequest(
+            volume_id=vol.volume_id, volume_capabilities=multi
+        )
+    )
+    assert not resp.HasField("confirmed")
+    assert "MULTI_NODE_MULTI_WRITER" in resp.message and "diverge" in resp.message
+    single = [block_capability("SINGLE_NODE_WRITER")]
+    ok = stack.csi.controller.ValidateVolumeCapabilities(
+        csi_pb2.ValidateVolumeCapabilitiesRequest(
+            volume_id=vol.volume_id, volume_capabilities=single
+        )
+    )
+    assert ok.HasField("confirmed")
+
+    def capacity(caps: list) -> int:  # type: ignore[type-arg]
+        req = csi_pb2.GetCapacityRequest(parameters={"vpg": "safe"}, volume_capabilities=caps)
+        return stack.csi.controller.GetCapacity(req).available_capacity
+
+    assert capacity(multi) == 0
+    assert capacity(single) > 0
