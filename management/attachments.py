@@ -112,7 +112,8 @@ def _compose(
     connection.layout = Layout(volume.layout)
     connection.chunk_bytes = volume.chunk_bytes
     connection.array_uuid = volume.array_uuid
-    connection.data_bytes = volume.size_bytes
+    # an expand half done has grown some legs only: compose no more than every leg holds
+    connection.data_bytes = min(volume.size_bytes, volume.agent_size_bytes or volume.size_bytes)
     connection.generation = volume.legs_generation or 0
     connection.host, connection.port = "", 0
     legs = s.scalars(

@@ -213,3 +213,22 @@ def test_a_raid10_is_published_while_each_chunk_has_a_reachable_copy(nodes: Node
     resp = attach(nodes, vol["id"], spare)
     assert resp.status_code == 200, resp.text
     assert _legs(resp) == [(0, leg[0]), (3, leg[3])]
+
+
+def test_a_mirror_published_while_an_expand_is_half_done_is_composed_at_its_old_size(
+    nodes: Nodes,
+):
+    for n in ("n1", "n2"):
+        nodes.add(n, transports=NVME)
+    nodes.vpg("safe", "raid1")
+    vol = nodes.create("v", GiB, "safe", requisite_nodes=["n1"]).json()
+    nodes.agents["n2"].fail.add("resize")
+    grown = nodes.api.post(f"/v1/volumes/{vol['id']}/expand", json={"size_bytes": 2 * GiB})
+    assert grown.status_code == 503, grown.text  # n1's leg grew, n2's did not
+    resp = attach(nodes, vol["id"], "n1")
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["connection"]["data_bytes"] == GiB  # not beyond n2's leg
+    nodes.agents["n2"].fail.clear()
+    done = nodes.api.post(f"/v1/volumes/{vol['id']}/expand", json={"size_bytes": 2 * GiB})
+    assert done.status_code == 200, done.text
+    assert attach(nodes, vol["id"], "n1").json()["connection"]["data_bytes"] == 2 * GiB
