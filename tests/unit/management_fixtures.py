@@ -28,6 +28,7 @@ from fastapi.testclient import TestClient
 from management.app import create_app
 from tessera.errors import (
     AlreadyExists,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     TesseraError,
@@ -179,6 +180,12 @@ class FakeAgent:
         @app.delete("/v1/volumes/{volume_id}")
         def delete(request: Request, volume_id: str) -> Response:
             guard(request, "delete", volume_id)
+            # the real agent refuses too: a file in use may hold the only current copy
+            if volume_id in self.attached:
+                raise FailedPrecondition(f"volume {volume_id} is attached on this node")
+            exported = sorted(c for v, c in self.exports if v == volume_id)
+            if exported:
+                raise FailedPrecondition(f"volume {volume_id} is exported to {exported}")
             path = self.find(volume_id)
             if path is not None:
                 path.unlink()
