@@ -48,7 +48,7 @@ from management.schema import (
 )
 from management.volumes import get_volume, node_zones
 from tessera import ids, layouts
-from tessera.errors import FailedPrecondition, NotFound, TesseraError
+from tessera.errors import Aborted, FailedPrecondition, NotFound, TesseraError
 from tessera.models import AgentAttachment, LegState, NodeState, Volume, VolumeState
 
 log = logging.getLogger(__name__)
@@ -213,6 +213,10 @@ def _replace_failed(
         volume = s.get(VolumeRow, volume_id, with_for_update=True)
         if volume is None:
             raise NotFound(f"volume {volume_id} does not exist", field="volume_id")
+        if volume.state != VolumeState.AVAILABLE:  # a delete began since _consumers looked
+            raise FailedPrecondition(
+                f"volume {volume_id} is {volume.state}, not available", field="volume_id"
+            )
         legs = list(
             s.scalars(
                 select(VolumeLegRow)
@@ -366,11 +370,29 @@ def _drive_rebuilding(ctx: Context, volume_id: str, consumers: list[_Consumer]) 
         )
     if not rebuilding:
         return
-    for _node_id, pool, size, url in rebuilding:
+    for node_id, pool, size, url in rebuilding:
         ctx.agents.get(url).create_volume(volume_id, pool, size)
+        _require_not_deleted(ctx, volume_id, node_id, url)
     for consumer in consumers:
         if consumer.online:
             attachments.refresh_connection(ctx, volume_id, consumer.node_id)
+
+
+def _require_not_deleted(ctx: Context, volume_id: str, node_id: str, url: str) -> None:
+    """A delete that ran while the new leg's file was made swept the legs before the
+    file existed: take it back and stop (Aborted). A delete starting after this check
+    marks the volume deleting first and then deletes every leg, this file included."""
+    with ctx.db.write() as s:
+        volume = s.get(VolumeRow, volume_id, with_for_update=True)
+        if volume is not None and volume.state == VolumeState.AVAILABLE:
+            return
+    ctx.agents.get(url).delete_volume(volume_id)
+    log.warning("volume %s: deleted during its repair; new leg on %s removed", volume_id, node_id)
+    raise Aborted(
+        f"volume {volume_id} was deleted while its repair ran; the new leg's file on "
+        f"{node_id} was removed again",
+        field="volume_id",
+    )
 
 
 class AutoRepair:

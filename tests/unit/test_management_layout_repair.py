@@ -287,3 +287,26 @@ def test_every_connection_after_a_repair_carries_a_newer_legs_generation(nodes: 
     assert sent > before
     listed = nodes.api.get(f"/v1/volumes/{vol['id']}/attachments").json()["items"]
     assert listed[0]["connection"]["generation"] == sent
+
+
+def test_a_volume_deleted_while_its_repair_makes_the_new_leg_leaves_no_file_behind(
+    nodes: Nodes,
+):
+    vol, bad = _mirror_used_on_n1(nodes)
+    nodes.agents["n1"].conditions[vol["id"]] = f"degraded: leg 1 ({bad}) failed"
+    deleted = []
+
+    def delete_meanwhile() -> None:  # the user detaches and deletes the volume right then
+        nodes.agents["n1"].attached.clear()
+        assert nodes.api.delete(f"/v1/volumes/{vol['id']}/attachments/n1").status_code < 300
+        deleted.append(nodes.api.delete(f"/v1/volumes/{vol['id']}").status_code)
+
+    spares = [n for n in ALL if n not in ("n1", bad)]
+    for n in spares:
+        nodes.agents[n].hooks["create"] = delete_meanwhile
+    resp = nodes.api.post(f"/v1/volumes/{vol['id']}/repair")
+    assert deleted and deleted[0] < 300
+    assert resp.status_code in (404, 409), resp.text
+    assert nodes.api.get(f"/v1/volumes/{vol['id']}").status_code == 404
+    comes_back(nodes, bad)  # the discarded leg goes at its node's beat, as ever
+    assert [n for n in ALL if nodes.file(n, vol["id"]) is not None] == []
