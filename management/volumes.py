@@ -363,6 +363,12 @@ def _place_legs(
 ) -> tuple[int, int, list[PoolSpace]]:
     """(volume size, leg size, a pool per leg) of a raid0/raid1/raid10 volume."""
     layout, nlegs, chunk = vpg
+    if req.parameters.get(TRANSPORT_PARAMETER) == "nbd":  # refused now, not at every publish
+        raise InvalidArgument(
+            f"parameters.{TRANSPORT_PARAMETER} 'nbd' cannot serve vpg {req.vpg!r} (layout "
+            f"{layout}): its remote legs need nvme-tcp (nbd legs are not supported)",
+            field=f"parameters.{TRANSPORT_PARAMETER}",
+        )
     if req.content_source is not None:
         raise FailedPrecondition(
             f"vpg {req.vpg!r} has layout {layout}: clones are made of one-leg (concat) "
@@ -643,7 +649,7 @@ def expand_volume(ctx: Context, volume_id: str, req: VolumeExpand) -> Volume:
                 f"volume {volume_id} is {row.state}, not available", field="volume_id"
             )
         if req.size_bytes > row.size_bytes:
-            _reserve_growth(ctx, s, row, new_size)
+            _reserve_growth(ctx, s, row, new_size, req.limit_bytes)
         if row.agent_size_bytes >= row.size_bytes:
             return _snapshot(ctx, s, row)
         target = row.size_bytes
@@ -658,7 +664,9 @@ def expand_volume(ctx: Context, volume_id: str, req: VolumeExpand) -> Volume:
         return _snapshot(ctx, s, row)
 
 
-def _reserve_growth(ctx: Context, s: Session, row: VolumeRow, new_size: int) -> None:
+def _reserve_growth(
+    ctx: Context, s: Session, row: VolumeRow, new_size: int, limit_bytes: int = 0
+) -> None:
     """Grow every live leg into its pool's free space (a concat volume has one leg).
 
     Each leg's new size follows the layout (tessera.layouts.leg_size), so a
@@ -674,6 +682,13 @@ def _reserve_growth(ctx: Context, s: Session, row: VolumeRow, new_size: int) -> 
     layout = row.layout or Layout.CONCAT.value
     if layout != Layout.CONCAT:
         new_size = layouts.volume_size(layout, new_size, len(legs), row.chunk_bytes)
+        if limit_bytes and new_size > limit_bytes:  # as create: rounding may pass the limit
+            raise OutOfRange(
+                f"layout {layout} over {len(legs)} legs rounds the size up to "
+                f"{format_size(new_size)} ({new_size} bytes, whole chunks on every leg), "
+                f"above limit_bytes {limit_bytes}",
+                field="limit_bytes",
+            )
     leg_bytes = layouts.leg_size(layout, new_size, len(legs))
     for leg in legs:
         _check_leg_growth(s, leg, leg_bytes, new_size)

@@ -107,6 +107,21 @@ def test_a_rounded_size_above_limit_bytes_is_refused_naming_limit_bytes(nodes: N
     nodes.vpg("wide", "raid0", legs=3)
     resp = nodes.create("v", 100 * MiB, "wide", limit_bytes=100 * MiB)
     assert resp.status_code == 422 and resp.json()["field"] == "limit_bytes", resp.text
+    vol = nodes.create("v", 99 * MiB, "wide").json()  # 3 legs of whole chunks: 99 MiB
+    grow = {"size_bytes": 100 * MiB, "limit_bytes": 100 * MiB}  # rounds to 102 MiB
+    resp = nodes.api.post(f"/v1/volumes/{vol['id']}/expand", json=grow)
+    assert resp.status_code == 422 and resp.json()["field"] == "limit_bytes", resp.text
+    assert nodes.api.get(f"/v1/volumes/{vol['id']}").json()["size_bytes"] == vol["size_bytes"]
+
+
+def test_forcing_nbd_on_a_multi_leg_vpg_is_refused_at_create_naming_it(nodes: Nodes):
+    for n in ("n1", "n2"):
+        nodes.add(n)
+    nodes.vpg("safe", "raid1")
+    resp = nodes.create("v", GiB, "safe", parameters={"transport": "nbd"})
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["field"] == "parameters.transport"
+    assert nodes.api.get("/v1/volumes").json()["items"] == []
 
 
 def test_a_create_whose_second_leg_failed_is_finished_by_the_retry(nodes: Nodes):
