@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 
 PENDING = "pending"
 READY = "ready"
+#: a composed attachment whose detach began: a repair no longer re-sends it its legs
+DETACHING = "detaching"
 
 
 def attachment_model(s: Session, row: AttachmentRow, volume: VolumeRow) -> Attachment:
@@ -237,6 +239,8 @@ def _attach(ctx: Context, volume_id: str, node_id: str, req: AttachmentCreate) -
             row = _record(ctx, s, volume, consumer, req)
         else:
             _check_same_request(row, req)
+            if row.state == DETACHING:  # published again: made again, as a pending one is
+                row.state = PENDING
         if row.state == READY:  # local, or a remote one already made: nothing to drive
             return attachment_model(s, row, volume)
         plan = _plan(ctx, s, volume, consumer, row)
@@ -416,6 +420,7 @@ def _drive_export(ctx: Context, plan: _ExportPlan) -> Attachment:
                 AttachmentRow.volume_id == plan.volume_id,
                 AttachmentRow.node_id == plan.consumer,
                 AttachmentRow.psk_key == plan.psk_key,
+                AttachmentRow.state == PENDING,  # not a detach begun meanwhile
             )
             .values(host=first.host, port=first.port, state=READY)
         )
@@ -542,16 +547,18 @@ def refresh_connection(ctx: Context, volume_id: str, node_id: str) -> Attachment
         plan = _plan(ctx, s, volume, get_node_row(s, node_id), row)
     made = make_exports(ctx, plan)
     with ctx.db.write() as s:
-        row = s.get(AttachmentRow, (volume_id, node_id))
-        volume = s.get(VolumeRow, volume_id)
-        if row is None or volume is None or row.psk_key != plan.psk_key:
-            return None  # detached meanwhile: its exports were closed with it
+        volume = s.get(VolumeRow, volume_id, with_for_update=True)
+        row = s.get(AttachmentRow, (volume_id, node_id), with_for_update=True)
+        if row is None or volume is None or row.psk_key != plan.psk_key or row.state != READY:
+            return None  # detached meanwhile (or detaching): its exports are closed with it
         record_exports(s, volume_id, node_id, made)
         s.flush()
         attachment = attachment_model(s, row, volume)
-    ctx.agents.get(plan.consumer_url).attach(
-        volume_id, readonly=attachment.readonly, connection=attachment.connection
-    )
+        # under the lock: a detach marks the row first, so it cannot begin between this
+        # check and the consumer recomposing the volume (which nothing would undo)
+        ctx.agents.get(plan.consumer_url).attach(
+            volume_id, readonly=attachment.readonly, connection=attachment.connection
+        )
     log.info(
         "volume %s: node %s was sent legs %s", volume_id, node_id,
         ", ".join(f"{leg.index} ({leg.node_id}, {leg.state.value})"
@@ -597,6 +604,7 @@ def detach(ctx: Context, volume_id: str, node_id: str) -> bool:
     """
     ids.check_volume_id(volume_id)
     ids.check_node_id(node_id)
+    _mark_detaching(ctx, volume_id, node_id)
     with ctx.db.read() as s:
         row = s.get(AttachmentRow, (volume_id, node_id))
         if row is None:
@@ -629,11 +637,20 @@ def detach(ctx: Context, volume_id: str, node_id: str) -> bool:
     return True
 
 
+def _mark_detaching(ctx: Context, volume_id: str, node_id: str) -> None:
+    """A composed attachment is marked before its exports are revoked, so a repair's
+    refresh_connection (which checks under the lock) no longer re-sends it legs."""
+    with ctx.db.write() as s:
+        row = s.get(AttachmentRow, (volume_id, node_id), with_for_update=True)
+        if row is not None and row.transport == Transport.COMPOSED and row.state == READY:
+            row.state = DETACHING  # (a pending one never reached its consumer)
+
+
 def _never_exported(ctx: Context, s: Session, row: AttachmentRow, leg_node: str) -> bool:
     """A leg node a ready composed attachment was made without (down at publish, see
     _require_whole_copy) and that is still not online: it holds no export to close, and
     its heartbeat reply would have it reap one anyway."""
-    if row.transport != Transport.COMPOSED or row.state != READY:
+    if row.transport != Transport.COMPOSED or row.state not in (READY, DETACHING):
         return False
     if s.get(AttachmentLegRow, (row.volume_id, row.node_id, leg_node)) is not None:
         return False

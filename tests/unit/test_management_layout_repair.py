@@ -310,3 +310,22 @@ def test_a_volume_deleted_while_its_repair_makes_the_new_leg_leaves_no_file_behi
     assert nodes.api.get(f"/v1/volumes/{vol['id']}").status_code == 404
     comes_back(nodes, bad)  # the discarded leg goes at its node's beat, as ever
     assert [n for n in ALL if nodes.file(n, vol["id"]) is not None] == []
+
+
+def test_a_consumer_whose_detach_began_is_not_sent_legs_again_until_republished(
+    nodes: Nodes,
+):
+    from management.attachments import refresh_connection
+
+    vol, other = _mirror_used_on_n1(nodes)
+    nodes.agents[other].fail.add("close_export")
+    resp = nodes.api.delete(f"/v1/volumes/{vol['id']}/attachments/n1")
+    assert resp.status_code == 503, resp.text  # the detach began; its retry finishes it
+    sent_before = nodes.agents["n1"].calls.count(("attach", vol["id"]))
+    assert refresh_connection(nodes.ctx, vol["id"], "n1") is None  # a repair's re-send
+    assert nodes.agents["n1"].calls.count(("attach", vol["id"])) == sent_before
+    nodes.agents[other].fail.clear()
+    body = {"access_mode": "SINGLE_NODE_WRITER", "readonly": False}
+    again = nodes.api.put(f"/v1/volumes/{vol['id']}/attachments/n1", json=body)
+    assert again.status_code == 200, again.text  # published again: made ready again
+    assert refresh_connection(nodes.ctx, vol["id"], "n1") is not None
