@@ -199,11 +199,11 @@ def place_legs(
     """One pool for each of `legs` legs of `leg_bytes`, each on a distinct node.
 
     `pools` are every online pool; `zones` maps a node to its zone label
-    (nodes without one are absent). The first leg honours the request's
-    topology (`first_nodes`: None for any node; the locality and preferred
-    order as choose_pool does); the others go to the nodes with the most
-    free space, in zones no earlier leg took as long as there are such
-    zones. Nodes in `exclude_nodes` (those already holding a leg of the
+    (nodes without one are absent: together they count as one unknown zone).
+    The first leg honours the request's topology (`first_nodes`: None for any
+    node; the locality and preferred order as choose_pool does); the others
+    go to the nodes with the most free space, in zones no earlier leg took
+    as long as there are such zones. Nodes in `exclude_nodes` (those already holding a leg of the
     volume, for a repair) get none.
 
     Too big for every pool even when empty is OutOfRange; fewer eligible
@@ -242,13 +242,14 @@ def place_legs(
     chosen = [choose_pool(first_pools, leg_bytes, locality, preferred_nodes)]
     while len(chosen) < legs:
         used_nodes = {c.node_id for c in chosen}
-        used_zones = {zones[c.node_id] for c in chosen if c.node_id in zones}
+        # nodes without a zone label are one unknown zone "", not each a zone of its own
+        used_zones = {zones.get(c.node_id, "") for c in chosen}
         rest = [p for p in fitting if p.node_id not in used_nodes]
         chosen.append(
             min(
                 rest,
                 key=lambda p: (
-                    zones.get(p.node_id) in used_zones,
+                    zones.get(p.node_id, "") in used_zones,
                     -p.free_bytes,
                     p.node_id,
                     p.name,

@@ -249,13 +249,12 @@ def _replace_failed(
         )
         pools = pool_space(s, online_since=ctx.online_since(), lock=True)
         zones = node_zones(s, {p.node_id for p in pools} | taken)
-        kept_zones = {zones[x.node_id] for x in legs if x not in failed and x.node_id in zones}
+        kept_zones = {zones.get(x.node_id, "") for x in legs if x not in failed}
         for leg in failed:
             _make_stale(s, volume_id, leg)
             chosen = _place_one(pools, leg.size_bytes, zones, taken, kept_zones)
             taken.add(chosen.node_id)
-            if chosen.node_id in zones:
-                kept_zones.add(zones[chosen.node_id])
+            kept_zones.add(zones.get(chosen.node_id, ""))
             s.add(
                 VolumeLegRow(
                     volume_id=volume_id,
@@ -346,7 +345,7 @@ def _place_one(
     fitting = [p for p in pools if p.node_id not in taken and p.free_bytes >= size]
     return min(
         fitting,
-        key=lambda p: (zones.get(p.node_id) in used, -p.free_bytes, p.node_id, p.name),
+        key=lambda p: (zones.get(p.node_id, "") in used, -p.free_bytes, p.node_id, p.name),
     )
 
 

@@ -59,6 +59,15 @@ def test_legs_go_to_distinct_zones_while_there_are_enough(nodes: Nodes):
     assert [leg["node_id"] for leg in vol["legs"]] == ["n1", "n3", "n4"]
 
 
+def test_nodes_without_a_zone_label_are_one_zone_not_each_their_own(nodes: Nodes):
+    nodes.add("n1")  # unlabelled
+    nodes.add("n2", capacity=40 * GiB)  # unlabelled, most room
+    nodes.add("n3", zone="b")
+    nodes.vpg("safe", "raid1")
+    vol = nodes.create("v", GiB, "safe", requisite_nodes=["n1"]).json()
+    assert [leg["node_id"] for leg in vol["legs"]] == ["n1", "n3"]
+
+
 def test_legs_share_a_zone_only_when_there_are_fewer_zones_than_legs(nodes: Nodes):
     nodes.add("n1", zone="a")
     nodes.add("n2", zone="a")
