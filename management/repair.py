@@ -7,8 +7,10 @@ called again at any time; each call moves the volume forward:
 1. It asks every consumer's agent for the volume's condition (the composed
    transport says `degraded: leg 1 (n2) failed` and `resyncing leg 1 (n4):
    43%`) and keeps what it said per leg (VolumeLegRow.report).
-2. A live leg whose node is unreachable or fenced, or that a consumer
-   reported failed, missing or stale, is made stale (moved to
+2. A live leg whose node is fenced, or that an online consumer reported
+   failed, missing or stale in this same call, is made stale (never a leg
+   on a consumer that is not online, nor the last copy: _failed and
+   _require_survivors say why) (moved to
    DiscardedLegRow: never listed in a connection again, deleted on its node
    when the node returns) and a new leg with the same index is placed on a
    node that holds no leg of the volume, `rebuilding`. One transaction, so
