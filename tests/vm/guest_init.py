@@ -12,6 +12,7 @@ that ends the VM).  Runs on the guest's Debian python3 (stdlib only).
 import ctypes
 import json
 import os
+import socket
 import subprocess
 import termios
 import time
@@ -93,6 +94,7 @@ def setup() -> dict[str, str]:
         mount(source, target, fstype, options)
     sh("hostname", "tessera-vm")
     sh("ip", "link", "set", "lo", "up")
+    warm_up_tcp()
     p = params()
     sh("modprobe", "-a", "9pnet_virtio", "9p")
     # shares: tag:path,... ; read-only ones get the page cache (the host's
@@ -113,6 +115,19 @@ def setup() -> dict[str, str]:
     sh("udevadm", "settle", "--timeout=30")
     step("udev settled")
     return p
+
+
+def warm_up_tcp() -> None:
+    """Make the kernel's first TCP connection now, while nothing else runs.
+
+    The first connection flips once-only static keys (live code patching
+    through int3). Under multi-threaded TCG that raced once with the other
+    vCPU in the middle of the suite ("Oops: int3 in
+    secure_tcp_seq_and_ts_off", a kernel panic); patched at boot, it cannot.
+    """
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        with socket.create_connection(server.getsockname()):
+            server.accept()[0].close()
 
 
 def main() -> None:
