@@ -35,12 +35,12 @@ call may still be running.
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass, field
 
 from sqlalchemy import Select, delete, select, update
 
 from management.context import Context
+from management.periodic import PeriodicLoop
 from management.schema import AttachmentRow, DiscardedLegRow, NodeRow, VolumeLegRow, VolumeRow
 from tessera.clients import AgentClient
 from tessera.errors import NotFound, TesseraError
@@ -373,7 +373,7 @@ def log_report(report: ReconcileReport) -> None:
         )
 
 
-class PeriodicReconciler:
+class PeriodicReconciler(PeriodicLoop):
     """Report differences every `interval` seconds in the log; never fixes anything itself.
 
     Repairs stay an operator's decision (`tessera reconcile --fix`): a
@@ -381,25 +381,10 @@ class PeriodicReconciler:
     must not change state.
     """
 
-    def __init__(self, ctx: Context, interval: float) -> None:
-        if interval <= 0:
-            raise ValueError("the reconcile interval must be positive")
-        self.ctx = ctx
-        self.interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
+    thread_name = "reconciler"
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                log_report(reconcile(self.ctx, fix=False))
-            except Exception:  # noqa: BLE001 - a failed round must not end the checks
-                log.exception("reconcile: the periodic check failed")
+    def round(self) -> None:
+        try:
+            log_report(reconcile(self.ctx, fix=False))
+        except Exception:  # noqa: BLE001 - a failed round must not end the checks
+            log.exception("reconcile: the periodic check failed")

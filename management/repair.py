@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 from dataclasses import dataclass
 
 from sqlalchemy import delete, select
@@ -39,6 +38,7 @@ from sqlalchemy.orm import Session
 from management import attachments, liveness
 from management.context import Context
 from management.legs import raid10_pairs
+from management.periodic import PeriodicLoop
 from management.placement import PoolSpace, place_legs, pool_space
 from management.schema import (
     AttachmentLegRow,
@@ -396,37 +396,24 @@ def _require_not_deleted(ctx: Context, volume_id: str, node_id: str, url: str) -
     )
 
 
-class AutoRepair:
+class AutoRepair(PeriodicLoop):
     """`--auto-repair`: repair every degraded or rebuilding mirrored volume, every interval."""
 
-    def __init__(self, ctx: Context, interval: float) -> None:
-        self.ctx = ctx
-        self.interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="auto-repair", daemon=True)
+    thread_name = "auto-repair"
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            for volume_id in attached_mirrors(self.ctx):
-                try:  # what their consumers see: a leg md failed while its node still beats
-                    refresh_reports(self.ctx, volume_id)
-                except TesseraError as err:
-                    log.warning("auto-repair: volume %s: %s", volume_id, err.message)
-            for volume_id in needing_repair(self.ctx):
-                try:
-                    repair(self.ctx, volume_id)
-                except TesseraError as err:
-                    log.warning("auto-repair of volume %s: %s", volume_id, err.message)
-                except Exception:  # noqa: BLE001 - one volume's failure must not stop the rest
-                    log.exception("auto-repair of volume %s failed", volume_id)
+    def round(self) -> None:
+        for volume_id in attached_mirrors(self.ctx):
+            try:  # what their consumers see: a leg md failed while its node still beats
+                refresh_reports(self.ctx, volume_id)
+            except TesseraError as err:
+                log.warning("auto-repair: volume %s: %s", volume_id, err.message)
+        for volume_id in needing_repair(self.ctx):
+            try:
+                repair(self.ctx, volume_id)
+            except TesseraError as err:
+                log.warning("auto-repair of volume %s: %s", volume_id, err.message)
+            except Exception:  # noqa: BLE001 - one volume's failure must not stop the rest
+                log.exception("auto-repair of volume %s failed", volume_id)
 
 
 def attached_mirrors(ctx: Context) -> list[str]:
