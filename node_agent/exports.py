@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from node_agent.keys import holds_key, psk_line, write_private
 from tessera.errors import FailedPrecondition, Internal, InvalidArgument, ResourceExhausted
@@ -62,6 +63,7 @@ START_TIMEOUT = 30.0
 PIDFILE_WAIT = 5.0
 
 Key = tuple[str, str]
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -153,19 +155,13 @@ class Exports:
         return self.directory / volume_id / f"{client_node}.{suffix}"
 
     def _read(self, volume_id: str, client_node: str) -> ExportRecord | None:
-        return _load(self._file(volume_id, client_node, "json"))
+        return load_record(self._file(volume_id, client_node, "json"), ExportRecord, "export")
 
     def _records(self, volume_id: str | None = None) -> Iterator[ExportRecord]:
-        if not self.directory.is_dir():
-            return
-        dirs = [self.directory / volume_id] if volume_id else sorted(self.directory.iterdir())
-        for vdir in dirs:
-            if not is_volume_id(vdir.name) or not vdir.is_dir():
-                continue
-            for path in sorted(vdir.glob("*.json")):
-                record = _load(path)
-                if record is not None:
-                    yield record
+        for path in record_paths(self.directory, volume_id):
+            record = load_record(path, ExportRecord, "export")
+            if record is not None:
+                yield record
 
     def _pid(self, record: ExportRecord) -> int | None:
         """nbdkit's pid while it is the process serving this record (key file and volume file)."""
@@ -551,14 +547,30 @@ class Exports:
             tmp.unlink(missing_ok=True)
 
 
-def _load(path: Path) -> ExportRecord | None:
+def record_paths(directory: Path, volume_id: str | None = None) -> Iterator[Path]:
+    """Every `<volume_id>/<client_node>.json` record below `directory`, or one volume's.
+
+    Shared with the nvme-tcp exports (node_agent/nvme_exports.py), which keep
+    their records in the same layout; names that are not volume ids are
+    skipped, so a stray directory never becomes a record.
+    """
+    if not directory.is_dir():
+        return
+    dirs = [directory / volume_id] if volume_id else sorted(directory.iterdir())
+    for vdir in dirs:
+        if is_volume_id(vdir.name) and vdir.is_dir():
+            yield from sorted(vdir.glob("*.json"))
+
+
+def load_record(path: Path, kind: Callable[..., R], what: str) -> R | None:
+    """The record `kind(**json)` at `path`; None when it is gone or unreadable (a torn
+    or foreign file is logged and skipped: one bad record must not stop the rest)."""
     try:
-        data = json.loads(path.read_text())
-        return ExportRecord(**data)
+        return kind(**json.loads(path.read_text()))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, TypeError) as err:
-        log.warning("ignored the unreadable export record %s: %s", path, err)
+        log.warning("ignored the unreadable %s record %s: %s", what, path, err)
         return None
 
 

@@ -33,11 +33,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from node_agent.exports import Exports
+from node_agent.exports import Exports, load_record, record_paths
 from node_agent.keys import write_private
 from node_agent.transports.loops import EXPORT_LABEL
 from tessera.errors import FailedPrecondition, Internal, InvalidArgument, TesseraError
-from tessera.ids import check_node_id, check_volume_id, is_volume_id
+from tessera.ids import check_node_id, check_volume_id
 from tessera.models import AgentExport, AgentExportCreate, Transport
 from tessera.nvme_names import dhchap_ctrl_secret, dhchap_secret, host_nqn, subsystem_nqn
 from tessera.system import loopdev, nvmet
@@ -104,18 +104,8 @@ class NvmeExports:
         return _load(self._file(volume_id, client_node, "json"))
 
     def records(self, volume_id: str | None = None) -> list[NvmeRecord]:
-        if not self.directory.is_dir():
-            return []
-        dirs = [self.directory / volume_id] if volume_id else sorted(self.directory.iterdir())
-        found = []
-        for vdir in dirs:
-            if not is_volume_id(vdir.name) or not vdir.is_dir():
-                continue
-            for path in sorted(vdir.glob("*.json")):
-                record = _load(path)
-                if record is not None:
-                    found.append(record)
-        return found
+        found = (_load(path) for path in record_paths(self.directory, volume_id))
+        return [record for record in found if record is not None]
 
     def has(self, volume_id: str, client_node: str) -> bool:
         return self._file(volume_id, client_node, "json").is_file()
@@ -496,10 +486,4 @@ def _dump(record: NvmeRecord) -> bytes:
 
 
 def _load(path: Path) -> NvmeRecord | None:
-    try:
-        return NvmeRecord(**json.loads(path.read_text()))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, TypeError) as err:
-        log.warning("ignored the unreadable nvme export record %s: %s", path, err)
-        return None
+    return load_record(path, NvmeRecord, "nvme export")
