@@ -28,7 +28,7 @@ from tessera.models import (
 )
 from tests.cli.conftest import TESSERA
 from tests.integration.processes import spawn_module
-from tests.unit.management_fixtures import FakeAgent, serve_agent
+from tests.unit.management_fixtures import FakeAgent, served_agent
 
 TOKEN = "cli-repair-token-0123456789"
 NVME = ["loop", "nbd", "nvme-tcp"]
@@ -62,7 +62,7 @@ def mirror(tmp_path: Path, *flags: str) -> Iterator[Mirror]:
                 agent = FakeAgent(
                     root=tmp_path / n, socket=sock_dir / f"{n}.sock", token=TOKEN, node_id=n
                 )
-                agents[n] = stack.enter_context(_served(agent))
+                agents[n] = stack.enter_context(served_agent(agent))
             deadline = time.monotonic() + 20
             while not client.healthy():
                 assert proc.poll() is None and time.monotonic() < deadline
@@ -88,17 +88,6 @@ def mirror(tmp_path: Path, *flags: str) -> Iterator[Mirror]:
         proc.terminate()
         proc.wait(timeout=10)
         shutil.rmtree(sock_dir, ignore_errors=True)
-
-
-class _served:
-    def __init__(self, agent: FakeAgent) -> None:
-        self._gen = serve_agent(agent)
-
-    def __enter__(self) -> FakeAgent:
-        return next(self._gen)
-
-    def __exit__(self, *exc: object) -> None:
-        next(self._gen, None)
 
 
 def tessera(env: dict[str, str], *args: str) -> tuple[int, str, str]:

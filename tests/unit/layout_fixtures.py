@@ -20,7 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from management.app import create_app
-from tests.unit.management_fixtures import TOKEN, FakeAgent, GiB, serve_agent
+from tests.unit.management_fixtures import TOKEN, FakeAgent, GiB, served_agent
 
 ZONE = "topology.kubernetes.io/zone"
 
@@ -87,7 +87,7 @@ def running_nodes(db_url: str, tmp_path: Path, names: tuple[str, ...]) -> Iterat
         with ExitStack() as stack:
             agents = {
                 name: stack.enter_context(
-                    _served(
+                    served_agent(
                         FakeAgent(
                             root=tmp_path / name, socket=sock_dir / f"{name}.sock", node_id=name
                         )
@@ -101,19 +101,6 @@ def running_nodes(db_url: str, tmp_path: Path, names: tuple[str, ...]) -> Iterat
                 yield Nodes(api=api, agents=agents, now=now)
     finally:
         shutil.rmtree(sock_dir, ignore_errors=True)
-
-
-class _served:
-    """serve_agent as a context manager."""
-
-    def __init__(self, agent: FakeAgent) -> None:
-        self._gen = serve_agent(agent)
-
-    def __enter__(self) -> FakeAgent:
-        return next(self._gen)
-
-    def __exit__(self, *exc: object) -> None:
-        next(self._gen, None)
 
 
 @pytest.fixture

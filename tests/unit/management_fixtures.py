@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -267,6 +268,10 @@ def serve_agent(agent: FakeAgent) -> Iterator[FakeAgent]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+#: serve_agent as a context manager, for an ExitStack of several agents
+served_agent = contextmanager(serve_agent)
 
 
 @pytest.fixture
