@@ -19,12 +19,18 @@ ALL = ("n1", "n2", "n3", "n4")
 LEG = GiB + layouts.MD_DATA_OFFSET
 
 
-def _mirror_used_on_n1(nodes: Nodes, names: tuple[str, ...] = ALL) -> tuple[dict, str]:
+def _mirror_used_on_n1(
+    nodes: Nodes,
+    names: tuple[str, ...] = ALL,
+    mode: str = "SINGLE_NODE_WRITER",
+    readonly: bool = False,
+) -> tuple[dict, str]:
+    """A raid1 volume with leg 0 on n1, attached there; and the node of its leg 1."""
     for n in names:
         nodes.add(n, transports=NVME)
     nodes.vpg("safe", "raid1")
     vol = nodes.create("v", GiB, "safe", requisite_nodes=["n1"]).json()
-    body = {"access_mode": "SINGLE_NODE_WRITER", "readonly": False}
+    body = {"access_mode": mode, "readonly": readonly}
     resp = nodes.api.put(f"/v1/volumes/{vol['id']}/attachments/n1", json=body)
     assert resp.status_code == 200, resp.text
     nodes.agents["n1"].attached[vol["id"]] = _attach_body(resp.json())
@@ -249,15 +255,7 @@ def test_a_raid10_repair_refuses_to_discard_both_legs_holding_the_same_chunks(no
 
 
 def test_a_mirror_only_read_by_readers_is_not_repaired_into_ever_more_legs(nodes: Nodes):
-    for n in ALL:
-        nodes.add(n, transports=NVME)
-    nodes.vpg("safe", "raid1")
-    vol = nodes.create("v", GiB, "safe", requisite_nodes=["n1"]).json()
-    body = {"access_mode": "MULTI_NODE_READER_ONLY", "readonly": True}
-    resp = nodes.api.put(f"/v1/volumes/{vol['id']}/attachments/n1", json=body)
-    assert resp.status_code == 200, resp.text
-    nodes.agents["n1"].attached[vol["id"]] = _attach_body(resp.json())
-    bad = vol["legs"][1]["node_id"]
+    vol, bad = _mirror_used_on_n1(nodes, mode="MULTI_NODE_READER_ONLY", readonly=True)
     nodes.agents["n1"].conditions[vol["id"]] = f"degraded: leg 1 ({bad}) failed"
     resp = nodes.api.post(f"/v1/volumes/{vol['id']}/repair")
     assert resp.status_code == 409, resp.text
