@@ -17,7 +17,8 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,9 @@ import pytest
 
 from csi_driver._gen import csi_pb2, csi_pb2_grpc
 from tessera.clients import AgentClient, ManagementClient
+from tessera.system.loopdev import bound_under
+from tessera.system.mounts import mounts_under
+from tessera_dev import netns
 from tessera_dev.multinode import MultiNodeStack, MultiStackInfo, NodeInfo
 from tessera_dev.netns import in_netns
 
@@ -202,6 +206,68 @@ def processes_mentioning(*paths: Path) -> list[str]:
 def netns_names() -> set[str]:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
     return {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
+
+
+def data_path_in_use(state: Path, work: Path) -> dict[str, list[str]]:
+    """What is still attached once every test cleaned up: only the pools may be."""
+    pools = [Path(p).resolve() for p in state.glob("nodes/*/pool")]
+    return {
+        "mounts": [m for d in (state, work) for m in mounts_under(d) if Path(m) not in pools],
+        "loop devices": [
+            f"{b.path} ({b.backing})"
+            for b in bound_under(state)
+            if not b.backing.endswith("/pool.img")
+        ],
+        "data-path processes": [
+            p for p in processes_mentioning(state) if " nbdkit " in f" {p} " or "nbdfuse" in p
+        ],
+    }
+
+
+def assert_nothing_left(state: Path, work: Path, namespaces: set[str]) -> None:
+    """What `stop()` and the tests' own cleanup must have undone."""
+    left = {
+        "namespaces": sorted(namespaces & netns_names()),
+        "links": netns.links(netns.tag_of(state)),
+        "mounts": [m for d in (state, work) for m in mounts_under(d)],
+        "loop devices": [b.path for d in (state, work) for b in bound_under(d)],
+        "processes": processes_mentioning(state, work),
+    }
+    assert not any(left.values()), f"left behind after the stack stopped: {left}"
+
+
+@contextmanager
+def running_cluster(
+    stack: MultiNodeStack, state: Path, work: Path, after_close: Callable[[], None] | None = None
+) -> Iterator[Cluster]:
+    """Start `stack` (state in `state`, kubelet paths in `work`) and yield its Cluster.
+
+    On the way out, even after a failed start: close the clients, run
+    `after_close`, stop the stack and assert the machine is as clean as
+    before. What the tests left attached is looked at before stop(), which
+    sweeps whatever it finds and would hide a leak of theirs, and asserted
+    after it, so the machine is clean either way.
+    """
+    namespaces: set[str] = set()
+    cluster = None
+    try:
+        info = stack.start()
+        namespaces = {n.netns for n in info.nodes}
+        cluster = Cluster(stack, info, work, Path(info.token_file).read_text().strip())
+        yield cluster
+    finally:
+        if cluster is not None:
+            cluster.close()
+        if after_close is not None:
+            after_close()
+        try:
+            in_use = data_path_in_use(state, work)
+        finally:
+            stack.stop()
+        assert_nothing_left(state, work, namespaces)
+        assert not any(in_use.values()), f"the tests' volumes left behind: {in_use}"
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(state, ignore_errors=True)
 
 
 # ---- the per-test CSI facade ---------------------------------------------------------

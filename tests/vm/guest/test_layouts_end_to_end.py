@@ -30,7 +30,6 @@ from csi_driver._gen import csi_pb2
 from tessera.models import LegState, Volume
 from tessera_dev import multinode
 from tessera_dev.multinode import MultiNodeStack
-from tests.multihost.conftest import assert_nothing_left, data_path_in_use
 from tests.multihost.support import (
     BLOCK,
     RPC_TIMEOUT,
@@ -39,6 +38,7 @@ from tests.multihost.support import (
     MiB,
     block_cap,
     logged,
+    running_cluster,
     stop_process,
     wait_until,
 )
@@ -119,27 +119,14 @@ def cluster() -> Iterator[Cluster]:
     mgmt_args += ["--heartbeat-misses", HEARTBEAT_MISSES]  # the last of a repeated flag wins
     extra = {"management": mgmt_args}
     stack = MultiNodeStack(state, nodes=3, pool_size=POOL_SIZE, extra_args=extra)
-    namespaces: set[str] = set()
-    cluster = None
-    try:
-        info = stack.start()
-        namespaces = {n.netns for n in info.nodes}
-        cluster = Cluster(stack, info, work, Path(info.token_file).read_text().strip())
-        yield cluster
-    finally:
-        if cluster is not None:
-            cluster.close()
+
+    def after_close() -> None:
         multinode.READY_TIMEOUT = ready_timeout
         keep_logs(state)
-        try:
-            in_use = data_path_in_use(state, work)
-        finally:
-            stack.stop()
-        assert_nothing_left(state, work, namespaces)
-        assert not any(in_use.values()), f"the tests' volumes left behind: {in_use}"
-        assert kernel_leftovers() == before, "the kernel still holds the tests' devices"
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(state, ignore_errors=True)
+
+    with running_cluster(stack, state, work, after_close) as cluster:
+        yield cluster
+    assert kernel_leftovers() == before, "the kernel still holds the tests' devices"
 
 
 @pytest.fixture
