@@ -18,7 +18,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from tessera.errors import FailedPrecondition, Internal, InvalidArgument, Unavailable
+from tessera.errors import FailedPrecondition, Internal, InvalidArgument
+from tessera.system.processes import run_tool
 
 log = logging.getLogger(__name__)
 
@@ -182,20 +183,4 @@ def _read(path: Path) -> str:
 
 
 def _dmsetup(argv: list[str], what: str) -> str:
-    try:
-        done = subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-            check=False,
-            stdin=subprocess.DEVNULL,
-        )
-    except FileNotFoundError as exc:
-        raise FailedPrecondition(f"{what}: dmsetup is not installed on this node") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise Unavailable(f"{what}: dmsetup did not answer within {TIMEOUT:.0f}s") from exc
-    if done.returncode != 0:
-        detail = (done.stderr.strip() or done.stdout.strip()).replace("\n", "; ")
-        raise Internal(f"{what} failed: {detail or f'dmsetup exited {done.returncode}'}")
-    return done.stdout
+    return run_tool(argv, what, TIMEOUT)

@@ -30,6 +30,7 @@ from pathlib import Path
 from tessera.errors import FailedPrecondition, Internal, Unavailable
 from tessera.layouts import MD_DATA_OFFSET
 from tessera.models import Layout
+from tessera.system.processes import run_tool
 
 log = logging.getLogger(__name__)
 
@@ -304,22 +305,7 @@ def stop(array: str) -> None:
 
 
 def _mdadm(argv: list[str], what: str) -> None:
-    try:
-        done = subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-            check=False,
-            stdin=subprocess.DEVNULL,
-        )
-    except FileNotFoundError as exc:
-        raise FailedPrecondition(f"{what}: mdadm is not installed on this node") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise Unavailable(f"{what}: mdadm did not answer within {TIMEOUT:.0f}s") from exc
-    if done.returncode != 0:
-        detail = (done.stderr.strip() or done.stdout.strip()).replace("\n", "; ")
-        raise Internal(f"{what} failed: {detail or f'mdadm exited {done.returncode}'}")
+    run_tool(argv, what, TIMEOUT)
 
 
 # ---- the running array (sysfs) ------------------------------------------------------

@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from tessera.errors import FailedPrecondition, Internal, Unavailable
+
 #: how long a process gets to exit on SIGTERM before SIGKILL
 TERMINATE_GRACE = 5.0
 
@@ -121,3 +123,30 @@ def log_tail(log_file: Path, lines: int = 5) -> str:
     except OSError:
         return ""
     return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+
+
+def run_tool(argv: Sequence[str], what: str, timeout: float) -> str:
+    """Run an administration tool (mdadm, dmsetup...) to completion; its stdout.
+
+    Errors say `what` was being done: the tool missing is FailedPrecondition
+    (install it on the node), no answer in `timeout` is Unavailable (retry),
+    a failure is Internal carrying the tool's own words.
+    """
+    tool = os.path.basename(argv[0])
+    try:
+        done = subprocess.run(
+            list(argv),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+    except FileNotFoundError as exc:
+        raise FailedPrecondition(f"{what}: {tool} is not installed on this node") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise Unavailable(f"{what}: {tool} did not answer within {timeout:.0f}s") from exc
+    if done.returncode != 0:
+        detail = (done.stderr.strip() or done.stdout.strip()).replace("\n", "; ")
+        raise Internal(f"{what} failed: {detail or f'{tool} exited {done.returncode}'}")
+    return done.stdout
