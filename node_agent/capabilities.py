@@ -2,6 +2,8 @@
 
 - loop: always (the loop driver is everywhere we run);
 - nbd: nbdkit (exports, and the client nbdfuse starts) and nbdfuse installed;
+- the kernel nbd client (`kernel_nbd`, not a transport of its own): the nbd
+  module loadable, nbd-client and nbdkit (the local TLS bridge) installed;
 - nvme-tcp: the kernel has, loaded or loadable, the NVMe/TCP host (nvme_tcp),
   its DH-HMAC-CHAP support (nvme_auth: every connection authenticates) and
   the target (nvmet_tcp), and configfs is mounted or mountable (nvmet is
@@ -155,6 +157,27 @@ def composed_missing(available: set[str] | None = None) -> list[str]:
 
 def nbd_missing() -> list[str]:
     return [f"{tool} (not installed)" for tool in ("nbdkit", "nbdfuse") if not shutil.which(tool)]
+
+
+KERNEL_NBD_MODULES = ("nbd",)
+KERNEL_NBD_TOOLS = ("nbd-client", "nbdkit")
+
+
+def kernel_nbd_missing(available: set[str] | None = None) -> list[str]:
+    """What keeps this host from the kernel nbd client (node_agent/transports/nbd_kernel.py):
+    the `nbd` module, nbd-client (ioctl mode) and nbdkit (the local TLS bridge). Empty when
+    it can: one-leg nbd attachments then use it, and management may give composed
+    volumes nbd legs here (registration's `kernel_nbd`)."""
+    tools = [f"{t} (not installed)" for t in KERNEL_NBD_TOOLS if not shutil.which(t)]
+    return tools + [f"kernel module {m}" for m in missing_modules(KERNEL_NBD_MODULES, available)]
+
+
+def has_kernel_nbd() -> bool:
+    """Registration's `kernel_nbd`; logs why not."""
+    missing = kernel_nbd_missing()
+    if missing:
+        log.info("the kernel nbd client is not offered: missing %s", ", ".join(missing))
+    return not missing
 
 
 def host_transports() -> list[Transport]:

@@ -1,0 +1,335 @@
+"""The kernel nbd client for real, inside the VM: owner export, local TLS bridge, /dev/nbdN.
+
+The owner is the project's own export code (node_agent/exports.py: nbdkit,
+TLS-PSK required, on loopback); the consumer is
+node_agent/transports/nbd_kernel.py (an nbdkit bridge on a unix socket,
+nbd-client in ioctl mode, the kernel's nbd driver) and the one-leg nbd
+transport on top of it (node_agent/transports/nbd.py). Nothing is faked:
+a test that passes here read its bytes back through the kernel.
+
+State lives under a short /tmp directory, not pytest's tmp_path: the
+bridge's unix socket path must fit in 108 bytes. Every test leaves no
+process, file, loop device or connected nbd device behind; the fixture
+checks that (and cleans up after a failure).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import mmap
+import os
+import secrets
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from node_agent import capabilities
+from node_agent.exports import Exports
+from node_agent.transports.nbd_kernel import MIRROR, SINGLE, KernelNbdClient, NbdTimeouts
+from tessera.errors import Unavailable
+from tessera.ids import new_volume_id
+from tessera.models import AgentExportCreate, Connection, Transport
+from tessera.system import blockdev, loopdev, nbd_kernel, processes
+
+MiB = 1024**2
+SIZE = 64 * MiB
+OWNER = "node-a"
+CONSUMER = "node-b"
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the nbd module, block devices"),
+    # in the VM a missing piece is a failure of the image, not a reason to skip
+    pytest.mark.skipif(
+        bool(capabilities.kernel_nbd_missing()) and os.environ.get("TESSERA_VM") != "1",
+        reason=f"this host cannot: {', '.join(capabilities.kernel_nbd_missing())}",
+    ),
+]
+
+
+@dataclass
+class Rig:
+    root: Path
+    exports: Exports
+    volume_id: str
+    key: str
+
+    @property
+    def volume_file(self) -> Path:
+        return self.root / "pool" / f"{self.volume_id}.img"
+
+    @property
+    def key_file(self) -> Path:
+        """The consumer's copy of the attachment's key (`identity:hex`, 0600)."""
+        return self.root / "keys" / f"{self.volume_id}.psk"
+
+    def export(self) -> int:
+        req = AgentExportCreate(transport=Transport.NBD, psk_identity=CONSUMER, psk_key=self.key)
+        return self.exports.open(self.volume_id, CONSUMER, self.volume_file, req).port
+
+    def owner_pid(self) -> int | None:
+        found = processes.matching(
+            lambda a: os.path.basename(a[0]) == "nbdkit" and f"file={self.volume_file}" in a
+        )
+        return found[0] if found else None
+
+    def kill_owner(self) -> None:
+        """The owner node dies: its nbdkit is gone at once (SIGKILL), its record stays."""
+        pid = self.owner_pid()
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: self.owner_pid() is None, "the owner's nbdkit is gone")
+
+    def restart_owner(self) -> None:
+        """The owner's agent starts again: it restarts the export on its recorded port."""
+        assert self.exports.recover(lambda v: self.volume_file if v == self.volume_id else None)
+
+    def client(self, name: str = "kernel") -> KernelNbdClient:
+        """A client object as a (re)started agent has it: nothing in memory."""
+        return KernelNbdClient(self.root / "conn" / name)
+
+    def connect(self, client: KernelNbdClient, port: int, timeouts: NbdTimeouts) -> str:
+        return client.connect(
+            "127.0.0.1",
+            port,
+            self.key_file,
+            CONSUMER,
+            readonly=False,
+            timeouts=timeouts,
+            what=f"volume {self.volume_id}",
+        )
+
+    def connection(self, port: int) -> Connection:
+        return Connection(
+            transport=Transport.NBD,
+            owner_node=OWNER,
+            host="127.0.0.1",
+            port=port,
+            psk_identity=CONSUMER,
+        )
+
+
+def _ours(root: Path) -> list[str]:
+    """What of this test the host still has: processes, connected nbd devices, loops."""
+    left = [f"pid {p}" for p in processes.matching(lambda a: any(str(root) in x for x in a))]
+    left += [f"loop {b.path}" for b in loopdev.bound_under(root)]
+    for device in nbd_kernel.devices():
+        pid = nbd_kernel.client_pid(device)
+        args = processes.cmdline(pid) if pid is not None else None
+        if args and any(str(root) in a for a in args):
+            left.append(f"connected {device}")
+    return left
+
+
+def _cleanup(root: Path) -> None:
+    for view in loopdev.bound_devices():
+        if view.backing.startswith("/dev/nbd") and _client_under(view.backing, root):
+            loopdev.detach(view.path)
+    conn = root / "conn"
+    for home in conn.iterdir() if conn.is_dir() else []:
+        for sub in [home, *(p for p in home.iterdir() if p.is_dir())]:
+            if (sub / "bridge.sock").exists() or (sub / "client.log").exists():
+                KernelNbdClient(sub).disconnect()
+    for pid in processes.matching(lambda a: any(str(root) in x for x in a)):
+        processes.terminate(pid, os.path.basename(processes.cmdline(pid)[0]), grace=1)  # type: ignore[index]
+
+
+def _client_under(device: str, root: Path) -> bool:
+    pid = nbd_kernel.client_pid(device)
+    args = processes.cmdline(pid) if pid is not None else None
+    return bool(args) and any(str(root) in a for a in args)  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def rig() -> Iterator[Rig]:
+    root = Path(tempfile.mkdtemp(prefix="nbdk-", dir="/tmp"))
+    for sub in ("pool", "keys", "conn"):
+        (root / sub).mkdir(mode=0o700)
+    volume_id, key = new_volume_id(), secrets.token_hex(32)
+    rig = Rig(root, Exports(root / "exports", "127.0.0.1"), volume_id, key)
+    with open(rig.volume_file, "wb") as f:
+        f.truncate(SIZE)
+    rig.key_file.write_text(f"{CONSUMER}:{key}\n")
+    rig.key_file.chmod(0o600)
+    left: list[str] = []
+    try:
+        yield rig
+        rig.exports.close(volume_id, CONSUMER)  # the owner's nbdkit is the fixture's
+        left = _ours(root)
+    finally:
+        _cleanup(root)
+        rig.exports.close(volume_id, CONSUMER)
+        shutil.rmtree(root / "exports", ignore_errors=True)
+        for sub in ("pool", "keys"):
+            shutil.rmtree(root / sub)
+        for directory in (root / "conn", root):
+            try:
+                directory.rmdir()
+            except OSError as err:
+                left.append(f"{directory}: {err.strerror} ({sorted(os.listdir(directory))})")
+    assert left == [], f"left behind: {left}"
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what}")
+        time.sleep(0.05)
+
+
+def write_direct(device: str, data: bytes, offset: int) -> None:
+    buf = mmap.mmap(-1, len(data))
+    buf.write(data)
+    fd = os.open(device, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+    try:
+        assert os.pwritev(fd, [buf], offset) == len(data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_direct(device: str, offset: int, length: int) -> bytes:
+    """Read past every page cache of this kernel (O_DIRECT, aligned buffer)."""
+    buf = mmap.mmap(-1, length)
+    fd = os.open(device, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    try:
+        assert os.preadv(fd, [buf], offset) == length
+    finally:
+        os.close(fd)
+    return bytes(buf)
+
+
+def file_digest(path: Path, offset: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return hashlib.sha256(f.read(length)).digest()
+
+
+# ---- the client ----------------------------------------------------------------------------
+
+
+def test_this_vm_has_the_kernel_nbd_client() -> None:
+    assert capabilities.kernel_nbd_missing() == []
+    assert capabilities.has_kernel_nbd()
+
+
+def test_writes_through_the_kernel_nbd_device_land_in_the_owners_file_and_read_back(
+    rig: Rig,
+) -> None:
+    port = rig.export()
+    client = rig.client()
+    device = rig.connect(client, port, SINGLE)
+    assert nbd_kernel.check_device(device) == device
+    assert blockdev.size_bytes(device) == SIZE
+    name = os.path.basename(device)
+    # 512-byte sectors: any filesystem made over loop, nbdfuse or nvme-tcp mounts here
+    assert Path(f"/sys/block/{name}/queue/logical_block_size").read_text().strip() == "512"
+    assert client.condition() == ""
+    # the home is private: the bridge socket serves the volume without a key
+    assert (client.home.stat().st_mode & 0o777) == 0o700
+    data = secrets.token_bytes(4 * MiB)
+    write_direct(device, data, 8 * MiB)
+    assert file_digest(rig.volume_file, 8 * MiB, len(data)) == hashlib.sha256(data).digest()
+    more = secrets.token_bytes(MiB)
+    with open(rig.volume_file, "r+b") as f:
+        f.seek(32 * MiB)
+        f.write(more)
+    assert read_direct(device, 32 * MiB, MiB) == more
+    for log in ("bridge.log", "client.log"):
+        assert rig.key not in (client.home / log).read_text()
+    client.disconnect()
+
+
+def test_a_restarted_agent_finds_its_device_again_and_connecting_twice_keeps_it(
+    rig: Rig,
+) -> None:
+    port = rig.export()
+    other = Path(tempfile.mkdtemp(prefix="x", dir=rig.root / "conn"))  # a neighbour on the host
+    device = rig.connect(rig.client(), port, MIRROR)
+    pid = nbd_kernel.client_pid(device)
+    # a new object (a restarted agent) finds it by the bridge socket in the client's cmdline
+    again = rig.client()
+    assert again.device() == device and again.condition() == ""
+    assert rig.connect(again, port, MIRROR) == device
+    assert nbd_kernel.client_pid(device) == pid  # the same client: nothing reconnected
+    assert KernelNbdClient(other).device() is None  # another home never finds ours
+    other.rmdir()
+    again.disconnect()
+
+
+def test_disconnect_leaves_no_process_socket_file_or_connected_device(rig: Rig) -> None:
+    port = rig.export()
+    client = rig.client()
+    device = rig.connect(client, port, SINGLE)
+    client_pid, bridge_pid = nbd_kernel.client_pid(device), client.bridge_pid()
+    assert client_pid is not None and bridge_pid is not None
+    rig.client().disconnect()  # a restarted agent disconnects what it did not connect
+    assert not client.home.exists()
+    assert processes.cmdline(client_pid) is None and processes.cmdline(bridge_pid) is None
+    assert nbd_kernel.client_pid(device) is None and nbd_kernel.size_bytes(device) == 0
+    assert client.device() is None
+    rig.client().disconnect()  # nothing there is fine
+
+
+def test_a_wrong_key_is_refused_without_echoing_it_and_leaves_nothing(rig: Rig) -> None:
+    port = rig.export()
+    wrong = secrets.token_hex(32)
+    rig.key_file.write_text(f"{CONSUMER}:{wrong}\n")
+    client = rig.client()
+    with pytest.raises(Unavailable) as err:
+        rig.connect(client, port, MIRROR)
+    assert f"127.0.0.1:{port}" in str(err.value) and rig.volume_id in str(err.value)
+    assert wrong not in str(err.value) and rig.key not in str(err.value)
+    assert not client.home.exists() and client.device() is None
+
+
+def test_a_mirror_legs_reads_fail_within_seconds_once_its_owner_is_killed(rig: Rig) -> None:
+    port = rig.export()
+    client = rig.client()
+    device = rig.connect(client, port, MIRROR)
+    assert len(read_direct(device, 0, 4096)) == 4096
+    rig.kill_owner()
+    started = time.monotonic()
+    with pytest.raises(OSError) as err:
+        read_direct(device, 16 * MiB, 4096)
+    took = time.monotonic() - started
+    assert err.value.errno == errno.EIO
+    # md sees the failed leg at once: the bridge answers with errors, nothing waits 30 s
+    assert took < 10, f"the read failed only after {took:.1f} s"
+    client.disconnect()
+
+
+def test_a_single_volume_waits_for_its_owner_and_carries_on_when_it_is_back(rig: Rig) -> None:
+    data = secrets.token_bytes(MiB)
+    with open(rig.volume_file, "r+b") as f:
+        f.seek(16 * MiB)
+        f.write(data)
+    port = rig.export()
+    client = rig.client()
+    device = rig.connect(client, port, SINGLE)
+    rig.kill_owner()
+    out: dict[str, object] = {}
+
+    def read() -> None:
+        try:
+            out["data"] = read_direct(device, 16 * MiB, MiB)
+        except OSError as err:
+            out["error"] = err
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    reader.join(timeout=5)
+    assert reader.is_alive(), f"the read did not wait for the owner: {out}"
+    rig.restart_owner()  # the same port: the bridge's retries find it again
+    reader.join(timeout=60)
+    assert not reader.is_alive() and out.get("data") == data, out.get("error")
+    assert client.condition() == ""
+    client.disconnect()
