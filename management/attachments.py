@@ -5,11 +5,13 @@ The rules are checked and the record inserted in one write transaction
 two nodes attaching at once cannot both pass a single-writer check.
 
 A consumer on the owner's node reaches the file directly (`loop`). Any
-other consumer gets an NBD export from the owner, protected by a TLS-PSK
-key per attachment (docs/data-path.md): the row is recorded `pending` with
-a fresh key first, the two agent calls run after that transaction commits
-(a slow agent must not hold the database write lock), and a last short
-transaction marks it `ready` with the export's address. A retry of a
+other consumer gets an export from the owner (NBD or nvme-tcp; a composed
+volume one per remote leg, each over its own transport: leg_transport),
+protected by a key per attachment (TLS-PSK, DH-HMAC-CHAP; docs/data-path.md):
+the row is recorded `pending` with a fresh key first, the agent calls run
+after that transaction commits (a slow agent must not hold the database
+write lock), and a last short transaction marks it `ready` with the
+export's address. A retry of a
 pending attachment re-drives the same idempotent calls with the same key,
 so a crash at any point converges. The key never leaves management except
 to those two agents: not in an answer, a log line or an error.
@@ -107,9 +109,10 @@ def _compose(
     """A composed connection: the layout and one LegConnection per live leg it can reach.
 
     A leg on the consumer is a loop device; any other comes over the
-    export its owner made for this attachment (a leg a repair placed but
-    not yet exported is left out until it is). Stale legs are never listed:
-    they missed writes.
+    export its owner made for this attachment, over the transport that
+    export was made for (nvme-tcp or nbd, see leg_transport; a leg a repair
+    placed but not yet exported is left out until it is). Stale legs are
+    never listed: they missed writes.
     """
     connection.layout = Layout(volume.layout)
     connection.chunk_bytes = volume.chunk_bytes
@@ -133,14 +136,15 @@ def _compose(
         export = exports.get(leg.node_id)
         if export is None:
             continue
+        transport = Transport(export.transport or Transport.NVME_TCP.value)
         connection.legs.append(
             LegConnection(
                 index=leg.position,
                 node_id=leg.node_id,
-                transport=Transport.NVME_TCP,
+                transport=transport,
                 host=export.host,
                 port=export.port,
-                subsystem_nqn=export.subsystem_nqn,
+                subsystem_nqn=export.subsystem_nqn if transport == Transport.NVME_TCP else "",
                 state=state,
             )
         )
@@ -330,14 +334,15 @@ def _plan(
     exports = []
     degraded = row.transport == Transport.COMPOSED and is_mirrored(volume.layout or "")
     missing: list[str] = []
-    for node_id, transport in export_targets(s, row, volume):
+    for node_id in export_nodes(s, row, volume):
         node = owner if node_id == owner.id else get_node_row(s, node_id)
         role = "owner node" if node_id == owner.id else "leg node"
         if degraded and liveness.node_state(ctx, node) != NodeState.ONLINE:
             missing.append(node_id)  # md runs without it, if the others hold a whole copy
             continue
         liveness.require_online(ctx, node, role, f"it holds the data of volume {volume.id}")
-        exports.append((node.id, node.agent_url, transport))
+        transport = export_transport(s, row, volume, consumer, node)
+        exports.append((node.id, node.agent_url, transport.value))
     if missing:
         _require_whole_copy(ctx, s, volume, missing)
     return _ExportPlan(
@@ -383,20 +388,35 @@ def _require_whole_copy(ctx: Context, s: Session, volume: VolumeRow, missing: li
     )
 
 
-def export_targets(s: Session, row: AttachmentRow, volume: VolumeRow) -> list[tuple[str, str]]:
-    """(node, transport) of each export a remote attachment needs.
-
-    One-leg volumes: the owner, over the attachment's transport. Composed:
-    every live leg that is not on the consumer, over nvme-tcp.
-    """
+def export_nodes(s: Session, row: AttachmentRow, volume: VolumeRow) -> list[str]:
+    """The nodes that export to a remote attachment: a one-leg volume's owner, or every
+    live leg of a composed one that is not on the consumer."""
     if row.transport != Transport.COMPOSED:
-        return [(volume.node_id, row.transport)]
+        return [volume.node_id]
     legs = s.scalars(
         select(VolumeLegRow.node_id)
         .where(VolumeLegRow.volume_id == volume.id, VolumeLegRow.node_id != row.node_id)
         .order_by(VolumeLegRow.position)
     )
-    return [(node_id, Transport.NVME_TCP.value) for node_id in legs]
+    return list(legs)
+
+
+def export_transport(
+    s: Session, row: AttachmentRow, volume: VolumeRow, consumer: NodeRow, node: NodeRow
+) -> Transport:
+    """What `node`'s export to the attachment is made for.
+
+    One-leg volumes: the attachment's transport. A composed leg keeps the
+    transport its export was made for (the consumer holds the leg over it:
+    switching it under a live md array would swap the leg's device); a leg
+    not exported yet (new, or placed by a repair) gets leg_transport's choice.
+    """
+    if row.transport != Transport.COMPOSED:
+        return Transport(row.transport)
+    made = s.get(AttachmentLegRow, (volume.id, row.node_id, node.id))
+    if made is not None and made.transport:
+        return Transport(made.transport)
+    return leg_transport(volume, consumer, node)
 
 
 def _client_address(agent_url: str) -> str:
@@ -452,6 +472,7 @@ class MadeExport:
     host: str
     port: int
     subsystem_nqn: str
+    transport: str = Transport.NVME_TCP.value
 
 
 def make_exports(ctx: Context, plan: _ExportPlan) -> list[MadeExport]:
@@ -463,12 +484,13 @@ def make_exports(ctx: Context, plan: _ExportPlan) -> list[MadeExport]:
             psk_identity=plan.psk_identity,
             psk_key=plan.psk_key,
             # nvmet has no per-host read-only: nvme-tcp exports are asked read-write and
-            # the consumer keeps a read-only attachment read-only (docs/layouts.md)
-            readonly=plan.readonly and transport == Transport.NBD,
+            # the consumer keeps a read-only attachment read-only (docs/layouts.md); so
+            # are a composed volume's nbd legs: md and dm need every leg as one view
+            readonly=plan.readonly and plan.transport == Transport.NBD,
             client_address=_client_address(plan.consumer_url),
         )
         export = ctx.agents.get(url).export(plan.volume_id, plan.consumer, request)
-        made.append(MadeExport(node_id, export.host, export.port, export.subsystem_nqn))
+        made.append(MadeExport(node_id, export.host, export.port, export.subsystem_nqn, transport))
     return made
 
 
@@ -481,28 +503,24 @@ def record_exports(s: Session, volume_id: str, consumer: str, made: list[MadeExp
             s.add(found)
         found.host, found.port = export.host, export.port
         found.subsystem_nqn = export.subsystem_nqn
+        found.transport = export.transport
 
 
 def choose_transport(s: Session, volume: VolumeRow, consumer: NodeRow, readonly: bool) -> Transport:
     """How `consumer` reaches the volume (docs/layouts.md, "Transports").
 
-    The file on the consumer: loop. Several legs: composed, every remote
-    leg over nvme-tcp (checked here, so a node that cannot is refused
-    before anything is made). One remote leg: the StorageClass parameter
-    `transport` when given, else nvme-tcp when both nodes offer it, else
-    nbd; read-only attachments use nbd (nvmet has no per-host read-only).
+    The file on the consumer: loop. Several legs: composed, each remote leg
+    over what leg_transport picks (checked here, so a node that cannot is
+    refused before anything is made). One remote leg: the StorageClass
+    parameter `transport` when given, else nvme-tcp when both nodes offer
+    it, else nbd; read-only attachments use nbd (nvmet has no per-host
+    read-only).
     """
     forced = (volume.parameters or {}).get(TRANSPORT_PARAMETER, "")
     if volume.layout not in ("", Layout.CONCAT.value):
-        if forced == Transport.NBD.value:
-            raise FailedPrecondition(
-                f"volume {volume.id} has layout {volume.layout}, whose remote legs need "
-                "nvme-tcp, but its parameters.transport forces nbd (nbd legs are not supported)",
-                field="parameters",
-            )
         legs = s.scalars(select(VolumeLegRow.node_id).where(VolumeLegRow.volume_id == volume.id))
         for leg_node in sorted(set(legs) - {consumer.id}):
-            _require_transport(volume, consumer, get_node_row(s, leg_node), Transport.NVME_TCP)
+            leg_transport(volume, consumer, get_node_row(s, leg_node))
         return Transport.COMPOSED
     if consumer.id == volume.node_id:
         return Transport.LOOP
@@ -532,6 +550,58 @@ def _require_transport(
         "install what it needs there (docs/layouts.md) or change parameters.transport",
         field="node_id",
     )
+
+
+def leg_transport(volume: VolumeRow, consumer: NodeRow, leg_node: NodeRow) -> Transport:
+    """How `consumer` reaches a composed volume's leg on `leg_node` (docs/layouts.md).
+
+    The StorageClass parameter `transport` when given; else nvme-tcp when
+    both nodes offer it (the kernel's own target and initiator: the
+    production path), else nbd. An nbd leg needs nbd (nbdkit) on the leg's
+    node and the kernel nbd client on the consumer: md and dm compose block
+    devices in the kernel, which nbdfuse's loop device on a FUSE file would
+    put behind a userspace round trip and an extra failure mode.
+    FailedPrecondition names each node and what it offers or lacks.
+    """
+    forced = (volume.parameters or {}).get(TRANSPORT_PARAMETER, "")
+    wanted = [Transport(forced)] if forced else [Transport.NVME_TCP, Transport.NBD]
+    why = []
+    for want in wanted:
+        nvme = want == Transport.NVME_TCP
+        lacks = _nvme_lacks(consumer, leg_node) if nvme else _nbd_lacks(consumer, leg_node)
+        if not lacks:
+            return want
+        why.append(f"{want.value}: {'; '.join(lacks)}")
+    over = f"over {forced} (parameters.transport)" if forced else "over nvme-tcp or nbd"
+    change = " or change parameters.transport" if forced else ""
+    raise FailedPrecondition(
+        f"volume {volume.id} ({volume.layout}) has a leg on node {leg_node.id} that node "
+        f"{consumer.id} cannot reach {over} ({' / '.join(why)}); install what it needs "
+        f"there (docs/layouts.md){change}",
+        field="node_id",
+    )
+
+
+def _nvme_lacks(consumer: NodeRow, leg_node: NodeRow) -> list[str]:
+    """Why nvme-tcp cannot join the two nodes: each one that does not offer it."""
+    return [
+        f"node {n.id} offers {', '.join(node_transports(n))}"
+        for n in (consumer, leg_node)
+        if Transport.NVME_TCP.value not in node_transports(n)
+    ]
+
+
+def _nbd_lacks(consumer: NodeRow, leg_node: NodeRow) -> list[str]:
+    """Why an nbd leg cannot join them: the leg's node serves no nbd, or the consumer
+    has no kernel nbd client."""
+    lacks = []
+    if Transport.NBD.value not in node_transports(leg_node):
+        lacks.append(f"node {leg_node.id} offers {', '.join(node_transports(leg_node))}")
+    if not consumer.kernel_nbd:
+        lacks.append(
+            f"node {consumer.id} has no kernel nbd client (the nbd module, nbd-client and nbdkit)"
+        )
+    return lacks
 
 
 def refresh_connection(ctx: Context, volume_id: str, node_id: str) -> Attachment | None:
@@ -619,7 +689,7 @@ def detach(ctx: Context, volume_id: str, node_id: str) -> bool:
             if volume is not None:
                 owners = [
                     s.get(NodeRow, n)
-                    for n, _ in export_targets(s, row, volume)
+                    for n in export_nodes(s, row, volume)
                     if not _never_exported(ctx, s, row, n)
                 ]
             for owner in owners:

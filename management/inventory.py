@@ -64,6 +64,7 @@ def node_model(ctx: Context, row: NodeRow) -> Node:
         topology=dict(row.topology or {}),
         max_volumes=row.max_volumes,
         transports=node_transports(row),
+        kernel_nbd=bool(row.kernel_nbd),
         last_heartbeat=row.last_heartbeat,
         online=state == NodeState.ONLINE,
         state=state,
@@ -97,6 +98,7 @@ def _upsert_node(ctx: Context, node_id: str, reg: NodeRegistration) -> Node:
         row.max_volumes = reg.max_volumes
         # in the order of tessera.models.Transport, once each, whatever the agent sent
         row.transports = ",".join(t.value for t in Transport if t in reg.transports)
+        row.kernel_nbd = reg.kernel_nbd
         row.last_heartbeat = ctx.clock()
         # fenced_at stays: fencing is lifted only by an admin (unfence_node), never by
         # the node itself, which may come back with a pod still writing to a local volume

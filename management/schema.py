@@ -57,6 +57,9 @@ class NodeRow(Base):
     transports: Mapped[str] = mapped_column(
         String(128), default="loop,nbd", server_default=text("'loop,nbd'")
     )
+    #: the kernel nbd client (nbd module, nbd-client, nbdkit): it can attach nbd legs of
+    #: composed volumes (an agent older than those registers none: false)
+    kernel_nbd: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
 
 
 class PoolRow(Base):
@@ -218,9 +221,9 @@ class AttachmentRow(Base):
 class AttachmentLegRow(Base):
     """One export a remote attachment uses: a leg's owner exports its file to the consumer.
 
-    nvme-tcp and composed attachments: the subsystem (and its address) each
-    owner answered, so the consumer's connection names exactly what was
-    made. Goes with its attachment.
+    nvme-tcp and composed attachments: the transport, address (and nvme-tcp
+    subsystem) each owner answered, so the consumer's connection names
+    exactly what was made. Goes with its attachment.
     """
 
     __tablename__ = "attachment_legs"
@@ -240,6 +243,11 @@ class AttachmentLegRow(Base):
     host: Mapped[str] = mapped_column(String(255), default="")
     port: Mapped[int] = mapped_column(Integer, default=0)
     subsystem_nqn: Mapped[str] = mapped_column(String(223), default="")
+    #: tessera.models.Transport the export was made for (nvme-tcp or nbd); rows made
+    #: before nbd legs existed were all nvme-tcp
+    transport: Mapped[str] = mapped_column(
+        String(16), default="nvme-tcp", server_default=text("'nvme-tcp'")
+    )
 
 
 class SnapshotRow(Base):

@@ -363,12 +363,6 @@ def _place_legs(
 ) -> tuple[int, int, list[PoolSpace]]:
     """(volume size, leg size, a pool per leg) of a raid0/raid1/raid10 volume."""
     layout, nlegs, chunk = vpg
-    if req.parameters.get(TRANSPORT_PARAMETER) == "nbd":  # refused now, not at every publish
-        raise InvalidArgument(
-            f"parameters.{TRANSPORT_PARAMETER} 'nbd' cannot serve vpg {req.vpg!r} (layout "
-            f"{layout}): its remote legs need nvme-tcp (nbd legs are not supported)",
-            field=f"parameters.{TRANSPORT_PARAMETER}",
-        )
     if req.content_source is not None:
         raise FailedPrecondition(
             f"vpg {req.vpg!r} has layout {layout}: clones are made of one-leg (concat) "

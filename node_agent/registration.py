@@ -44,8 +44,9 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from node_agent import capabilities
 from node_agent.keys import write_private
 from tessera.clients import ManagementClient
 from tessera.errors import NotFound, TesseraError
@@ -143,6 +144,8 @@ class Registrar:
         self.client = client
         #: what this host can serve and attach over (node_agent/capabilities.py); None: unsaid
         self.transports = transports
+        #: whether it has the kernel nbd client; None: not probed yet (sent with transports)
+        self.kernel_nbd: bool | None = None
         self.node_id = node_id
         self.agent_url = agent_url
         self.capacities = capacities
@@ -177,7 +180,10 @@ class Registrar:
     def register(self) -> None:
         """One full registration: the node, then each pool with its capacity."""
         topology = {TOPOLOGY_KEY: self.node_id}
-        offered = {"transports": self.transports} if self.transports is not None else {}
+        offered: dict[str, Any] = {}
+        if self.transports is not None:  # an agent saying what its host can do
+            # nbd legs of composed volumes need the kernel nbd client on the consumer
+            offered = {"transports": self.transports, "kernel_nbd": self._kernel_nbd()}
         self.client.register_node(
             self.node_id, self.agent_url, topology, self.max_volumes, **offered
         )
@@ -185,6 +191,12 @@ class Registrar:
         self.report_pools()
         self.registered.set()
         log.info("registered node %s (%s) with management", self.node_id, self.agent_url)
+
+    def _kernel_nbd(self) -> bool:
+        """Probed once (it logs why not): modules and tools do not come and go under us."""
+        if self.kernel_nbd is None:
+            self.kernel_nbd = capabilities.has_kernel_nbd()
+        return self.kernel_nbd
 
     def report_pools(self) -> None:
         """Send each pool's report that differs from what management last accepted.

@@ -97,6 +97,7 @@ class ManagementClient(_TypedClient):
         topology: dict[str, str],
         max_volumes: int = 0,
         transports: list[str] | None = None,
+        kernel_nbd: bool | None = None,
     ) -> Node:
         body: dict[str, object] = {
             "agent_url": agent_url,
@@ -105,6 +106,8 @@ class ManagementClient(_TypedClient):
         }
         if transports is not None:  # none: management assumes loop and nbd (older agents)
             body["transports"] = transports
+        if kernel_nbd is not None:  # none: management assumes no kernel nbd client
+            body["kernel_nbd"] = kernel_nbd
         return self._parse(Node, self._c.request("PUT", f"/v1/nodes/{node_id}", json=body))
 
     def heartbeat(self, node_id: str) -> HeartbeatReply:

@@ -169,6 +169,11 @@ class NodeRegistration(Strict):
         max_length=8,
         description="what this host can serve and attach over (modules present, tools installed)",
     )
+    kernel_nbd: bool = Field(
+        default=False,
+        description="the kernel nbd client (nbd module, nbd-client, nbdkit as the local TLS "
+        "bridge): what nbd legs of composed volumes need on the consumer",
+    )
 
 
 class Node(BaseModel):
@@ -177,6 +182,9 @@ class Node(BaseModel):
     topology: dict[str, str]
     max_volumes: int
     transports: list[str] = Field(default_factory=lambda: ["loop", "nbd"])
+    kernel_nbd: bool = Field(
+        default=False, description="it can attach nbd legs of composed volumes (kernel nbd)"
+    )
     last_heartbeat: float
     online: bool
     state: NodeState = NodeState.ONLINE
