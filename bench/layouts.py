@@ -10,8 +10,10 @@ On a three-node stack (network namespaces, file pools), volumes published
 - raid0 over 3 legs vs a 1-leg volume (nvme-tcp), 1 MiB sequential read/write
   and 4k random read: what striping buys;
 - raid1 (2 legs) write vs a 1-leg volume: what the second copy costs;
-- nvme-tcp vs nbd, 1-leg volumes on n2 published on n1: the kernel path vs
-  nbdkit + nbdfuse + loop.
+- nvme-tcp vs nbd, 1-leg volumes on n2 published on n1: the kernel's NVMe/TCP
+  vs NBD, which here (a kernel with nbd.ko) is the kernel nbd client on a
+  local nbdkit TLS-PSK bridge (node_agent/transports/nbd_kernel.py);
+- raid1 (2 legs) write with its remote leg over nbd vs over nvme-tcp.
 
 The ratio is the median of per-round ratios (rounds alternate which side
 goes first, so load on the machine hits both alike).
@@ -127,11 +129,14 @@ def main(argv: list[str] | None = None) -> int:
                 ("raid1x2", {"vpg": "mirror2"}, "n2"),
                 ("nvme", {"transport": "nvme-tcp", "locality": "preferred"}, "n2"),
                 ("nbd", {"transport": "nbd", "locality": "preferred"}, "n2"),
+                ("raid1x2-nbd", {"vpg": "mirror2", "transport": "nbd"}, "n2"),
             ]:
                 dev[name] = str(kube.publish(create(kube, params, on), "n1", block_cap()).target)
             comparisons = [("raid0 x3 / 1 leg (nvme)", "raid0x3", "nvme", list(JOBS)),
                            ("raid1 x2 / 1 leg (nvme)", "raid1x2", "nvme", ["1M seqwrite"]),
-                           ("nvme-tcp / nbd", "nvme", "nbd", list(JOBS))]  # fmt: skip
+                           ("nvme-tcp / nbd", "nvme", "nbd", list(JOBS)),
+                           ("raid1 nbd legs / nvme legs", "raid1x2-nbd", "raid1x2",
+                            ["1M seqwrite"])]  # fmt: skip
             for what, ours, base, jobs in comparisons:
                 for job in jobs:
                     value = ratio(dev[ours], dev[base], job, opts.runtime, opts.rounds)

@@ -1,7 +1,9 @@
 """The composed transport: a volume made of legs on several nodes, put together here.
 
 Every leg in `Connection.legs` is attached (a loop device on this node's
-leg file when the leg is local, an nvme-tcp namespace otherwise), then:
+leg file when the leg is local; a remote leg is an nvme-tcp namespace, or a
+kernel nbd device through a local TLS bridge, node_agent/transports/nbd_kernel.py),
+then:
 
 - raid0: a device-mapper `striped` device `tessera-<volume-id>` over the
   legs in index order (tessera.system.dm): no metadata, the table is the
@@ -18,7 +20,9 @@ the connection as assembled (legs included), the mode, which listed legs
 were left out as stale, the md array's kernel name, and a digest of the key
 (never the key). The kernel is the rest of the record: the dm device by
 name, the md array by the UUID in its members' superblocks, local legs by
-their loop label, remote legs by subsystem and host NQN in sysfs. So an
+their loop label, nvme-tcp legs by subsystem and host NQN in sysfs, nbd legs
+by their client's bridge socket (`nbd-leg-<index>/` in the volume's
+directory, /sys/block/nbdN/pid). So an
 agent restarted at any point adopts exactly what is there, and a repeated
 connect or disconnect converges.
 
@@ -46,6 +50,7 @@ from pathlib import Path
 
 from node_agent.pools import Pool
 from node_agent.transports import BlockDevice, loops
+from node_agent.transports.nbd_kernel import MIRROR, SINGLE, KernelNbdClient
 from node_agent.transports.nvme_tcp import read_key, target_of
 from tessera import layouts
 from tessera.errors import FailedPrecondition, Internal, InvalidArgument, NotFound, Unavailable
@@ -60,6 +65,8 @@ RECORD = "record.json"
 #: how long a remote leg gets to show its grown size after a rescan
 GROW_WAIT = 15.0
 MD_DIR = Path("/dev/md")
+#: an nbd leg's client directory in the volume's: `nbd-leg-<index>`
+NBD_LEG = "nbd-leg-"
 
 
 @dataclass(frozen=True)
@@ -275,6 +282,8 @@ class ComposedTransport:
             return loops.bind(
                 volume_id, str(self._leg_file(volume_id)), False, self.name, leg=True
             ).path
+        if leg.transport == Transport.NBD:
+            return self._attach_nbd_leg(volume_id, leg, layout, identity)
         target = self._target(volume_id, leg, identity)
         device = nvme_host.namespace_device(target)
         if device is not None and os.path.exists(device):
@@ -286,10 +295,31 @@ class ComposedTransport:
         nvme_host.connect(target, secret, timeouts)
         return nvme_host.wait_namespace(target)
 
+    def _attach_nbd_leg(
+        self, volume_id: str, leg: LegConnection, layout: Layout, identity: str
+    ) -> str:
+        """A kernel nbd device on the leg's export: a mirror leg fails fast (md carries
+        on without it), a stripe leg waits for its node like a one-leg volume."""
+        client = self._nbd_client(volume_id, leg)
+        found = client.device()
+        if found is not None:
+            return found
+        return client.connect(
+            leg.host,
+            leg.port,
+            self.key_path(volume_id),
+            identity,
+            readonly=False,  # md and dm need every leg read-write; a read-only view stays so
+            timeouts=MIRROR if layouts.is_mirrored(layout) else SINGLE,
+            what=f"volume {volume_id} leg {leg.index} (node {leg.node_id})",
+        )
+
     def _leg_device(self, volume_id: str, leg: LegConnection, identity: str) -> str | None:
         """Where the leg is attached now; None when it is not."""
         if leg.transport == Transport.LOOP:
             return self._local_leg(volume_id)
+        if leg.transport == Transport.NBD:
+            return self._nbd_client(volume_id, leg).device()
         return nvme_host.namespace_device(self._target(volume_id, leg, identity))
 
     def _detach_leg(self, volume_id: str, leg: LegConnection, identity: str) -> None:
@@ -297,7 +327,22 @@ class ComposedTransport:
             for path in self._local_legs(volume_id):
                 loops.unbind(BlockDevice(volume_id, path, "", False, self.name))
             return
+        if leg.transport == Transport.NBD:
+            self._nbd_client(volume_id, leg).disconnect()
+            return
         nvme_host.disconnect(self._target(volume_id, leg, identity))
+
+    def _nbd_client(self, volume_id: str, leg: LegConnection) -> KernelNbdClient:
+        """The client of the leg in slot `leg.index` (its directory is in the volume's)."""
+        return KernelNbdClient(self.dir / check_volume_id(volume_id) / f"{NBD_LEG}{leg.index}")
+
+    def _nbd_homes(self, volume_id: str) -> list[Path]:
+        """Every nbd leg client directory of the volume, listed in its record or not
+        (a crash between making one and recording its leg)."""
+        home = self.dir / volume_id
+        if not home.is_dir():
+            return []
+        return sorted(p for p in home.iterdir() if p.name.startswith(NBD_LEG) and p.is_dir())
 
     def _local_legs(self, volume_id: str) -> list[str]:
         """Loop devices labelled as this volume's leg (normally one)."""
@@ -535,7 +580,10 @@ class ComposedTransport:
                 if self._local_leg(volume_id) is None:
                     problems.append(f"leg {leg.index} ({leg.node_id}): its loop device is gone")
                 continue
-            why = nvme_host.condition(self._target(volume_id, leg, record.identity))
+            if leg.transport == Transport.NBD:
+                why = self._nbd_client(volume_id, leg).condition()
+            else:
+                why = nvme_host.condition(self._target(volume_id, leg, record.identity))
             if why:
                 problems.append(f"leg {leg.index} ({leg.node_id}): {why}")
         return "; ".join(problems)
@@ -603,6 +651,9 @@ class ComposedTransport:
         if record is None:
             raise Internal(f"volume {device.volume_id} has a composed device but no record")
         connection = record.connection
+        if self._nbd_legs_short(device.volume_id, record, min_size_bytes):
+            device = self._reconnect(device, record)
+            record = self._read(device.volume_id) or record
         legs = self._refreshed_legs(device.volume_id, record, min_size_bytes)
         if layouts.is_mirrored(connection.layout):
             data = min(blockdev.size_bytes(p) for p in legs.values()) - layouts.MD_DATA_OFFSET
@@ -617,6 +668,36 @@ class ComposedTransport:
         )
         if grown is not None:
             dm.reload(dm.dm_name(device.volume_id), grown)
+
+    def _nbd_legs_short(self, volume_id: str, record: Record, min_size_bytes: int) -> bool:
+        """Whether an nbd leg shows less than `min_size_bytes` needs: NBD fixes an
+        export's size when the client connects, so only a reconnect shows more."""
+        if not min_size_bytes:
+            return False
+        connection = record.connection
+        want = layouts.leg_size(connection.layout, min_size_bytes, len(connection.legs))
+        for leg in connection.legs:
+            if leg.transport == Transport.NBD:
+                path = self._nbd_client(volume_id, leg).device()
+                if path is not None and blockdev.size_bytes(path) < want:
+                    return True
+        return False
+
+    def _reconnect(self, device: BlockDevice, record: Record) -> BlockDevice:
+        """Put the volume together again over freshly connected legs, which only a
+        device nothing holds allows (no mount, no view, nothing stacked)."""
+        views = [d.path for d in self.devices() if d.volume_id == device.volume_id and d.view_key]
+        held = blockdev.holders(device.path) + [f"read-only view {v}" for v in views]
+        if held:
+            raise FailedPrecondition(
+                f"volume {device.volume_id} has legs attached over nbd, which show a grown "
+                f"volume only after reconnecting, and {device.path} is in use "
+                f"({'; '.join(held)}); the new size appears once the volume is unstaged and "
+                "staged again",
+                field="volume_id",
+            )
+        self.disconnect(device.volume_id)
+        return self.connect(device.volume_id, record.connection, record.readonly)
 
     def _refreshed_legs(
         self, volume_id: str, record: Record, min_size_bytes: int
@@ -636,7 +717,7 @@ class ComposedTransport:
                 loops.refresh_if_grown(
                     BlockDevice(volume_id, path, str(self._leg_file(volume_id)), False, self.name)
                 )
-            else:
+            elif leg.transport == Transport.NVME_TCP:
                 nvme_host.rescan(self._target(volume_id, leg, record.identity))
             legs[leg.index] = path
         if not legs:
@@ -704,6 +785,8 @@ class ComposedTransport:
 
     def _remove_home(self, volume_id: str) -> None:
         home = self.dir / volume_id
+        for client in self._nbd_homes(volume_id):  # one a crash left out of the record too
+            KernelNbdClient(client).disconnect()
         for name in (RECORD, f"{RECORD}.tmp"):
             (home / name).unlink(missing_ok=True)
         try:
@@ -754,14 +837,20 @@ def check_connection(volume_id: str, connection: Connection) -> None:
 
 def _check_remote_leg(volume_id: str, leg: LegConnection) -> None:
     where = f"leg {leg.index} (node {leg.node_id})"
-    if leg.transport != Transport.NVME_TCP:
+    if leg.transport not in (Transport.NVME_TCP, Transport.NBD):
         raise InvalidArgument(
             f"{where} comes over {leg.transport.value}: remote legs of a composed volume "
-            "need nvme-tcp",
+            "come over nvme-tcp or nbd",
             field="connection.legs",
         )
     if not (leg.host and leg.port):
         raise InvalidArgument(f"{where} needs host and port", field="connection.legs")
+    if leg.transport == Transport.NBD:
+        if leg.subsystem_nqn:
+            raise InvalidArgument(
+                f"{where} comes over nbd and names an nvme subsystem", field="connection.legs"
+            )
+        return
     expected = subsystem_nqn(volume_id, leg.node_id)
     if leg.subsystem_nqn and leg.subsystem_nqn != expected:
         raise InvalidArgument(

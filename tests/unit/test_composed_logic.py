@@ -352,10 +352,24 @@ def test_too_few_legs_for_the_layout_are_refused() -> None:
         composed.check_connection("vol-x", conn.model_copy(update={"layout": Layout.RAID1}))
 
 
-def test_a_remote_leg_over_nbd_is_refused_naming_it() -> None:
+def test_a_remote_leg_over_nbd_is_taken_without_a_subsystem() -> None:
+    conn = mirror("a", "b")
+    conn.legs[1] = conn.legs[1].model_copy(update={"transport": Transport.NBD, "subsystem_nqn": ""})
+    composed.check_connection("vol-x", conn)
+
+
+def test_an_nbd_leg_naming_an_nvme_subsystem_is_refused_naming_it() -> None:
     conn = mirror("a", "b")
     conn.legs[1] = conn.legs[1].model_copy(update={"transport": Transport.NBD})
-    with pytest.raises(InvalidArgument, match="leg 1 .node b. comes over nbd"):
+    assert conn.legs[1].subsystem_nqn
+    with pytest.raises(InvalidArgument, match="leg 1 .node b. comes over nbd and names"):
+        composed.check_connection("vol-x", conn)
+
+
+def test_a_remote_leg_over_a_local_only_transport_is_refused_naming_it() -> None:
+    conn = mirror("a", "b")
+    conn.legs[1] = conn.legs[1].model_copy(update={"transport": Transport.COMPOSED})
+    with pytest.raises(InvalidArgument, match="leg 1 .node b. comes over composed"):
         composed.check_connection("vol-x", conn)
 
 

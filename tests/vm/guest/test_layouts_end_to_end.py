@@ -5,12 +5,14 @@ tests/multihost), each with its file pool, agent and CSI node plugin;
 management runs with two multi-leg vpgs. Everything is driven the way
 Kubernetes and an admin drive it: CSI RPCs to the controller and node
 plugins, the management REST API and the `tessera` CLI. Legs on other nodes
-travel over nvme-tcp (nvmet in configfs, DH-HMAC-CHAP), the consumer
-composes them with dm `striped` (raid0) or md (raid1).
+travel over nvme-tcp (nvmet in configfs, DH-HMAC-CHAP) or, with the
+StorageClass parameter `transport: nbd`, over NBD into the kernel nbd client
+(a local TLS-PSK bridge); the consumer composes them with dm `striped`
+(raid0) or md (raid1).
 
 The module's teardown asserts nothing is left: no namespaces, mounts, loop
 devices, processes, nvme controllers, nvmet subsystems, md arrays or dm
-devices.
+devices, connected nbd devices.
 """
 
 from __future__ import annotations
@@ -68,13 +70,15 @@ NVMET_SUBSYSTEMS = Path("/sys/kernel/config/nvmet/subsystems")
 class LayoutKube(Kube):
     """Kube whose volumes come from a named vpg (a StorageClass's `vpg` parameter)."""
 
-    def create_in(self, vpg: str, size: int = SIZE) -> str:
+    def create_in(self, vpg: str, size: int = SIZE, transport: str = "") -> str:
+        """A volume of `vpg`; `transport` forces how remote legs come (nbd, nvme-tcp)."""
+        parameters = {"vpg": vpg} | ({"transport": transport} if transport else {})
         reply = self.c.controller.CreateVolume(
             csi_pb2.CreateVolumeRequest(
                 name=f"vm-{secrets.token_hex(6)}",
                 capacity_range=csi_pb2.CapacityRange(required_bytes=size),
                 volume_capabilities=[block_cap()],
-                parameters={"vpg": vpg},
+                parameters=parameters,
             ),
             timeout=RPC_TIMEOUT,
         )
@@ -97,7 +101,13 @@ def kernel_leftovers() -> dict[str, list[str]]:
         ),
         "md arrays": [ln.split()[0] for ln in md.splitlines() if ln.startswith("md")],
         "dm devices": [ln.split()[0] for ln in dm.splitlines() if ln.startswith("tessera")],
+        "connected nbd devices": connected_nbd(),
     }
+
+
+def connected_nbd() -> list[str]:
+    """/dev/nbdN the kernel has a client for (its pid in sysfs)."""
+    return sorted(p.parent.name for p in Path("/sys/block").glob("nbd*/pid"))
 
 
 def keep_logs(state: Path) -> None:
@@ -207,15 +217,23 @@ def test_mdadm_builds_a_mirror_the_kernel_runs(tmp_path: Path) -> None:
 # ---- volumes through the stack -------------------------------------------------------
 
 
-@pytest.mark.parametrize(("vpg", "legs"), [(STRIPE, 3), (MIRROR, 2)], ids=["raid0", "raid1"])
+@pytest.mark.parametrize(
+    ("vpg", "legs", "transport"),
+    [(STRIPE, 3, ""), (MIRROR, 2, ""), (STRIPE, 3, "nbd"), (MIRROR, 2, "nbd")],
+    ids=["raid0", "raid1", "raid0-nbd-legs", "raid1-nbd-legs"],
+)
 def test_a_multi_leg_volume_keeps_its_data_across_restage_and_reattach_on_another_node(
-    cluster: Cluster, kube: LayoutKube, vpg: str, legs: int
+    cluster: Cluster, kube: LayoutKube, vpg: str, legs: int, transport: str
 ) -> None:
-    vid = kube.create_in(vpg)
+    vid = kube.create_in(vpg, transport=transport)
     volume = legs_of(cluster, vid)
     nodes = [leg.node_id for leg in volume.legs]
     assert len(set(nodes)) == legs, f"{vpg}: legs not on {legs} distinct nodes: {nodes}"
+    nbd_before = connected_nbd()
     pub = kube.publish(vid, "n1", block_cap())
+    remote = len([n for n in nodes if n != "n1"])
+    if transport == "nbd":  # every remote leg is a kernel nbd device, none is nvme
+        assert len(connected_nbd()) == len(nbd_before) + remote, connected_nbd()
     # the layout rounds up to whole stripes: what management says, never less than asked
     assert int(cluster.io("n1", "size", pub.target)) == volume.size_bytes >= SIZE
     head = cluster.io("n1", "write", pub.target, 0, 4 * MiB, 1)
@@ -263,10 +281,11 @@ def test_a_striped_volume_grows_and_keeps_its_data(cluster: Cluster, kube: Layou
     kube.unpublish(pub)
 
 
+@pytest.mark.parametrize("transport", ["", "nbd"], ids=["nvme-tcp-legs", "nbd-legs"])
 def test_a_mirror_keeps_writing_when_a_leg_node_dies_and_repair_restores_it(
-    cluster: Cluster, kube: LayoutKube, tmp_path: Path
+    cluster: Cluster, kube: LayoutKube, tmp_path: Path, transport: str
 ) -> None:
-    vid = kube.create_in(MIRROR)
+    vid = kube.create_in(MIRROR, transport=transport)
     legs = legs_of(cluster, vid).legs
     leg_nodes = {leg.node_id for leg in legs}
     consumer = next(n for n in cluster.info.node_ids if n not in leg_nodes)
@@ -306,3 +325,22 @@ def test_a_mirror_keeps_writing_when_a_leg_node_dies_and_repair_restores_it(
         stop_process(writer)
         if not restored:
             cluster.stack.restore(victim)
+
+
+def test_a_one_leg_volume_over_nbd_is_a_kernel_nbd_device_that_keeps_its_data(
+    cluster: Cluster, kube: LayoutKube
+) -> None:
+    """The default vpg (one leg) reached from another node with `transport: nbd`: the
+    kernel nbd client through the local TLS bridge (nbdfuse only where there is none)."""
+    vid = kube.create_in("default", transport="nbd")
+    owner = legs_of(cluster, vid).node_id
+    consumer = next(n for n in cluster.info.node_ids if n != owner)
+    before = connected_nbd()
+    pub = kube.publish(vid, consumer, block_cap())
+    assert len(connected_nbd()) == len(before) + 1, "not attached through the kernel nbd client"
+    data = cluster.io(consumer, "write", pub.target, 0, 4 * MiB, 5)
+    kube.unpublish(pub)
+    assert connected_nbd() == before, "the kernel nbd device outlived its unpublish"
+    pub = kube.publish(vid, consumer, block_cap())
+    assert cluster.io(consumer, "read", pub.target, 0, 4 * MiB, timeout=SLOW) == data
+    kube.unpublish(pub)
