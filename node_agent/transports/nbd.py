@@ -1,23 +1,34 @@
 """The nbd transport: a volume another node exports over NBD with TLS-PSK.
 
-Without the kernel `nbd` module (these machines have none) the client is
-userspace: `nbdfuse` runs an NBD client (`nbdkit -s nbd … tls=require
-tls-psk=<key file>`) and presents the export as one file on a FUSE mount;
-a loop device on that file is the block device, so everything above
-(format, mount, views, stats) is the same as for a local volume.
+Two clients, chosen per connect by what the host has:
+
+- the kernel's (`nbd` module, nbd-client, nbdkit: capabilities.kernel_nbd_missing
+  is empty): node_agent/transports/nbd_kernel.py, a local nbdkit TLS bridge
+  on a unix socket and /dev/nbdN in ioctl mode, with the SINGLE timeouts
+  (the kernel waits for a lost owner, the bridge reconnects to it for ~10
+  minutes). The primary device is /dev/nbdN itself; read-only views are
+  loop devices on it. Its state is the client's home, `kernel/`.
+- otherwise userspace: `nbdfuse` runs an NBD client (`nbdkit -s nbd …
+  tls=require tls-psk=<key file>`) and presents the export as one file on a
+  FUSE mount; a loop device on that file is the block device (views too).
+
+Everything above (format, mount, views, stats) is the same as for a
+local volume either way.
 
 State per volume, in `<state-dir>/connections/<volume-id>/` (0700):
-`record.json` (what was connected: the connection info, never the key),
-`nbdfuse.pid`, `nbdfuse.log`, and the FUSE mountpoint `fuse/`. nbdfuse
-runs in its own session, so it outlives an agent restart; the restarted
-agent finds the loop device on the FUSE file again (sysfs) and the
-record says what it came from.
+`record.json` (what was connected, by which client: the connection info,
+never the key), then for nbdfuse `nbdfuse.pid`, `nbdfuse.log` and the FUSE
+mountpoint `fuse/`, for the kernel client its home `kernel/` (bridge socket,
+pid file, logs). Every process runs in its own session, so it outlives an
+agent restart; the restarted agent finds the loop devices on the FUSE file
+again (sysfs) and the kernel device by the bridge socket in its resident
+client's command line (never by guessing a /dev/nbdN), and the record says
+what they came from.
 
 Growing: the NBD protocol fixes an export's size when the client
-connects, and nbdfuse presents that size for its lifetime, so a device
-on nbdfuse sees a grown volume only after it reconnects. `extend`
-reconnects when nothing holds the device; while something does, it says
-so (the kernel nbd client, where present, grows online).
+connects, and both clients keep that size for the connection's lifetime,
+so a device sees a grown volume only after it reconnects. `extend`
+reconnects when nothing holds the device; while something does, it says so.
 """
 
 from __future__ import annotations
@@ -32,12 +43,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from node_agent import capabilities
 from node_agent.pools import Pool
 from node_agent.transports import BlockDevice, loops
+from node_agent.transports.nbd_kernel import SINGLE, KernelNbdClient
 from tessera.errors import FailedPrecondition, Internal, InvalidArgument, Unavailable
 from tessera.ids import check_node_id, check_volume_id, is_volume_id
 from tessera.models import Connection, Transport
-from tessera.system import blockdev, processes
+from tessera.system import blockdev, nbd_kernel, processes
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +62,26 @@ FUSE_FILE = "volume"
 CONNECT_TIMEOUT = 20.0
 #: how long the export's address gets to answer a health check
 PROBE_TIMEOUT = 1.0
+#: the record's `client`: which client a volume was connected with
+KERNEL = "kernel"
+NBDFUSE_CLIENT = "nbdfuse"
 
 
 class NbdTransport:
     name = Transport.NBD.value
 
-    def __init__(self, connections_dir: Path, key_path: Callable[[str], Path]) -> None:
+    def __init__(
+        self, connections_dir: Path, key_path: Callable[[str], Path], kernel: bool | None = None
+    ) -> None:
         self.dir = connections_dir
         self.key_path = key_path
+        #: whether to connect with the kernel client; None: ask the host at the first connect
+        self._kernel = kernel
+
+    def uses_kernel(self) -> bool:
+        if self._kernel is None:
+            self._kernel = capabilities.has_kernel_nbd()
+        return self._kernel
 
     @classmethod
     def from_state_dir(
@@ -67,7 +92,8 @@ class NbdTransport:
     # ---- connect ---------------------------------------------------------------
 
     def connect(self, volume_id: str, connection: Connection, readonly: bool) -> BlockDevice:
-        """nbdfuse on the export (unless one from an earlier call still runs), then a loop."""
+        """The kernel client on the export (its device when it runs already), or nbdfuse
+        (unless one from an earlier call still runs) and then a loop."""
         _check_connection(connection)
         key = self.key_path(volume_id)
         if not key.is_file():
@@ -77,13 +103,32 @@ class NbdTransport:
                 field="publish_context",
             )
         home = self._home(volume_id)
+        client = KERNEL if self.uses_kernel() else NBDFUSE_CLIENT
         before = _read_record(home)
-        if before is not None and before != (connection, readonly, _key_digest(key)):
-            self._unmount(volume_id)  # a client of an older publish: its export is closed
-        _write_record(home, connection, readonly, key)
+        if before is not None and (
+            before != (connection, readonly, _key_digest(key)) or _record_client(home) != client
+        ):
+            self._stop_clients(volume_id)  # a client of an older publish: its export is closed
+        _write_record(home, connection, readonly, key, client)
+        if client == KERNEL:
+            return self._connect_kernel(volume_id, connection, key, readonly)
         if self._nbdfuse_pid(volume_id) is None:
             self._start_nbdfuse(volume_id, connection, key, readonly)
         return loops.bind(volume_id, str(self._fuse_file(volume_id)), readonly, self.name)
+
+    def _connect_kernel(
+        self, volume_id: str, connection: Connection, key: Path, readonly: bool
+    ) -> BlockDevice:
+        device = self._kernel_client(volume_id).connect(
+            connection.host,
+            connection.port,
+            key,
+            connection.psk_identity,
+            readonly=readonly,
+            timeouts=SINGLE,
+            what=f"volume {volume_id} (node {connection.owner_node}'s export)",
+        )
+        return BlockDevice(volume_id, device, device, readonly, self.name)
 
     def _start_nbdfuse(
         self, volume_id: str, connection: Connection, key: Path, readonly: bool
@@ -148,7 +193,34 @@ class NbdTransport:
     # ---- state -----------------------------------------------------------------
 
     def devices(self) -> list[BlockDevice]:
-        return loops.bound(self._volume_of, self.name)
+        """nbdfuse's loop devices, kernel devices (found by their bridge sockets) and the
+        views on those (loop devices on /dev/nbdN)."""
+        kernel = self._kernel_devices()
+        found = [
+            BlockDevice(v, d, d, nbd_kernel.read_only(d), self.name) for d, v in kernel.items()
+        ]
+        for device in loops.bound(lambda b: kernel.get(b) or self._volume_of(b), self.name):
+            # on a kernel device only a view is ours (its primary is the device itself)
+            if device.view_key or device.backing not in kernel:
+                found.append(device)
+        return found
+
+    def _kernel_devices(self) -> dict[str, str]:
+        """{/dev/nbdN: volume id} of every kernel device whose client serves one of our
+        bridge sockets (`<connections>/<volume-id>/kernel/bridge.sock`)."""
+        found = {}
+        for device, args in nbd_kernel.connected().items():
+            for arg in args:
+                path = Path(arg)
+                home = path.parent.parent
+                if (
+                    path.name == "bridge.sock"
+                    and path.parent.name == KERNEL
+                    and home.parent == self.dir
+                    and is_volume_id(home.name)
+                ):
+                    found[device] = home.name
+        return found
 
     def connection_of(self, device: BlockDevice) -> Connection:
         record = _read_record(self.dir / device.volume_id)
@@ -185,7 +257,11 @@ class NbdTransport:
             return "the record of this remote connection is gone"
         connection = record[0]
         where = f"node {connection.owner_node}'s export at {connection.host}:{connection.port}"
-        if self._nbdfuse_pid(device.volume_id) is None:
+        if _record_client(self.dir / device.volume_id) == KERNEL:
+            why = self._kernel_client(device.volume_id).condition()
+            if why:
+                return f"the connection to {where} is gone ({why})"
+        elif self._nbdfuse_pid(device.volume_id) is None:
             return f"the connection to {where} is gone (its NBD client exited)"
         if not probe:
             return ""
@@ -197,20 +273,26 @@ class NbdTransport:
         return ""
 
     def size_bytes(self, device: BlockDevice) -> int:
-        return loops.size_bytes(device)
+        return blockdev.size_bytes(device.path)
 
     # ---- disconnect / extend -----------------------------------------------------
 
     def release(self, device: BlockDevice) -> None:
-        loops.unbind(device)
+        """A loop device is unbound; a kernel primary is disconnected (the record stays
+        until `disconnect`)."""
+        if _is_kernel_device(device.path):
+            self._kernel_client(device.volume_id).disconnect()
+        else:
+            loops.unbind(device)
 
     def disconnect(self, volume_id: str) -> None:
-        """Unmount the FUSE file (nbdfuse then exits), then drop the record."""
+        """Disconnect the kernel client, or unmount the FUSE file (nbdfuse then exits),
+        then drop the record."""
         check_volume_id(volume_id)
         home = self.dir / volume_id
         if not home.is_dir():
             return
-        self._unmount(volume_id)
+        self._stop_clients(volume_id)
         for name in ("record.json", "nbdfuse.pid", "nbdfuse.log"):
             (home / name).unlink(missing_ok=True)
         for directory in (home / "fuse", home):
@@ -219,6 +301,22 @@ class NbdTransport:
             except FileNotFoundError:
                 pass
         log.info("disconnected volume %s", volume_id)
+
+    def _stop_clients(self, volume_id: str) -> None:
+        """Whichever client runs (a record's client may have changed since); a kernel
+        device still in use is refused, never pulled from under its user."""
+        if (self.dir / volume_id / KERNEL).is_dir():
+            client = self._kernel_client(volume_id)
+            device = client.device()
+            held = blockdev.holders(device) if device is not None else []
+            if held:
+                raise FailedPrecondition(
+                    f"volume {volume_id}: cannot disconnect its kernel nbd device {device}: "
+                    f"in use ({'; '.join(held)})",
+                    field="volume_id",
+                )
+            client.disconnect()
+        self._unmount(volume_id)
 
     def _unmount(self, volume_id: str) -> None:
         mountpoint = self._home(volume_id) / "fuse"
@@ -245,25 +343,28 @@ class NbdTransport:
         """Reconnect when a size above the device's is asked for; refused while held.
 
         Without `min_size_bytes` (every stage, views, the owner's refresh)
-        there is nothing cheap to do: the FUSE file keeps the size nbdfuse
+        there is nothing cheap to do: the device keeps the size its client
         connected with, so asking the export would cost a TLS handshake.
         """
-        if device.view_key or min_size_bytes <= loops.size_bytes(device):
-            loops.refresh_if_grown(device)
+        kernel = _is_kernel_device(device.backing)
+        if device.view_key or min_size_bytes <= blockdev.size_bytes(device.path):
+            if not kernel:
+                loops.refresh_if_grown(device)
             return
-        # every device on the FUSE file goes with a reconnect: the views too
+        # every device on the client goes with a reconnect: the views too
         views = [d.path for d in self.devices() if d.volume_id == device.volume_id and d != device]
         held = blockdev.holders(device.path) + [f"read-only view {v}" for v in views]
         if held:
             raise FailedPrecondition(
-                f"volume {device.volume_id} is attached over nbdfuse, which shows a grown volume "
+                f"volume {device.volume_id} is attached over "
+                f"{'the kernel nbd client' if kernel else 'nbdfuse'}, which shows a grown volume "
                 f"only after reconnecting, and {device.path} is in use ({'; '.join(held)}); "
                 "the new size appears once the volume is unstaged and staged again",
                 field="volume_id",
             )
         connection = self.connection_of(device)
-        loops.unbind(device)
-        self._unmount(device.volume_id)
+        self.release(device)
+        self._stop_clients(device.volume_id)
         self.connect(device.volume_id, connection, device.readonly)
 
     # ---- paths -------------------------------------------------------------------
@@ -277,6 +378,9 @@ class NbdTransport:
 
     def _fuse_file(self, volume_id: str) -> Path:
         return self.dir / volume_id / "fuse" / FUSE_FILE
+
+    def _kernel_client(self, volume_id: str) -> KernelNbdClient:
+        return KernelNbdClient(self.dir / check_volume_id(volume_id) / KERNEL)
 
     def _volume_of(self, backing: str) -> str | None:
         path = Path(backing)
@@ -313,11 +417,18 @@ def _key_digest(key: Path) -> str:
         return ""
 
 
-def _write_record(home: Path, connection: Connection, readonly: bool, key: Path) -> None:
+def _is_kernel_device(path: str) -> bool:
+    return path.startswith("/dev/nbd")
+
+
+def _write_record(
+    home: Path, connection: Connection, readonly: bool, key: Path, client: str
+) -> None:
     data = {
         "connection": connection.model_dump(mode="json"),
         "readonly": readonly,
         "key_digest": _key_digest(key),
+        "client": client,
     }
     tmp = home / "record.json.tmp"
     tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -335,3 +446,14 @@ def _read_record(home: Path) -> tuple[Connection, bool, str] | None:
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _record_client(home: Path) -> str:
+    """Which client the record says connected the volume (records from before the kernel
+    client existed were all nbdfuse)."""
+    try:
+        data = json.loads((home / "record.json").read_text())
+    except (OSError, ValueError):
+        return NBDFUSE_CLIENT
+    client = data.get("client") if isinstance(data, dict) else None
+    return client if client in (KERNEL, NBDFUSE_CLIENT) else NBDFUSE_CLIENT

@@ -121,14 +121,20 @@ def read_only(device: str) -> bool:
         return False
 
 
-def find(marker: str) -> str | None:
-    """The connected /dev/nbdN whose client's argument list has an element equal to `marker`."""
+def connected() -> dict[str, list[str]]:
+    """Every connected /dev/nbdN and its resident client's argument list."""
+    found = {}
     for device in devices():
         pid = client_pid(device)
         args = processes.cmdline(pid) if pid is not None else None
-        if args and marker in args:
-            return device
-    return None
+        if args:
+            found[device] = args
+    return found
+
+
+def find(marker: str) -> str | None:
+    """The connected /dev/nbdN whose client's argument list has an element equal to `marker`."""
+    return next((d for d, args in connected().items() if marker in args), None)
 
 
 def free_device() -> str:

@@ -33,8 +33,9 @@ import pytest
 
 from node_agent import capabilities
 from node_agent.exports import Exports
+from node_agent.transports.nbd import NbdTransport
 from node_agent.transports.nbd_kernel import MIRROR, SINGLE, KernelNbdClient, NbdTimeouts
-from tessera.errors import Unavailable
+from tessera.errors import FailedPrecondition, Unavailable
 from tessera.ids import new_volume_id
 from tessera.models import AgentExportCreate, Connection, Transport
 from tessera.system import blockdev, loopdev, nbd_kernel, processes
@@ -333,3 +334,48 @@ def test_a_single_volume_waits_for_its_owner_and_carries_on_when_it_is_back(rig:
     assert not reader.is_alive() and out.get("data") == data, out.get("error")
     assert client.condition() == ""
     client.disconnect()
+
+
+# ---- the one-leg nbd transport on it --------------------------------------------------------
+
+
+def test_a_remote_volume_attaches_over_the_kernel_client_with_views_and_survives_a_restart(
+    rig: Rig,
+) -> None:
+    port = rig.export()
+
+    def transport() -> NbdTransport:
+        """The transport as a (re)started agent has it: it asks the host which client."""
+        return NbdTransport(rig.root / "conn", lambda v: rig.key_file)
+
+    nbd = transport()
+    connection = rig.connection(port)
+    primary = nbd.connect(rig.volume_id, connection, False)
+    assert primary.path.startswith("/dev/nbd") and nbd.size_bytes(primary) == SIZE
+    assert nbd.uses_kernel() and not (rig.root / "conn" / rig.volume_id / "fuse").exists()
+    data = secrets.token_bytes(MiB)
+    write_direct(primary.path, data, 4 * MiB)
+    view = nbd.add_view(primary, "pod-1")
+    assert view.path.startswith("/dev/loop") and view.readonly
+    assert read_direct(view.path, 4 * MiB, MiB) == data
+    # the agent restarts: both devices are found again, and what they came from
+    again = transport()
+    found = {(d.path, d.view_key, d.volume_id) for d in again.devices()}
+    assert found == {(primary.path, "", rig.volume_id), (view.path, "pod-1", rig.volume_id)}
+    assert again.connection_of(primary) == connection and again.is_current(primary, connection)
+    assert again.condition(primary, probe=True) == ""
+    assert again.connect(rig.volume_id, connection, False).path == primary.path
+    # growing needs a reconnect: refused while the view is there, done once it is gone
+    with open(rig.volume_file, "r+b") as f:
+        f.truncate(2 * SIZE)
+    with pytest.raises(FailedPrecondition) as err:
+        again.extend(primary, 2 * SIZE)
+    assert "kernel nbd client" in str(err.value) and view.path in str(err.value)
+    again.release(view)
+    again.extend(primary, 2 * SIZE)
+    grown = next(d for d in again.devices() if not d.view_key)
+    assert again.size_bytes(grown) == 2 * SIZE
+    assert read_direct(grown.path, 4 * MiB, MiB) == data
+    again.release(grown)
+    again.disconnect(rig.volume_id)
+    assert again.devices() == [] and not (rig.root / "conn" / rig.volume_id).exists()
