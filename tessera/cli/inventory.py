@@ -41,7 +41,7 @@ NODE_COLUMNS = [
     Column("STATE", lambda n: n.state.value if n.online else n.state.value.upper()),
     Column("LAST HEARTBEAT", lambda n: _age(n.last_heartbeat), drop=2),
     # what its remote legs and attachments can come over (nvme-tcp needs kernel modules)
-    Column("TRANSPORTS", lambda n: ",".join(n.transports) or "-", drop=2),
+    Column("TRANSPORTS", lambda n: _transports(n), drop=2),
     Column("MAX VOLUMES", lambda n: str(n.max_volumes or "-"), drop=3),
     Column("AGENT", lambda n: n.agent_url, drop=4, fold=True),
     Column("TOPOLOGY", lambda n: _topology(n), wide_only=True),
@@ -149,6 +149,13 @@ def pool_list(
     with connect(state_dir, management, token_file) as client:
         pools = all_items(client.list_pools)
     print_list(pools, POOL_COLUMNS, output, noun="pools")
+
+
+def _transports(node: Node) -> str:
+    """`loop,nbd (kernel),nvme-tcp`: `(kernel)` when its nbd has the kernel client, which
+    nbd legs of composed volumes need on the node using them (docs/layouts.md)."""
+    named = ["nbd (kernel)" if t == "nbd" and node.kernel_nbd else t for t in node.transports]
+    return ",".join(named) or "-"
 
 
 def _age(ts: float) -> str:

@@ -8,7 +8,7 @@ volume), otherwise the name, resolved by management's exact-name filter.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Protocol
 
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
 
     from tessera.clients import ManagementClient
-    from tessera.models import Leg, Volume
+    from tessera.models import Attachment, Leg, Volume
 
 app = typer.Typer(
     help="Volumes: list, show, create, clone, delete, repair.",
@@ -102,11 +102,12 @@ def volume_show(
             v = client.get_volume(v.id)
         attachments = client.list_attachments(v.id) if output in (Output.TABLE, Output.WIDE) else []
     fields = [(key, str(value)) for key, value in _display(v).items()]
-    if len(v.legs) > 1:  # one line per leg: where it is and whether it holds current data
-        fields += [(f"leg {leg.index}", _leg_line(leg)) for leg in v.legs]
+    if len(v.legs) > 1:  # one line per leg: where it is, whether current, how it is reached
+        fields += [(f"leg {leg.index}", _leg_line(leg, attachments)) for leg in v.legs]
     for a in attachments:
         ro = ", read-only" if a.readonly else ""
-        fields.append(("attachment", f"{a.node_id} ({a.access_mode.value}{ro})"))
+        over = "" if len(v.legs) > 1 else f", over {a.connection.transport.value}"
+        fields.append(("attachment", f"{a.node_id} ({a.access_mode.value}{ro}{over})"))
     print_object(v, fields, output)
 
 
@@ -323,12 +324,20 @@ def _legs(v: Volume) -> str:
     )
 
 
-def _leg_line(leg: Leg) -> str:
-    """`n2/p 1.0 GiB in_sync`; a stale leg says it goes when its node returns."""
+def _leg_line(leg: Leg, attachments: Sequence[Attachment] = ()) -> str:
+    """`n2/p 1.0 GiB in_sync, n1 over nbd`: and how each node using the volume reaches
+    the leg (loop, nvme-tcp or nbd: each leg picks its own); a stale leg says it goes
+    when its node returns."""
     line = f"{leg.node_id}/{leg.pool} {format_size(leg.size_bytes)} {leg.state.value}"
     if leg.state == LegState.STALE:
         line += f" (never read again; deleted when {leg.node_id} answers)"
-    return line
+    reached = [
+        f"{a.node_id} over {c.transport.value}"
+        for a in attachments
+        for c in a.connection.legs
+        if (c.index, c.node_id) == (leg.index, leg.node_id)
+    ]
+    return ", ".join([line, *reached])
 
 
 @app.command(

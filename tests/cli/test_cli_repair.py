@@ -45,8 +45,13 @@ class Mirror:
 
 
 @contextmanager
-def mirror(tmp_path: Path, *flags: str) -> Iterator[Mirror]:
-    """A raid1 volume on n1 (leg 0) and another node, attached to n1, n3 spare."""
+def mirror(
+    tmp_path: Path, *flags: str, offers: dict[str, list[str]] | None = None
+) -> Iterator[Mirror]:
+    """A raid1 volume on n1 (leg 0) and another node, attached to n1, n3 spare.
+
+    Every node offers nvme-tcp unless `offers` says otherwise; n1 has the kernel nbd
+    client (nbd legs can come to it)."""
     sock_dir = Path(tempfile.mkdtemp(prefix="tcr-"))
     url = f"unix://{sock_dir / 'm.sock'}"
     token_file = tmp_path / "token"
@@ -68,7 +73,8 @@ def mirror(tmp_path: Path, *flags: str) -> Iterator[Mirror]:
                 assert proc.poll() is None and time.monotonic() < deadline
                 time.sleep(0.05)
             for n, agent in agents.items():
-                client.register_node(n, agent.url, {}, 0, NVME)
+                transports = (offers or {}).get(n, NVME)
+                client.register_node(n, agent.url, {}, 0, transports, kernel_nbd=n == "n1")
                 client.register_pool(n, "p", 10 * GiB)
             client.create_vpg(VpgCreate(name="safe", layout="raid1"))
             vol = client.create_volume(
@@ -169,3 +175,20 @@ def test_without_auto_repair_a_failed_leg_waits_for_the_operator(tmp_path: Path)
         got = m.client.get_volume(m.volume_id)  # shows it (asking the consumer), repairs not
         assert [leg.node_id for leg in got.legs] == ["n1", m.other]
         assert f"degraded: leg 1 on {m.other}: failed" in got.condition
+
+
+def test_volume_show_says_over_which_transport_the_using_node_reaches_each_leg(tmp_path: Path):
+    with mirror(tmp_path, offers={"n2": ["loop", "nbd"]}) as m:
+        over = {"n2": "nbd", "n3": "nvme-tcp"}[m.other]  # n2 serves nbd only
+        code, out, err = tessera(m.env, "volume", "show", "db")
+        assert code == 0, err
+        text = " ".join(out.split())  # the value column may wrap
+        assert "n1/p 1.0 GiB in_sync, n1 over loop" in text, out
+        assert f"{m.other}/p 1.0 GiB in_sync, n1 over {over}" in text, out
+        plain = m.client.create_volume(
+            VolumeCreate(name="plain", size_bytes=GiB, requisite_nodes=["n3"])
+        )
+        m.client.attach(plain.id, "n1", AccessMode.SINGLE_NODE_WRITER, False)
+        code, out, err = tessera(m.env, "volume", "show", "plain")
+        assert code == 0, err
+        assert "n1 (SINGLE_NODE_WRITER, over nvme-tcp)" in " ".join(out.split()), out

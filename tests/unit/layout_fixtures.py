@@ -42,6 +42,7 @@ class Nodes:
         zone: str = "",
         capacity: int = 10 * GiB,
         transports: list[str] | None = None,
+        kernel_nbd: bool | None = None,
     ) -> None:
         body: dict[str, object] = {
             "agent_url": self.agents[node_id].url,
@@ -49,6 +50,8 @@ class Nodes:
         }
         if transports is not None:
             body["transports"] = transports
+        if kernel_nbd is not None:
+            body["kernel_nbd"] = kernel_nbd
         assert self.api.put(f"/v1/nodes/{node_id}", json=body).status_code == 200
         resp = self.api.put(f"/v1/nodes/{node_id}/pools/p", json={"capacity_bytes": capacity})
         assert resp.status_code == 200, resp.text

@@ -163,3 +163,28 @@ def test_node_list_shows_a_node_that_stopped_beating_as_unreachable(tmp_path):
         assert table.returncode == 0, table.stderr
         rows = {line.split()[0]: line.split()[1:] for line in table.stdout.splitlines()[1:]}
         assert rows["n1"][0] == "UNREACHABLE" and rows["n1"][2] == "ago"
+
+
+def test_node_list_shows_nbd_kernel_where_the_agent_has_the_kernel_nbd_client(management):
+    from node_agent import capabilities
+    from node_agent.registration import Registrar
+
+    client, env = management
+    with_kernel = Registrar(client, "n3", "unix:///run/n3.sock", dict, transports=["loop", "nbd"])
+    with_kernel.kernel_nbd = True  # as probed on a host with nbd.ko and nbd-client (the VM's)
+    with_kernel.register()
+    here = Registrar(client, "n4", "unix:///run/n4.sock", dict, transports=["loop", "nbd"])
+    here.register()  # probes this host
+    table = tessera(env, "node", "list")
+    assert table.returncode == 0, table.stderr
+    rows = {line.split()[0]: line for line in table.stdout.splitlines()[1:]}
+    assert "loop,nbd (kernel)" in rows["n3"]  # nbd legs of composed volumes can come here
+    assert "(kernel)" not in rows["n1"]  # an agent that did not say: nbdfuse only
+    listed = json.loads(tessera(env, "node", "list", "-o", "json").stdout)["items"]
+    kernel = {n["id"]: n["kernel_nbd"] for n in listed}
+    assert kernel == {
+        "n1": False,
+        "n2": False,
+        "n3": True,
+        "n4": not capabilities.kernel_nbd_missing(),
+    }

@@ -82,16 +82,19 @@ def test_a_raid0_volume_used_elsewhere_gets_every_leg_over_nvme_with_one_key(nod
     assert vol["id"] not in nodes.agents[consumer].keys
 
 
-def test_a_composed_volume_is_refused_where_a_node_cannot_do_nvme_naming_it(nodes: Nodes):
+def test_a_composed_volume_is_refused_where_a_node_has_neither_nvme_nor_kernel_nbd_naming_it(
+    nodes: Nodes,
+):
     nodes.add("n1", transports=NVME)
     nodes.add("n2", transports=NVME)
-    nodes.add("n3", transports=["loop", "nbd"])
+    nodes.add("n3", transports=["loop", "nbd"])  # nbdfuse only: no kernel nbd client
     nodes.vpg("safe", "raid1")
     vol = nodes.create("v", GiB, "safe", requisite_nodes=["n1"]).json()
     resp = attach(nodes, vol["id"], "n3")
     assert resp.status_code == 409, resp.text
     detail = resp.json()["detail"]
     assert "nvme-tcp" in detail and "node n3 offers loop, nbd" in detail
+    assert "node n3 has no kernel nbd client" in detail
     assert nodes.api.get(f"/v1/volumes/{vol['id']}/attachments").json()["items"] == []
     assert all(exports(nodes, n) == {} for n in ("n1", "n2"))
 
