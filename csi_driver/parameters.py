@@ -24,7 +24,8 @@ VPG = "vpg"
 FS_TYPE = "csi.storage.k8s.io/fstype"
 MKFS_OPTIONS = "mkfsOptions"
 LOCALITY = "locality"
-#: force a one-leg volume's remote transport (nbd or nvme-tcp); docs/layouts.md
+#: force how a volume's remote legs are reached (nbd or nvme-tcp), one leg or several;
+#: docs/layouts.md, "Transports"
 TRANSPORT = "transport"
 TRANSPORTS = ("nbd", "nvme-tcp")
 #: QoS (docs/data-services.md): also the only mutable parameters (ControllerModifyVolume);
