@@ -18,8 +18,8 @@ local volume either way.
 State per volume, in `<state-dir>/connections/<volume-id>/` (0700):
 `record.json` (what was connected, by which client: the connection info,
 never the key), then for nbdfuse `nbdfuse.pid`, `nbdfuse.log` and the FUSE
-mountpoint `fuse/`, for the kernel client its home `kernel/` (bridge socket,
-pid file, logs). Every process runs in its own session, so it outlives an
+mountpoint `fuse/`, for the kernel client its home `kernel/` (bridge pid
+file, logs; its socket is in /run/tessera/nbd, named after that home). Every process runs in its own session, so it outlives an
 agent restart; the restarted agent finds the loop devices on the FUSE file
 again (sysfs) and the kernel device by the bridge socket in its resident
 client's command line (never by guessing a /dev/nbdN), and the record says
@@ -46,7 +46,7 @@ from pathlib import Path
 from node_agent import capabilities
 from node_agent.pools import Pool
 from node_agent.transports import BlockDevice, loops
-from node_agent.transports.nbd_kernel import SINGLE, KernelNbdClient
+from node_agent.transports.nbd_kernel import SINGLE, KernelNbdClient, socket_path
 from tessera.errors import FailedPrecondition, Internal, InvalidArgument, Unavailable
 from tessera.ids import check_node_id, check_volume_id, is_volume_id
 from tessera.models import Connection, Transport
@@ -206,21 +206,19 @@ class NbdTransport:
         return found
 
     def _kernel_devices(self) -> dict[str, str]:
-        """{/dev/nbdN: volume id} of every kernel device whose client serves one of our
-        bridge sockets (`<connections>/<volume-id>/kernel/bridge.sock`)."""
-        found = {}
-        for device, args in nbd_kernel.connected().items():
-            for arg in args:
-                path = Path(arg)
-                home = path.parent.parent
-                if (
-                    path.name == "bridge.sock"
-                    and path.parent.name == KERNEL
-                    and home.parent == self.dir
-                    and is_volume_id(home.name)
-                ):
-                    found[device] = home.name
-        return found
+        """{/dev/nbdN: volume id} of every kernel device whose client serves the bridge
+        socket of one of our homes (`<connections>/<volume-id>/kernel/`)."""
+        connected = nbd_kernel.connected()
+        if not connected or not self.dir.is_dir():
+            return {}
+        ours = {
+            str(socket_path(home / KERNEL)): home.name
+            for home in self.dir.iterdir()
+            if is_volume_id(home.name)
+        }
+        return {
+            device: ours[arg] for device, args in connected.items() for arg in args if arg in ours
+        }
 
     def connection_of(self, device: BlockDevice) -> Connection:
         record = _read_record(self.dir / device.volume_id)

@@ -4,17 +4,19 @@ The owner serves the volume (or a composed volume's leg) with nbdkit,
 TLS-PSK required (node_agent/exports.py). The kernel's nbd client cannot
 do TLS and nbd-client 3.24 has no TLS-PSK, so the consumer runs a bridge:
 
-    nbdkit -f --unix <home>/bridge.sock -P <home>/bridge.pid [-r]
+    nbdkit -f --unix /run/tessera/nbd/<digest of home>.sock -P <home>/bridge.pid [-r]
            [--filter=retry] nbd hostname=<host> port=<port> tls=require
            tls-psk=<key file> tls-username=<identity> [retries=… retry-delay=… retry-exponential=no]
-    nbd-client -unix <home>/bridge.sock /dev/nbdN -nonetlink -nofork [-timeout T]
+    nbd-client -unix /run/tessera/nbd/<digest>.sock /dev/nbdN -nonetlink -nofork [-timeout T]
            -b 512 -N '' [-readonly]
 
 The bridge is the TLS-PSK client of the owner's export and serves plain
-NBD on a unix socket in `home` (0700: nobody else can reach the volume
-through it). nbd-client hands that socket to the kernel and stays
-resident (ioctl mode), so the kernel shows its pid in /sys/block/nbdN/pid
-and its command line holds `<home>/bridge.sock`, unique per (volume, leg):
+NBD on a unix socket in /run/tessera/nbd (0700: nobody else can reach the
+volume through it), named by a digest of `home`: a unix socket path must
+fit 107 bytes, which `<state-dir>/composed/<volume-id>/nbd-leg-N/` need
+not. nbd-client hands that socket to the kernel and stays resident (ioctl
+mode), so the kernel shows its pid in /sys/block/nbdN/pid and its command
+line holds the socket path, unique per `home` and so per (volume, leg):
 that is how the device is found again after an agent restart, never by
 guessing a /dev/nbdN. Both run in their own session (they outlive the
 agent). `-b 512`: the smallest sector, so any filesystem made over loop,
@@ -30,12 +32,13 @@ Timeouts (`NbdTimeouts`, one place):
   TCG in CI is slow) and the bridge never retries: the owner gone means
   errors at once, md fails the leg and carries on with the others.
 
-Files in `home`: bridge.sock, bridge.pid, bridge.log, client.log. Logs hold
+Files in `home`: bridge.pid, bridge.log, client.log. Logs hold
 paths and addresses, never the key (nbdkit reads it from the key file).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -50,16 +53,15 @@ from tessera.system import nbd_kernel, processes
 log = logging.getLogger(__name__)
 
 NBDKIT = "nbdkit"
-SOCKET = "bridge.sock"
+#: where the bridges listen: short paths (a unix socket path must fit 107 bytes)
+SOCKET_DIR = Path("/run/tessera/nbd")
 BRIDGE_PID = "bridge.pid"
 BRIDGE_LOG = "bridge.log"
 CLIENT_LOG = "client.log"
-FILES = (SOCKET, BRIDGE_PID, BRIDGE_LOG, CLIENT_LOG)
+FILES = (BRIDGE_PID, BRIDGE_LOG, CLIENT_LOG)
 #: how long the bridge gets to listen, and then the client to connect (TLS handshake
 #: with the owner included); generous: TCG in CI is slow
 CONNECT_TIMEOUT = 30.0
-#: a unix socket path's limit (sun_path), NUL included
-SUN_PATH_MAX = 108
 #: how often a connect picks another device when another process took the one it picked
 DEVICE_ATTEMPTS = 4
 
@@ -80,6 +82,12 @@ SINGLE = NbdTimeouts(kernel_timeout=0, retries=300, retry_delay=2)
 MIRROR = NbdTimeouts(kernel_timeout=30, retries=0, retry_delay=0)
 
 
+def socket_path(home: Path) -> Path:
+    """The bridge socket of the client whose state is in `home`: one per home, short."""
+    digest = hashlib.sha256(os.fsencode(os.path.abspath(home))).hexdigest()[:32]
+    return SOCKET_DIR / f"{digest}.sock"
+
+
 def bridge_argv(
     home: Path,
     host: str,
@@ -94,7 +102,7 @@ def bridge_argv(
         NBDKIT,
         "-f",  # foreground: start_detached's pid is the bridge, in its own session
         "--unix",
-        str(home / SOCKET),
+        str(socket_path(home)),
         "-P",
         str(home / BRIDGE_PID),
         *(["-r"] if readonly else []),
@@ -121,7 +129,7 @@ def client_argv(home: Path, device: str, readonly: bool, timeouts: NbdTimeouts) 
     return [
         nbd_kernel.NBD_CLIENT,
         "-unix",
-        str(home / SOCKET),
+        str(socket_path(home)),
         nbd_kernel.check_device(device),
         "-nonetlink",  # ioctl mode: the client stays, its pid is in sysfs (how we find it)
         "-nofork",
@@ -142,7 +150,7 @@ class KernelNbdClient:
 
     @property
     def socket(self) -> Path:
-        return self.home / SOCKET
+        return socket_path(self.home)
 
     # ---- state -----------------------------------------------------------------
 
@@ -207,14 +215,11 @@ class KernelNbdClient:
                 f"cannot connect {what} over the kernel nbd client: "
                 f"{', '.join(missing)} not installed on this node"
             )
-        if len(os.fsencode(self.socket)) >= SUN_PATH_MAX:
-            raise FailedPrecondition(
-                f"cannot connect {what}: the bridge socket path {self.socket} is longer than a "
-                f"unix socket may be ({SUN_PATH_MAX - 1} bytes); use a shorter state directory"
-            )
         nbd_kernel.ensure_module()
 
     def _start_bridge(self, argv: list[str]) -> None:
+        SOCKET_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(SOCKET_DIR, 0o700)
         self.socket.unlink(missing_ok=True)
         (self.home / BRIDGE_PID).unlink(missing_ok=True)
         proc = processes.start_detached(argv, self.home / BRIDGE_LOG)
@@ -271,6 +276,7 @@ class KernelNbdClient:
         if device is not None:
             nbd_kernel.detach(device, nbd_kernel.client_pid(device))
         self._stop_processes()
+        self.socket.unlink(missing_ok=True)
         for name in FILES:
             (self.home / name).unlink(missing_ok=True)
         try:

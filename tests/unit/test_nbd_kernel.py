@@ -7,6 +7,7 @@ tests/vm/guest/test_nbd_kernel.py. This host has no nbd module.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from node_agent.transports.nbd_kernel import (
     KernelNbdClient,
     bridge_argv,
     client_argv,
+    socket_path,
 )
 from tessera.errors import FailedPrecondition, Internal
 from tessera.system import nbd_kernel
@@ -46,10 +48,10 @@ def test_a_single_volume_waits_on_the_kernel_and_retries_the_owner_for_ten_minut
 def test_the_bridge_requires_tls_and_never_has_the_key_on_its_command_line() -> None:
     bridge = bridge_argv(HOME, "10.0.0.5", 10809, KEY, "node-b", True, SINGLE)
     assert {"tls=require", f"tls-psk={KEY}", "tls-username=node-b", "-r"} <= set(bridge)
-    assert f"{HOME}/bridge.sock" in bridge  # how a restarted agent finds the device
+    assert str(socket_path(HOME)) in bridge  # how a restarted agent finds the device
     client = client_argv(HOME, "/dev/nbd3", True, SINGLE)
     # the marker that finds the device again, ioctl mode, 512-byte sectors
-    assert {f"{HOME}/bridge.sock", "-nonetlink", "-nofork", "-readonly"} <= set(client)
+    assert {str(socket_path(HOME)), "-nonetlink", "-nofork", "-readonly"} <= set(client)
     assert client[client.index("-b") + 1] == "512"
 
 
@@ -93,3 +95,10 @@ def test_connecting_without_nbd_client_names_what_is_missing_and_starts_nothing(
                        what="volume vol-0123456789abcdef")  # fmt: skip
     assert "nbd-client" in str(err.value) and "vol-0123456789abcdef" in str(err.value)
     assert not client.home.exists()
+
+
+def test_a_bridge_socket_fits_a_unix_socket_path_whatever_the_state_directory() -> None:
+    deep = Path("/var/lib/" + "x" * 200) / "composed" / ("vol-" + "a" * 59) / "nbd-leg-15"
+    assert len(os.fsencode(socket_path(deep))) < 108
+    assert socket_path(deep) != socket_path(deep.parent / "nbd-leg-14")  # one per home
+    assert socket_path(deep) == socket_path(deep / "x" / "..")  # the same home, however spelt

@@ -1,9 +1,11 @@
-"""The composed transport against the real kernel (in the VM): md, device-mapper, nvme-tcp.
+"""The composed transport against the real kernel (in the VM): md, device-mapper, nvme-tcp, nbd.
 
 One kernel plays every node: the consumer's own leg is a loop device on a
 file in its pool; each other node's leg is a file exported by nvmet
 (tessera.system.nvmet, as that node's agent does) on 127.0.0.1 and reached
-over nvme-tcp with DH-HMAC-CHAP, exactly as a remote leg is in production.
+over nvme-tcp with DH-HMAC-CHAP, exactly as a remote leg is in production;
+or, for the nodes a test names in `nbd_nodes`, exported by nbdkit with
+TLS-PSK (node_agent/exports.py) and reached through the kernel nbd client.
 Every test tears everything down and checks that nothing is left: no md
 array, no dm device, no labelled loop, no nvme controller, no nvmet
 subsystem, no record.
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from node_agent.exports import Exports
 from node_agent.keys import psk_line
 from node_agent.pools import Pool
 from node_agent.transports import BlockDevice, loops
@@ -30,9 +33,9 @@ from node_agent.transports.composed import ComposedTransport
 from tessera import layouts
 from tessera.errors import FailedPrecondition, Unavailable
 from tessera.ids import new_volume_id
-from tessera.models import Connection, Layout, LegConnection, Transport
+from tessera.models import AgentExportCreate, Connection, Layout, LegConnection, Transport
 from tessera.nvme_names import dhchap_secret, host_nqn, subsystem_nqn
-from tessera.system import blockdev, dm, md, nvme_host, nvmet
+from tessera.system import blockdev, dm, md, nbd_kernel, nvme_host, nvmet, processes
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="md, dm and nvmet need root")
 
@@ -55,6 +58,10 @@ class Cluster:
     nodes: dict[str, Path] = field(default_factory=dict)
     exported: list[tuple[str, str, str]] = field(default_factory=list)  # (owner, vol, host)
     _ports: dict[str, int] = field(default_factory=dict)
+    #: nodes whose legs are exported over NBD (TLS-PSK) instead of nvmet
+    nbd_nodes: set[str] = field(default_factory=set)
+    nbd_ports: dict[tuple[str, str], int] = field(default_factory=dict)  # (node, vol) -> port
+    last_volume_id: str = ""
 
     def key_path(self, volume_id: str) -> Path:
         return self.state / "keys" / f"{volume_id}.psk"
@@ -81,7 +88,7 @@ class Cluster:
         return self.node_dir(node) / f"{volume_id}.img"
 
     def make_volume(self, layout: Layout, nodes: list[str], chunk: int = 64 * 1024) -> Connection:
-        volume_id = new_volume_id()
+        volume_id = self.last_volume_id = new_volume_id()
         size = layouts.volume_size(layout, SIZE, len(nodes), chunk)
         self.key_path(volume_id).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.key_path(volume_id).write_bytes(psk_line(ME, self.key))
@@ -103,8 +110,23 @@ class Cluster:
         path = self.leg_file(node, volume_id)
         with open(path, "wb") as f:
             f.truncate(size)
-        if node != ME:
+        if node in self.nbd_nodes:
+            self.nbd_ports[(node, volume_id)] = (
+                self.exports(node)
+                .open(
+                    volume_id,
+                    ME,
+                    path,
+                    AgentExportCreate(transport=Transport.NBD, psk_identity=ME, psk_key=self.key),
+                )
+                .port
+            )
+        elif node != ME:
             self.export(node, volume_id, path)
+
+    def exports(self, node: str) -> Exports:
+        """The node's NBD exports (its own state directory, the shared loopback address)."""
+        return Exports(self.node_dir(node) / "exports", ADDRESS)
 
     def export(self, node: str, volume_id: str, path: Path) -> None:
         target = nvmet.Nvmet(node)
@@ -119,6 +141,14 @@ class Cluster:
     def leg(self, volume_id: str, index: int, node: str) -> LegConnection:
         if node == ME:
             return LegConnection(index=index, node_id=node, transport=Transport.LOOP)
+        if node in self.nbd_nodes:
+            return LegConnection(
+                index=index,
+                node_id=node,
+                transport=Transport.NBD,
+                host=ADDRESS,
+                port=self.nbd_ports[(node, volume_id)],
+            )
         return LegConnection(
             index=index,
             node_id=node,
@@ -129,7 +159,16 @@ class Cluster:
         )
 
     def kill_node(self, node: str) -> None:
-        """The node's target stops answering (its subsystems leave its port)."""
+        """The node's target stops answering (its subsystems leave its port; its nbdkit
+        exports die)."""
+        for owner, volume_id in self.nbd_ports:
+            if owner == node:
+                for pid in processes.matching(
+                    lambda a, f=str(self.leg_file(node, volume_id)): (
+                        a[0].endswith("nbdkit") and f"file={f}" in a
+                    )
+                ):
+                    os.kill(pid, 9)
         target = nvmet.Nvmet(node)
         for owner, volume_id, _ in self.exported:
             if owner == node:
@@ -141,10 +180,13 @@ class Cluster:
         for leg in connection.legs:
             os.truncate(self.leg_file(leg.node_id, volume_id), layouts.leg_size(
                 connection.layout, size, n))  # fmt: skip
-            if leg.node_id != ME:
+            if leg.transport == Transport.NVME_TCP:
                 nvmet.Nvmet(leg.node_id).revalidate(subsystem_nqn(volume_id, leg.node_id))
 
     def unexport_all(self) -> None:
+        for owner, volume_id in self.nbd_ports:
+            self.exports(owner).close(volume_id, ME)
+        self.nbd_ports.clear()
         for owner, volume_id, host in self.exported:
             target = nvmet.Nvmet(owner)
             nqn = subsystem_nqn(volume_id, owner)
@@ -182,6 +224,8 @@ def assert_nothing_left(c: Cluster) -> None:
     assert [b.path for b in loops.loopdev.bound_devices() if loops.is_leg(b.path)] == []
     # exactly this node's host NQNs ("...:host:node-a:<volume>"), not node-aX's
     assert nvme_host.controllers(host_nqn(ME, "")) == [], "an nvme controller is left"
+    ours = [d for d, args in nbd_kernel.connected().items() if any(str(c.root) in a for a in args)]
+    assert ours == [], "a kernel nbd device is left"
     assert _recorded(c.state) == [], "a record is left"
     assert not [p for p in Path("/dev/md").glob("vol-*")] if Path("/dev/md").is_dir() else True
 
@@ -599,3 +643,69 @@ def loops_of(volume_id: str) -> list[str]:
     return [
         b.path for b in loops.loopdev.bound_devices() if loops.loopdev.read_label(b.path) == label
     ]
+
+
+# ---- remote legs over nbd (the kernel nbd client through a local TLS bridge) ----------------
+
+
+@pytest.mark.parametrize("layout", [Layout.RAID0, Layout.RAID1], ids=lambda layout: layout.value)
+def test_legs_over_nbd_compose_and_read_back_after_reattach_and_an_agent_restart(
+    cluster: Cluster, layout: Layout
+) -> None:
+    cluster.nbd_nodes = {"node-b", "node-c"}
+    conn = cluster.make_volume(layout, LAYOUTS[layout])
+    volume_id = cluster.last_volume_id
+    assert {leg.transport for leg in conn.legs} == {Transport.LOOP, Transport.NBD}
+    device = cluster.transport().connect(volume_id, conn, readonly=False)
+    assert blockdev.size_bytes(device.path) == conn.data_bytes
+    written = write_pattern(device.path, conn.data_bytes, b"nbd legs")
+
+    restarted = cluster.transport()  # nothing in memory: legs found by their bridge sockets
+    assert restarted.devices() == [device]
+    assert restarted.condition(device) == ""
+    assert restarted.connect(volume_id, conn, readonly=False).path == device.path
+    detach(restarted, device)
+    assert_nothing_left(cluster)
+
+    device = restarted.connect(volume_id, conn, readonly=False)  # assembled, not created
+    assert read_digest(device.path, conn.data_bytes) == written
+
+
+def test_a_dead_nbd_mirror_leg_degrades_the_volume_and_io_continues(cluster: Cluster) -> None:
+    cluster.nbd_nodes = {"node-b"}
+    conn = cluster.make_volume(Layout.RAID1, [ME, "node-b"])
+    volume_id = cluster.last_volume_id
+    transport = cluster.transport()
+    device = transport.connect(volume_id, conn, readonly=False)
+    cluster.kill_node("node-b")
+    written = write_pattern(device.path, conn.data_bytes, b"degraded")  # the bridge fails at once
+    deadline = time.monotonic() + 120
+    while "failed" not in transport.condition(device) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert transport.condition(device).startswith("degraded: leg 1 (node-b)")
+    assert read_digest(device.path, conn.data_bytes) == written
+
+
+def test_a_stripe_over_nbd_legs_grows_by_reconnecting_when_nothing_holds_it(
+    cluster: Cluster,
+) -> None:
+    cluster.nbd_nodes = {"node-b", "node-c"}
+    conn = cluster.make_volume(Layout.RAID0, LAYOUTS[Layout.RAID0])
+    volume_id = cluster.last_volume_id
+    transport = cluster.transport()
+    device = transport.connect(volume_id, conn, readonly=False)
+    written = write_pattern(device.path, SAMPLE, b"grow nbd")
+    new_size = layouts.volume_size(Layout.RAID0, 2 * conn.data_bytes, 3, conn.chunk_bytes)
+    cluster.grow(conn, volume_id, new_size)
+
+    view = transport.add_view(device, "k1")  # something holds it: NBD cannot grow in place
+    with pytest.raises(FailedPrecondition, match="unstaged and staged again"):
+        transport.extend(device, new_size)
+    assert transport.size_bytes(device) == conn.data_bytes
+    transport.release(view)
+
+    transport.extend(device, new_size)
+    grown = next(d for d in transport.devices() if d.volume_id == volume_id)
+    assert transport.size_bytes(grown) == new_size
+    assert read_digest(grown.path, SAMPLE) == written
+    assert transport.condition(grown) == ""

@@ -34,7 +34,13 @@ import pytest
 from node_agent import capabilities
 from node_agent.exports import Exports
 from node_agent.transports.nbd import NbdTransport
-from node_agent.transports.nbd_kernel import MIRROR, SINGLE, KernelNbdClient, NbdTimeouts
+from node_agent.transports.nbd_kernel import (
+    MIRROR,
+    SINGLE,
+    KernelNbdClient,
+    NbdTimeouts,
+    socket_path,
+)
 from tessera.errors import FailedPrecondition, Unavailable
 from tessera.ids import new_volume_id
 from tessera.models import AgentExportCreate, Connection, Transport
@@ -136,7 +142,7 @@ def _cleanup(root: Path) -> None:
     conn = root / "conn"
     for home in conn.iterdir() if conn.is_dir() else []:
         for sub in [home, *(p for p in home.iterdir() if p.is_dir())]:
-            if (sub / "bridge.sock").exists() or (sub / "client.log").exists():
+            if socket_path(sub).exists() or (sub / "client.log").exists():
                 KernelNbdClient(sub).disconnect()
     for pid in processes.matching(lambda a: any(str(root) in x for x in a)):
         processes.terminate(pid, os.path.basename(processes.cmdline(pid)[0]), grace=1)  # type: ignore[index]
@@ -234,8 +240,10 @@ def test_writes_through_the_kernel_nbd_device_land_in_the_owners_file_and_read_b
     # 512-byte sectors: any filesystem made over loop, nbdfuse or nvme-tcp mounts here
     assert Path(f"/sys/block/{name}/queue/logical_block_size").read_text().strip() == "512"
     assert client.condition() == ""
-    # the home is private: the bridge socket serves the volume without a key
+    # the home and the sockets' directory are private: a bridge socket serves the volume
+    # without a key
     assert (client.home.stat().st_mode & 0o777) == 0o700
+    assert (client.socket.parent.stat().st_mode & 0o777) == 0o700
     data = secrets.token_bytes(4 * MiB)
     write_direct(device, data, 8 * MiB)
     assert file_digest(rig.volume_file, 8 * MiB, len(data)) == hashlib.sha256(data).digest()
