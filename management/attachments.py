@@ -11,10 +11,10 @@ protected by a key per attachment (TLS-PSK, DH-HMAC-CHAP; docs/data-path.md):
 the row is recorded `pending` with a fresh key first, the agent calls run
 after that transaction commits (a slow agent must not hold the database
 write lock), and a last short transaction marks it `ready` with the
-export's address. A retry of a
-pending attachment re-drives the same idempotent calls with the same key,
-so a crash at any point converges. The key never leaves management except
-to those two agents: not in an answer, a log line or an error.
+export's address. A retry of a pending attachment re-drives the same
+idempotent calls with the same key, so a crash at any point converges.
+The key never leaves management except to the agents of the attachment's
+nodes: not in an answer, a log line or an error.
 """
 
 from __future__ import annotations

@@ -106,8 +106,8 @@ def volume_show(
         fields += [(f"leg {leg.index}", _leg_line(leg, attachments)) for leg in v.legs]
     for a in attachments:
         ro = ", read-only" if a.readonly else ""
-        over = "" if len(v.legs) > 1 else f", over {a.connection.transport.value}"
-        fields.append(("attachment", f"{a.node_id} ({a.access_mode.value}{ro}{over})"))
+        over = "" if len(v.legs) > 1 else f" over {a.connection.transport.value}"
+        fields.append(("attachment", f"{a.node_id} ({a.access_mode.value}{ro}){over}"))
     print_object(v, fields, output)
 
 

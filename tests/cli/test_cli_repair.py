@@ -191,4 +191,4 @@ def test_volume_show_says_over_which_transport_the_using_node_reaches_each_leg(t
         m.client.attach(plain.id, "n1", AccessMode.SINGLE_NODE_WRITER, False)
         code, out, err = tessera(m.env, "volume", "show", "plain")
         assert code == 0, err
-        assert "n1 (SINGLE_NODE_WRITER, over nvme-tcp)" in " ".join(out.split()), out
+        assert "n1 (SINGLE_NODE_WRITER) over nvme-tcp" in " ".join(out.split()), out
