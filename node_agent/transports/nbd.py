@@ -19,8 +19,9 @@ State per volume, in `<state-dir>/connections/<volume-id>/` (0700):
 `record.json` (what was connected, by which client: the connection info,
 never the key), then for nbdfuse `nbdfuse.pid`, `nbdfuse.log` and the FUSE
 mountpoint `fuse/`, for the kernel client its home `kernel/` (bridge pid
-file, logs; its socket is in /run/tessera/nbd, named after that home). Every process runs in its own session, so it outlives an
-agent restart; the restarted agent finds the loop devices on the FUSE file
+file, logs; its socket is in /run/tessera/nbd, named after that home).
+Every process runs in its own session, so it outlives an agent restart;
+the restarted agent finds the loop devices on the FUSE file
 again (sysfs) and the kernel device by the bridge socket in its resident
 client's command line (never by guessing a /dev/nbdN), and the record says
 what they came from.
