@@ -41,7 +41,7 @@ class DataPathCollector(Collector):
         for att in attachments:
             local[att.transport] += 1
             if att.transport == "nbd":
-                # an nbd attachment's condition is non-empty when its nbdfuse is gone
+                # an nbd attachment's condition is non-empty when its client is gone
                 processes[(NBD_CLIENT, not att.condition)] += 1
         yield _processes(processes)
         yield _attachments(local, sorted(self.agent.transports))
@@ -51,7 +51,8 @@ def _processes(counts: Counter[tuple[str, bool]]) -> GaugeMetricFamily:
     family = GaugeMetricFamily(
         "tessera_datapath_processes",
         "Data-path processes this node should run: NBD exports (nbdkit, owner side) and NBD "
-        "clients (nbdfuse, consumer side), by whether they are alive",
+        "clients (nbdfuse, or the kernel nbd client and its TLS bridge; consumer side), by "
+        "whether they are alive",
         labels=["kind", "healthy"],
     )
     for kind in (NBDKIT_EXPORT, NBD_CLIENT):

@@ -124,10 +124,12 @@ def test_image_runs_as_uid_65532_under_tini_with_its_setuid_bits(ctd: Containerd
 
 def test_the_data_path_tools_are_in_the_image(ctd: Containerd) -> None:
     out = run_ok(ctd, "tools", shell(
-        "nbdkit --version; nbdfuse --version | head -1; mkfs.xfs -V; mkfs.ext4 -V 2>&1 | head -1;"
+        "nbdkit --version; nbdfuse --version | head -1; nbd-client -V 2>&1 | head -1;"
+        " mkfs.xfs -V; mkfs.ext4 -V 2>&1 | head -1;"
         " nvme version | head -1; losetup --version; modprobe --version; ip -V"
     ))  # fmt: skip
-    for expected in ("nbdkit 1.", "nbdfuse 1.", "mkfs.xfs version", "mke2fs 1.", "nvme version",
+    for expected in ("nbdkit 1.", "nbdfuse 1.", "nbd-client", "mkfs.xfs version", "mke2fs 1.",
+                     "nvme version",
                      "losetup from util-linux", "kmod version", "ip utility"):  # fmt: skip
         assert expected in out, out
 
