@@ -5,9 +5,11 @@ Two clients, chosen per connect by what the host has:
 - the kernel's (`nbd` module, nbd-client, nbdkit: capabilities.kernel_nbd_missing
   is empty): node_agent/transports/nbd_kernel.py, a local nbdkit TLS bridge
   on a unix socket and /dev/nbdN in ioctl mode, with the SINGLE timeouts
-  (the kernel waits for a lost owner, the bridge reconnects to it for ~10
-  minutes). The primary device is /dev/nbdN itself; read-only views are
-  loop devices on it. Its state is the client's home, `kernel/`.
+  (the kernel waits for a stuck request; a lost owner means EIO, never a
+  silent reconnect). The primary device is /dev/nbdN itself; read-only
+  views are loop devices on it. Its state is the client's home, `kernel/`.
+  A device whose client died is still ours (its claim): it is listed, its
+  condition says so, and only a detach frees it for another volume.
 - otherwise userspace: `nbdfuse` runs an NBD client (`nbdkit -s nbd …
   tls=require tls-psk=<key file>`) and presents the export as one file on a
   FUSE mount; a loop device on that file is the block device (views too).
@@ -47,7 +49,7 @@ from pathlib import Path
 from node_agent import capabilities
 from node_agent.pools import Pool
 from node_agent.transports import BlockDevice, loops
-from node_agent.transports.nbd_kernel import SINGLE, KernelNbdClient, socket_path
+from node_agent.transports.nbd_kernel import SINGLE, KernelNbdClient
 from tessera.errors import FailedPrecondition, Internal, InvalidArgument, Unavailable
 from tessera.ids import check_node_id, check_volume_id, is_volume_id
 from tessera.models import Connection, Transport
@@ -208,18 +210,23 @@ class NbdTransport:
 
     def _kernel_devices(self) -> dict[str, str]:
         """{/dev/nbdN: volume id} of every kernel device whose client serves the bridge
-        socket of one of our homes (`<connections>/<volume-id>/kernel/`)."""
+        socket of one of our homes (`<connections>/<volume-id>/kernel/`), and of every
+        device one of them claimed whose client died (it stays ours until detached)."""
         connected = nbd_kernel.connected()
-        if not connected or not self.dir.is_dir():
+        claims = nbd_kernel.claims()
+        if not (connected or claims) or not self.dir.is_dir():
             return {}
-        ours = {
-            str(socket_path(home / KERNEL)): home.name
+        homes = {
+            home.name: self._kernel_client(home.name)
             for home in self.dir.iterdir()
             if is_volume_id(home.name)
         }
-        return {
-            device: ours[arg] for device, args in connected.items() for arg in args if arg in ours
-        }
+        by_socket = {str(c.socket): v for v, c in homes.items()}
+        by_home = {os.path.abspath(c.home): v for v, c in homes.items()}
+        found = {d: v for d, o in claims.items() if (v := by_home.get(o)) is not None}
+        for device, args in connected.items():
+            found.update((device, by_socket[a]) for a in args if a in by_socket)
+        return found
 
     def connection_of(self, device: BlockDevice) -> Connection:
         record = _read_record(self.dir / device.volume_id)
@@ -306,7 +313,7 @@ class NbdTransport:
         device still in use is refused, never pulled from under its user."""
         if (self.dir / volume_id / KERNEL).is_dir():
             client = self._kernel_client(volume_id)
-            device = client.device()
+            device = client.device() or client.claimed()  # a dead one must not be reused
             held = blockdev.holders(device) if device is not None else []
             if held:
                 raise FailedPrecondition(

@@ -5,8 +5,7 @@ TLS-PSK required (node_agent/exports.py). The kernel's nbd client cannot
 do TLS and nbd-client 3.24 has no TLS-PSK, so the consumer runs a bridge:
 
     nbdkit -f --unix /run/tessera/nbd/<digest of home>.sock -P <home>/bridge.pid [-r]
-           [--filter=retry] nbd hostname=<host> port=<port> tls=require
-           tls-psk=<key file> tls-username=<identity> [retries=… retry-delay=… retry-exponential=no]
+           nbd hostname=<host> port=<port> tls=require tls-psk=<key file> tls-username=<identity>
     nbd-client -unix /run/tessera/nbd/<digest>.sock /dev/nbdN -nonetlink -nofork [-timeout T]
            -b 512 -N '' [-readonly]
 
@@ -22,15 +21,27 @@ guessing a /dev/nbdN. Both run in their own session (they outlive the
 agent). `-b 512`: the smallest sector, so any filesystem made over loop,
 nbdfuse or nvme-tcp mounts on it.
 
+The bridge never reconnects to the owner (no retry filter), for
+durability: an owner that crashed lost the writes it had not flushed; a
+reconnecting bridge would re-send the consumer's FLUSH to the rebooted
+owner, it would succeed, and the consumer's filesystem would commit data
+that is gone. So a lost connection (the owner's nbdkit died: reset) fails
+every request with EIO, loudly, until the volume is attached again, as
+nbdfuse always did. (The retry filter also retried ENOSPC and EIO for
+minutes, and made the bridge serialize requests; without it the nbd
+plugin is `parallel`.)
+
 Timeouts (`NbdTimeouts`, one place):
 - SINGLE (a one-leg volume, a raid0 leg): no kernel request timeout (the
-  kernel only warns about a stuck request and keeps waiting) and the bridge
-  reconnects to the owner for ~10 minutes (retry filter: 300 x 2 s), like
-  nvme's ctrl_loss_tmo 600: an owner that reboots serves the export again on
-  the same port and I/O carries on.
+  kernel only warns about a stuck request and keeps waiting): a network
+  partition that heals resumes on the same TCP connection, nothing lost.
 - MIRROR (a raid1/raid10 leg): a request stuck 30 s fails (30 s, not 5 s:
-  TCG in CI is slow) and the bridge never retries: the owner gone means
-  errors at once, md fails the leg and carries on with the others.
+  TCG in CI is slow) so md fails the leg and carries on with the others.
+
+A device is picked with a claim (tessera/system/nbd_kernel.py, "Claims"),
+holding `home`; it stays until `disconnect` has detached the device, even
+when the client died: `claimed()` finds such a dead device, which must
+never go to another volume while a pod may still have its node.
 
 Files in `home`: bridge.pid, bridge.log, client.log. Logs hold
 paths and addresses, never the key (nbdkit reads it from the key file).
@@ -48,13 +59,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tessera.errors import FailedPrecondition, Unavailable
-from tessera.system import nbd_kernel, processes
+from tessera.system import blockdev, nbd_kernel, processes
 
 log = logging.getLogger(__name__)
 
 NBDKIT = "nbdkit"
 #: where the bridges listen: short paths (a unix socket path must fit 107 bytes)
-SOCKET_DIR = Path("/run/tessera/nbd")
+SOCKET_DIR = nbd_kernel.RUN_DIR
 BRIDGE_PID = "bridge.pid"
 BRIDGE_LOG = "bridge.log"
 CLIENT_LOG = "client.log"
@@ -62,24 +73,22 @@ FILES = (BRIDGE_PID, BRIDGE_LOG, CLIENT_LOG)
 #: how long the bridge gets to listen, and then the client to connect (TLS handshake
 #: with the owner included); generous: TCG in CI is slow
 CONNECT_TIMEOUT = 30.0
-#: how often a connect picks another device when another process took the one it picked
+#: how often a connect picks another device when something outside tessera took the one
+#: it claimed (claims keep tessera's own agents apart)
 DEVICE_ATTEMPTS = 4
 
 
 @dataclass(frozen=True)
 class NbdTimeouts:
-    """kernel_timeout: seconds before a stuck request fails (0: never, the kernel warns);
-    retries x retry_delay: how long the bridge reconnects to a lost owner (0: not at all)."""
+    """kernel_timeout: seconds before a stuck request fails (0: never, the kernel warns)."""
 
     kernel_timeout: int
-    retries: int
-    retry_delay: int
 
 
-#: a whole volume (or a raid0 leg): wait for the owner rather than fail I/O
-SINGLE = NbdTimeouts(kernel_timeout=0, retries=300, retry_delay=2)
+#: a whole volume (or a raid0 leg): a stuck request waits (a partition may heal)
+SINGLE = NbdTimeouts(kernel_timeout=0)
 #: one mirror leg: fail so md degrades and carries on
-MIRROR = NbdTimeouts(kernel_timeout=30, retries=0, retry_delay=0)
+MIRROR = NbdTimeouts(kernel_timeout=30)
 
 
 def socket_path(home: Path) -> Path:
@@ -95,9 +104,7 @@ def bridge_argv(
     key_file: Path,
     identity: str,
     readonly: bool,
-    timeouts: NbdTimeouts,
 ) -> list[str]:
-    retry = timeouts.retries > 0
     return [
         NBDKIT,
         "-f",  # foreground: start_detached's pid is the bridge, in its own session
@@ -106,22 +113,12 @@ def bridge_argv(
         "-P",
         str(home / BRIDGE_PID),
         *(["-r"] if readonly else []),
-        *(["--filter=retry"] if retry else []),
         "nbd",
         f"hostname={host}",
         f"port={port}",
         "tls=require",
         f"tls-psk={key_file}",
         f"tls-username={identity}",
-        *(
-            [
-                f"retries={timeouts.retries}",
-                f"retry-delay={timeouts.retry_delay}",
-                "retry-exponential=no",
-            ]
-            if retry
-            else []
-        ),
     ]
 
 
@@ -158,16 +155,28 @@ class KernelNbdClient:
         """The /dev/nbdN whose resident client serves our bridge socket; None when none."""
         return nbd_kernel.find(str(self.socket))
 
+    def claimed(self) -> str | None:
+        """The /dev/nbdN this home holds a claim on, its client alive or dead."""
+        owner = self._owner()
+        return next((d for d, o in nbd_kernel.claims().items() if o == owner), None)
+
     def bridge_pid(self) -> int | None:
         return processes.running(self.home / BRIDGE_PID, NBDKIT, [str(self.socket)])
 
     def condition(self) -> str:
         """ "" when the device is connected through a running bridge, else why not."""
         if self.device() is None:
-            return "its kernel nbd client is not connected (it exited)"
+            dead = self.claimed()
+            if dead is not None:
+                return f"its kernel nbd client exited ({dead} fails all I/O until detached)"
+            return "its kernel nbd client is not connected"
         if self.bridge_pid() is None:
             return "its local TLS bridge (nbdkit) to the owner exited"
         return ""
+
+    def _owner(self) -> str:
+        """What a claim holds: the home, spelt one way."""
+        return os.path.abspath(self.home)
 
     # ---- connect ---------------------------------------------------------------
 
@@ -182,19 +191,19 @@ class KernelNbdClient:
         timeouts: NbdTimeouts,
         what: str,
     ) -> str:
-        """The connected /dev/nbdN; an existing one is returned as it is (idempotent)."""
+        """The connected /dev/nbdN; an existing one is returned as it is (idempotent).
+        A failure of any kind leaves nothing behind (no bridge, claim or home)."""
         found = self.device()
         if found is not None:
             return found
         self._check_host(what)
+        self._drop_dead(what)
         self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.home, 0o700)
         self._stop_processes()  # a bridge whose client is gone may hold an older publish's key
         where = f"{host}:{port}"
         try:
-            self._start_bridge(
-                bridge_argv(self.home, host, port, key_file, identity, readonly, timeouts)
-            )
+            self._start_bridge(bridge_argv(self.home, host, port, key_file, identity, readonly))
             device = self._start_client(readonly, timeouts)
         except Unavailable as exc:
             tail = self._tails()
@@ -204,9 +213,27 @@ class KernelNbdClient:
                 f"client: {exc}{f' ({tail})' if tail else ''}",
                 field="publish_context",
             ) from exc
+        except BaseException:
+            self.disconnect()
+            raise
         log.info("connected %s to the export at %s as %s%s", what, where, device,
                  " (read-only)" if readonly else "")  # fmt: skip
         return device
+
+    def _drop_dead(self, what: str) -> None:
+        """Detach a device of ours whose client died, unless something still holds it: it
+        must fail loudly for its user, never come back under it reconnected."""
+        dead = self.claimed()
+        if dead is None:
+            return
+        held = blockdev.holders(dead)
+        if held:
+            raise FailedPrecondition(
+                f"cannot connect {what}: its earlier kernel nbd device {dead} lost its client "
+                f"and is still in use ({'; '.join(held)}); detach it first",
+                field="volume_id",
+            )
+        self.disconnect()
 
     def _check_host(self, what: str) -> None:
         missing = [t for t in (NBDKIT, nbd_kernel.NBD_CLIENT) if not shutil.which(t)]
@@ -234,28 +261,44 @@ class KernelNbdClient:
             time.sleep(0.02)
 
     def _start_client(self, readonly: bool, timeouts: NbdTimeouts) -> str:
+        """Claim a device (the claims' lock is not held past that: a TLS handshake with an
+        unreachable owner must not stall every other attach), then connect it. On an
+        exception the caller's `disconnect` detaches and releases what is claimed."""
+        owner = self._owner()
         for _ in range(DEVICE_ATTEMPTS):
-            with nbd_kernel.FIND_LOCK:
-                device = nbd_kernel.free_device()
-                argv = client_argv(self.home, device, readonly, timeouts)
-                proc = processes.start_detached(argv, self.home / CLIENT_LOG)
-                if self._wait_client(device, proc):
-                    return device
-            if nbd_kernel.client_pid(device) is None:
+            device = nbd_kernel.claim_device(owner)
+            proc = processes.start_detached(
+                client_argv(self.home, device, readonly, timeouts), self.home / CLIENT_LOG
+            )
+            if self._wait_client(device, proc):
+                return device
+            # something outside tessera connected it meanwhile: leave it, pick another
+            taken = nbd_kernel.client_pid(device) is not None
+            if not taken:
+                nbd_kernel.detach(device, None)  # reset whatever ours set before failing
+            nbd_kernel.release_claim(device, owner)
+            if not taken:
                 break  # failed on a device nobody else took: not a race, a failure
         raise Unavailable("nbd-client could not connect")
 
     def _wait_client(self, device: str, proc: subprocess.Popen[bytes]) -> bool:
         """True once the kernel shows `proc` as `device`'s client and the export's size
-        (the pid appears a moment before the size); False when it exited."""
+        (the pid appears a moment before the size); False when it exited. Sysfs has the
+        init pid namespace's pid: an agent in a container compares that one."""
         deadline = time.monotonic() + CONNECT_TIMEOUT
-        while nbd_kernel.client_pid(device) != proc.pid or nbd_kernel.size_bytes(device) == 0:
+        want = nbd_kernel.global_pid(proc.pid)
+        while (
+            want is None
+            or nbd_kernel.client_pid(device) != want
+            or nbd_kernel.size_bytes(device) == 0
+        ):
             if proc.poll() is not None:
                 return False
             if time.monotonic() > deadline:
                 proc.kill()
                 proc.wait(timeout=5)
                 raise Unavailable(f"nbd-client did not connect {device} in {CONNECT_TIMEOUT:.0f}s")
+            want = want or nbd_kernel.global_pid(proc.pid)
             time.sleep(0.02)
         return True
 
@@ -270,12 +313,18 @@ class KernelNbdClient:
     # ---- disconnect --------------------------------------------------------------
 
     def disconnect(self) -> None:
-        """Detach the device, stop the bridge, remove the files and `home` (never
-        recursively); nothing there is fine."""
-        device = self.device()
-        if device is not None:
-            nbd_kernel.detach(device, nbd_kernel.client_pid(device))
+        """Detach the device (alive, or claimed with its client dead), stop the bridge,
+        then drop the claim and remove the files and `home` (never recursively); nothing
+        there is fine. Whether the device is still used is the caller's to check."""
+        clients = nbd_kernel.clients()
+        device = nbd_kernel.find(str(self.socket))
+        claimed = self.claimed()
+        for dev in dict.fromkeys(d for d in (device, claimed) if d is not None):
+            pid = clients[dev][0] if dev == device and dev in clients else None
+            nbd_kernel.detach(dev, pid)
         self._stop_processes()
+        if claimed is not None:
+            nbd_kernel.release_claim(claimed, self._owner())  # only once it is detached
         self.socket.unlink(missing_ok=True)
         for name in FILES:
             (self.home / name).unlink(missing_ok=True)
