@@ -23,7 +23,6 @@ import secrets
 import shutil
 import signal
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -39,12 +38,11 @@ from node_agent.transports.nbd_kernel import (
     SINGLE,
     KernelNbdClient,
     NbdTimeouts,
-    socket_path,
 )
-from tessera.errors import FailedPrecondition, Unavailable
+from tessera.errors import FailedPrecondition, ResourceExhausted, Unavailable
 from tessera.ids import new_volume_id
 from tessera.models import AgentExportCreate, Connection, Transport
-from tessera.system import blockdev, loopdev, nbd_kernel, processes
+from tessera.system import blockdev, loopdev, mounts, nbd_kernel, processes
 
 MiB = 1024**2
 SIZE = 64 * MiB
@@ -132,18 +130,28 @@ def _ours(root: Path) -> list[str]:
         args = processes.cmdline(pid) if pid is not None else None
         if args and any(str(root) in a for a in args):
             left.append(f"connected {device}")
+    left += [f"claim on {d} ({o})" for d, o in nbd_kernel.claims().items() if str(root) in o]
+    left += [f"mount {m.mountpoint}" for m in mounts.mount_table() if str(root) in m.mountpoint]
     return left
 
 
 def _cleanup(root: Path) -> None:
+    for m in reversed(mounts.mount_table()):
+        if m.mountpoint.startswith(str(root)):
+            mounts.unmount(m.mountpoint)
     for view in loopdev.bound_devices():
         if view.backing.startswith("/dev/nbd") and _client_under(view.backing, root):
             loopdev.detach(view.path)
     conn = root / "conn"
     for home in conn.iterdir() if conn.is_dir() else []:
         for sub in [home, *(p for p in home.iterdir() if p.is_dir())]:
-            if socket_path(sub).exists() or (sub / "client.log").exists():
-                KernelNbdClient(sub).disconnect()
+            client = KernelNbdClient(sub)
+            if client.socket.exists() or (sub / "client.log").exists() or client.claimed():
+                client.disconnect()
+    for device, owner in nbd_kernel.claims().items():
+        if str(root) in owner:  # a claim whose home is gone already
+            nbd_kernel.detach(device, None)
+            nbd_kernel.release_claim(device, owner)
     for pid in processes.matching(lambda a: any(str(root) in x for x in a)):
         processes.terminate(pid, os.path.basename(processes.cmdline(pid)[0]), grace=1)  # type: ignore[index]
 
@@ -190,6 +198,16 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float = 30.0) -> Non
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout:g} s: {what}")
         time.sleep(0.05)
+
+
+def kill_client(device: str) -> None:
+    """The device's nbd-client dies (SIGKILL): the kernel drops the device's connection."""
+    pid = nbd_kernel.clients()[device][0]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(
+        lambda: processes.cmdline(pid) is None and device not in nbd_kernel.clients(),
+        f"{device}'s client is gone",
+    )
 
 
 def write_direct(device: str, data: bytes, offset: int) -> None:
@@ -316,32 +334,79 @@ def test_a_mirror_legs_reads_fail_within_seconds_once_its_owner_is_killed(rig: R
     client.disconnect()
 
 
-def test_a_single_volume_waits_for_its_owner_and_carries_on_when_it_is_back(rig: Rig) -> None:
-    data = secrets.token_bytes(MiB)
-    with open(rig.volume_file, "r+b") as f:
-        f.seek(16 * MiB)
-        f.write(data)
+def test_a_volume_whose_owner_restarted_fails_with_eio_and_never_silently_reconnects(
+    rig: Rig,
+) -> None:
+    """The owner crashed and lost what it had not flushed: a bridge that reconnected would
+    let the consumer's next FLUSH succeed and its filesystem commit lost data."""
     port = rig.export()
     client = rig.client()
     device = rig.connect(client, port, SINGLE)
+    write_direct(device, secrets.token_bytes(MiB), 0)
+    pid = nbd_kernel.client_pid(device)
     rig.kill_owner()
-    out: dict[str, object] = {}
-
-    def read() -> None:
-        try:
-            out["data"] = read_direct(device, 16 * MiB, MiB)
-        except OSError as err:
-            out["error"] = err
-
-    reader = threading.Thread(target=read)
-    reader.start()
-    reader.join(timeout=5)
-    assert reader.is_alive(), f"the read did not wait for the owner: {out}"
-    rig.restart_owner()  # the same port: the bridge's retries find it again
-    reader.join(timeout=60)
-    assert not reader.is_alive() and out.get("data") == data, out.get("error")
-    assert client.condition() == ""
+    rig.restart_owner()  # the owner is back, serving the export on the same port
+    data = secrets.token_bytes(MiB)
+    for attempt in (lambda: write_direct(device, data, 8 * MiB),
+                    lambda: read_direct(device, 16 * MiB, MiB)):  # fmt: skip
+        with pytest.raises(OSError) as err:
+            attempt()
+        assert err.value.errno == errno.EIO
+    assert file_digest(rig.volume_file, 8 * MiB, MiB) != hashlib.sha256(data).digest()
+    assert nbd_kernel.client_pid(device) == pid  # the same connection: nothing reconnected
     client.disconnect()
+
+
+def test_a_device_whose_client_died_is_not_given_to_another_volume(rig: Rig) -> None:
+    """A pod's block device is a bind mount of /dev/nbdN, which does not hold it open: once
+    its client dies the kernel frees the device, yet the pod can still write to it."""
+    port = rig.export()
+    client = rig.client()
+    device = rig.connect(client, port, SINGLE)
+    pod_node = rig.root / "pod-dev"
+    pod_node.touch()
+    mounts.bind_mount(device, str(pod_node), False)
+    kill_client(device)
+    # nothing holds it open: the kernel frees it, it looks like any unused device
+    wait_for(lambda: nbd_kernel.client_pid(device) is None, f"the kernel freed {device}")
+    assert nbd_kernel.size_bytes(device) == 0
+    assert client.device() is None and client.claimed() == device
+    assert "its kernel nbd client exited" in client.condition()
+    # another volume gets another device, while the dead one is still held...
+    other = rig.client("other")
+    second = rig.connect(other, port, SINGLE)
+    assert second != device
+    # ...and connecting the same home again refuses to reconnect under the pod
+    with pytest.raises(FailedPrecondition) as err:
+        rig.connect(client, port, SINGLE)
+    assert device in str(err.value) and str(pod_node) in str(err.value)
+    other.disconnect()
+    mounts.unmount(str(pod_node))
+    client.disconnect()  # detaches the dead device and only then drops its claim
+    assert client.claimed() is None and nbd_kernel.claims().get(device) is None
+    assert not client.home.exists()
+
+
+def test_a_failed_connect_of_any_kind_leaves_no_bridge_claim_or_state(rig: Rig) -> None:
+    port = rig.export()
+    taken = []
+    try:
+        # every device claimed (by another agent sharing the kernel): nothing to connect
+        while True:
+            try:
+                taken.append(nbd_kernel.claim_device(f"{rig.root}/elsewhere"))
+            except ResourceExhausted:
+                break
+        client = rig.client()
+        with pytest.raises(ResourceExhausted) as err:
+            rig.connect(client, port, SINGLE)
+        assert "nbds_max" in str(err.value)
+        assert not client.home.exists() and client.bridge_pid() is None
+        assert not client.socket.exists() and client.claimed() is None
+        assert not processes.matching(lambda a: str(client.socket) in a)
+    finally:
+        for device in taken:
+            nbd_kernel.release_claim(device, f"{rig.root}/elsewhere")
 
 
 # ---- the one-leg nbd transport on it --------------------------------------------------------
@@ -387,3 +452,35 @@ def test_a_remote_volume_attaches_over_the_kernel_client_with_views_and_survives
     again.release(grown)
     again.disconnect(rig.volume_id)
     assert again.devices() == [] and not (rig.root / "conn" / rig.volume_id).exists()
+
+
+def test_a_remote_volume_whose_kernel_client_died_is_still_listed_and_detached_only_when_free(
+    rig: Rig,
+) -> None:
+    port = rig.export()
+
+    def transport() -> NbdTransport:
+        return NbdTransport(rig.root / "conn", lambda v: rig.key_file)
+
+    nbd = transport()
+    primary = nbd.connect(rig.volume_id, rig.connection(port), False)
+    view = nbd.add_view(primary, "pod-1")
+    pod_node = rig.root / "pod-dev"
+    pod_node.touch()
+    mounts.bind_mount(primary.path, str(pod_node), False)
+    kill_client(primary.path)
+    # a restarted agent still has both: the dead primary by its claim, the view on it
+    again = transport()
+    found = {(d.path, d.view_key, d.volume_id) for d in again.devices()}
+    assert found == {(primary.path, "", rig.volume_id), (view.path, "pod-1", rig.volume_id)}
+    dead = next(d for d in again.devices() if not d.view_key)
+    assert "its kernel nbd client exited" in again.condition(dead)
+    with pytest.raises(FailedPrecondition) as err:
+        again.disconnect(rig.volume_id)  # the pod and the view still have it
+    assert str(pod_node) in str(err.value)
+    again.release(next(d for d in again.devices() if d.view_key))
+    mounts.unmount(str(pod_node))
+    again.release(dead)
+    assert again.devices() == [] and primary.path not in nbd_kernel.claims()
+    again.disconnect(rig.volume_id)
+    assert not (rig.root / "conn" / rig.volume_id).exists()
