@@ -22,7 +22,9 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -139,6 +141,7 @@ def _cleanup(root: Path) -> None:
     for m in reversed(mounts.mount_table()):
         if m.mountpoint.startswith(str(root)):
             mounts.unmount(m.mountpoint)
+    (root / "pod-dev").unlink(missing_ok=True)  # a pod's device node, unmounted above
     for view in loopdev.bound_devices():
         if view.backing.startswith("/dev/nbd") and _client_under(view.backing, root):
             loopdev.detach(view.path)
@@ -407,6 +410,38 @@ def test_a_failed_connect_of_any_kind_leaves_no_bridge_claim_or_state(rig: Rig) 
     finally:
         for device in taken:
             nbd_kernel.release_claim(device, f"{rig.root}/elsewhere")
+
+
+def test_an_owner_that_never_answers_does_not_stall_other_attaches(rig: Rig) -> None:
+    """The device is claimed briefly; the TLS handshake runs without the claims' lock, so
+    one unreachable leg does not hold up every other attach on the node for minutes."""
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts TCP, never speaks TLS
+    out: dict[str, BaseException] = {}
+    client = rig.client()
+
+    def connect() -> None:
+        try:
+            rig.connect(client, silent.getsockname()[1], SINGLE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            out["error"] = exc
+
+    pending = threading.Thread(target=connect)
+    pending.start()
+    try:
+        wait_for(lambda: client.claimed() is not None, "the pending connect claimed a device")
+        other = threading.Thread(
+            target=lambda: nbd_kernel.release_claim(
+                nbd_kernel.claim_device(f"{rig.root}/else"), f"{rig.root}/else"
+            )
+        )
+        other.start()
+        other.join(timeout=20)
+        assert not other.is_alive(), "claiming a device waited for another's handshake"
+    finally:
+        silent.close()  # the handshake fails now
+        pending.join(timeout=60)
+    assert isinstance(out.get("error"), Unavailable), out
+    assert not client.home.exists() and client.claimed() is None
 
 
 # ---- the one-leg nbd transport on it --------------------------------------------------------
