@@ -317,11 +317,14 @@ class KernelNbdClient:
         then drop the claim and remove the files and `home` (never recursively); nothing
         there is fine. Whether the device is still used is the caller's to check."""
         clients = nbd_kernel.clients()
-        device = nbd_kernel.find(str(self.socket))
+        marker = str(self.socket)
+        device = next((d for d, (_, args) in clients.items() if marker in args), None)
         claimed = self.claimed()
-        for dev in dict.fromkeys(d for d in (device, claimed) if d is not None):
-            pid = clients[dev][0] if dev == device and dev in clients else None
-            nbd_kernel.detach(dev, pid)
+        if device is not None:
+            nbd_kernel.detach(device, clients[device][0] if device in clients else None)
+        if claimed is not None and claimed != device and claimed not in clients:
+            # our client died; a live client there now is another's (outside tessera)
+            nbd_kernel.detach(claimed, None)
         self._stop_processes()
         if claimed is not None:
             nbd_kernel.release_claim(claimed, self._owner())  # only once it is detached
