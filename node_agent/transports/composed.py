@@ -41,6 +41,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import mmap
 import os
 import subprocess
 import time
@@ -67,6 +68,8 @@ GROW_WAIT = 15.0
 MD_DIR = Path("/dev/md")
 #: an nbd leg's client directory in the volume's: `nbd-leg-<index>`
 NBD_LEG = "nbd-leg-"
+#: what a leg must read before md assembles from it
+PROBE_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -149,9 +152,10 @@ class ComposedTransport:
         unreachable: list[str] = []
         for leg in connection.legs:
             try:
-                legs[leg.index] = self._attach_leg(
-                    volume_id, leg, connection.layout, identity, secret
-                )
+                path = self._attach_leg(volume_id, leg, connection.layout, identity, secret)
+                if leg.transport != Transport.LOOP and layouts.is_mirrored(connection.layout):
+                    check_readable(path, f"leg {leg.index} (node {leg.node_id})")
+                legs[leg.index] = path
             except Unavailable as err:
                 if leg.transport == Transport.LOOP or not layouts.is_mirrored(connection.layout):
                     raise
@@ -303,7 +307,12 @@ class ComposedTransport:
         client = self._nbd_client(volume_id, leg)
         found = client.device()
         if found is not None:
-            return found
+            if readable(found):
+                return found
+            # its owner went away since (a mirror leg's bridge never reconnects): try anew
+            log.warning("volume %s: leg %d (node %s) on %s no longer reads: reconnecting",
+                        volume_id, leg.index, leg.node_id, found)  # fmt: skip
+            client.disconnect()
         return client.connect(
             leg.host,
             leg.port,
@@ -321,6 +330,13 @@ class ComposedTransport:
         if leg.transport == Transport.NBD:
             return self._nbd_client(volume_id, leg).device()
         return nvme_host.namespace_device(self._target(volume_id, leg, identity))
+
+    def _leg_member(self, volume_id: str, leg: LegConnection, identity: str) -> str | None:
+        """The device md may hold for the leg: the attached one, or an nbd leg's device
+        whose client died (the kernel keeps it while md holds it: still its member)."""
+        if leg.transport == Transport.NBD:
+            return self._nbd_client(volume_id, leg).claimed()
+        return self._leg_device(volume_id, leg, identity)
 
     def _detach_leg(self, volume_id: str, leg: LegConnection, identity: str) -> None:
         if leg.transport == Transport.LOOP:
@@ -444,7 +460,7 @@ class ComposedTransport:
             )
 
     def _drop_leg(self, volume_id: str, record: Record, array: str, leg: LegConnection) -> None:
-        path = self._leg_device(volume_id, leg, record.identity)
+        path = self._leg_member(volume_id, leg, record.identity)
         if path is not None and array:
             md.fail_and_remove(array, os.path.basename(os.path.realpath(path)))
         elif array:
@@ -565,10 +581,11 @@ class ComposedTransport:
         return self._dm_condition(device.volume_id, record)
 
     def _member_legs(self, volume_id: str, record: Record) -> dict[str, int]:
-        """Member kernel name -> leg index, for the legs attached now."""
+        """Member kernel name -> leg index, for the legs attached now (or attached and dead:
+        md holds a failed nbd leg's device until it is removed)."""
         found = {}
         for leg in record.connection.legs:
-            path = self._leg_device(volume_id, leg, record.identity)
+            path = self._leg_member(volume_id, leg, record.identity)
             if path is not None:
                 found[os.path.basename(os.path.realpath(path))] = leg.index
         return found
@@ -633,7 +650,7 @@ class ComposedTransport:
         paths = [
             path
             for leg in record.connection.legs
-            if (path := self._leg_device(volume_id, leg, record.identity)) is not None
+            if (path := self._leg_member(volume_id, leg, record.identity)) is not None
         ]
         for name in _arrays_holding(paths):
             if md.state(name).array_state == "inactive" and not blockdev.holders(f"/dev/{name}"):
@@ -1039,6 +1056,29 @@ def find_array(array_uuid: str) -> str | None:
 
 def _array_uuid(name: str) -> str | None:
     return md.array_uuid(name)
+
+
+def readable(device: str) -> bool:
+    """Whether the device's first 4 KiB read (O_DIRECT: the leg, never a cache)."""
+    buf = mmap.mmap(-1, PROBE_BYTES)
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return os.preadv(fd, [buf], 0) == PROBE_BYTES
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+def check_readable(device: str, what: str) -> None:
+    """A remote mirror leg that answers every read with an error (its node died while a
+    client stayed up) is no leg to assemble from: Unavailable, so md runs without it."""
+    if not readable(device):
+        raise Unavailable(f"{what} on {device} does not read", field="connection.legs")
 
 
 def _missing_members(array: str) -> list[str]:

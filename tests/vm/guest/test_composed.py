@@ -709,3 +709,23 @@ def test_a_stripe_over_nbd_legs_grows_by_reconnecting_when_nothing_holds_it(
     assert transport.size_bytes(grown) == new_size
     assert read_digest(grown.path, SAMPLE) == written
     assert transport.condition(grown) == ""
+
+
+def test_a_mirror_whose_nbd_leg_died_under_a_live_client_is_staged_degraded(
+    cluster: Cluster,
+) -> None:
+    """An agent that crashed in a detach (md stopped, legs still attached) finds a leg
+    whose owner died meanwhile: its client is up but every read fails. That leg is left
+    out (md runs degraded) instead of failing the stage on its superblock."""
+    cluster.nbd_nodes = {"node-b"}
+    conn = cluster.make_volume(Layout.RAID1, [ME, "node-b"])
+    volume_id = cluster.last_volume_id
+    transport = cluster.transport()
+    device = transport.connect(volume_id, conn, readonly=False)
+    written = write_pattern(device.path, SAMPLE, b"left out")
+    transport.release(device)  # the crash: the array is stopped, the legs stay attached
+    cluster.kill_node("node-b")
+
+    device = transport.connect(volume_id, conn, readonly=False)
+    assert transport.condition(device).startswith("degraded"), transport.condition(device)
+    assert read_digest(device.path, SAMPLE) == written
