@@ -170,8 +170,12 @@ class KernelNbdClient:
             if dead is not None:
                 return f"its kernel nbd client exited ({dead} fails all I/O until detached)"
             return "its kernel nbd client is not connected"
-        if self.bridge_pid() is None:
+        bridge = self.bridge_pid()
+        if bridge is None:
             return "its local TLS bridge (nbdkit) to the owner exited"
+        if processes.established_tcp(bridge) == 0:
+            # the owner reset or closed it (died, rebooted): the bridge never reconnects
+            return "its TLS bridge lost the connection to the owner (I/O fails until reattached)"
         return ""
 
     def _owner(self) -> str:

@@ -347,8 +347,11 @@ def test_a_volume_whose_owner_restarted_fails_with_eio_and_never_silently_reconn
     device = rig.connect(client, port, SINGLE)
     write_direct(device, secrets.token_bytes(MiB), 0)
     pid = nbd_kernel.client_pid(device)
+    assert client.condition() == ""
     rig.kill_owner()
     rig.restart_owner()  # the owner is back, serving the export on the same port
+    # the stats say so, though the owner answers on its port again
+    wait_for(lambda: "lost the connection to the owner" in client.condition(), "the condition")
     data = secrets.token_bytes(MiB)
     for attempt in (lambda: write_direct(device, data, 8 * MiB),
                     lambda: read_direct(device, 16 * MiB, MiB)):  # fmt: skip
