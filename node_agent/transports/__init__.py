@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from tessera.errors import InvalidArgument
+from tessera.errors import FailedPrecondition, InvalidArgument
 from tessera.models import Connection
+from tessera.system import blockdev
 
 if TYPE_CHECKING:
     from node_agent.pools import Pool
@@ -108,6 +109,23 @@ class Transport(Protocol):
         device, after a crash between two steps).
         """
         ...
+
+
+def refuse_reconnect_while_held(device: BlockDevice, views: list[BlockDevice], how: str) -> None:
+    """NBD fixes an export's size when its client connects, so a device over NBD shows a
+    grown volume only after a reconnect, which takes the device (and the views on it)
+    away: refused, saying when the size will show, while anything uses them.
+
+    `how` says what the volume is attached over ("is attached over nbdfuse").
+    """
+    held = blockdev.holders(device.path) + [f"read-only view {v.path}" for v in views]
+    if held:
+        raise FailedPrecondition(
+            f"volume {device.volume_id} {how}, which shows a grown volume only after "
+            f"reconnecting, and {device.path} is in use ({'; '.join(held)}); the new size "
+            "appears once the volume is unstaged and staged again",
+            field="volume_id",
+        )
 
 
 TransportFactory = Callable[["dict[str, Pool]", Path, Callable[[str], Path]], Transport]

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from node_agent.pools import Pool
-from node_agent.transports import BlockDevice, loops
+from node_agent.transports import BlockDevice, loops, refuse_reconnect_while_held
 from node_agent.transports.nbd_kernel import MIRROR, SINGLE, KernelNbdClient
 from node_agent.transports.nvme_tcp import read_key, target_of
 from tessera import layouts
@@ -703,16 +703,8 @@ class ComposedTransport:
     def _reconnect(self, device: BlockDevice, record: Record) -> BlockDevice:
         """Put the volume together again over freshly connected legs, which only a
         device nothing holds allows (no mount, no view, nothing stacked)."""
-        views = [d.path for d in self.devices() if d.volume_id == device.volume_id and d.view_key]
-        held = blockdev.holders(device.path) + [f"read-only view {v}" for v in views]
-        if held:
-            raise FailedPrecondition(
-                f"volume {device.volume_id} has legs attached over nbd, which show a grown "
-                f"volume only after reconnecting, and {device.path} is in use "
-                f"({'; '.join(held)}); the new size appears once the volume is unstaged and "
-                "staged again",
-                field="volume_id",
-            )
+        views = [d for d in self.devices() if d.volume_id == device.volume_id and d.view_key]
+        refuse_reconnect_while_held(device, views, "has legs attached over nbd")
         self.disconnect(device.volume_id)
         return self.connect(device.volume_id, record.connection, record.readonly)
 

@@ -48,7 +48,7 @@ from pathlib import Path
 
 from node_agent import capabilities
 from node_agent.pools import Pool
-from node_agent.transports import BlockDevice, loops
+from node_agent.transports import BlockDevice, loops, refuse_reconnect_while_held
 from node_agent.transports.nbd_kernel import SINGLE, KernelNbdClient
 from tessera.errors import FailedPrecondition, Internal, InvalidArgument, Unavailable
 from tessera.ids import check_node_id, check_volume_id, is_volume_id
@@ -358,16 +358,9 @@ class NbdTransport:
                 loops.refresh_if_grown(device)
             return
         # every device on the client goes with a reconnect: the views too
-        views = [d.path for d in self.devices() if d.volume_id == device.volume_id and d != device]
-        held = blockdev.holders(device.path) + [f"read-only view {v}" for v in views]
-        if held:
-            raise FailedPrecondition(
-                f"volume {device.volume_id} is attached over "
-                f"{'the kernel nbd client' if kernel else 'nbdfuse'}, which shows a grown volume "
-                f"only after reconnecting, and {device.path} is in use ({'; '.join(held)}); "
-                "the new size appears once the volume is unstaged and staged again",
-                field="volume_id",
-            )
+        views = [d for d in self.devices() if d.volume_id == device.volume_id and d != device]
+        client = "the kernel nbd client" if kernel else "nbdfuse"
+        refuse_reconnect_while_held(device, views, f"is attached over {client}")
         connection = self.connection_of(device)
         self.release(device)
         self._stop_clients(device.volume_id)

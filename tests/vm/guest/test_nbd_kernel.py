@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import mmap
 import os
 import secrets
 import shutil
@@ -45,6 +44,7 @@ from tessera.errors import FailedPrecondition, ResourceExhausted, Unavailable
 from tessera.ids import new_volume_id
 from tessera.models import AgentExportCreate, Connection, Transport
 from tessera.system import blockdev, loopdev, mounts, nbd_kernel, processes
+from tests.vm.guest.direct_io import read_direct, write_direct
 
 MiB = 1024**2
 SIZE = 64 * MiB
@@ -112,6 +112,11 @@ class Rig:
             timeouts=timeouts,
             what=f"volume {self.volume_id}",
         )
+
+    def transport(self) -> NbdTransport:
+        """The one-leg nbd transport as a (re)started agent has it: it asks the host which
+        client to use, and has nothing in memory."""
+        return NbdTransport(self.root / "conn", lambda v: self.key_file)
 
     def connection(self, port: int) -> Connection:
         return Connection(
@@ -211,28 +216,6 @@ def kill_client(device: str) -> None:
         lambda: processes.cmdline(pid) is None and device not in nbd_kernel.clients(),
         f"{device}'s client is gone",
     )
-
-
-def write_direct(device: str, data: bytes, offset: int) -> None:
-    buf = mmap.mmap(-1, len(data))
-    buf.write(data)
-    fd = os.open(device, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-    try:
-        assert os.pwritev(fd, [buf], offset) == len(data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_direct(device: str, offset: int, length: int) -> bytes:
-    """Read past every page cache of this kernel (O_DIRECT, aligned buffer)."""
-    buf = mmap.mmap(-1, length)
-    fd = os.open(device, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
-    try:
-        assert os.preadv(fd, [buf], offset) == length
-    finally:
-        os.close(fd)
-    return bytes(buf)
 
 
 def file_digest(path: Path, offset: int, length: int) -> bytes:
@@ -455,11 +438,7 @@ def test_a_remote_volume_attaches_over_the_kernel_client_with_views_and_survives
 ) -> None:
     port = rig.export()
 
-    def transport() -> NbdTransport:
-        """The transport as a (re)started agent has it: it asks the host which client."""
-        return NbdTransport(rig.root / "conn", lambda v: rig.key_file)
-
-    nbd = transport()
+    nbd = rig.transport()
     connection = rig.connection(port)
     primary = nbd.connect(rig.volume_id, connection, False)
     assert primary.path.startswith("/dev/nbd") and nbd.size_bytes(primary) == SIZE
@@ -470,7 +449,7 @@ def test_a_remote_volume_attaches_over_the_kernel_client_with_views_and_survives
     assert view.path.startswith("/dev/loop") and view.readonly
     assert read_direct(view.path, 4 * MiB, MiB) == data
     # the agent restarts: both devices are found again, and what they came from
-    again = transport()
+    again = rig.transport()
     found = {(d.path, d.view_key, d.volume_id) for d in again.devices()}
     assert found == {(primary.path, "", rig.volume_id), (view.path, "pod-1", rig.volume_id)}
     assert again.connection_of(primary) == connection and again.is_current(primary, connection)
@@ -497,10 +476,7 @@ def test_a_remote_volume_whose_kernel_client_died_is_still_listed_and_detached_o
 ) -> None:
     port = rig.export()
 
-    def transport() -> NbdTransport:
-        return NbdTransport(rig.root / "conn", lambda v: rig.key_file)
-
-    nbd = transport()
+    nbd = rig.transport()
     primary = nbd.connect(rig.volume_id, rig.connection(port), False)
     view = nbd.add_view(primary, "pod-1")
     pod_node = rig.root / "pod-dev"
@@ -508,7 +484,7 @@ def test_a_remote_volume_whose_kernel_client_died_is_still_listed_and_detached_o
     mounts.bind_mount(primary.path, str(pod_node), False)
     kill_client(primary.path)
     # a restarted agent still has both: the dead primary by its claim, the view on it
-    again = transport()
+    again = rig.transport()
     found = {(d.path, d.view_key, d.volume_id) for d in again.devices()}
     assert found == {(primary.path, "", rig.volume_id), (view.path, "pod-1", rig.volume_id)}
     dead = next(d for d in again.devices() if not d.view_key)

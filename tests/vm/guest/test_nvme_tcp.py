@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import mmap
 import os
 import secrets
 import subprocess
@@ -47,6 +46,7 @@ from tessera.nvme_names import (
 )
 from tessera.system import blockdev, loopdev, nvme_host, nvmet
 from tessera_dev import netns
+from tests.vm.guest.direct_io import read_direct
 
 MiB = 1024**2
 SIZE = 64 * MiB
@@ -230,17 +230,6 @@ def write_then_checksum(device: str, data: bytes, offset: int) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def read_direct(device: str, offset: int, length: int) -> bytes:
-    """Read past every page cache of this kernel (O_DIRECT, aligned buffer)."""
-    buf = mmap.mmap(-1, length)
-    fd = os.open(device, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
-    try:
-        assert os.preadv(fd, [buf], offset) == length
-    finally:
-        os.close(fd)
-    return bytes(buf)
 
 
 def wait_for(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
