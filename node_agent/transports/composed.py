@@ -307,7 +307,9 @@ class ComposedTransport:
         client = self._nbd_client(volume_id, leg)
         found = client.device()
         if found is not None:
-            if readable(found):
+            # a stripe leg is never probed: without a request timeout a read of a leg
+            # behind a partition would wait for the network, holding the volume's lock
+            if not layouts.is_mirrored(layout) or readable(found):
                 return found
             # its owner went away since (a mirror leg's bridge never reconnects): try anew
             log.warning("volume %s: leg %d (node %s) on %s no longer reads: reconnecting",
