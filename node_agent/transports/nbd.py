@@ -312,16 +312,7 @@ class NbdTransport:
         """Whichever client runs (a record's client may have changed since); a kernel
         device still in use is refused, never pulled from under its user."""
         if (self.dir / volume_id / KERNEL).is_dir():
-            client = self._kernel_client(volume_id)
-            device = client.device() or client.claimed()  # a dead one must not be reused
-            held = blockdev.holders(device) if device is not None else []
-            if held:
-                raise FailedPrecondition(
-                    f"volume {volume_id}: cannot disconnect its kernel nbd device {device}: "
-                    f"in use ({'; '.join(held)})",
-                    field="volume_id",
-                )
-            client.disconnect()
+            self._kernel_client(volume_id).disconnect_unless_held(f"volume {volume_id}")
         self._unmount(volume_id)
 
     def _unmount(self, volume_id: str) -> None:

@@ -201,10 +201,11 @@ class KernelNbdClient:
         if found is not None:
             return found
         self._check_host(what)
-        self._drop_dead(what)
+        # a dead device of ours, a bridge whose client is gone (it may hold an older
+        # publish's key): cleared first, unless the dead device is still in use
+        self.disconnect_unless_held(f"cannot connect {what}")
         self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.home, 0o700)
-        self._stop_processes()  # a bridge whose client is gone may hold an older publish's key
         where = f"{host}:{port}"
         try:
             self._start_bridge(bridge_argv(self.home, host, port, key_file, identity, readonly))
@@ -224,17 +225,17 @@ class KernelNbdClient:
                  " (read-only)" if readonly else "")  # fmt: skip
         return device
 
-    def _drop_dead(self, what: str) -> None:
-        """Detach a device of ours whose client died, unless something still holds it: it
-        must fail loudly for its user, never come back under it reconnected."""
-        dead = self.claimed()
-        if dead is None:
-            return
-        held = blockdev.holders(dead)
+    def disconnect_unless_held(self, what: str) -> None:
+        """`disconnect`, refused while the device (alive, or dead and still claimed) is in
+        use: never pulled from under its user, and a dead one must fail loudly for its
+        user, never come back under it reconnected. `what` starts the refusal."""
+        alive = self.device()
+        device = alive or self.claimed()
+        held = blockdev.holders(device) if device is not None else []
         if held:
             raise FailedPrecondition(
-                f"cannot connect {what}: its earlier kernel nbd device {dead} lost its client "
-                f"and is still in use ({'; '.join(held)}); detach it first",
+                f"{what}: its kernel nbd device {device}{'' if alive else ' (its client died)'}"
+                f" is in use ({'; '.join(held)}); release it first",
                 field="volume_id",
             )
         self.disconnect()
@@ -344,8 +345,9 @@ class KernelNbdClient:
         """Every nbd-client and bridge on our socket (a pid file is not trusted to find a
         process that crashed before writing one)."""
         marker = str(self.socket)
-        for program in (nbd_kernel.NBD_CLIENT, NBDKIT):
-            for pid in processes.matching(
-                lambda args, p=program: os.path.basename(args[0]) == p and marker in args  # type: ignore[misc]
-            ):
-                processes.terminate(pid, program)
+        programs = (nbd_kernel.NBD_CLIENT, NBDKIT)
+        for pid in processes.matching(
+            lambda args: os.path.basename(args[0]) in programs and marker in args
+        ):
+            # terminate signals only while the pid is still that program
+            processes.terminate(pid, os.path.basename((processes.cmdline(pid) or [""])[0]))
