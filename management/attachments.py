@@ -543,7 +543,7 @@ def _require_transport(
     lacking = [n for n in (consumer, owner) if want.value not in node_transports(n)]
     if not lacking:
         return
-    offers = "; ".join(f"node {n.id} offers {', '.join(node_transports(n))}" for n in lacking)
+    offers = "; ".join(_offers_lacking(want, *lacking))
     raise FailedPrecondition(
         f"volume {volume.id} on node {owner.id} would be reached from node {consumer.id} over "
         f"{want.value}, which {' and '.join(n.id for n in lacking)} cannot do ({offers}); "
@@ -582,21 +582,24 @@ def leg_transport(volume: VolumeRow, consumer: NodeRow, leg_node: NodeRow) -> Tr
     )
 
 
-def _nvme_lacks(consumer: NodeRow, leg_node: NodeRow) -> list[str]:
-    """Why nvme-tcp cannot join the two nodes: each one that does not offer it."""
+def _offers_lacking(want: Transport, *nodes: NodeRow) -> list[str]:
+    """`node X offers loop, nbd` for each of `nodes` that does not offer `want`."""
     return [
         f"node {n.id} offers {', '.join(node_transports(n))}"
-        for n in (consumer, leg_node)
-        if Transport.NVME_TCP.value not in node_transports(n)
+        for n in nodes
+        if want.value not in node_transports(n)
     ]
+
+
+def _nvme_lacks(consumer: NodeRow, leg_node: NodeRow) -> list[str]:
+    """Why nvme-tcp cannot join the two nodes: each one that does not offer it."""
+    return _offers_lacking(Transport.NVME_TCP, consumer, leg_node)
 
 
 def _nbd_lacks(consumer: NodeRow, leg_node: NodeRow) -> list[str]:
     """Why an nbd leg cannot join them: the leg's node serves no nbd, or the consumer
     has no kernel nbd client."""
-    lacks = []
-    if Transport.NBD.value not in node_transports(leg_node):
-        lacks.append(f"node {leg_node.id} offers {', '.join(node_transports(leg_node))}")
+    lacks = _offers_lacking(Transport.NBD, leg_node)
     if not consumer.kernel_nbd:
         lacks.append(
             f"node {consumer.id} has no kernel nbd client (the nbd module, nbd-client and nbdkit)"
